@@ -1,0 +1,75 @@
+// The parts of the cell rule that the CPU and CUDA kernels share: the codes the Python front passes for
+// boundary, activation and update, and how a cell finds the neighbour it reads through one slot.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define CUBECORE_HD __host__ __device__ __forceinline__
+#else
+#define CUBECORE_HD inline
+#endif
+
+namespace cubecore {
+
+// Codes as passed by cubecore/ops.py (the position of the name in its tuple of choices).
+enum Boundary : int64_t { kWall = 0, kPeriodic = 1, kReflect = 2 };
+enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
+enum Update : int64_t { kReplace = 0, kResidual = 1 };
+
+// Number of state slots a cell reads: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1) and itself.
+constexpr int kSlots = 7;
+
+// The coordinate that a cell at `c` reads through offset `d` (+1 or -1) on an axis of length `n`,
+// or -1 where it reads zeros (a wall).
+CUBECORE_HD int64_t neighbour_coord(int64_t c, int64_t d, int64_t n, int64_t boundary) {
+  const int64_t v = c + d;
+  if (v >= 0 && v < n) return v;
+  if (boundary == kPeriodic) return v < 0 ? v + n : v - n;
+  if (boundary == kReflect) return c;
+  return -1;
+}
+
+// Cell index (within one sample, row-major over X, Y, Z) read by cell (x, y, z) through `slot`,
+// or -1 for zeros.  Slot 6 is the cell itself.
+CUBECORE_HD int64_t neighbour_index(int64_t x, int64_t y, int64_t z, int slot, int64_t X, int64_t Y,
+                                    int64_t Z, int64_t boundary) {
+  const int64_t d = (slot & 1) ? 1 : -1;
+  switch (slot) {
+    case 0:
+    case 1: {
+      const int64_t v = neighbour_coord(x, d, X, boundary);
+      return v < 0 ? -1 : (v * Y + y) * Z + z;
+    }
+    case 2:
+    case 3: {
+      const int64_t v = neighbour_coord(y, d, Y, boundary);
+      return v < 0 ? -1 : (x * Y + v) * Z + z;
+    }
+    case 4:
+    case 5: {
+      const int64_t v = neighbour_coord(z, d, Z, boundary);
+      return v < 0 ? -1 : (x * Y + y) * Z + v;
+    }
+    default:
+      return (x * Y + y) * Z + z;
+  }
+}
+
+// The backward pass gathers instead of scattering: for a cell at `c` on an axis of length `n`, the cells
+// that read it through the slot with offset `d` are at most two: the one at `c - d` (`*other`, or -1 if
+// none) and the cell itself (`*self` true) where a reflecting edge makes it read itself.
+CUBECORE_HD void readers_through_slot(int64_t c, int64_t d, int64_t n, int64_t boundary, int64_t* other,
+                                      bool* self) {
+  const int64_t back = c - d;
+  *self = false;
+  *other = -1;
+  if (back >= 0 && back < n) {
+    *other = back;
+  } else if (boundary == kPeriodic) {
+    *other = back < 0 ? back + n : back - n;
+  }
+  if (boundary == kReflect && (c + d < 0 || c + d >= n)) *self = true;
+}
+
+}  // namespace cubecore

@@ -1,0 +1,229 @@
+"""The op front: argument checks, backend choice, and the custom op's fake and autograd registration.
+
+``propagate`` is the one entry point.  With ``backend="kernel"`` it calls the fused C++/CUDA op
+``torch.ops.cubecore.propagate_forward`` (whose backward is ``propagate_backward``, our own kernel too); with
+``backend="reference"`` the plain-PyTorch rule of :mod:`cubecore.reference`; ``"auto"`` takes the kernel where
+one is built for the tensors' device and dtype and otherwise the reference, warning once why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference
+
+BACKENDS = ("auto", "kernel", "reference")
+
+try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define torch.ops.cubecore.
+    from . import _C  # noqa: F401
+
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as exc:  # A source checkout that was never built, or a broken build.
+    EXTENSION_ERROR = f"the compiled extension cubecore._C could not be loaded ({exc}); reinstall with `pip install .`"
+
+CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in registers
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+
+
+def _has_kernel(device_type: str) -> bool:
+    if EXTENSION_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("cubecore::propagate_forward", key)
+
+
+def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
+    """Why the fused kernel cannot run on tensors of this device, dtype and state size (None if it can)."""
+    device = torch.device(device)
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if not _has_kernel(device.type):
+        if device.type == "cuda":
+            return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
+        return f"there is no cubecore kernel for device type {device.type!r}"
+    if dtype not in _KERNEL_DTYPES[device.type]:
+        names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device.type])
+        return f"the {device.type} kernel supports {names}, not {str(dtype).replace('torch.', '')}"
+    if device.type == "cuda" and state_size > CUDA_MAX_STATE:
+        return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE}, got {state_size}"
+    return None
+
+
+def info() -> Dict[str, object]:
+    """Which backends this build of cubecore has, and why one is missing."""
+    cpu_reason = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
+    cuda_reason = kernel_unavailable_reason(torch.device("cuda"), torch.float32)
+    return {
+        "torch": torch.__version__,
+        "extension_loaded": EXTENSION_ERROR is None,
+        "cpu_kernel": cpu_reason is None,
+        "cpu_kernel_reason": cpu_reason,
+        "cuda_kernel": cuda_reason is None,
+        "cuda_kernel_reason": cuda_reason,
+        "cuda_device_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+_WARNED: set = set()
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1) -> str:
+    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors; check an explicit choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    reason = kernel_unavailable_reason(device, dtype, state_size)
+    if reason is None:
+        return "kernel"
+    if backend == "kernel":
+        raise RuntimeError(f"backend='kernel' was requested but {reason}")
+    key = (torch.device(device).type, dtype, reason)
+    if key not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(key)
+        warnings.warn(f"cubecore: using the pure-PyTorch reference because {reason}", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def _code(name: str, value: str, choices: Tuple[str, ...]) -> int:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return choices.index(value)
+
+
+def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dims), got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    return tensor
+
+
+def check_propagate_args(state, external, w1, b1, w2, b2, steps) -> torch.Tensor:
+    """Check shapes, dtypes and devices, naming the argument at fault; return ``external`` (made [B,X,Y,Z,0]
+    when None)."""
+    _check_tensor("state", state, 5, "[B, X, Y, Z, S]")
+    if external is None:
+        external = state.new_zeros(state.shape[:-1] + (0,))
+    _check_tensor("external", external, 5, "[B, X, Y, Z, E]")
+    if external.shape[:4] != state.shape[:4]:
+        raise ValueError(
+            f"external {tuple(external.shape)} must match state {tuple(state.shape)} in [B, X, Y, Z]"
+        )
+    if min(state.shape[:4]) < 1 or state.shape[4] < 1:
+        raise ValueError(f"state must have B, X, Y, Z, S >= 1, got {tuple(state.shape)}")
+    S, E = state.shape[4], external.shape[4]
+    _check_tensor("w1", w1, 2, "[H, 7*S+E]")
+    H = w1.shape[0]
+    if w1.shape[1] != 7 * S + E:
+        raise ValueError(
+            f"w1 must have shape [H, 7*S+E] = [H, {7 * S + E}] for S={S}, E={E}, got {tuple(w1.shape)}"
+            + (" (does the external input size E match the one w1 was built for?)" if w1.shape[1] > 7 * S else "")
+        )
+    _check_tensor("b1", b1, 1, f"[H] = [{H}]")
+    if b1.shape[0] != H:
+        raise ValueError(f"b1 must have shape [H] = [{H}], got {tuple(b1.shape)}")
+    _check_tensor("w2", w2, 2, f"[S, H] = [{S}, {H}]")
+    if tuple(w2.shape) != (S, H):
+        raise ValueError(f"w2 must have shape [S, H] = [{S}, {H}], got {tuple(w2.shape)}")
+    _check_tensor("b2", b2, 1, f"[S] = [{S}]")
+    if b2.shape[0] != S:
+        raise ValueError(f"b2 must have shape [S] = [{S}], got {tuple(b2.shape)}")
+    for name, t in (("external", external), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.dtype != state.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but state has {state.dtype}; all must match")
+        if t.device != state.device:
+            raise ValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return external
+
+
+def propagate(
+    state: torch.Tensor,
+    external: Optional[torch.Tensor],
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    steps: int,
+    boundary: str = "wall",
+    activation: str = "tanh",
+    update: str = "replace",
+    step_size: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Run ``steps`` synchronous steps of the cell rule and return the final state [B, X, Y, Z, S].
+
+    Differentiable in state, external, w1, b1, w2, b2.  ``external`` [B, X, Y, Z, E] may be None (E = 0).
+    """
+    external = check_propagate_args(state, external, w1, b1, w2, b2, steps)
+    codes = (
+        _code("boundary", boundary, BOUNDARIES),
+        _code("activation", activation, ACTIVATIONS),
+        _code("update", update, UPDATES),
+    )
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size):
+        raise ValueError(f"step_size must be a finite number, got {step_size!r}")
+    chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1])
+    if chosen == "reference":
+        return propagate_reference(
+            state, external, w1, b1, w2, b2, steps=steps, boundary=boundary, activation=activation,
+            update=update, step_size=float(step_size),
+        )
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (state, external, w1, b1, w2, b2))
+    trajectory = torch.ops.cubecore.propagate_forward(
+        state, external, w1, b1, w2, b2, steps, *codes, float(step_size), keep
+    )
+    return trajectory[-1]
+
+
+# --- registration of the op's fake (meta) kernels and autograd formula -------------------------------------
+
+
+def _contiguous_empty(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _forward_fake(state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep):
+    torch._check(steps >= 1)
+    return state.new_empty((steps + 1 if keep else 1, *state.shape))
+
+
+def _backward_fake(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update,
+                   step_size):
+    return tuple(_contiguous_empty(t) for t in (trajectory[0], external, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep = inputs
+    ctx.kept_trajectory = keep
+    ctx.rule = (steps, boundary, activation, update, step_size)
+    ctx.save_for_backward(output, external, w1, b1, w2, b2)
+
+
+def _backward(ctx, grad_trajectory):
+    if not ctx.kept_trajectory:
+        raise RuntimeError(
+            "cubecore.propagate_forward was called with keep_trajectory=False, so it cannot be differentiated; "
+            "call cubecore.propagate, which keeps the trajectory whenever gradients are needed"
+        )
+    trajectory, external, w1, b1, w2, b2 = ctx.saved_tensors
+    grads = torch.ops.cubecore.propagate_backward(
+        grad_trajectory.contiguous(), trajectory, external, w1, b1, w2, b2, *ctx.rule
+    )
+    return (*grads, None, None, None, None, None, None)
+
+
+if EXTENSION_ERROR is None:
+    torch.library.register_fake("cubecore::propagate_forward")(_forward_fake)
+    torch.library.register_fake("cubecore::propagate_backward")(_backward_fake)
+    torch.library.register_autograd("cubecore::propagate_forward", _backward, setup_context=_setup_context)

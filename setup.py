@@ -1,0 +1,39 @@
+"""Builds cubecore._C: the CPU kernels always, the CUDA kernels when torch is a CUDA build and a toolkit is found.
+
+Environment switches:
+  CUBECORE_FORCE_CPU=1      build the CPU kernels only, even with CUDA available
+  CUBECORE_CPU_ARCH=native  value of -march for the CPU kernels (default native: the package is built from
+                            source on the machine that runs it; set e.g. x86-64-v3 for a portable build)
+  MAX_JOBS                  parallel compile jobs (torch.utils.cpp_extension)
+"""
+
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def cuda_wanted() -> bool:
+    if os.environ.get("CUBECORE_FORCE_CPU", "0") not in ("", "0"):
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    arch = os.environ.get("CUBECORE_CPU_ARCH", "native")
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
+    sources = ["csrc/cubecore.cpp"]
+    if cuda_wanted():
+        sources.append("csrc/cubecore_cuda.cu")
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+        return CUDAExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=find_packages(include=["cubecore", "cubecore.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
