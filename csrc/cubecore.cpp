@@ -268,12 +268,11 @@ void gather_tile(const Geometry& g, const T* state, const T* external, int64_t n
 // Per-tile scratch: inputs, hidden activations and cell changes (and their gradients for the backward).
 template <typename T>
 struct TileScratch {
-  std::vector<T> xin, hid, chg, dhid, dxin;
+  std::vector<T> xin, hid, chg, dhid;
   explicit TileScratch(const Geometry& g, bool backward)
       : xin(g.K * kLanes), hid(g.H * kLanes), chg(g.S * kLanes) {
     if (backward) {
       dhid.resize(g.H * kLanes);
-      dxin.resize(g.K * kLanes);
     }
   }
 };
@@ -348,45 +347,27 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
   return traj;
 }
 
-// Adds, for every cell, the gradient that the cells reading it pushed back through their inputs:
-// gnext[n] = carry[n] + sum over slots of G[reader][slot], where G[m][slot] is d loss / d (input slot of m).
-template <typename T>
-void gather_state_grad_cpu(const Geometry& g, const T* G, const T* carry, T* gnext) {
-  const int64_t S = g.S;
-  at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int64_t rest = n;
-      const int64_t z = rest % g.Z;
-      rest /= g.Z;
-      const int64_t y = rest % g.Y;
-      rest /= g.Y;
-      const int64_t x = rest % g.X;
-      const int64_t b = rest / g.X;
-      T* out = gnext + n * S;
-      const T* self = G + (n * kSlots + 6) * S;
-      for (int64_t c = 0; c < S; ++c) out[c] = carry[n * S + c] + self[c];
-      const int64_t coord[3] = {x, y, z};
-      const int64_t extent[3] = {g.X, g.Y, g.Z};
-      for (int slot = 0; slot < 6; ++slot) {
-        const int axis = slot / 2;
-        const int64_t d = (slot & 1) ? 1 : -1;
-        int64_t other;
-        bool reads_self;
-        readers_through_slot(coord[axis], d, extent[axis], g.boundary, &other, &reads_self);
-        if (other >= 0) {
+// Readers of every cell, for the backward's gather: for slot k < 6, the cell that reads this one through k
+// (-1: none) and whether the cell reads itself through k (a reflecting edge).  [cells][6][2], same per sample.
+std::vector<int64_t> slot_readers(const Geometry& g) {
+  std::vector<int64_t> readers(g.cells * 6 * 2);
+  const int64_t extent[3] = {g.X, g.Y, g.Z};
+  for (int64_t x = 0; x < g.X; ++x)
+    for (int64_t y = 0; y < g.Y; ++y)
+      for (int64_t z = 0; z < g.Z; ++z) {
+        const int64_t cell = (x * g.Y + y) * g.Z + z;
+        for (int slot = 0; slot < 6; ++slot) {
+          const int axis = slot / 2;
           int64_t c3[3] = {x, y, z};
+          int64_t other;
+          bool self;
+          readers_through_slot(c3[axis], (slot & 1) ? 1 : -1, extent[axis], g.boundary, &other, &self);
           c3[axis] = other;
-          const int64_t m = b * g.cells + (c3[0] * g.Y + c3[1]) * g.Z + c3[2];
-          const T* src = G + (m * kSlots + slot) * S;
-          for (int64_t c = 0; c < S; ++c) out[c] += src[c];
-        }
-        if (reads_self) {
-          const T* src = G + (n * kSlots + slot) * S;
-          for (int64_t c = 0; c < S; ++c) out[c] += src[c];
+          readers[(cell * 6 + slot) * 2] = other < 0 ? -1 : (c3[0] * g.Y + c3[1]) * g.Z + c3[2];
+          readers[(cell * 6 + slot) * 2 + 1] = self ? 1 : 0;
         }
       }
-    }
-  });
+  return readers;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
@@ -400,15 +381,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
   const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
   const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const at::Tensor W1t = W1.t().contiguous(), W2t = W2.t().contiguous();
   const Geometry g(traj[0], u, W1, boundary, activation, update, step_size);
-
   const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
+  const std::vector<int64_t> readers = slot_readers(g);
+
+  // W2^T [H, S] maps the change's gradient to the hidden layer; "pull" weights map the hidden gradients of
+  // a cell's seven readers (slot-major, [7H]) to its state gradient [S]: pull[c][k*H + j] = W1[j][k*S + c].
+  // The external part of W1, transposed, gives the external input's gradient.
+  const at::Tensor W2t = W2.t().contiguous();
+  const at::Tensor pull =
+      W1.narrow(1, 0, kSlots * S).view({H, kSlots, S}).permute({2, 1, 0}).reshape({S, kSlots * H}).contiguous();
+  const at::Tensor W1ext_t = W1.narrow(1, kSlots * S, E).t().contiguous();
+
   at::Tensor grad = gtraj[steps].clone();
   at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor G = at::empty({N, kSlots, S}, traj.options());
+  at::Tensor dhidden = at::empty({N, H}, traj.options());  // d loss / d (pre-activation) of one step
   at::Tensor grad_external = at::zeros_like(u);
-  // Weight gradients: one accumulator per thread, kept per lane, reduced once at the end.
+  // Weight gradients: one accumulator per thread, kept as kVec partial sums, reduced once at the end.
   const int64_t threads = at::get_num_threads();
   const int64_t acc_size = (H * K + H + S * H + S) * kVec;
   at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
@@ -419,19 +408,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T* b1p = B1.data_ptr<T>();
     const T* w2p = W2.data_ptr<T>();
     const T* b2p = B2.data_ptr<T>();
-    const T* w1t = W1t.data_ptr<T>();
     const T* w2t = W2t.data_ptr<T>();
+    const T* pullp = pull.data_ptr<T>();
+    const T* w1e = W1ext_t.data_ptr<T>();
     const T* up = u.data_ptr<T>();
-    T* Gp = G.data_ptr<T>();
+    T* dh = dhidden.data_ptr<T>();
     T* gext = grad_external.data_ptr<T>();
     const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
     for (int64_t t = steps - 1; t >= 0; --t) {
       const T* st = traj[t].data_ptr<T>();
       const T* gp = grad.data_ptr<T>();
+      // Pass 1: per cell, recompute the step, push the gradient through tanh, W2 and act, accumulate the
+      // weight gradients, and keep the pre-activation gradient.
       at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
         TileScratch<T> s(g, /*backward=*/true);
-        T* a = acc.data_ptr<T>() + at::get_thread_num() * acc_size;
-        T* acc_w1 = a;
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid < threads, "unexpected thread number");
+        T* acc_w1 = acc.data_ptr<T>() + tid * acc_size;
         T* acc_b1 = acc_w1 + H * K * kVec;
         T* acc_w2 = acc_b1 + H * kVec;
         T* acc_b2 = acc_w2 + S * H * kVec;
@@ -439,8 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int64_t n0 = tile * kLanes;
           const int lanes = static_cast<int>(std::min<int64_t>(kLanes, N - n0));
           forward_tile(g, st, up, w1p, b1p, w2p, b2p, n0, s);
-          // d loss / d (pre-tanh change), reusing chg: (1 - c^2) * scale * grad.
-          T* dchg = s.chg.data();
+          T* dchg = s.chg.data();  // becomes d loss / d (pre-tanh change): (1 - c^2) * scale * grad
           for (int64_t c = 0; c < S; ++c) {
             for (int l = 0; l < kLanes; ++l) {
               const T cv = dchg[c * kLanes + l];
@@ -456,25 +448,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t j = 0; j < H; ++j)
             for (int l = 0; l < kLanes; ++l) acc_b1[j * kVec + l % kVec] += s.dhid[j * kLanes + l];
           outer_accumulate_tile(acc_w1, s.dhid.data(), s.xin.data(), H, K);
-          matmul_tile<T>(w1t, nullptr, s.dhid.data(), s.dxin.data(), K, H);
+          for (int l = 0; l < lanes; ++l)
+            for (int64_t j = 0; j < H; ++j) dh[(n0 + l) * H + j] = s.dhid[j * kLanes + l];
+        }
+      });
+      // Pass 2: per cell, pull the hidden gradients of the cells that read it (and of itself) back through
+      // W1, add the residual path and any gradient on the trajectory at t.
+      const T* carry = gtraj[t].data_ptr<T>();
+      T* out = grad_next.data_ptr<T>();
+      at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> gathered(kSlots * H * kLanes), sgrad(S * kLanes), egrad(E * kLanes);
+        for (int64_t tile = begin; tile < end; ++tile) {
+          const int64_t n0 = tile * kLanes;
+          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, N - n0));
+          for (int l = 0; l < kLanes; ++l) {
+            const int64_t n = n0 + l;
+            if (l >= lanes) {
+              for (int64_t r = 0; r < kSlots * H; ++r) gathered[r * kLanes + l] = T(0);
+              continue;
+            }
+            const int64_t b = n / g.cells;
+            const int64_t cell = n - b * g.cells;
+            const T* own = dh + n * H;
+            for (int slot = 0; slot < 6; ++slot) {
+              const int64_t other = readers[(cell * 6 + slot) * 2];
+              const bool self = readers[(cell * 6 + slot) * 2 + 1] != 0;
+              const T* src = other >= 0 ? dh + (b * g.cells + other) * H : nullptr;
+              T* dst = gathered.data() + slot * H * kLanes + l;
+              for (int64_t j = 0; j < H; ++j)
+                dst[j * kLanes] = (src ? src[j] : T(0)) + (self ? own[j] : T(0));
+            }
+            T* dst = gathered.data() + 6 * H * kLanes + l;
+            for (int64_t j = 0; j < H; ++j) dst[j * kLanes] = own[j];
+          }
+          matmul_tile<T>(pullp, nullptr, gathered.data(), sgrad.data(), S, kSlots * H);
+          if (E > 0) matmul_tile<T>(w1e, nullptr, gathered.data() + 6 * H * kLanes, egrad.data(), E, H);
           for (int l = 0; l < lanes; ++l) {
             const int64_t n = n0 + l;
-            T* gn = Gp + n * kSlots * S;
-            for (int64_t k = 0; k < kSlots * S; ++k) gn[k] = s.dxin[k * kLanes + l];
-            for (int64_t e = 0; e < E; ++e) gext[n * E + e] += s.dxin[(kSlots * S + e) * kLanes + l];
+            for (int64_t c = 0; c < S; ++c) {
+              const T residual = update == kResidual ? gp[n * S + c] : T(0);
+              out[n * S + c] = sgrad[c * kLanes + l] + residual + carry[n * S + c];
+            }
+            for (int64_t e = 0; e < E; ++e) gext[n * E + e] += egrad[e * kLanes + l];
           }
         }
       });
-      // The state gradient of step t: what flowed back through the inputs, plus the residual path,
-      // plus any gradient on the trajectory at t itself.
-      at::Tensor carry = gtraj[t];
-      if (update == kResidual) carry = carry + grad;
-      gather_state_grad_cpu<T>(g, Gp, carry.contiguous().data_ptr<T>(), grad_next.data_ptr<T>());
       std::swap(grad, grad_next);
     }
   });
 
-  // Reduce the per-thread, per-lane accumulators.
+  // Reduce the per-thread partial sums.
   at::Tensor sums = acc.sum(0).view({-1, kVec}).sum(1);
   int64_t off = 0;
   at::Tensor grad_w1 = sums.narrow(0, off, H * K).view({H, K}).clone();
