@@ -29,11 +29,16 @@ CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in registers
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 
 
-def _has_kernel(device_type: str) -> bool:
+
+def _built_kernels() -> Dict[str, bool]:
+    """Device types with a registered kernel, read once at import (torch.compile then sees a constant)."""
     if EXTENSION_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("cubecore::propagate_forward", key)
+        return {}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {dev: has("cubecore::propagate_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+KERNEL_BUILT = _built_kernels()
 
 
 def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
@@ -41,7 +46,7 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
     device = torch.device(device)
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
-    if not _has_kernel(device.type):
+    if not KERNEL_BUILT.get(device.type, False):
         if device.type == "cuda":
             return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
         return f"there is no cubecore kernel for device type {device.type!r}"

@@ -1,0 +1,250 @@
+"""The fused kernels against the float64 reference: forward, all six gradients, opcheck, compile, errors."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import cubecore
+from cubecore import ops, propagate, propagate_reference
+from conftest import make_problem, requires_cuda_kernel, requires_kernel
+
+RULES = list(itertools.product(["wall", "periodic", "reflect"], ["tanh", "relu", "sigmoid"], ["replace", "residual"]))
+# (B, X, Y, Z, S, H, E): odd lattices, B = 1 and B > 1, E = 0 and E > 0.
+SHAPES = [(1, 1, 1, 1, 2, 3, 0), (2, 1, 7, 13, 3, 5, 1), (3, 3, 5, 2, 4, 6, 2), (1, 3, 5, 2, 1, 1, 0)]
+
+
+def rule_kwargs(boundary, activation, update, steps):
+    return dict(steps=steps, boundary=boundary, activation=activation, update=update, step_size=0.7)
+
+
+def forward_and_grads(args, backend, seed=0, **kw):
+    args = [a.detach().clone().requires_grad_() for a in args]
+    if backend == "reference":
+        out = propagate_reference(*args, **kw)
+    else:
+        out = propagate(*args, backend=backend, **kw)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    upstream = upstream.to(dtype=out.dtype, device=out.device)
+    grads = torch.autograd.grad(out, args, upstream)
+    return out.detach(), grads
+
+
+def assert_close_all(got, want, atol, rtol=0.0):
+    """Forward and the six gradients agree; atol is relative to each tensor's largest magnitude (at least 1)."""
+    names = ["output", "grad state", "grad external", "grad w1", "grad b1", "grad w2", "grad b2"]
+    for name, g, w in zip(names, [got[0], *got[1]], [want[0], *want[1]]):
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.double().cpu(), w, atol=atol * scale, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@requires_kernel
+@pytest.mark.parametrize("boundary,activation,update", RULES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("steps", [1, 4])
+def test_cpu_kernel_float64_matches_reference(boundary, activation, update, shape, steps):
+    args = make_problem(*shape, seed=hash((boundary, activation, update, shape, steps)) % 1000)
+    kw = rule_kwargs(boundary, activation, update, steps)
+    assert_close_all(forward_and_grads(args, "kernel", **kw), forward_and_grads(args, "reference", **kw), atol=1e-11)
+
+
+@requires_kernel
+@pytest.mark.parametrize("boundary,activation,update", RULES)
+def test_cpu_kernel_float32_matches_float64_reference(boundary, activation, update):
+    shape = (2, 4, 3, 5, 8, 16, 1)
+    args = make_problem(*shape, seed=7)
+    kw = rule_kwargs(boundary, activation, update, 6)
+    got = forward_and_grads([a.float() for a in args], "kernel", **kw)
+    assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-4)
+
+
+@requires_kernel
+@pytest.mark.parametrize("boundary,activation,update", RULES)
+def test_gradcheck_kernel(boundary, activation, update):
+    args = [a.requires_grad_() for a in make_problem(2, 2, 3, 2, 2, 3, 1, seed=3)]
+
+    def fn(*a):
+        return propagate(*a, backend="kernel", **rule_kwargs(boundary, activation, update, 3))
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+
+
+@requires_kernel
+def test_many_steps_and_larger_batch():
+    args = make_problem(5, 4, 4, 4, 3, 7, 2, seed=11)
+    kw = rule_kwargs("periodic", "tanh", "residual", 25)
+    assert_close_all(forward_and_grads(args, "kernel", **kw), forward_and_grads(args, "reference", **kw), atol=1e-10)
+
+
+@requires_kernel
+def test_a_wrong_weight_is_detected():
+    """The comparison above can fail: a small change to one weight moves the output past its tolerance."""
+    args = make_problem(2, 3, 3, 3, 4, 6, 1, seed=5)
+    kw = rule_kwargs("wall", "tanh", "replace", 3)
+    good = propagate(*args, backend="kernel", **kw)
+    bad_w1 = args[2].clone()
+    bad_w1[0, 3] += 1e-3
+    bad = propagate(args[0], args[1], bad_w1, *args[3:], backend="kernel", **kw)
+    assert (bad - good).abs().max() > 1e-8
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(bad, propagate_reference(*args, **kw), atol=1e-11, rtol=0)
+
+
+@requires_kernel
+def test_non_contiguous_inputs():
+    args = make_problem(2, 3, 4, 5, 3, 4, 2, seed=2)
+    kw = rule_kwargs("reflect", "sigmoid", "residual", 3)
+    # Same values, other memory layouts: a transposed-then-back state, strided external, transposed weights.
+    state = args[0].transpose(1, 3).contiguous().transpose(1, 3)
+    external = torch.stack([args[1], args[1]], dim=-1)[..., 0]
+    w1 = args[2].t().contiguous().t()
+    assert not state.is_contiguous() and not external.is_contiguous() and not w1.is_contiguous()
+    want = forward_and_grads(args, "reference", **kw)
+    got = forward_and_grads([state, external, w1, *args[3:]], "kernel", **kw)
+    assert_close_all(got, want, atol=1e-11)
+
+
+@requires_kernel
+def test_no_grad_forward_keeps_no_trajectory_and_matches():
+    args = make_problem(2, 3, 3, 3, 2, 3, 1, seed=4)
+    with torch.no_grad():
+        out = propagate(*args, steps=5, backend="kernel")
+    assert out.shape == args[0].shape
+    torch.testing.assert_close(out, propagate_reference(*args, steps=5), atol=1e-12, rtol=0)
+    traj = torch.ops.cubecore.propagate_forward(*args, 5, 0, 0, 0, 1.0, False)
+    assert traj.shape[0] == 1
+
+
+@requires_kernel
+def test_opcheck():
+    for keep, grad in ((True, True), (False, False)):
+        args = [a.requires_grad_(grad) for a in make_problem(2, 2, 3, 2, 2, 3, 1, seed=9)]
+        torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, (*args, 3, 1, 2, 1, 0.5, keep))
+    args = make_problem(1, 3, 1, 2, 2, 3, 0, seed=1)
+    traj = torch.ops.cubecore.propagate_forward(*args, 2, 2, 0, 0, 1.0, True)
+    torch.library.opcheck(
+        torch.ops.cubecore.propagate_backward.default, (torch.randn_like(traj), traj, *args[1:], 2, 2, 0, 0, 1.0)
+    )
+
+
+@requires_kernel
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    core = cubecore.CubicCore(lattice_size=(3, 4, 5), state_size=4, hidden_size=8, input_size=2, steps=3,
+                              boundary="periodic", backend="kernel")
+    u = torch.randn(2, 3, 4, 5, 2)
+    compiled = torch.compile(core, fullgraph=True)
+    out_c = compiled(u)
+    out_e = core(u)
+    torch.testing.assert_close(out_c, out_e)
+    gc = torch.autograd.grad(out_c.square().sum(), list(core.parameters()))
+    ge = torch.autograd.grad(core(u).square().sum(), list(core.parameters()))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_backend_falls_back_to_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ops, "_WARNED", set())
+    args = [a.half() if False else a.to(torch.bfloat16) for a in make_problem(1, 2, 2, 2, 2, 3, 1)]
+    with pytest.warns(RuntimeWarning, match="reference"):
+        out = propagate(*args, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        propagate(*args, steps=2)  # second call: no second warning
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="backend='kernel'"):
+        propagate(*args, steps=2, backend="kernel")
+
+
+def test_info_reports_backends():
+    info = cubecore.info()
+    assert set(info) >= {"extension_loaded", "cpu_kernel", "cuda_kernel", "cpu_kernel_reason", "cuda_kernel_reason"}
+    assert info["cpu_kernel"] == (info["cpu_kernel_reason"] is None)
+    if not info["cuda_kernel"]:
+        assert isinstance(info["cuda_kernel_reason"], str) and info["cuda_kernel_reason"]
+
+
+# --- bad input: every error names the argument ----------------------------------------------------------------
+
+
+def _good():
+    return make_problem(1, 2, 3, 4, 2, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda a: a.__setitem__(0, a[0][0]), ValueError, "state"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :2]), ValueError, "external"),
+        (lambda a: a.__setitem__(1, torch.randn(1, 2, 3, 4, 3, dtype=torch.float64)), ValueError, "w1"),
+        (lambda a: a.__setitem__(2, a[2][:, :-1]), ValueError, "w1"),
+        (lambda a: a.__setitem__(3, a[3][:-1]), ValueError, "b1"),
+        (lambda a: a.__setitem__(4, a[4].t()), ValueError, "w2"),
+        (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "b2"),
+        (lambda a: a.__setitem__(2, a[2].float()), TypeError, "w1 has dtype"),
+        (lambda a: a.__setitem__(1, a[1].float()), TypeError, "external has dtype"),
+        (lambda a: a.__setitem__(0, a[0].long()), TypeError, "state must be a floating"),
+        (lambda a: a.__setitem__(0, a[0].meta if hasattr(a[0], "meta") else a[0].to("meta")), ValueError, "on meta"),
+        (lambda a: a.__setitem__(3, [0.0, 0.0, 0.0]), TypeError, "b1 must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors_raise_naming_the_argument(mutate, error, match):
+    args = _good()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        propagate(*args, steps=2, backend="reference")
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(steps=2, boundary="mirror"), "boundary"),
+        (dict(steps=2, activation="gelu"), "activation"),
+        (dict(steps=2, update="add"), "update"),
+        (dict(steps=2, step_size=float("nan")), "step_size"),
+        (dict(steps=2, backend="triton"), "backend"),
+    ],
+)
+def test_bad_options_raise_naming_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        propagate(*_good(), **kw)
+
+
+@requires_kernel
+def test_kernel_rejects_bad_direct_calls():
+    args = _good()
+    with pytest.raises(RuntimeError, match="w1"):
+        torch.ops.cubecore.propagate_forward(args[0], args[1], args[2][:, :-1], *args[3:], 2, 0, 0, 0, 1.0, False)
+    with pytest.raises(RuntimeError, match="boundary"):
+        torch.ops.cubecore.propagate_forward(*args, 2, 7, 0, 0, 1.0, False)
+    traj = torch.ops.cubecore.propagate_forward(*args, 2, 0, 0, 0, 1.0, False)
+    with pytest.raises(RuntimeError, match="trajectory"):
+        torch.ops.cubecore.propagate_backward(traj, traj, *args[1:], 2, 0, 0, 0, 1.0)
+
+
+# --- CUDA: the same comparisons on a GPU ------------------------------------------------------------------------
+
+
+@requires_cuda_kernel
+@pytest.mark.parametrize("boundary,activation,update", RULES)
+@pytest.mark.parametrize("shape", SHAPES + [(4, 8, 8, 12, 8, 16, 1), (2, 20, 20, 20, 8, 16, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernel_matches_reference(boundary, activation, update, shape):
+    args = make_problem(*shape, seed=13)
+    kw = rule_kwargs(boundary, activation, update, 5)
+    got = forward_and_grads([a.float().cuda() for a in args], "kernel", **kw)
+    want = forward_and_grads(args, "reference", **kw)
+    assert_close_all(got, want, atol=1e-4)
+
+
+@requires_cuda_kernel
+def test_cuda_opcheck_and_compile():
+    args = [a.float().cuda().requires_grad_() for a in make_problem(2, 3, 4, 5, 4, 8, 1, seed=9)]
+    torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, (*args, 3, 1, 0, 1, 0.5, True))
+    core = cubecore.CubicCore(lattice_size=(3, 4, 5), state_size=4, hidden_size=8, input_size=1, steps=3,
+                              backend="kernel").cuda()
+    u = torch.randn(2, 3, 4, 5, 1, device="cuda")
+    torch.testing.assert_close(torch.compile(core, fullgraph=True)(u), core(u))
