@@ -1,0 +1,115 @@
+"""CubicCore: shapes, parameters, info, backends agreeing, and clear errors."""
+
+import pytest
+import torch
+
+import cubecore
+from cubecore import CubicCore
+from conftest import requires_kernel
+
+
+def test_default_core_shapes_and_parameters():
+    core = CubicCore()
+    assert core.lattice_size == (8, 8, 12)
+    assert core.w1.shape == (16, 7 * 8 + 1) and core.b1.shape == (16,)
+    assert core.w2.shape == (8, 16) and core.b2.shape == (8,)
+    out = core(torch.randn(2, 8, 8, 12, 1))
+    assert out.shape == (2, 8, 8, 12, 8)
+    info = core.get_info()
+    assert info["parameters"] == 16 * 57 + 16 + 8 * 16 + 8
+    assert info["active_backend"] in ("kernel", "reference")
+    for key in ("lattice_size", "state_size", "hidden_size", "input_size", "steps", "boundary", "activation",
+                "update", "backend"):
+        assert key in info
+
+
+def test_xavier_initialisation_bounds():
+    torch.manual_seed(0)
+    core = CubicCore(state_size=4, hidden_size=10, input_size=3)
+    bound = (6.0 / (core.w1.shape[0] + core.w1.shape[1])) ** 0.5
+    assert core.w1.abs().max() <= bound and core.w1.abs().max() > 0.5 * bound
+    assert torch.count_nonzero(core.b1) == 0 and torch.count_nonzero(core.b2) == 0
+
+
+@requires_kernel
+@pytest.mark.parametrize("update", ["replace", "residual"])
+def test_kernel_and_reference_backends_agree(update):
+    torch.manual_seed(0)
+    core = CubicCore(lattice_size=(3, 4, 5), state_size=3, hidden_size=5, input_size=2, steps=4, update=update,
+                     step_size=0.5, boundary="reflect").double()
+    u = torch.randn(2, 3, 4, 5, 2, dtype=torch.float64)
+    s0 = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    core.backend = "kernel"
+    a = core(u, s0)
+    ga = torch.autograd.grad(a.sum(), list(core.parameters()))
+    core.backend = "reference"
+    b = core(u, s0)
+    gb = torch.autograd.grad(b.sum(), list(core.parameters()))
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-11, rtol=0)
+
+
+def test_core_trains_a_little():
+    """One optimiser step on a simple target lowers the loss: the gradients point the right way."""
+    torch.manual_seed(0)
+    core = CubicCore(lattice_size=(2, 3, 4), state_size=2, hidden_size=4, input_size=1, steps=3)
+    u = torch.randn(4, 2, 3, 4, 1)
+    target = torch.tanh(u).expand(-1, -1, -1, -1, 2)
+    opt = torch.optim.Adam(core.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (core(u) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_input_size_zero_needs_a_state():
+    core = CubicCore(lattice_size=(2, 2, 2), state_size=3, input_size=0, steps=2)
+    assert core.w1.shape[1] == 21
+    out = core(state=torch.randn(1, 2, 2, 2, 3))
+    assert out.shape == (1, 2, 2, 2, 3)
+    with pytest.raises(ValueError, match="state"):
+        core()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lattice_size=(8, 8)), "lattice_size"),
+        (dict(lattice_size=(8, 0, 8)), "lattice_size"),
+        (dict(state_size=0), "state_size"),
+        (dict(hidden_size=-1), "hidden_size"),
+        (dict(input_size=-1), "input_size"),
+        (dict(steps=0), "steps"),
+        (dict(boundary="open"), "boundary"),
+        (dict(activation="gelu"), "activation"),
+        (dict(update="momentum"), "update"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CubicCore(**kwargs)
+
+
+def test_bad_forward_inputs_raise():
+    core = CubicCore(lattice_size=(2, 3, 4), state_size=2, hidden_size=3, input_size=1, steps=1)
+    with pytest.raises(ValueError, match="external"):
+        core(torch.randn(1, 2, 3, 4, 2))
+    with pytest.raises(ValueError, match="external"):
+        core(torch.randn(2, 3, 4, 1))
+    with pytest.raises(ValueError, match="external"):
+        core()
+    with pytest.raises(ValueError, match="state"):
+        core(torch.randn(1, 2, 3, 4, 1), torch.randn(1, 2, 3, 4, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        core(torch.randn(1, 2, 3, 4, 1, dtype=torch.float64))
+
+
+def test_top_level_exports():
+    for name in cubecore.__all__:
+        assert hasattr(cubecore, name), name
