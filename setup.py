@@ -26,7 +26,7 @@ def extension():
     sources = ["csrc/cubecore.cpp"]
     if cuda_wanted():
         sources.append("csrc/cubecore_cuda.cu")
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         return CUDAExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])
     return CppExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

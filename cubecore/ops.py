@@ -26,7 +26,7 @@ except ImportError as exc:  # A source checkout that was never built, or a broke
     EXTENSION_ERROR = f"the compiled extension cubecore._C could not be loaded ({exc}); reinstall with `pip install .`"
 
 CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in registers
-_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Compiles cubecore's CUDA kernels with nvcc against a CUDA build of torch, in a virtual environment of its
+# own, and fails if the build fails.  Needs no GPU.  The CPU install in this checkout is left untouched.
+#   CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200),
+#   CUBECORE_CUDA_VENV (default ~/.cache/cubecore/cuda-build-venv; reused between runs)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+venv="${CUBECORE_CUDA_VENV:-$HOME/.cache/cubecore/cuda-build-venv}"
+[ -x "$CUDA_HOME/bin/nvcc" ] || { echo "nvcc not found under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# torch 2.14.1 is the CUDA 13 build that lies on this machine's disk.
+"$venv/bin/pip" install --quiet torch==2.14.1 setuptools wheel ninja numpy
+"$venv/bin/python" -c "import torch; assert torch.version.cuda, 'torch in $venv is not a CUDA build'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+build="$(mktemp -d)"
+trap 'rm -rf "$build"' EXIT
+cp -r "$here/setup.py" "$here/pyproject.toml" "$here/README.md" "$here/cubecore" "$here/csrc" "$build/"
+rm -f "$build"/cubecore/_C*.so
+cd "$build"
+"$CUDA_HOME/bin/nvcc" --version | tail -n 2
+PATH="$CUDA_HOME/bin:$PATH" "$venv/bin/python" setup.py build_ext --inplace
+so=$(ls cubecore/_C*.so)
+# The library must carry device code for the requested architecture.
+arch="sm_${TORCH_CUDA_ARCH_LIST//./}"
+readelf -S "$so" | grep "\.nv_fatbin" > /dev/null || { echo "no device code (.nv_fatbin) in $so" >&2; exit 1; }
+strings "$so" | grep "$arch" > /dev/null || { echo "no $arch code in $so" >&2; exit 1; }
+echo "device code for $arch found in $so"
+# And register CUDA kernels for both ops when loaded (no GPU needed to load it).
+"$venv/bin/python" - <<'PY'
+import torch
+import cubecore
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+for op in ("cubecore::propagate_forward", "cubecore::propagate_backward"):
+    assert has(op, "CUDA") and has(op, "CPU"), op
+print("CUDA build OK:", cubecore.info())
+PY
