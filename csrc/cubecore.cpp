@@ -2,8 +2,8 @@
 //
 // The rule (see cubecore/reference.py): every cell gathers x = [n1..n6, s, u] (7S + E values), computes
 // h = act(W1 x + b1), c = tanh(W2 h + b2), and its new state is c ("replace") or s + step_size * c
-// ("residual").  The CPU kernels work on tiles of kLanes consecutive cells, transposed so that the cell is
-// the innermost (SIMD) index: every matrix product below is a loop over kLanes that the compiler vectorises.
+// ("residual").  The CPU kernels work on tiles of cells, one row of inputs per cell, and vectorise over
+// the output features of every matrix product.
 //
 // The forward keeps the T + 1 states when asked (for the backward) and nothing else; the backward
 // recomputes each step's hidden activations from the saved state of that step.
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cell_rule.h"
@@ -62,9 +63,167 @@ void check_propagate_args(const at::Tensor& state, const at::Tensor& external, c
 
 namespace {
 
-constexpr int kLanes = 32;  // cells per tile: the SIMD index of every loop below
-constexpr int kVec = 16;    // lanes kept apart in the weight-gradient accumulators (one AVX-512 register)
-static_assert(kLanes % kVec == 0, "a tile must be a whole number of accumulator vectors");
+// ---- small dense building blocks ----------------------------------------------------------------------------
+//
+// Cells are processed in tiles of kTile, cell-major: a tile's inputs are a [kTile][K] block whose rows are
+// copied straight from the neighbours' states.  Feature dimensions (hidden H, state S, external E) are padded
+// to whole SIMD vectors of 32 bytes, so every product is a loop of vector FMAs over the output features, with
+// the accumulators of a few cells held in registers.
+
+constexpr int64_t kTile = 32;
+// Vector accumulators a block keeps in registers: half the register file (32 with AVX-512VL, else 16).
+#ifdef __AVX512VL__
+constexpr int kAccumulators = 16;
+#else
+constexpr int kAccumulators = 8;
+#endif
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int width = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int width = 4;
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline int64_t padded(int64_t n) {
+  constexpr int W = Vec<T>::width;
+  return (n + W - 1) / W * W;
+}
+
+// out[c][0:RV*W] = bias + sum_k in[c * ld + k] * WT[k][0:RV*W], for c < C.  NB cells at a time, so that
+// NB * RV accumulators stay in registers.
+template <typename T, int RV, int NB>
+inline void matmul_block(const T* in, int64_t ld, int64_t Kd, const T* WT, const T* bias, T* out) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  V acc[NB][RV];
+#pragma GCC unroll 16
+  for (int r = 0; r < RV; ++r) {
+    const V b = bias ? vload(bias + r * W) : V{};
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) acc[i][r] = b;
+  }
+  for (int64_t k = 0; k < Kd; ++k) {
+    V w[RV];
+#pragma GCC unroll 16
+    for (int r = 0; r < RV; ++r) w[r] = vload(WT + k * RV * W + r * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) {
+      const T x = in[i * ld + k];
+#pragma GCC unroll 16
+      for (int r = 0; r < RV; ++r) acc[i][r] += w[r] * x;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 16
+    for (int r = 0; r < RV; ++r) vstore(out + i * RV * W + r * W, acc[i][r]);
+}
+
+template <typename T, int RV>
+void matmul_rows_fixed(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* WT, const T* bias, T* out) {
+  constexpr int NB = RV >= kAccumulators ? 1 : kAccumulators / RV;
+  constexpr int W = Vec<T>::width;
+  int64_t c = 0;
+  for (; c + NB <= C; c += NB) matmul_block<T, RV, NB>(in + c * ld, ld, Kd, WT, bias, out + c * RV * W);
+  for (; c < C; ++c) matmul_block<T, RV, 1>(in + c * ld, ld, Kd, WT, bias, out + c * RV * W);
+}
+
+// out [C][R] = bias [R] + in [C][Kd] (row stride ld) @ WT [Kd][R]; R a multiple of the vector width.
+template <typename T>
+void matmul_rows(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* WT, const T* bias, T* out, int64_t R) {
+  switch (R / Vec<T>::width) {
+    case 1: return matmul_rows_fixed<T, 1>(in, ld, C, Kd, WT, bias, out);
+    case 2: return matmul_rows_fixed<T, 2>(in, ld, C, Kd, WT, bias, out);
+    case 3: return matmul_rows_fixed<T, 3>(in, ld, C, Kd, WT, bias, out);
+    case 4: return matmul_rows_fixed<T, 4>(in, ld, C, Kd, WT, bias, out);
+    case 8: return matmul_rows_fixed<T, 8>(in, ld, C, Kd, WT, bias, out);
+    default:
+      for (int64_t c = 0; c < C; ++c) {
+        T* o = out + c * R;
+        for (int64_t r = 0; r < R; ++r) o[r] = bias ? bias[r] : T(0);
+        for (int64_t k = 0; k < Kd; ++k) {
+          const T x = in[c * ld + k];
+          const T* w = WT + k * R;
+          for (int64_t r = 0; r < R; ++r) o[r] += w[r] * x;
+        }
+      }
+  }
+}
+
+// G[k][0:RV*W] += sum_c in[c * ld + k] * D[c][0:RV*W]: a weight gradient, KB rows of G at a time in registers.
+template <typename T, int RV>
+void accumulate_outer_fixed(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* D, T* G) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
+  int64_t k0 = 0;
+  auto block = [&](auto kb_const) {
+    constexpr int NK = decltype(kb_const)::value;
+    V acc[NK][RV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NK; ++i)
+#pragma GCC unroll 16
+      for (int r = 0; r < RV; ++r) acc[i][r] = vload(G + (k0 + i) * RV * W + r * W);
+    for (int64_t c = 0; c < C; ++c) {
+      V d[RV];
+#pragma GCC unroll 16
+      for (int r = 0; r < RV; ++r) d[r] = vload(D + c * RV * W + r * W);
+#pragma GCC unroll 16
+      for (int i = 0; i < NK; ++i) {
+        const T x = in[c * ld + k0 + i];
+#pragma GCC unroll 16
+        for (int r = 0; r < RV; ++r) acc[i][r] += d[r] * x;
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NK; ++i)
+#pragma GCC unroll 16
+      for (int r = 0; r < RV; ++r) vstore(G + (k0 + i) * RV * W + r * W, acc[i][r]);
+  };
+  for (; k0 + KB <= Kd; k0 += KB) block(std::integral_constant<int, KB>{});
+  for (; k0 < Kd; ++k0) block(std::integral_constant<int, 1>{});
+}
+
+// G [Kd][R] += in[C][Kd]^T (row stride ld) @ D [C][R]; R a multiple of the vector width.
+template <typename T>
+void accumulate_outer(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* D, T* G, int64_t R) {
+  switch (R / Vec<T>::width) {
+    case 1: return accumulate_outer_fixed<T, 1>(in, ld, C, Kd, D, G);
+    case 2: return accumulate_outer_fixed<T, 2>(in, ld, C, Kd, D, G);
+    case 3: return accumulate_outer_fixed<T, 3>(in, ld, C, Kd, D, G);
+    case 4: return accumulate_outer_fixed<T, 4>(in, ld, C, Kd, D, G);
+    case 8: return accumulate_outer_fixed<T, 8>(in, ld, C, Kd, D, G);
+    default:
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < Kd; ++k) {
+          const T x = in[c * ld + k];
+          T* g = G + k * R;
+          const T* d = D + c * R;
+          for (int64_t r = 0; r < R; ++r) g[r] += d[r] * x;
+        }
+  }
+}
+
+// ---- activations ------------------------------------------------------------------------------------------
 
 // tanh for float as a clamped rational approximation (Eigen's generic_fast_tanh_float): branch-free, so
 // loops over it vectorise, and within a few ulp of std::tanh.  Doubles use std::tanh.
@@ -115,99 +274,7 @@ inline void activation_backward_inplace(T* grad, const T* a, int64_t n, int64_t 
   }
 }
 
-// out[r][l] = bias[r] + sum_k W[r][k] * in[k][l] for a tile: W is [R, Kd] row-major, in is [Kd][kLanes],
-// out is [R][kLanes].  Rows are taken four at a time so that each loaded input row feeds four accumulators.
-template <typename T>
-inline void matmul_tile(const T* W, const T* bias, const T* in, T* out, int64_t R, int64_t Kd) {
-  constexpr int L = kLanes;
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    T a0[L], a1[L], a2[L], a3[L];
-    const T c0 = bias ? bias[r] : T(0), c1 = bias ? bias[r + 1] : T(0);
-    const T c2 = bias ? bias[r + 2] : T(0), c3 = bias ? bias[r + 3] : T(0);
-    for (int l = 0; l < L; ++l) {
-      a0[l] = c0;
-      a1[l] = c1;
-      a2[l] = c2;
-      a3[l] = c3;
-    }
-    const T* w0 = W + r * Kd;
-    const T* w1 = w0 + Kd;
-    const T* w2 = w1 + Kd;
-    const T* w3 = w2 + Kd;
-    for (int64_t k = 0; k < Kd; ++k) {
-      const T* x = in + k * L;
-      const T v0 = w0[k], v1 = w1[k], v2 = w2[k], v3 = w3[k];
-      for (int l = 0; l < L; ++l) {
-        a0[l] += v0 * x[l];
-        a1[l] += v1 * x[l];
-        a2[l] += v2 * x[l];
-        a3[l] += v3 * x[l];
-      }
-    }
-    for (int l = 0; l < L; ++l) {
-      out[r * L + l] = a0[l];
-      out[(r + 1) * L + l] = a1[l];
-      out[(r + 2) * L + l] = a2[l];
-      out[(r + 3) * L + l] = a3[l];
-    }
-  }
-  for (; r < R; ++r) {
-    T a[L];
-    const T c = bias ? bias[r] : T(0);
-    for (int l = 0; l < L; ++l) a[l] = c;
-    const T* w = W + r * Kd;
-    for (int64_t k = 0; k < Kd; ++k) {
-      const T v = w[k];
-      const T* x = in + k * L;
-      for (int l = 0; l < L; ++l) a[l] += v * x[l];
-    }
-    for (int l = 0; l < L; ++l) out[r * L + l] = a[l];
-  }
-}
-
-// acc[r][k][v] += sum over the tile's lanes l = v (mod kVec) of a[r][l] * b[k][l]: a weight gradient kept as
-// kVec partial sums, reduced once at the very end.  Four k at a time give four independent FMA chains.
-template <typename T>
-inline void outer_accumulate_tile(T* acc, const T* a, const T* b, int64_t R, int64_t Kd) {
-  constexpr int L = kLanes, V = kVec;
-  for (int64_t r = 0; r < R; ++r) {
-    const T* ar = a + r * L;
-    T* accr = acc + r * Kd * V;
-    int64_t k = 0;
-    for (; k + 4 <= Kd; k += 4) {
-      T s0[V], s1[V], s2[V], s3[V];
-      for (int v = 0; v < V; ++v) {
-        s0[v] = accr[k * V + v];
-        s1[v] = accr[(k + 1) * V + v];
-        s2[v] = accr[(k + 2) * V + v];
-        s3[v] = accr[(k + 3) * V + v];
-      }
-      for (int base = 0; base < L; base += V) {
-        for (int v = 0; v < V; ++v) {
-          const T x = ar[base + v];
-          s0[v] += x * b[k * L + base + v];
-          s1[v] += x * b[(k + 1) * L + base + v];
-          s2[v] += x * b[(k + 2) * L + base + v];
-          s3[v] += x * b[(k + 3) * L + base + v];
-        }
-      }
-      for (int v = 0; v < V; ++v) {
-        accr[k * V + v] = s0[v];
-        accr[(k + 1) * V + v] = s1[v];
-        accr[(k + 2) * V + v] = s2[v];
-        accr[(k + 3) * V + v] = s3[v];
-      }
-    }
-    for (; k < Kd; ++k) {
-      T s[V];
-      for (int v = 0; v < V; ++v) s[v] = accr[k * V + v];
-      for (int base = 0; base < L; base += V)
-        for (int v = 0; v < V; ++v) s[v] += ar[base + v] * b[k * L + base + v];
-      for (int v = 0; v < V; ++v) accr[k * V + v] = s[v];
-    }
-  }
-}
+// ---- the lattice ------------------------------------------------------------------------------------------
 
 struct Geometry {
   int64_t B, X, Y, Z, S, E, H, K;
@@ -231,79 +298,112 @@ struct Geometry {
           for (int slot = 0; slot < kSlots; ++slot)
             neighbours[((x * Y + y) * Z + z) * kSlots + slot] = neighbour_index(x, y, z, slot, X, Y, Z, boundary);
   }
-  int64_t tiles() const { return (N + kLanes - 1) / kLanes; }
+  int64_t tiles() const { return (N + kTile - 1) / kTile; }
 };
 
-// Gathers the inputs x = [n1..n6, s, u] of the kLanes cells starting at n0 into xin[K][kLanes]
-// (lanes past the last cell read zeros).
+// The weights rearranged for the kernels: transposed, with feature dimensions padded to whole vectors.
 template <typename T>
-void gather_tile(const Geometry& g, const T* state, const T* external, int64_t n0, T* xin) {
-  constexpr int L = kLanes;
-  const int64_t S = g.S, E = g.E;
-  for (int l = 0; l < L; ++l) {
+struct PackedWeights {
+  int64_t Hp, Sp, Ep;
+  at::Tensor w1t;   // [K][Hp]:  W1^T
+  at::Tensor b1;    // [Hp]
+  at::Tensor w2t;   // [Hp][Sp]: W2^T
+  at::Tensor b2;    // [Sp]
+  at::Tensor w2;    // [Sp][Hp]: W2 (backward: change gradient -> hidden gradient)
+  at::Tensor pull;  // [kSlots * Hp][Sp]: pull[k * Hp + j][c] = W1[j][k * S + c] (backward: hidden -> state)
+  at::Tensor w1e;   // [Hp][Ep]: pull[j][e] = W1[j][7S + e] (backward: hidden -> external)
+
+  PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
+                const at::Tensor& B2)
+      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Ep(padded<T>(std::max<int64_t>(g.E, 1))) {
+    const int64_t H = g.H, S = g.S, E = g.E;
+    auto opts = W1.options();
+    w1t = at::zeros({g.K, Hp}, opts);
+    w1t.narrow(1, 0, H).copy_(W1.t());
+    b1 = at::zeros({Hp}, opts);
+    b1.narrow(0, 0, H).copy_(B1);
+    w2t = at::zeros({Hp, Sp}, opts);
+    w2t.narrow(0, 0, H).narrow(1, 0, S).copy_(W2.t());
+    b2 = at::zeros({Sp}, opts);
+    b2.narrow(0, 0, S).copy_(B2);
+    w2 = at::zeros({Sp, Hp}, opts);
+    w2.narrow(0, 0, S).narrow(1, 0, H).copy_(W2);
+    pull = at::zeros({kSlots, Hp, Sp}, opts);
+    pull.narrow(1, 0, H).narrow(2, 0, S).copy_(W1.narrow(1, 0, kSlots * S).view({H, kSlots, S}).permute({1, 0, 2}));
+    pull = pull.view({kSlots * Hp, Sp});
+    w1e = at::zeros({Hp, Ep}, opts);
+    if (E > 0) w1e.narrow(0, 0, H).narrow(1, 0, E).copy_(W1.narrow(1, kSlots * S, E));
+  }
+};
+
+// Per-thread scratch for one tile.
+template <typename T>
+struct TileScratch {
+  std::vector<T> xin;  // [kTile][K]   inputs x = [n1..n6, s, u]
+  std::vector<T> hid;  // [kTile][Hp]  hidden activations (backward: then their gradients in dhid)
+  std::vector<T> chg;  // [kTile][Sp]  cell changes after tanh (backward: their gradients)
+  std::vector<T> dhid;
+  TileScratch(const Geometry& g, const PackedWeights<T>& w)
+      : xin(kTile * g.K), hid(kTile * w.Hp), chg(kTile * w.Sp), dhid(kTile * w.Hp) {}
+};
+
+// Copies the inputs of the cells n0 .. n0 + count into xin, one row per cell.
+template <typename T>
+void gather_tile(const Geometry& g, const T* state, const T* external, int64_t n0, int64_t count, T* xin) {
+  const int64_t S = g.S, E = g.E, K = g.K;
+  for (int64_t l = 0; l < count; ++l) {
     const int64_t n = n0 + l;
-    if (n >= g.N) {
-      for (int64_t k = 0; k < g.K; ++k) xin[k * L + l] = T(0);
-      continue;
-    }
     const int64_t b = n / g.cells;
     const int64_t* reads = g.neighbours.data() + (n - b * g.cells) * kSlots;
     const T* sample = state + b * g.cells * S;
+    T* row = xin + l * K;
+    // Plain loops, not std::copy: rows are a few values long, and a memmove call per row costs more.
     for (int slot = 0; slot < kSlots; ++slot) {
       const int64_t src = reads[slot];
-      T* dst = xin + slot * S * L + l;
+      T* dst = row + slot * S;
       if (src < 0) {
-        for (int64_t c = 0; c < S; ++c) dst[c * L] = T(0);
+        for (int64_t c = 0; c < S; ++c) dst[c] = T(0);
       } else {
-        const T* p = sample + src * S;
-        for (int64_t c = 0; c < S; ++c) dst[c * L] = p[c];
+        const T* from = sample + src * S;
+        for (int64_t c = 0; c < S; ++c) dst[c] = from[c];
       }
     }
     const T* u = external + n * E;
-    T* dst = xin + kSlots * S * L + l;
-    for (int64_t e = 0; e < E; ++e) dst[e * L] = u[e];
+    for (int64_t e = 0; e < E; ++e) row[kSlots * S + e] = u[e];
   }
 }
 
-// Per-tile scratch: inputs, hidden activations and cell changes (and their gradients for the backward).
+// Forward of one tile up to the cell change: fills s.xin, s.hid (activated) and s.chg (after tanh).
 template <typename T>
-struct TileScratch {
-  std::vector<T> xin, hid, chg, dhid;
-  explicit TileScratch(const Geometry& g, bool backward)
-      : xin(g.K * kLanes), hid(g.H * kLanes), chg(g.S * kLanes) {
-    if (backward) {
-      dhid.resize(g.H * kLanes);
-    }
-  }
-};
-
-// Forward of one tile up to the cell change: fills scratch.xin, scratch.hid (activated) and scratch.chg
-// (after tanh).
-template <typename T>
-inline void forward_tile(const Geometry& g, const T* state, const T* external, const T* w1, const T* b1,
-                         const T* w2, const T* b2, int64_t n0, TileScratch<T>& s) {
-  gather_tile(g, state, external, n0, s.xin.data());
-  matmul_tile(w1, b1, s.xin.data(), s.hid.data(), g.H, g.K);
-  activate_inplace(s.hid.data(), g.H * kLanes, g.activation);
-  matmul_tile(w2, b2, s.hid.data(), s.chg.data(), g.S, g.H);
-  tanh_inplace(s.chg.data(), g.S * kLanes);
+inline void forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
+                         int64_t n0, int64_t count, TileScratch<T>& s) {
+  gather_tile(g, state, external, n0, count, s.xin.data());
+  matmul_rows(s.xin.data(), g.K, count, g.K, w.w1t.template data_ptr<T>(), w.b1.template data_ptr<T>(),
+              s.hid.data(), w.Hp);
+  activate_inplace(s.hid.data(), count * w.Hp, g.activation);
+  matmul_rows(s.hid.data(), w.Hp, count, w.Hp, w.w2t.template data_ptr<T>(), w.b2.template data_ptr<T>(),
+              s.chg.data(), w.Sp);
+  tanh_inplace(s.chg.data(), count * w.Sp);
 }
 
 template <typename T>
-void forward_step_cpu(const Geometry& g, const T* state, const T* external, const T* w1, const T* b1,
-                      const T* w2, const T* b2, T* out) {
+void forward_step_cpu(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external, T* out) {
   at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-    TileScratch<T> s(g, /*backward=*/false);
+    TileScratch<T> s(g, w);
     const T step = static_cast<T>(g.step_size);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kLanes;
-      forward_tile(g, state, external, w1, b1, w2, b2, n0, s);
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.N - n0));
-      for (int l = 0; l < lanes; ++l) {
+      const int64_t n0 = tile * kTile;
+      const int64_t count = std::min(kTile, g.N - n0);
+      forward_tile(g, w, state, external, n0, count, s);
+      for (int64_t l = 0; l < count; ++l) {
         const int64_t n = n0 + l;
-        for (int64_t c = 0; c < g.S; ++c) {
-          const T v = s.chg[c * kLanes + l];
-          out[n * g.S + c] = g.update == kReplace ? v : state[n * g.S + c] + step * v;
+        const T* c = s.chg.data() + l * w.Sp;
+        T* o = out + n * g.S;
+        if (g.update == kReplace) {
+          for (int64_t i = 0; i < g.S; ++i) o[i] = c[i];
+        } else {
+          const T* prev = state + n * g.S;
+          for (int64_t i = 0; i < g.S; ++i) o[i] = prev[i] + step * c[i];
         }
       }
     }
@@ -319,8 +419,7 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
   TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
               "the CPU kernel supports float32 and float64, got ", state.scalar_type());
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
-  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const Geometry g(s0, u, W1, boundary, activation, update, step_size);
+  const Geometry g(s0, u, w1, boundary, activation, update, step_size);
 
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t d : s0.sizes()) shape.push_back(d);
@@ -329,6 +428,7 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
   at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cpu", [&] {
+    const PackedWeights<scalar_t> w(g, w1, b1, w2, b2);
     const scalar_t* cur = s0.data_ptr<scalar_t>();
     for (int64_t t = 0; t < steps; ++t) {
       scalar_t* next;
@@ -338,8 +438,7 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
         const bool last = ((steps - 1 - t) % 2) == 0;  // the buffer written by the final step is traj[0]
         next = last ? traj[0].data_ptr<scalar_t>() : spare.data_ptr<scalar_t>();
       }
-      forward_step_cpu<scalar_t>(g, cur, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(),
-                                 W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), next);
+      forward_step_cpu<scalar_t>(g, w, cur, u.data_ptr<scalar_t>(), next);
       cur = next;
     }
     if (keep_trajectory) traj[0].copy_(s0);
@@ -380,37 +479,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
   const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
-  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const Geometry g(traj[0], u, W1, boundary, activation, update, step_size);
+  const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
   const std::vector<int64_t> readers = slot_readers(g);
 
-  // W2^T [H, S] maps the change's gradient to the hidden layer; "pull" weights map the hidden gradients of
-  // a cell's seven readers (slot-major, [7H]) to its state gradient [S]: pull[c][k*H + j] = W1[j][k*S + c].
-  // The external part of W1, transposed, gives the external input's gradient.
-  const at::Tensor W2t = W2.t().contiguous();
-  const at::Tensor pull =
-      W1.narrow(1, 0, kSlots * S).view({H, kSlots, S}).permute({2, 1, 0}).reshape({S, kSlots * H}).contiguous();
-  const at::Tensor W1ext_t = W1.narrow(1, kSlots * S, E).t().contiguous();
-
   at::Tensor grad = gtraj[steps].clone();
   at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor dhidden = at::empty({N, H}, traj.options());  // d loss / d (pre-activation) of one step
   at::Tensor grad_external = at::zeros_like(u);
-  // Weight gradients: one accumulator per thread, kept as kVec partial sums, reduced once at the end.
-  const int64_t threads = at::get_num_threads();
-  const int64_t acc_size = (H * K + H + S * H + S) * kVec;
-  at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
     using T = scalar_t;
-    const T* w1p = W1.data_ptr<T>();
-    const T* b1p = B1.data_ptr<T>();
-    const T* w2p = W2.data_ptr<T>();
-    const T* b2p = B2.data_ptr<T>();
-    const T* w2t = W2t.data_ptr<T>();
-    const T* pullp = pull.data_ptr<T>();
-    const T* w1e = W1ext_t.data_ptr<T>();
+    const PackedWeights<T> w(g, w1, b1, w2, b2);
+    const int64_t Hp = w.Hp, Sp = w.Sp, Ep = w.Ep;
+    // d loss / d (pre-activation) of one step, per cell.
+    at::Tensor dhidden = at::empty({N, Hp}, traj.options());
+    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
+    const int64_t threads = at::get_num_threads();
+    const int64_t acc_size = K * Hp + Hp + Hp * Sp + Sp;
+    at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
     const T* up = u.data_ptr<T>();
     T* dh = dhidden.data_ptr<T>();
     T* gext = grad_external.data_ptr<T>();
@@ -421,35 +508,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // Pass 1: per cell, recompute the step, push the gradient through tanh, W2 and act, accumulate the
       // weight gradients, and keep the pre-activation gradient.
       at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-        TileScratch<T> s(g, /*backward=*/true);
+        TileScratch<T> s(g, w);
         const int64_t tid = at::get_thread_num();
-        TORCH_CHECK(tid < threads, "unexpected thread number");
-        T* acc_w1 = acc.data_ptr<T>() + tid * acc_size;
-        T* acc_b1 = acc_w1 + H * K * kVec;
-        T* acc_w2 = acc_b1 + H * kVec;
-        T* acc_b2 = acc_w2 + S * H * kVec;
+        TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
+        T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
+        T* acc_b1 = acc_w1t + K * Hp;
+        T* acc_w2t = acc_b1 + Hp;
+        T* acc_b2 = acc_w2t + Hp * Sp;
         for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n0 = tile * kLanes;
-          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, N - n0));
-          forward_tile(g, st, up, w1p, b1p, w2p, b2p, n0, s);
+          const int64_t n0 = tile * kTile;
+          const int64_t count = std::min(kTile, N - n0);
+          forward_tile(g, w, st, up, n0, count, s);
           T* dchg = s.chg.data();  // becomes d loss / d (pre-tanh change): (1 - c^2) * scale * grad
-          for (int64_t c = 0; c < S; ++c) {
-            for (int l = 0; l < kLanes; ++l) {
-              const T cv = dchg[c * kLanes + l];
-              const T gv = l < lanes ? gp[(n0 + l) * S + c] : T(0);
-              dchg[c * kLanes + l] = (T(1) - cv * cv) * change_scale * gv;
-            }
+          for (int64_t l = 0; l < count; ++l) {
+            T* d = dchg + l * Sp;
+            const T* go = gp + (n0 + l) * S;
+            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
+            for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
+            for (int64_t i = 0; i < Sp; ++i) acc_b2[i] += d[i];
           }
-          for (int64_t c = 0; c < S; ++c)
-            for (int l = 0; l < kLanes; ++l) acc_b2[c * kVec + l % kVec] += dchg[c * kLanes + l];
-          outer_accumulate_tile(acc_w2, dchg, s.hid.data(), S, H);
-          matmul_tile<T>(w2t, nullptr, dchg, s.dhid.data(), H, S);
-          activation_backward_inplace(s.dhid.data(), s.hid.data(), H * kLanes, g.activation);
-          for (int64_t j = 0; j < H; ++j)
-            for (int l = 0; l < kLanes; ++l) acc_b1[j * kVec + l % kVec] += s.dhid[j * kLanes + l];
-          outer_accumulate_tile(acc_w1, s.dhid.data(), s.xin.data(), H, K);
-          for (int l = 0; l < lanes; ++l)
-            for (int64_t j = 0; j < H; ++j) dh[(n0 + l) * H + j] = s.dhid[j * kLanes + l];
+          accumulate_outer(s.hid.data(), Hp, count, Hp, dchg, acc_w2t, Sp);
+          matmul_rows<T>(dchg, Sp, count, Sp, w.w2.template data_ptr<T>(), nullptr, s.dhid.data(), Hp);
+          activation_backward_inplace(s.dhid.data(), s.hid.data(), count * Hp, g.activation);
+          for (int64_t l = 0; l < count; ++l) {
+            const T* d = s.dhid.data() + l * Hp;
+            for (int64_t j = 0; j < Hp; ++j) acc_b1[j] += d[j];
+          }
+          accumulate_outer(s.xin.data(), K, count, K, s.dhid.data(), acc_w1t, Hp);
+          std::copy(s.dhid.data(), s.dhid.data() + count * Hp, dh + n0 * Hp);
         }
       });
       // Pass 2: per cell, pull the hidden gradients of the cells that read it (and of itself) back through
@@ -457,57 +543,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const T* carry = gtraj[t].data_ptr<T>();
       T* out = grad_next.data_ptr<T>();
       at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> gathered(kSlots * H * kLanes), sgrad(S * kLanes), egrad(E * kLanes);
+        std::vector<T> gathered(kTile * kSlots * Hp), sgrad(kTile * Sp), egrad(kTile * Ep);
         for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n0 = tile * kLanes;
-          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, N - n0));
-          for (int l = 0; l < kLanes; ++l) {
+          const int64_t n0 = tile * kTile;
+          const int64_t count = std::min(kTile, N - n0);
+          for (int64_t l = 0; l < count; ++l) {
             const int64_t n = n0 + l;
-            if (l >= lanes) {
-              for (int64_t r = 0; r < kSlots * H; ++r) gathered[r * kLanes + l] = T(0);
-              continue;
-            }
             const int64_t b = n / g.cells;
             const int64_t cell = n - b * g.cells;
-            const T* own = dh + n * H;
+            const T* own = dh + n * Hp;
+            T* row = gathered.data() + l * kSlots * Hp;
             for (int slot = 0; slot < 6; ++slot) {
               const int64_t other = readers[(cell * 6 + slot) * 2];
               const bool self = readers[(cell * 6 + slot) * 2 + 1] != 0;
-              const T* src = other >= 0 ? dh + (b * g.cells + other) * H : nullptr;
-              T* dst = gathered.data() + slot * H * kLanes + l;
-              for (int64_t j = 0; j < H; ++j)
-                dst[j * kLanes] = (src ? src[j] : T(0)) + (self ? own[j] : T(0));
+              T* dst = row + slot * Hp;
+              if (other >= 0) {
+                const T* src = dh + (b * g.cells + other) * Hp;
+                for (int64_t j = 0; j < Hp; ++j) dst[j] = src[j];
+              } else {
+                for (int64_t j = 0; j < Hp; ++j) dst[j] = T(0);
+              }
+              if (self)
+                for (int64_t j = 0; j < Hp; ++j) dst[j] += own[j];
             }
-            T* dst = gathered.data() + 6 * H * kLanes + l;
-            for (int64_t j = 0; j < H; ++j) dst[j * kLanes] = own[j];
+            for (int64_t j = 0; j < Hp; ++j) row[6 * Hp + j] = own[j];
           }
-          matmul_tile<T>(pullp, nullptr, gathered.data(), sgrad.data(), S, kSlots * H);
-          if (E > 0) matmul_tile<T>(w1e, nullptr, gathered.data() + 6 * H * kLanes, egrad.data(), E, H);
-          for (int l = 0; l < lanes; ++l) {
+          matmul_rows<T>(gathered.data(), kSlots * Hp, count, kSlots * Hp, w.pull.template data_ptr<T>(), nullptr,
+                         sgrad.data(), Sp);
+          if (E > 0)
+            matmul_rows<T>(gathered.data() + 6 * Hp, kSlots * Hp, count, Hp, w.w1e.template data_ptr<T>(), nullptr,
+                           egrad.data(), Ep);
+          for (int64_t l = 0; l < count; ++l) {
             const int64_t n = n0 + l;
+            const T* sg = sgrad.data() + l * Sp;
             for (int64_t c = 0; c < S; ++c) {
               const T residual = update == kResidual ? gp[n * S + c] : T(0);
-              out[n * S + c] = sgrad[c * kLanes + l] + residual + carry[n * S + c];
+              out[n * S + c] = sg[c] + residual + carry[n * S + c];
             }
-            for (int64_t e = 0; e < E; ++e) gext[n * E + e] += egrad[e * kLanes + l];
+            for (int64_t e = 0; e < E; ++e) gext[n * E + e] += egrad[l * Ep + e];
           }
         }
       });
       std::swap(grad, grad_next);
     }
+    // Sum the per-thread accumulators and undo the padding and transposes.
+    const at::Tensor sums = acc.sum(0);
+    int64_t off = 0;
+    const at::Tensor gw1t = sums.narrow(0, off, K * Hp).view({K, Hp});
+    off += K * Hp;
+    const at::Tensor gb1 = sums.narrow(0, off, Hp);
+    off += Hp;
+    const at::Tensor gw2t = sums.narrow(0, off, Hp * Sp).view({Hp, Sp});
+    off += Hp * Sp;
+    const at::Tensor gb2 = sums.narrow(0, off, Sp);
+    weight_grads = {gw1t.narrow(1, 0, H).t().contiguous(), gb1.narrow(0, 0, H).contiguous(),
+                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().contiguous(), gb2.narrow(0, 0, S).contiguous()};
   });
-
-  // Reduce the per-thread partial sums.
-  at::Tensor sums = acc.sum(0).view({-1, kVec}).sum(1);
-  int64_t off = 0;
-  at::Tensor grad_w1 = sums.narrow(0, off, H * K).view({H, K}).clone();
-  off += H * K;
-  at::Tensor grad_b1 = sums.narrow(0, off, H).clone();
-  off += H;
-  at::Tensor grad_w2 = sums.narrow(0, off, S * H).view({S, H}).clone();
-  off += S * H;
-  at::Tensor grad_b2 = sums.narrow(0, off, S).clone();
-  return {grad, grad_external, grad_w1, grad_b1, grad_w2, grad_b2};
+  return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),
+          std::get<3>(weight_grads)};
 }
 
 }  // namespace
