@@ -596,8 +596,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor gw2t = sums.narrow(0, off, Hp * Sp).view({Hp, Sp});
     off += Hp * Sp;
     const at::Tensor gb2 = sums.narrow(0, off, Sp);
-    weight_grads = {gw1t.narrow(1, 0, H).t().contiguous(), gb1.narrow(0, 0, H).contiguous(),
-                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().contiguous(), gb2.narrow(0, 0, S).contiguous()};
+    // clone(): each gradient must own its storage (narrow views of one buffer would alias).
+    weight_grads = {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
+                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
+                    gb2.narrow(0, 0, S).clone()};
   });
   return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),
           std::get<3>(weight_grads)};
