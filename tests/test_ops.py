@@ -248,3 +248,9 @@ def test_cuda_opcheck_and_compile():
                               backend="kernel").cuda()
     u = torch.randn(2, 3, 4, 5, 1, device="cuda")
     torch.testing.assert_close(torch.compile(core, fullgraph=True)(u), core(u))
+
+
+def test_extension_is_built():
+    """The compiled kernels are part of the package: a missing build fails here instead of skipping quietly."""
+    report = cubecore.info()
+    assert report["extension_loaded"] and report["cpu_kernel"], report["cpu_kernel_reason"]

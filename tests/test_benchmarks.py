@@ -1,0 +1,49 @@
+"""The benchmark harness itself works: every contestant agrees with the reference at a tiny size, a wrong
+contestant is caught rather than timed, and one run writes its table, JSON and plot."""
+
+import json
+
+import torch
+
+from benchmarks import run
+from benchmarks.contestants import all_contestants, conv3d, eager
+from benchmarks.harness import Size, check, measure
+
+TINY = Size("tiny", 2, 3, 4, 5, S=3, H=5, E=2, T=3)
+
+
+def test_every_contestant_matches_reference_at_every_boundary():
+    for boundary in ("wall", "periodic", "reflect"):
+        size = Size("tiny", 2, 3, 4, 5, S=3, H=5, E=2, T=3, boundary=boundary)
+        for name, fn in all_contestants(torch.device("cpu")).items():
+            if name == "compiled":
+                continue  # compiled once below; compiling per boundary is slow on 2 cores
+            ok, err = check(fn, size, "cpu")
+            assert ok, (boundary, name, err)
+
+
+def test_a_wrong_contestant_is_reported_not_timed():
+    def off_by_a_little(state, external, w1, b1, w2, b2, **rule):
+        return eager(state, external, w1 * 1.01, b1, w2, b2, **rule)
+
+    row = measure("wrong", off_by_a_little, TINY, "cpu", repeats=1)
+    assert row["status"] == "wrong" and "forward_backward" not in row
+
+
+def test_measure_reports_times_memory_and_rates():
+    row = measure("conv3d", conv3d, TINY, "cpu", repeats=1)
+    assert row["status"] == "ok", row
+    assert row["forward_backward"]["median_s"] > 0 and row["forward"]["median_s"] > 0
+    assert row["cell_updates_per_s"] > 0 and row["max_rel_error"] < 1e-3
+    assert row["memory_method"]
+
+
+def test_run_writes_table_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "sizes_for", lambda device, quick: [TINY])
+    assert run.main(["--quick", "--repeats", "1", "--contestants", "kernel,eager,compiled", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert {r["contestant"] for r in data["rows"]} == {"kernel", "eager", "compiled"}
+    assert all(r["status"] == "ok" for r in data["rows"]), data["rows"]
+    assert data["machine"]["cores"] >= 1 and data["limits"]["matmul_flops_per_s"] > 0
+    table = (tmp_path / "cpu-quick.md").read_text()
+    assert "| tiny | eager |" in table and "x |" in table
