@@ -167,13 +167,13 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
-    contestants = all_contestants(device)
+    names = list(all_contestants(device))
     if args.contestants:
         wanted = args.contestants.split(",")
-        unknown = set(wanted) - set(contestants)
+        unknown = set(wanted) - set(names)
         if unknown:
-            parser.error(f"unknown contestants {sorted(unknown)}; choose from {sorted(contestants)}")
-        contestants = {k: v for k, v in contestants.items() if k in wanted}
+            parser.error(f"unknown contestants {sorted(unknown)}; choose from {sorted(names)}")
+        names = [n for n in names if n in wanted]
     sizes = sizes_for(device, args.quick)
     if args.sizes:
         sizes = [s for s in sizes if s.name in args.sizes.split(",")]
@@ -182,8 +182,12 @@ def main(argv=None) -> int:
     limits = machine_limits(device, quick=args.quick)
     rows = []
     for size in sizes:
-        for name, fn in contestants.items():
-            row = measure(name, fn, size, device, repeats)
+        # Fresh contestants per size: torch.compile starts clean instead of reaching its recompile limit
+        # (past which it silently runs eager).
+        torch._dynamo.reset()
+        contestants = all_contestants(device)
+        for name in names:
+            row = measure(name, contestants[name], size, device, repeats)
             rows.append(row)
             shown = _ms(row["forward_backward"]["median_s"]) if row.get("status") == "ok" else row.get("status")
             print(f"{size.name:>12} {name:>14}: fwd+bwd {shown} ms", file=sys.stderr, flush=True)

@@ -4,20 +4,36 @@ This module only re-exports; importing it compiles nothing and loads no model.
 """
 
 from .core import CubicCore
+from .data import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
+                   create_dialogue_dataset, create_file_dataset, create_text_dataset, load_conversations)
+from .encoder import DEFAULT_TEACHER, TeacherEncoder
 from .ops import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
+from .reshaper import EmbeddingReshaper
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "AutoencoderDataset",
     "BACKENDS",
     "BOUNDARIES",
     "CubicCore",
+    "DEFAULT_TEACHER",
+    "DatasetConfig",
+    "DialogueConfig",
+    "DialogueDataset",
+    "EmbeddingCache",
+    "EmbeddingReshaper",
+    "TeacherEncoder",
     "UPDATES",
     "__version__",
+    "create_dialogue_dataset",
+    "create_file_dataset",
+    "create_text_dataset",
     "info",
     "kernel_unavailable_reason",
+    "load_conversations",
     "propagate",
     "propagate_reference",
     "resolve_backend",

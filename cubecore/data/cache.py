@@ -1,0 +1,117 @@
+"""The on-disk embedding cache: a second run with the same texts and teacher never runs the encoder.
+
+One file per (teacher fingerprint, list of texts).  The key covers everything that changes an embedding (model
+and its weights, pooling, normalisation, max length, encoder code version) and the texts themselves, so one
+model never gets another's embeddings.  Files are written to a temporary name and renamed into place, and carry
+a checksum: a killed run leaves nothing a later run would trust, and a corrupt or truncated file is reported,
+deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$CUBECORE_CACHE_DIR, else $XDG_CACHE_HOME/cubecore/embeddings, else ~/.cache/cubecore/embeddings."""
+    if os.environ.get("CUBECORE_CACHE_DIR"):
+        return Path(os.environ["CUBECORE_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cubecore" / "embeddings"
+
+
+def _texts_digest(texts: List[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def _tensor_checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+class EmbeddingCache:
+    """Maps (encoder fingerprint, texts) to an embedding tensor stored under ``cache_dir``."""
+
+    def __init__(self, cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+    def path_for(self, fingerprint: Dict[str, object], texts: List[str]) -> Path:
+        key = hashlib.sha256(
+            (json.dumps(fingerprint, sort_keys=True) + _texts_digest(texts)).encode()
+        ).hexdigest()[:32]
+        return self.cache_dir / f"{key}.pt"
+
+    def load(self, fingerprint: Dict[str, object], texts: List[str]) -> Optional[torch.Tensor]:
+        """The cached embeddings, or None when absent; a damaged or mismatched file is reported and removed."""
+        path = self.path_for(fingerprint, texts)
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            emb = entry["embeddings"]
+            problem = None
+            if entry.get("format") != CACHE_FORMAT:
+                problem = "an older cache format"
+            elif entry.get("fingerprint") != json.dumps(fingerprint, sort_keys=True):
+                problem = "another encoder's fingerprint"
+            elif entry.get("texts") != _texts_digest(texts) or emb.shape[0] != len(texts):
+                problem = "other texts"
+            elif entry.get("checksum") != _tensor_checksum(emb):
+                problem = "a checksum mismatch (corrupt data)"
+        except Exception as exc:  # truncated or not a torch file at all
+            problem = f"an unreadable file ({type(exc).__name__}: {exc})"
+        if problem is not None:
+            warnings.warn(f"cubecore: embedding cache file {path} holds {problem}; rebuilding it", RuntimeWarning,
+                          stacklevel=3)
+            path.unlink(missing_ok=True)
+            return None
+        return emb
+
+    def store(self, fingerprint: Dict[str, object], texts: List[str], embeddings: torch.Tensor) -> Path:
+        path = self.path_for(fingerprint, texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        embeddings = embeddings.detach().cpu().contiguous()
+        entry = {"format": CACHE_FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                 "texts": _texts_digest(texts), "checksum": _tensor_checksum(embeddings), "embeddings": embeddings}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(entry, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def get_or_compute(self, fingerprint: Dict[str, object], texts: List[str],
+                       compute: Callable[[List[str]], torch.Tensor]) -> torch.Tensor:
+        cached = self.load(fingerprint, texts)
+        if cached is not None:
+            return cached
+        embeddings = compute(texts)
+        self.store(fingerprint, texts, embeddings)
+        return embeddings
+
+
+def encode_cached(encoder, texts: List[str], use_cache: bool = True,
+                  cache_dir: Optional[Union[str, os.PathLike]] = None) -> torch.Tensor:
+    """``encoder.encode(texts)``, served from the cache when the same teacher already embedded these texts."""
+    if not use_cache:
+        return encoder.encode(texts)
+    return EmbeddingCache(cache_dir).get_or_compute(encoder.fingerprint(), list(texts), encoder.encode)

@@ -1,0 +1,338 @@
+"""The two datasets of embedding pairs and their builders.
+
+``AutoencoderDataset`` yields ``(embedding, embedding)``; ``DialogueDataset`` yields ``(question_embedding,
+answer_embedding)`` and keeps the texts so that evaluation can show them.  Both split into train and validation
+with a fixed seed (the same split every time); the dialogue split never puts one question text on both sides.
+Indexing and ``len`` cover the training split; ``get_dataloader(validation=True)`` gives the other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..encoder import DEFAULT_TEACHER, TeacherEncoder, check_texts
+from .cache import encode_cached
+from .readers import EMBEDDING_SUFFIXES, read_dialogue, read_embeddings, read_texts
+from .sources import is_named_source, load_conversations
+
+Pair = Tuple[str, str]
+
+
+@dataclass
+class DatasetConfig:
+    """How texts become a split, processed set of embeddings."""
+
+    validation_split: float = 0.2
+    shuffle_data: bool = True
+    random_seed: int = 42
+    normalize_embeddings: bool = True
+    center_embeddings: bool = False
+    max_samples: Optional[int] = None
+    add_noise: bool = False  # Gaussian noise on training inputs only
+    noise_std: float = 0.01
+    llm_model: str = DEFAULT_TEACHER  # the teacher encoder (short name, hub id or local directory)
+    use_cache: bool = True
+    cache_dir: Optional[str] = None
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.validation_split, (int, float)) or not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ValueError(f"max_samples must be None or an int >= 1, got {self.max_samples!r}")
+        if not isinstance(self.noise_std, (int, float)) or self.noise_std < 0 or not math.isfinite(self.noise_std):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "DatasetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+        return cls(**kwargs)
+
+
+@dataclass
+class DialogueConfig(DatasetConfig):
+    """Dialogue settings on top of ``DatasetConfig``: how conversations become pairs and which are kept."""
+
+    context_window: int = 1  # turns joined into the question when pairs come from conversations
+    min_length: int = 1  # characters, both sides
+    max_length: int = 1000
+    remove_duplicates: bool = True
+    question_field: str = "question"
+    answer_field: str = "answer"
+    separator: str = "\t"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.context_window, int) or self.context_window < 1:
+            raise ValueError(f"context_window must be an int >= 1, got {self.context_window!r}")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"need 0 <= min_length <= max_length, got {self.min_length}, {self.max_length}")
+
+
+def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
+                  groups: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation indices; with ``groups``, all items of one group land on the same side."""
+    keys = list(groups) if groups is not None else list(range(n))
+    unique = list(dict.fromkeys(keys))
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else torch.arange(len(unique))
+    n_val = int(round(len(unique) * validation_split))
+    if validation_split > 0 and n_val == 0 and len(unique) > 1:
+        n_val = 1
+    val_keys = {unique[i] for i in order[:n_val].tolist()}
+    val = [i for i, k in enumerate(keys) if k in val_keys]
+    train = [i for i, k in enumerate(keys) if k not in val_keys]
+    if not train:
+        raise ValueError(f"validation_split={validation_split} leaves no training data out of {n} items")
+    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
+
+
+class _Pairs(Dataset):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, noise_std: float = 0.0, seed: int = 0):
+        self.inputs, self.targets, self.noise_std = inputs, targets, noise_std
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, i):
+        x = self.inputs[i]
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn(x.shape, generator=self._gen)
+        return x, self.targets[i]
+
+
+class _EmbeddingPairs(Dataset):
+    """Shared machinery: processing (centre, normalise), the split, loaders, statistics."""
+
+    def _build(self, inputs: torch.Tensor, targets: torch.Tensor, config: DatasetConfig,
+               groups: Optional[Sequence[str]] = None) -> None:
+        if inputs.dim() != 2 or inputs.shape != targets.shape:
+            raise ValueError(f"inputs and targets must be matching [N, dim], got {tuple(inputs.shape)} and "
+                             f"{tuple(targets.shape)}")
+        if not torch.isfinite(inputs).all() or not torch.isfinite(targets).all():
+            raise ValueError("embeddings contain NaN or inf")
+        self.config = config
+        self.train_indices, self.val_indices = split_indices(
+            inputs.shape[0], config.validation_split, config.shuffle_data, config.random_seed, groups)
+        inputs, targets = inputs.float(), targets.float()
+        self.mean = None
+        if config.center_embeddings:  # the training split's mean, applied to both splits
+            train = torch.cat([inputs[self.train_indices], targets[self.train_indices]])
+            self.mean = train.mean(0)
+            inputs, targets = inputs - self.mean, targets - self.mean
+        if config.normalize_embeddings:
+            inputs, targets = F.normalize(inputs, dim=-1), F.normalize(targets, dim=-1)
+        self.inputs, self.targets = inputs, targets
+        self.dim = inputs.shape[1]
+        noise = config.noise_std if config.add_noise else 0.0
+        self._train = _Pairs(inputs[self.train_indices], targets[self.train_indices], noise, config.random_seed)
+        self._val = _Pairs(inputs[self.val_indices], targets[self.val_indices])
+
+    def __len__(self) -> int:
+        return len(self._train)
+
+    def __getitem__(self, i):
+        return self._train[i]
+
+    @property
+    def validation(self) -> Dataset:
+        return self._val
+
+    def split_tensors(self, validation: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        part = self._val if validation else self._train
+        return part.inputs, part.targets
+
+    def get_dataloader(self, batch_size: int = 32, validation: bool = False, shuffle: Optional[bool] = None,
+                       **kwargs) -> DataLoader:
+        """Batches of ``(input_emb, target_emb)``; the training side is shuffled unless told otherwise."""
+        part = self._val if validation else self._train
+        if len(part) == 0:
+            raise ValueError("the validation split is empty (validation_split=0)" if validation else "no data")
+        shuffle = (not validation) if shuffle is None else shuffle
+        gen = torch.Generator().manual_seed(self.config.random_seed)
+        return DataLoader(part, batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
+
+    def get_statistics(self) -> Dict[str, object]:
+        def cos(a, b):
+            return F.cosine_similarity(a, b, dim=-1).mean().item() if a.shape[0] else float("nan")
+
+        x, y = self.split_tensors()
+        return {"train_size": len(self._train), "validation_size": len(self._val), "dim": self.dim,
+                "input_norm_mean": x.norm(dim=-1).mean().item(), "target_norm_mean": y.norm(dim=-1).mean().item(),
+                "input_target_cosine_mean": cos(x, y),
+                "normalized": self.config.normalize_embeddings, "centered": self.config.center_embeddings}
+
+
+def _teacher(config: DatasetConfig, encoder: Optional[TeacherEncoder]) -> TeacherEncoder:
+    return encoder if encoder is not None else TeacherEncoder(config.llm_model)
+
+
+def _encode(texts: List[str], config: DatasetConfig, encoder: Optional[TeacherEncoder]):
+    """Embeddings of ``texts`` (each distinct text encoded once), through the cache; and the encoder used."""
+    encoder = _teacher(config, encoder)
+    unique = list(dict.fromkeys(texts))
+    emb = encode_cached(encoder, unique, use_cache=config.use_cache, cache_dir=config.cache_dir)
+    index = {t: i for i, t in enumerate(unique)}
+    return emb[torch.tensor([index[t] for t in texts], dtype=torch.long)], encoder
+
+
+class AutoencoderDataset(_EmbeddingPairs):
+    """Embeddings paired with themselves: the cube learns to reconstruct its input."""
+
+    def __init__(self, texts: Optional[Sequence[str]] = None, embeddings: Optional[torch.Tensor] = None,
+                 config: Optional[DatasetConfig] = None, encoder: Optional[TeacherEncoder] = None) -> None:
+        self.config = config = config or DatasetConfig()
+        if (texts is None) == (embeddings is None):
+            raise ValueError("give exactly one of texts or embeddings")
+        self.texts: Optional[List[str]] = None
+        self.encoder = encoder
+        if texts is not None:
+            texts = check_texts(texts)
+            if config.max_samples:
+                texts = texts[: config.max_samples]
+            embeddings, self.encoder = _encode(texts, config, encoder)
+            self.texts = texts
+        else:
+            if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] == 0:
+                raise ValueError("embeddings must be a non-empty [N, dim] tensor")
+            if config.max_samples:
+                embeddings = embeddings[: config.max_samples]
+        self._build(embeddings, embeddings, config)
+
+    @classmethod
+    def from_files(cls, file_paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]],
+                   config: Optional[DatasetConfig] = None, encoder: Optional[TeacherEncoder] = None):
+        config = config or DatasetConfig()
+        paths = [file_paths] if isinstance(file_paths, (str, os.PathLike)) else list(file_paths)
+        if not paths:
+            raise ValueError("file_paths is empty")
+        if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):
+            return cls(embeddings=torch.cat([read_embeddings(p) for p in paths]), config=config)
+        if any(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):
+            raise ValueError("mix of embedding files and text files: give one kind")
+        texts = [t for p in paths for t in read_texts(p, config.text_field)]
+        return cls(texts=texts, config=config, encoder=encoder)
+
+
+def conversations_to_pairs(conversations: Iterable[Sequence[str]], context_window: int = 1) -> List[Pair]:
+    """Consecutive turns become (question, answer); the question joins up to ``context_window`` turns."""
+    pairs = []
+    for turns in conversations:
+        for i in range(1, len(turns)):
+            question = " ".join(turns[max(0, i - context_window):i])
+            pairs.append((question, turns[i]))
+    return pairs
+
+
+def filter_pairs(pairs: Iterable[Pair], config: DialogueConfig) -> Tuple[List[Pair], Dict[str, int]]:
+    """Drop empty, too short or too long, and duplicate pairs; count what was dropped and why."""
+    kept: List[Pair] = []
+    dropped = Counter()
+    seen = set()
+    for q, a in pairs:
+        q, a = str(q).strip(), str(a).strip()
+        if not q or not a:
+            dropped["empty"] += 1
+        elif min(len(q), len(a)) < config.min_length or max(len(q), len(a)) > config.max_length:
+            dropped["length"] += 1
+        elif config.remove_duplicates and (q, a) in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add((q, a))
+            kept.append((q, a))
+    return kept, {"empty": dropped["empty"], "length": dropped["length"], "duplicate": dropped["duplicate"]}
+
+
+class DialogueDataset(_EmbeddingPairs):
+    """(question embedding, answer embedding) pairs distilled from the teacher, with their texts."""
+
+    def __init__(self, pairs: Optional[Sequence[Pair]] = None, conversations: Optional[Sequence[Sequence[str]]] = None,
+                 question_embeddings: Optional[torch.Tensor] = None, answer_embeddings: Optional[torch.Tensor] = None,
+                 config: Optional[DialogueConfig] = None, encoder: Optional[TeacherEncoder] = None) -> None:
+        self.config = config = config or DialogueConfig()
+        self.encoder = encoder
+        self.filter_report: Dict[str, int] = {}
+        if question_embeddings is not None or answer_embeddings is not None:
+            if pairs is not None or conversations is not None:
+                raise ValueError("give texts (pairs/conversations) or embeddings, not both")
+            if question_embeddings is None or answer_embeddings is None:
+                raise ValueError("give both question_embeddings and answer_embeddings")
+            q, a = question_embeddings, answer_embeddings
+            if config.max_samples:
+                q, a = q[: config.max_samples], a[: config.max_samples]
+            self.questions = self.answers = None
+            self._build(q, a, config)
+            return
+        all_pairs = [tuple(p) for p in (pairs or [])]
+        if any(len(p) != 2 for p in all_pairs):
+            raise ValueError("pairs must be (question, answer) tuples")
+        if conversations is not None:
+            all_pairs += conversations_to_pairs(conversations, config.context_window)
+        if not all_pairs:
+            raise ValueError("no dialogue given: pairs and conversations are empty")
+        kept, self.filter_report = filter_pairs(all_pairs, config)
+        if config.max_samples:
+            kept = kept[: config.max_samples]
+        if not kept:
+            raise ValueError(f"every pair was filtered out ({self.filter_report})")
+        self.questions = [q for q, _ in kept]
+        self.answers = [a for _, a in kept]
+        emb, self.encoder = _encode(self.questions + self.answers, config, encoder)
+        n = len(kept)
+        self._build(emb[:n], emb[n:], config, groups=self.questions)
+
+    def texts(self, validation: bool = False) -> Tuple[List[str], List[str]]:
+        """(questions, answers) of one split, in the order of its tensors."""
+        if self.questions is None:
+            raise ValueError("this dataset was built from embeddings and has no texts")
+        idx = (self.val_indices if validation else self.train_indices).tolist()
+        return [self.questions[i] for i in idx], [self.answers[i] for i in idx]
+
+    def get_statistics(self) -> Dict[str, object]:
+        stats = super().get_statistics()
+        stats["dropped"] = dict(self.filter_report)
+        return stats
+
+
+def create_text_dataset(texts: Sequence[str], llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2,
+                        use_cache: bool = True, normalize_embeddings: bool = True,
+                        encoder: Optional[TeacherEncoder] = None, **config) -> AutoencoderDataset:
+    cfg = DatasetConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
+                                    normalize_embeddings=normalize_embeddings, **config)
+    return AutoencoderDataset(texts=texts, config=cfg, encoder=encoder)
+
+
+def create_file_dataset(file_paths, llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2,
+                        use_cache: bool = True, normalize_embeddings: bool = True,
+                        encoder: Optional[TeacherEncoder] = None, **config) -> AutoencoderDataset:
+    cfg = DatasetConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
+                                    normalize_embeddings=normalize_embeddings, **config)
+    return AutoencoderDataset.from_files(file_paths, config=cfg, encoder=encoder)
+
+
+def create_dialogue_dataset(source: Union[str, os.PathLike, Sequence[Pair]] = "chatterbot",
+                            llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2, use_cache: bool = True,
+                            normalize_embeddings: bool = True, encoder: Optional[TeacherEncoder] = None,
+                            **config) -> DialogueDataset:
+    """A dialogue dataset from a named source ("chatterbot", "chitchat"), a file, or (question, answer) pairs."""
+    cfg = DialogueConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
+                                     normalize_embeddings=normalize_embeddings, **config)
+    if is_named_source(source):
+        return DialogueDataset(conversations=load_conversations(str(source)), config=cfg, encoder=encoder)
+    if isinstance(source, (str, os.PathLike)):
+        pairs, conversations = read_dialogue(source, cfg.question_field, cfg.answer_field, cfg.separator)
+        return DialogueDataset(pairs=pairs, conversations=conversations or None, config=cfg, encoder=encoder)
+    return DialogueDataset(pairs=list(source), config=cfg, encoder=encoder)

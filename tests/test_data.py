@@ -1,0 +1,261 @@
+"""Embedding cache, file readers, named sources and the datasets.  A fake encoder (deterministic, counts its
+calls) keeps most tests fast; the real default teacher is used where the texts' meaning matters."""
+
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cubecore import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
+                      create_dialogue_dataset, create_file_dataset, create_text_dataset)
+from cubecore.data import conversations_to_pairs, filter_pairs, load_conversations, read_dialogue, split_indices
+
+
+class FakeEncoder:
+    """Embeds a text as a fixed random vector seeded by its hash; counts how often it runs."""
+
+    def __init__(self, dim=12, name="fake"):
+        self.dim, self.name, self.calls = dim, name, 0
+
+    def fingerprint(self):
+        return {"model": self.name, "dim": self.dim}
+
+    def encode(self, texts):
+        self.calls += 1
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+
+TEXTS = [f"text number {i}" for i in range(40)]
+
+
+# --- cache -----------------------------------------------------------------------------------------------------
+
+
+def test_second_run_is_served_from_the_cache(tmp_path):
+    enc = FakeEncoder()
+    a = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path))
+    b = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path))
+    assert enc.calls == 1
+    assert torch.equal(a.inputs, b.inputs)
+    assert not list(tmp_path.glob("*.tmp")), "no temporary files left behind"
+
+
+def test_cache_key_changes_with_model_and_texts(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    a = cache.path_for(FakeEncoder(name="a").fingerprint(), TEXTS)
+    assert a != cache.path_for(FakeEncoder(name="b").fingerprint(), TEXTS)
+    assert a != cache.path_for(FakeEncoder(name="a").fingerprint(), TEXTS[:-1])
+    # Two texts joined differently must not collide.
+    assert cache.path_for({"m": 1}, ["ab", "c"]) != cache.path_for({"m": 1}, ["a", "bc"])
+    enc_a, enc_b = FakeEncoder(name="a"), FakeEncoder(name="b")
+    create_text_dataset(TEXTS, encoder=enc_a, cache_dir=str(tmp_path))
+    create_text_dataset(TEXTS, encoder=enc_b, cache_dir=str(tmp_path))
+    assert enc_b.calls == 1, "another model's embeddings were served"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "tamper"])
+def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, damage):
+    enc = FakeEncoder()
+    first = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    (path,) = list(tmp_path.glob("*.pt"))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    else:
+        entry = torch.load(path, weights_only=True)
+        entry["embeddings"][0, 0] += 1.0
+        torch.save(entry, path)
+    with pytest.warns(RuntimeWarning, match="rebuilding"):
+        again = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    assert enc.calls == 2
+    assert torch.equal(first, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path))
+    assert enc.calls == 2
+
+
+def test_default_cache_dir_is_a_user_cache(monkeypatch, tmp_path):
+    from cubecore.data import default_cache_dir
+
+    monkeypatch.delenv("CUBECORE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "cubecore" / "embeddings"
+    monkeypatch.setenv("CUBECORE_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+# --- splits and processing -------------------------------------------------------------------------------------
+
+
+def test_fixed_seed_split_is_stable_and_disjoint():
+    a_train, a_val = split_indices(100, 0.2, True, seed=7)
+    b_train, b_val = split_indices(100, 0.2, True, seed=7)
+    assert torch.equal(a_train, b_train) and torch.equal(a_val, b_val)
+    assert len(a_val) == 20 and not set(a_train.tolist()) & set(a_val.tolist())
+    assert sorted(a_train.tolist() + a_val.tolist()) == list(range(100))
+    c_train, _ = split_indices(100, 0.2, True, seed=8)
+    assert not torch.equal(a_train, c_train)
+
+
+def test_grouped_split_never_puts_a_question_on_both_sides():
+    groups = [f"q{i % 7}" for i in range(50)]
+    train, val = split_indices(50, 0.3, True, 0, groups)
+    assert not {groups[i] for i in train.tolist()} & {groups[i] for i in val.tolist()}
+
+
+def test_autoencoder_dataset_from_embeddings_processing_and_loaders():
+    emb = torch.randn(50, 6) * 3 + 1
+    cfg = DatasetConfig(validation_split=0.2, center_embeddings=True, normalize_embeddings=True, add_noise=True,
+                        noise_std=0.5, random_seed=3)
+    ds = AutoencoderDataset(embeddings=emb, config=cfg)
+    assert len(ds) == 40 and len(ds.validation) == 10
+    x, y = ds[0]
+    assert not torch.equal(x, y), "noise on the training inputs"
+    torch.testing.assert_close(y.norm(), torch.tensor(1.0))
+    vx, vy = ds.validation[0]
+    assert torch.equal(vx, vy), "no noise on the validation side"
+    batches = list(ds.get_dataloader(batch_size=16))
+    assert [b[0].shape[0] for b in batches] == [16, 16, 8]
+    assert sum(b[0].shape[0] for b in ds.get_dataloader(8, validation=True)) == 10
+    stats = ds.get_statistics()
+    assert stats["train_size"] == 40 and stats["dim"] == 6 and stats["centered"]
+
+
+def test_max_samples_and_bad_configs():
+    ds = AutoencoderDataset(embeddings=torch.randn(30, 4), config=DatasetConfig(max_samples=10))
+    assert len(ds) + len(ds.validation) == 10
+    with pytest.raises(ValueError, match="validation_split"):
+        DatasetConfig(validation_split=1.5)
+    with pytest.raises(TypeError, match="unknown DatasetConfig keys"):
+        create_text_dataset(TEXTS, encoder=FakeEncoder(), validaton_split=0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        AutoencoderDataset(embeddings=torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="empty"):
+        create_text_dataset([], encoder=FakeEncoder())
+
+
+# --- files -----------------------------------------------------------------------------------------------------
+
+
+def test_every_text_file_format(tmp_path):
+    enc = FakeEncoder()
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "third"}) + "\n" + json.dumps({"text": "fourth"}) + "\n")
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "fifth"}, "sixth"]))
+    (tmp_path / "a.csv").write_text("id,text\n1,seventh\n2,eighth\n")
+    paths = [tmp_path / n for n in ("a.txt", "a.jsonl", "a.json", "a.csv")]
+    ds = create_file_dataset(paths, encoder=enc, use_cache=False, validation_split=0.0)
+    assert ds.texts == ["first line", "second line", "third", "fourth", "fifth", "sixth", "seventh", "eighth"]
+    assert len(ds) == 8
+
+
+def test_embedding_files(tmp_path):
+    emb = torch.randn(9, 5)
+    torch.save(emb, tmp_path / "e.pt")
+    np.save(tmp_path / "e.npy", emb.numpy())
+    ds = create_file_dataset([tmp_path / "e.pt", tmp_path / "e.npy"], validation_split=0.0,
+                             normalize_embeddings=False)
+    assert torch.allclose(ds.inputs, torch.cat([emb, emb]))
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    enc = FakeEncoder()
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        create_file_dataset(tmp_path / "missing.txt", encoder=enc)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no texts"):
+        create_file_dataset(tmp_path / "empty.txt", encoder=enc)
+    (tmp_path / "b.csv").write_text("id,body\n1,x\n")
+    with pytest.raises(KeyError, match="'text'"):
+        create_file_dataset(tmp_path / "b.csv", encoder=enc)
+    (tmp_path / "b.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(KeyError, match="'text'"):
+        create_file_dataset(tmp_path / "b.jsonl", encoder=enc)
+    (tmp_path / "b.xml").write_text("<x/>")
+    with pytest.raises(ValueError, match="unsupported"):
+        create_file_dataset(tmp_path / "b.xml", encoder=enc)
+
+
+# --- dialogue --------------------------------------------------------------------------------------------------
+
+
+def test_dialogue_files_and_pairs(tmp_path):
+    enc = FakeEncoder()
+    (tmp_path / "d.txt").write_text("hi\thello\nhow are you?\tfine\n")
+    (tmp_path / "d.csv").write_text("question,answer\nhi,hello\nbye,see you\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q1", "answer": "a1"}) + "\n"
+                                      + json.dumps(["t1", "t2", "t3"]) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"question": "q2", "answer": "a2"}]))
+    sizes = {}
+    for name in ("d.txt", "d.csv", "d.jsonl", "d.json"):
+        ds = create_dialogue_dataset(tmp_path / name, encoder=enc, use_cache=False, validation_split=0.0)
+        sizes[name] = len(ds)
+    assert sizes == {"d.txt": 2, "d.csv": 2, "d.jsonl": 3, "d.json": 1}
+    pairs, convs = read_dialogue(tmp_path / "d.jsonl")
+    assert pairs == [("q1", "a1")] and convs == [["t1", "t2", "t3"]]
+    (tmp_path / "bad.txt").write_text("no separator here\n")
+    with pytest.raises(ValueError, match="separator"):
+        create_dialogue_dataset(tmp_path / "bad.txt", encoder=enc)
+
+
+def test_quality_filter_counts_what_it_drops():
+    cfg = DialogueConfig(min_length=2, max_length=20)
+    pairs = [("hi", "hello"), ("hi", "hello"), ("", "x"), ("q", "too short q"), ("ok", "x" * 30), ("why?", "because")]
+    kept, report = filter_pairs(pairs, cfg)
+    assert kept == [("hi", "hello"), ("why?", "because")]
+    assert report == {"empty": 1, "length": 2, "duplicate": 1}
+
+
+def test_conversations_become_pairs_with_context():
+    conv = [["a", "b", "c", "d"]]
+    assert conversations_to_pairs(conv) == [("a", "b"), ("b", "c"), ("c", "d")]
+    assert conversations_to_pairs(conv, context_window=2) == [("a", "b"), ("a b", "c"), ("b c", "d")]
+
+
+def test_dialogue_dataset_keeps_texts_and_splits_by_question():
+    enc = FakeEncoder()
+    pairs = [(f"q{i % 10}", f"a{i}") for i in range(60)]
+    ds = DialogueDataset(pairs=pairs, config=DialogueConfig(validation_split=0.3, use_cache=False), encoder=enc)
+    tq, ta = ds.texts()
+    vq, va = ds.texts(validation=True)
+    assert not set(tq) & set(vq)
+    assert len(tq) + len(vq) == 60
+    x, y = ds.split_tensors(validation=True)
+    assert torch.allclose(x[0], torch.nn.functional.normalize(enc.encode([vq[0]])[0], dim=0))
+    assert torch.allclose(y[0], torch.nn.functional.normalize(enc.encode([va[0]])[0], dim=0))
+
+
+def test_named_sources_load_offline():
+    chatter = load_conversations("chatterbot")
+    pairs = conversations_to_pairs(chatter)
+    assert 2000 <= len(pairs) <= 4000
+    assert sum(1 for q, a in pairs if q and a) >= 0.99 * len(pairs)  # the quality filter drops the rest
+    with pytest.raises(ValueError, match="named sources"):
+        load_conversations("reddit")
+
+
+def test_chitchat_source():
+    convs = load_conversations("chitchat")
+    assert len(convs) > 5000 and all(len(c) >= 1 for c in convs[:100])
+
+
+def test_chatterbot_dialogue_with_the_real_teacher(tmp_path, monkeypatch):
+    """The 'done' path on a slice: real Q->A pairs, the default teacher offline, second call from the cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from cubecore import TeacherEncoder
+
+    teacher = TeacherEncoder()
+    ds = create_dialogue_dataset("chatterbot", encoder=teacher, cache_dir=str(tmp_path), max_samples=40)
+    assert ds.dim == 384 and len(ds) + len(ds.validation) == 40
+    again = create_dialogue_dataset("chatterbot", encoder=teacher, cache_dir=str(tmp_path), max_samples=40)
+    assert teacher.calls == 1
+    assert torch.equal(ds.inputs, again.inputs)
