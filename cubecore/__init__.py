@@ -10,6 +10,10 @@ from .encoder import DEFAULT_TEACHER, TeacherEncoder
 from .ops import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
 from .reshaper import EmbeddingReshaper
+from .config import TrainingConfig
+from .metrics import EmbeddingMetrics
+from .processor import EmbeddingProcessor
+from .trainer import CubeTrainer
 
 __version__ = "0.1.0"
 
@@ -18,6 +22,10 @@ __all__ = [
     "AutoencoderDataset",
     "BACKENDS",
     "BOUNDARIES",
+    "CubeTrainer",
+    "EmbeddingMetrics",
+    "EmbeddingProcessor",
+    "TrainingConfig",
     "CubicCore",
     "DEFAULT_TEACHER",
     "DatasetConfig",

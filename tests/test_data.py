@@ -259,3 +259,10 @@ def test_chatterbot_dialogue_with_the_real_teacher(tmp_path, monkeypatch):
     again = create_dialogue_dataset("chatterbot", encoder=teacher, cache_dir=str(tmp_path), max_samples=40)
     assert teacher.calls == 1
     assert torch.equal(ds.inputs, again.inputs)
+
+
+def test_named_source_works_where_a_path_does():
+    enc = FakeEncoder()
+    ds = create_file_dataset("chatterbot", encoder=enc, use_cache=False, max_samples=30)
+    assert len(ds) + len(ds.validation) == 30
+    assert all(isinstance(t, str) and t for t in ds.texts)

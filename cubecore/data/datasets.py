@@ -219,6 +219,14 @@ class AutoencoderDataset(_EmbeddingPairs):
         paths = [file_paths] if isinstance(file_paths, (str, os.PathLike)) else list(file_paths)
         if not paths:
             raise ValueError("file_paths is empty")
+        if any(is_named_source(p) for p in paths):  # a named source's turns serve as texts
+            texts = []
+            for p in paths:
+                if is_named_source(p):
+                    texts += [t for conv in load_conversations(str(p)) for t in conv]
+                else:
+                    texts += read_texts(p, config.text_field)
+            return cls(texts=list(dict.fromkeys(texts)), config=config, encoder=encoder)
         if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):
             return cls(embeddings=torch.cat([read_embeddings(p) for p in paths]), config=config)
         if any(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):

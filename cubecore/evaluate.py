@@ -1,0 +1,31 @@
+"""`python -m cubecore.evaluate CHECKPOINT [--data ...]`: the report table of a saved model on the validation
+split of its data (or of --data), next to the identity / mean / ridge floors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .report import results_table
+from .trainer import CubeTrainer, prepare_data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cubecore.evaluate", description=__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        trainer = CubeTrainer.from_checkpoint(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = trainer.config.override(data=args.data) if args.data else trainer.config
+    data = prepare_data(config, trainer.teacher)
+    print(results_table(trainer.evaluate(data.val, train_data=data.train)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""``EmbeddingMetrics``: how close predicted embeddings are to their targets, next to honest floors.
+
+Raw cosine between unrelated sentence embeddings is high, so every report carries baselines computed on the
+same split: ``identity`` (predict the input), ``mean`` (predict the mean training target) and ``ridge`` (a
+closed-form linear map fit on the training pairs); and retrieval: the rank of the true target among all
+validation targets (R@1, R@5, R@10, MRR).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+    cos = F.cosine_similarity(pred.double(), target.double(), dim=-1)
+    q = torch.quantile(cos, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    return {"cosine": cos.mean().item(), "cosine_std": cos.std(unbiased=False).item(),
+            "cosine_p10": q[0].item(), "cosine_p50": q[1].item(), "cosine_p90": q[2].item()}
+
+
+def retrieval(pred: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
+    """For each prediction, the rank of its own target among all targets by cosine (1 = best).  Ties count
+    against the prediction, so a constant prediction ranks last, not first."""
+    sim = F.normalize(pred.double(), dim=-1) @ F.normalize(targets.double(), dim=-1).T
+    true = sim.diagonal()
+    ranks = (sim >= true[:, None]).sum(1)
+    return {"r@1": (ranks <= 1).double().mean().item(), "r@5": (ranks <= 5).double().mean().item(),
+            "r@10": (ranks <= 10).double().mean().item(), "mrr": (1.0 / ranks.double()).mean().item()}
+
+
+def ridge_fit(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """W [dim_in + 1, dim_out] minimising |[X 1] W - Y|^2 + alpha |W|^2 (the bias is not penalised)."""
+    X = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
+    reg = alpha * torch.eye(X.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    return torch.linalg.solve(X.T @ X + reg, X.T @ targets.double())
+
+
+def ridge_predict(weights: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    X = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
+    return (X @ weights).float()
+
+
+def semantic_preservation(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
+    """Pearson correlation between the pairwise cosine similarities among inputs and among outputs."""
+    n = inputs.shape[0]
+    if n < 3:
+        return float("nan")
+    iu = torch.triu_indices(n, n, offset=1)
+    a = F.normalize(inputs.double(), dim=-1)
+    b = F.normalize(outputs.double(), dim=-1)
+    sa, sb = (a @ a.T)[iu[0], iu[1]], (b @ b.T)[iu[0], iu[1]]
+    return torch.corrcoef(torch.stack([sa, sb]))[0, 1].item()
+
+
+class EmbeddingMetrics:
+    """Scores predictions on a split; ``baselines`` fits the floors on the training pairs."""
+
+    def __init__(self, train_inputs: torch.Tensor, train_targets: torch.Tensor, ridge_alpha: float = 1.0) -> None:
+        self.mean_target = train_targets.double().mean(0)
+        self.ridge = ridge_fit(train_inputs, train_targets, ridge_alpha)
+
+    @staticmethod
+    def score(pred: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+              autoencoder: bool = False) -> Dict[str, float]:
+        pred, targets = pred.detach().float().cpu(), targets.detach().float().cpu()
+        out = cosine_stats(pred, targets)
+        out["mse"] = F.mse_loss(pred, targets).item()
+        out.update(retrieval(pred, targets))
+        if autoencoder:
+            out["semantic_preservation"] = semantic_preservation(inputs.detach().cpu(), pred)
+        return out
+
+    def baselines(self, inputs: torch.Tensor, targets: torch.Tensor,
+                  autoencoder: bool = False) -> Dict[str, Dict[str, float]]:
+        inputs = inputs.detach().float().cpu()
+        preds = {"identity": inputs,
+                 "mean": self.mean_target.float().expand(inputs.shape[0], -1),
+                 "ridge": ridge_predict(self.ridge, inputs)}
+        return {name: self.score(p, inputs, targets, autoencoder) for name, p in preds.items()}

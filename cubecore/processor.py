@@ -1,0 +1,55 @@
+"""``EmbeddingProcessor``: embedding -> lattice -> CubicCore -> per-cell readout -> embedding."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence
+
+import torch
+from torch import nn
+
+from .core import CubicCore
+from .reshaper import EmbeddingReshaper
+
+
+class EmbeddingProcessor(nn.Module):
+    """Maps an embedding [B, dim] to an embedding [B, dim] through the cubic core.
+
+    The reshaper lays the embedding onto the lattice as the core's external input; after ``steps`` steps a
+    learned per-cell readout (each cell its own map from state to output channels, and its own bias) gives the
+    lattice that the reshaper reads back.  The cell rule is shared and sees only neighbours; the per-cell
+    readout is what lets each embedding dimension have its own scale and offset.
+    """
+
+    def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), state_size: int = 8,
+                 hidden_size: int = 16, steps: int = 10, boundary: str = "wall", activation: str = "tanh",
+                 update: str = "replace", step_size: float = 1.0, reshaping_method: str = "simple",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
+        self.core = CubicCore(lattice_size, state_size, hidden_size, input_size=self.reshaper.channels, steps=steps,
+                              boundary=boundary, activation=activation, update=update, step_size=step_size,
+                              backend=backend)
+        X, Y, Z = self.core.lattice_size
+        out = self.reshaper.output_channels
+        self.readout_weight = nn.Parameter(torch.empty(X, Y, Z, state_size, out))
+        self.readout_bias = nn.Parameter(torch.zeros(X, Y, Z, out))
+        nn.init.uniform_(self.readout_weight, -state_size ** -0.5, state_size ** -0.5)
+
+    def readout(self, state: torch.Tensor) -> torch.Tensor:
+        """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
+        return torch.einsum("bxyzs,xyzse->bxyze", state, self.readout_weight) + self.readout_bias
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[1] != self.input_dim:
+            got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {got}")
+        external = self.reshaper.to_lattice(embedding)
+        state = self.core(external)
+        return self.reshaper.from_lattice(self.readout(state))
+
+    def get_info(self) -> Dict[str, Any]:
+        info = dict(self.core.get_info())
+        info.update(input_dim=self.input_dim, reshaping_method=self.reshaper.strategy,
+                    parameters=sum(p.numel() for p in self.parameters()))
+        return info

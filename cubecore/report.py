@@ -1,0 +1,108 @@
+"""What a training run leaves behind: per-epoch metrics (CSV and JSONL), the curves (PNG), and the Markdown
+report table of the cube against the identity / mean / ridge floors, with example predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+COLUMNS = ("cosine", "mse", "r@1", "r@5", "r@10", "mrr")
+
+
+def append_metrics(output_dir: Path, record: Dict[str, object]) -> None:
+    """One epoch's record, appended to metrics.jsonl and metrics.csv (a resumed run keeps appending)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    path = output_dir / "metrics.csv"
+    fields = ["epoch", "step", "train_loss", "val_loss", "val_cosine", "lr"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
+    """Training and validation loss, and validation cosine, against epoch."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_l.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    if "val_loss" in history[0]:
+        ax_l.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+        ax_c.plot(epochs, [h["val_cosine"] for h in history], color="C2", label="validation cosine")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.legend()
+    ax_c.set_xlabel("epoch")
+    ax_c.set_ylabel("mean cosine to target")
+    ax_c.legend()
+    for ax in (ax_l, ax_c):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: Dict[str, Dict[str, float]]) -> str:
+    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, metrics in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in COLUMNS) + " |")
+    if any("semantic_preservation" in m for m in results.values()):
+        lines += ["", "| model | semantic_preservation |", "|---|---:|"]
+        lines += [f"| {n} | {m['semantic_preservation']:.4f} |" for n, m in results.items()]
+    return "\n".join(lines)
+
+
+def example_predictions(pred: torch.Tensor, targets: torch.Tensor, questions: List[str], answers: List[str],
+                        count: int = 5) -> List[Dict[str, str]]:
+    """For the first ``count`` validation questions: the true answer and the validation answer nearest to the
+    cube's output."""
+    sim = F.normalize(pred.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).T
+    nearest = sim.argmax(1)
+    return [{"question": questions[i], "true answer": answers[i], "nearest answer": answers[int(nearest[i])]}
+            for i in range(min(count, len(questions)))]
+
+
+def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object],
+                    examples: Optional[List[Dict[str, str]]] = None, note: str = "") -> str:
+    cube, ridge = results.get("cube"), results.get("ridge")
+    lines = [f"# cubecore run: {info.get('mode')} mode", "",
+             f"Teacher {info.get('teacher')}, lattice {info.get('lattice_size')}, state {info.get('state_size')}, "
+             f"hidden {info.get('hidden_size')}, steps {info.get('steps')}, {info.get('parameters')} parameters, "
+             f"backend {info.get('active_backend')}, device {info.get('device')}, {info.get('epoch')} epochs.", "",
+             "Validation split. Retrieval: the rank of the true target among all validation targets (ties count "
+             "against). Floors: identity = predict the input, mean = the mean training target, ridge = a "
+             "closed-form linear map fit on the training pairs.", "", results_table(results), ""]
+    if cube and ridge:
+        gap = cube["cosine"] - ridge["cosine"]
+        verdict = "above" if gap > 0 else "below"
+        lines.append(f"The cube's mean cosine is {abs(gap):.4f} {verdict} the ridge map's.")
+    for floor in ("identity", "mean"):
+        if cube and floor in results:
+            beats = cube["cosine"] > results[floor]["cosine"]
+            lines.append(f"The cube {'beats' if beats else 'does NOT beat'} the {floor} floor on mean cosine "
+                         f"({cube['cosine']:.4f} vs {results[floor]['cosine']:.4f}).")
+    if note:
+        lines += ["", note]
+    if examples:
+        lines += ["", "## Example predictions", "", "| question | true answer | nearest answer to the cube's output |",
+                  "|---|---|---|"]
+        for ex in examples:
+            cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("question", "true answer", "nearest answer")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,339 @@
+"""``CubeTrainer``: trains an ``EmbeddingProcessor`` in autoencoder, dialogue or mixed mode.
+
+Loss in float32 (cosine, MSE or the original's 0.7 cosine + 0.3 MSE), AdamW by default, gradient clipping, a
+linear warm-up then cosine learning-rate schedule, early stop on ``convergence_threshold``/``patience`` and on
+``target_similarity``.  The shuffling of epoch e depends only on (seed, e), and checkpoints carry model,
+optimizer, scheduler, RNG states, epoch, step, config and history, so a resumed run continues exactly where the
+killed one stopped.  Checkpoints are written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import TrainingConfig
+from .metrics import EmbeddingMetrics
+from .processor import EmbeddingProcessor
+
+Pairs = Tuple[torch.Tensor, torch.Tensor]
+CHECKPOINT_FORMAT = "cubecore-checkpoint-1"
+
+
+def _as_pairs(data, name: str) -> Pairs:
+    """(inputs, targets) from a tuple of tensors or a dataset with ``split_tensors``."""
+    if hasattr(data, "split_tensors"):
+        return data.split_tensors()
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.dim() != 2 or x.shape != y.shape:
+            raise ValueError(f"{name} must be matching [N, dim] tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if not torch.isfinite(x).all() or not torch.isfinite(y).all():
+            raise ValueError(f"{name} contains NaN or inf")
+        return x, y
+    raise TypeError(f"{name} must be (inputs, targets) tensors or a cubecore dataset, got {type(data).__name__}")
+
+
+class CubeTrainer:
+    def __init__(self, config: Optional[TrainingConfig] = None) -> None:
+        self.config = config or TrainingConfig()
+        self.device = self._resolve_device(self.config.device)
+        self.model: Optional[EmbeddingProcessor] = None
+        self.optimizer = None
+        self.scheduler = None
+        self.dim: Optional[int] = None
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.total_steps = 1
+        self.history: List[Dict[str, float]] = []
+        self.best_val_loss = math.inf
+        self.epochs_without_improvement = 0
+        self._teacher = None
+
+    @staticmethod
+    def _resolve_device(device: str) -> torch.device:
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"config key 'device' is {device!r} but no CUDA device is available")
+        return dev
+
+    # -- components ---------------------------------------------------------------------------------------------
+
+    @property
+    def teacher(self):
+        """The teacher encoder this trainer learns from (loaded on first use)."""
+        if self._teacher is None:
+            from .encoder import TeacherEncoder
+
+            self._teacher = TeacherEncoder(self.config.teacher, device=None)
+        return self._teacher
+
+    @property
+    def components_initialized(self) -> bool:
+        return self.model is not None
+
+    def initialize_components(self, dim: Optional[int] = None) -> None:
+        cfg = self.config
+        self.dim = dim if dim is not None else self.teacher.dim
+        cfg.check_fits(self.dim)
+        torch.manual_seed(cfg.seed)
+        self.model = EmbeddingProcessor(
+            self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
+            cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend).to(self.device)
+        params = self.model.parameters()
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_epochs``, then cosine decay to a tenth of the peak."""
+        warmup = max(1, int(self.config.warmup_epochs * self.total_steps / max(1, self.config.epochs)))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_info(self) -> Dict[str, object]:
+        info = {"mode": self.config.mode, "device": str(self.device), "components_initialized":
+                self.components_initialized, "teacher": self.config.teacher, "epoch": self.epoch, "step": self.step,
+                "lattice_size": self.config.lattice_size, "state_size": self.config.state_size,
+                "hidden_size": self.config.hidden_size, "steps": self.config.steps, "backend": self.config.backend}
+        if self.model is not None:
+            model_info = self.model.get_info()
+            info.update(parameters=model_info["parameters"], active_backend=model_info["active_backend"],
+                        input_dim=self.dim)
+        return info
+
+    # -- the model ------------------------------------------------------------------------------------------------
+
+    def _require_model(self) -> EmbeddingProcessor:
+        if self.model is None:
+            raise RuntimeError("call initialize_components() (or fit) before using the model")
+        return self.model
+
+    def _autocast(self):
+        enabled = self.config.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def forward(self, input_embedding: torch.Tensor) -> torch.Tensor:
+        model = self._require_model()
+        with self._autocast():
+            return model(input_embedding.to(self.device)).float()
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        model = self._require_model()
+        was_training = model.training
+        model.eval()
+        out = torch.cat([self.forward(inputs[i:i + batch_size]).cpu() for i in range(0, inputs.shape[0], batch_size)])
+        model.train(was_training)
+        return out
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Always in float32, whatever autocast did to the forward."""
+        pred, target = pred.float(), target.float()
+        cos = 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
+        mse = F.mse_loss(pred, target)
+        if self.config.loss_function == "cosine":
+            return cos
+        if self.config.loss_function == "mse":
+            return mse
+        return self.config.cosine_weight * cos + self.config.mse_weight * mse
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def fit(self, train_data, val_data=None, epochs: Optional[int] = None,
+            on_epoch_end: Optional[Callable[["CubeTrainer", Dict[str, float]], None]] = None,
+            progress: bool = True) -> List[Dict[str, float]]:
+        """Train until ``epochs`` (config default) or an early stop; returns the per-epoch history."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        x, y = _as_pairs(train_data, "train_data")
+        val = _as_pairs(val_data, "val_data") if val_data is not None else None
+        if self.model is None:
+            self.initialize_components(dim=x.shape[1])
+        model = self._require_model()
+        if x.shape[1] != self.dim:
+            raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
+        epochs = epochs if epochs is not None else cfg.epochs
+        steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+        self.total_steps = max(1, steps_per_epoch * cfg.epochs)
+        while self.epoch < epochs:
+            model.train()
+            order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100003 + self.epoch))
+            running, seen = 0.0, 0
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {self.epoch + 1}/{epochs}", disable=not progress,
+                       leave=False, unit="batch")
+            for b in bar:
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+                loss = self.loss(self.forward(xb), yb)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
+                                             f"try a lower learning_rate")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                running += loss.item() * idx.numel()
+                seen += idx.numel()
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+            record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": running / seen,
+                      "lr": self.optimizer.param_groups[0]["lr"]}
+            if val is not None:
+                pred = self.predict(val[0])
+                record["val_loss"] = self.loss(pred, val[1]).item()
+                record["val_cosine"] = F.cosine_similarity(pred, val[1].float(), dim=-1).mean().item()
+            bar.close()
+            self.epoch += 1
+            self.history.append(record)
+            stop = self._update_early_stop(record)
+            if progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
+                tqdm.write(f"epoch {record['epoch']}/{epochs}: {shown}")
+            if on_epoch_end is not None:
+                on_epoch_end(self, record)
+            if stop:
+                record["stopped"] = stop
+                if progress:
+                    tqdm.write(f"early stop: {stop}")
+                break
+        return self.history
+
+    def _update_early_stop(self, record: Dict[str, float]) -> Optional[str]:
+        cfg = self.config
+        loss = record.get("val_loss", record["train_loss"])
+        if loss < self.best_val_loss - cfg.convergence_threshold:
+            self.best_val_loss = loss
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        if cfg.target_similarity is not None and record.get("val_cosine", -2.0) >= cfg.target_similarity:
+            return f"validation cosine {record['val_cosine']:.4f} reached target_similarity {cfg.target_similarity}"
+        if self.epochs_without_improvement >= cfg.patience:
+            return (f"no improvement above convergence_threshold {cfg.convergence_threshold} for {cfg.patience} "
+                    f"epochs")
+        return None
+
+    train = fit  # the original's name
+
+    def evaluate(self, data, train_data=None, baselines: bool = True) -> Dict[str, Dict[str, float]]:
+        """Metrics of the cube on ``data`` and, given the training pairs, of the identity/mean/ridge floors."""
+        x, y = _as_pairs(data, "data")
+        autoencoder = self.config.mode == "autoencoder"
+        results = {"cube": EmbeddingMetrics.score(self.predict(x), x, y, autoencoder)}
+        if baselines and train_data is not None:
+            tx, ty = _as_pairs(train_data, "train_data")
+            results.update(EmbeddingMetrics(tx, ty).baselines(x, y, autoencoder))
+        return results
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
+        model = self._require_model()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "dim": self.dim,
+            "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "total_steps": self.total_steps, "history": self.history, "best_val_loss": self.best_val_loss,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "CubeTrainer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable cubecore checkpoint (corrupt or truncated: "
+                             f"{type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a cubecore checkpoint")
+        config = TrainingConfig.from_dict(state["config"])
+        if device is not None:
+            config = config.override(device=device)
+        trainer = cls(config)
+        trainer.initialize_components(dim=state["dim"])
+        try:
+            trainer.model.load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path} does not match its own config ({exc})") from exc
+        trainer.epoch, trainer.step, trainer.total_steps = state["epoch"], state["step"], state["total_steps"]
+        trainer.history = list(state["history"])
+        trainer.best_val_loss = state["best_val_loss"]
+        trainer.epochs_without_improvement = state["epochs_without_improvement"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return trainer
+
+
+class TrainingData:
+    """Training and validation pairs of one mode, with the validation texts (for example predictions)."""
+
+    def __init__(self, train: Pairs, val: Pairs, val_questions: Optional[List[str]] = None,
+                 val_answers: Optional[List[str]] = None) -> None:
+        self.train, self.val = train, val
+        self.val_questions, self.val_answers = val_questions, val_answers
+
+
+def prepare_data(config: TrainingConfig, encoder) -> TrainingData:
+    """The pairs ``config.mode`` trains on, from ``config.data`` (a named source or a file)."""
+    from .data import create_dialogue_dataset, create_file_dataset
+
+    common = dict(encoder=encoder, validation_split=config.validation_split, random_seed=config.seed,
+                  max_samples=config.max_samples, cache_dir=config.cache_dir)
+    if config.mode == "autoencoder":
+        ds = create_file_dataset(config.data, **common)
+        return TrainingData(ds.split_tensors(), ds.split_tensors(validation=True))
+    dialogue = create_dialogue_dataset(config.data, **common)
+    vq, va = dialogue.texts(validation=True) if dialogue.questions is not None else (None, None)
+    if config.mode == "dialogue":
+        return TrainingData(dialogue.split_tensors(), dialogue.split_tensors(validation=True), vq, va)
+    # mixed: dialogue pairs plus autoencoder pairs (each answer to itself), in the configured proportion;
+    # validation stays dialogue, the harder task.
+    qx, qy = dialogue.split_tensors()
+    f = config.mixed_dialogue_fraction
+    n_auto = int(round(qx.shape[0] * (1 - f) / f)) if f > 0 else qx.shape[0]
+    gen = torch.Generator().manual_seed(config.seed)
+    pick = torch.randint(0, qy.shape[0], (n_auto,), generator=gen)
+    auto = qy[pick]
+    inputs = torch.cat([qx, auto]) if f > 0 else auto
+    targets = torch.cat([qy, auto]) if f > 0 else auto
+    return TrainingData((inputs, targets), dialogue.split_tensors(validation=True), vq, va)
