@@ -1,0 +1,64 @@
+"""TrainingConfig: YAML round trip, the shipped file, and a clear error for every bad key."""
+
+import pytest
+
+from cubecore import TrainingConfig
+from cubecore.config import parse_override
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainingConfig(mode="mixed", lattice_size=(4, 4, 24), learning_rate=1e-3, target_similarity=0.9)
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert TrainingConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert "cube_training:" in (tmp_path / "c.yaml").read_text()
+
+
+def test_shipped_config_holds_the_defaults():
+    assert TrainingConfig.from_yaml("config/cube_training.yaml") == TrainingConfig()
+
+
+@pytest.mark.parametrize("values,error,match", [
+    ({"learnig_rate": 0.1}, KeyError, "learnig_rate"),
+    ({"learning_rate": -1.0}, ValueError, "learning_rate"),
+    ({"learning_rate": "fast"}, TypeError, "learning_rate"),
+    ({"epochs": 2.5}, TypeError, "epochs"),
+    ({"epochs": 0}, ValueError, "epochs"),
+    ({"batch_size": True}, TypeError, "batch_size"),
+    ({"mode": "translate"}, ValueError, "mode"),
+    ({"optimizer": "lion"}, ValueError, "optimizer"),
+    ({"loss_function": "l1"}, ValueError, "loss_function"),
+    ({"lattice_size": [8, 8]}, TypeError, "lattice_size"),
+    ({"validation_split": 1.0}, ValueError, "validation_split"),
+    ({"boundary": "open"}, ValueError, "boundary"),
+    ({"precision": "fp8"}, ValueError, "precision"),
+    ({"target_similarity": 2.0}, ValueError, "target_similarity"),
+])
+def test_bad_keys_raise_naming_the_key(values, error, match):
+    with pytest.raises(error, match=match):
+        TrainingConfig.from_dict(values)
+
+
+def test_yaml_with_unknown_key_is_rejected(tmp_path):
+    (tmp_path / "bad.yaml").write_text("cube_training:\n  epochs: 3\n  colour: blue\n")
+    with pytest.raises(KeyError, match="colour"):
+        TrainingConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError):
+        TrainingConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_lattice_must_fit_the_teacher_unless_projecting():
+    TrainingConfig(lattice_size=(8, 8, 6)).check_fits(384)
+    with pytest.raises(ValueError, match="lattice_size.*8x8x6"):
+        TrainingConfig(lattice_size=(8, 8, 8)).check_fits(384)
+    TrainingConfig(lattice_size=(8, 8, 8), reshaping_method="projection").check_fits(384)
+
+
+def test_overrides():
+    assert parse_override("lattice_size=[4, 4, 24]") == ("lattice_size", [4, 4, 24])
+    assert parse_override("target_similarity=null") == ("target_similarity", None)
+    cfg = TrainingConfig().override(epochs=3, learning_rate=0.01)
+    assert cfg.epochs == 3 and cfg.learning_rate == 0.01
+    with pytest.raises(KeyError, match="nope"):
+        TrainingConfig().override(nope=1)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("epochs")
