@@ -10,14 +10,23 @@ Examples:
   python -m cubecore.train --mode autoencoder --epochs 60
   python -m cubecore.train --config config/cube_training.yaml learning_rate=0.001 steps=6
   python -m cubecore.train --resume                 # continue runs/cube/last.pt
+  torchrun --nproc_per_node=2 -m cubecore.train      # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+
+Under torchrun each process trains on its share of every epoch (batch_size is per process); only rank 0
+writes checkpoints, metrics and reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from .config import TrainingConfig, parse_override
 from .report import append_metrics, example_predictions, markdown_report, plot_curves, results_table
@@ -65,7 +74,37 @@ def config_from_args(args) -> TrainingConfig:
     return config.override(**values) if values else config
 
 
+@contextmanager
+def distributed_session():
+    """A process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def main(argv=None) -> int:
+    with distributed_session():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
@@ -83,27 +122,45 @@ def main(argv=None) -> int:
         print(f"resuming {checkpoint} after epoch {trainer.epoch} (step {trainer.step})")
     else:
         trainer = CubeTrainer(config)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(out / "config.yaml")
-    data = prepare_data(config, trainer.teacher)
+    main_process = _rank() == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_yaml(out / "config.yaml")
+        data = prepare_data(config, trainer.teacher)  # rank 0 fills the embedding cache ...
+    _barrier()
+    if not main_process:
+        data = prepare_data(config, trainer.teacher)  # ... the others read it
     if not trainer.components_initialized:
         trainer.initialize_components(dim=data.train[0].shape[1])
-    print(json.dumps(trainer.get_info(), default=str))
-    print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
+    if main_process:
+        print(json.dumps({**trainer.get_info(), "processes": trainer.world_size}, default=str))
+        print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
 
     def on_epoch_end(t: CubeTrainer, record) -> None:
-        append_metrics(out, record)
-        if t.epoch % config.checkpoint_every == 0:
-            t.save_checkpoint(out / "last.pt")
+        if main_process:
+            append_metrics(out, record)
+            if t.epoch % config.checkpoint_every == 0:
+                t.save_checkpoint(out / "last.pt")
 
     try:
         trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, progress=not args.quiet)
     except KeyboardInterrupt:
-        if trainer.epoch > 0:
+        if trainer.epoch > 0 and main_process:
             trainer.save_checkpoint(out / "last.pt")
         print(f"\ninterrupted after epoch {trainer.epoch}; saved {out / 'last.pt'}; continue with --resume",
               file=sys.stderr)
         return 130
+    if trainer.distributed:  # every rank must end with the same weights
+        digests = [None] * trainer.world_size
+        dist.all_gather_object(digests, trainer.weights_digest())
+        if main_process:
+            same = len(set(digests)) == 1
+            print(f"weights identical across {trainer.world_size} processes: {same}")
+            if not same:
+                print("error: distributed processes diverged", file=sys.stderr)
+                return 1
+    if not main_process:
+        return 0
     trainer.save_checkpoint(out / "last.pt")
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None

@@ -18,7 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from .config import TrainingConfig
 from .metrics import EmbeddingMetrics
@@ -58,10 +61,25 @@ class CubeTrainer:
         self.epochs_without_improvement = 0
         self._teacher = None
 
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
+
     @staticmethod
     def _resolve_device(device: str) -> torch.device:
         if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under torchrun
+                return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+            return torch.device("cpu")
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"config key 'device' is {device!r} but no CUDA device is available")
@@ -171,18 +189,27 @@ class CubeTrainer:
         if x.shape[1] != self.dim:
             raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
         epochs = epochs if epochs is not None else cfg.epochs
-        steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+        progress = progress and self.rank == 0
+        # Each process takes its share of every epoch's permutation, which depends only on (seed, epoch); with
+        # one process that is the whole permutation.  Gradients are averaged across processes by DDP.
+        sampler = DistributedSampler(range(x.shape[0]), num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=cfg.seed)
+        train_model = DistributedDataParallel(model) if self.distributed else model
+        steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * cfg.epochs)
         while self.epoch < epochs:
             model.train()
-            order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100003 + self.epoch))
+            sampler.set_epoch(self.epoch)
+            order = torch.tensor(list(iter(sampler)), dtype=torch.long)
             running, seen = 0.0, 0
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {self.epoch + 1}/{epochs}", disable=not progress,
                        leave=False, unit="batch")
             for b in bar:
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 xb, yb = x[idx].to(self.device), y[idx].to(self.device)
-                loss = self.loss(self.forward(xb), yb)
+                with self._autocast():
+                    pred = train_model(xb).float()
+                loss = self.loss(pred, yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
                                              f"try a lower learning_rate")
@@ -196,6 +223,10 @@ class CubeTrainer:
                 running += loss.item() * idx.numel()
                 seen += idx.numel()
                 bar.set_postfix(loss=f"{running / seen:.4f}")
+            if self.distributed:  # the epoch's loss over all processes
+                totals = torch.tensor([running, float(seen)], dtype=torch.float64, device=self.device)
+                dist.all_reduce(totals)
+                running, seen = totals[0].item(), int(totals[1].item())
             record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": running / seen,
                       "lr": self.optimizer.param_groups[0]["lr"]}
             if val is not None:
@@ -234,6 +265,16 @@ class CubeTrainer:
         return None
 
     train = fit  # the original's name
+
+    def weights_digest(self) -> str:
+        """A hash of the model's weights: equal across processes of a correct distributed run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in self._require_model().state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def evaluate(self, data, train_data=None, baselines: bool = True) -> Dict[str, Dict[str, float]]:
         """Metrics of the cube on ``data`` and, given the training pairs, of the identity/mean/ridge floors."""

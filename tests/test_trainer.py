@@ -141,3 +141,19 @@ def test_cli_one_epoch_smoke_run_resume_and_evaluate(tmp_path, dialogue_file):
     result = run_cli("cubecore.evaluate", str(out / "last.pt"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| identity |" in result.stdout
+
+
+def test_torchrun_two_cpu_processes(tmp_path, dialogue_file):
+    """DistributedDataParallel over gloo: the run finishes, rank 0 writes, and both ranks hold the same weights."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cubecore.train",
+         "--data", dialogue_file, "--epochs", "2", "--output-dir", str(out), "--quiet", "--device", "cpu",
+         f"cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical across 2 processes: True" in result.stdout
+    assert (out / "last.pt").is_file() and (out / "report.md").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2, "only rank 0 writes metrics"
