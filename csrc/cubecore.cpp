@@ -61,6 +61,16 @@ void check_propagate_args(const at::Tensor& state, const at::Tensor& external, c
   TORCH_CHECK(update == kReplace || update == kResidual, "unknown update code ", update);
 }
 
+// Shared with the CUDA file: the checks on the backward op's arguments.
+void check_backward_args(const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                         int64_t steps, int64_t boundary, int64_t activation, int64_t update) {
+  TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
+              "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
+  TORCH_CHECK(grad_trajectory.sizes() == trajectory.sizes(), "grad_trajectory must match trajectory");
+  check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
+}
+
 namespace {
 
 // ---- small dense building blocks ----------------------------------------------------------------------------
@@ -473,10 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
-              "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
-  TORCH_CHECK(grad_trajectory.sizes() == trajectory.sizes(), "grad_trajectory must match trajectory");
-  check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_backward_args(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
   const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);

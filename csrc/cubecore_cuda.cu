@@ -21,6 +21,9 @@ namespace cubecore {
 void check_propagate_args(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
                           int64_t boundary, int64_t activation, int64_t update);
+void check_backward_args(const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                         int64_t steps, int64_t boundary, int64_t activation, int64_t update);
 
 namespace {
 
@@ -372,10 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
-              "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
-  TORCH_CHECK(grad_trajectory.sizes() == trajectory.sizes(), "grad_trajectory must match trajectory");
-  check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_backward_args(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
   check_cuda(trajectory[0]);
   const c10::cuda::CUDAGuard guard(trajectory.device());
   const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from .atomic import atomic_torch_save
 from .config import TrainingConfig
 from .metrics import EmbeddingMetrics
 from .processor import EmbeddingProcessor
@@ -290,8 +290,6 @@ class CubeTrainer:
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
         model = self._require_model()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "dim": self.dim,
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -300,17 +298,7 @@ class CubeTrainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_torch_save(state, path)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "CubeTrainer":

@@ -28,12 +28,14 @@ arch="sm_${TORCH_CUDA_ARCH_LIST//./}"
 readelf -S "$so" | grep "\.nv_fatbin" > /dev/null || { echo "no device code (.nv_fatbin) in $so" >&2; exit 1; }
 strings "$so" | grep "$arch" > /dev/null || { echo "no $arch code in $so" >&2; exit 1; }
 echo "device code for $arch found in $so"
-# And register CUDA kernels for both ops when loaded (no GPU needed to load it).
-"$venv/bin/python" - <<'PY'
+# And register CUDA kernels for both ops when loaded (no GPU needed to load it).  The library alone is loaded:
+# this venv has torch but not cubecore's other dependencies.
+"$venv/bin/python" - "$so" <<'PY'
+import sys
 import torch
-import cubecore
+torch.ops.load_library(sys.argv[1])
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 for op in ("cubecore::propagate_forward", "cubecore::propagate_backward"):
     assert has(op, "CUDA") and has(op, "CPU"), op
-print("CUDA build OK:", cubecore.info())
+print("CUDA build OK: torch", torch.__version__, "CUDA", torch.version.cuda, "- CPU and CUDA kernels registered")
 PY

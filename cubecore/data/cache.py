@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
+
+from ..atomic import atomic_torch_save
 
 CACHE_FORMAT = 1
 
@@ -82,22 +83,10 @@ class EmbeddingCache:
         return emb
 
     def store(self, fingerprint: Dict[str, object], texts: List[str], embeddings: torch.Tensor) -> Path:
-        path = self.path_for(fingerprint, texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
         embeddings = embeddings.detach().cpu().contiguous()
         entry = {"format": CACHE_FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True),
                  "texts": _texts_digest(texts), "checksum": _tensor_checksum(embeddings), "embeddings": embeddings}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(entry, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_torch_save(entry, self.path_for(fingerprint, texts))
 
     def get_or_compute(self, fingerprint: Dict[str, object], texts: List[str],
                        compute: Callable[[List[str]], torch.Tensor]) -> torch.Tensor:
