@@ -44,6 +44,30 @@ def ridge_predict(weights: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return (X @ weights).float()
 
 
+RIDGE_ALPHAS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def choose_ridge_alpha(inputs: torch.Tensor, targets: torch.Tensor, alphas=RIDGE_ALPHAS, folds: int = 5,
+                       seed: int = 0) -> float:
+    """The regularisation with the best mean cosine in k-fold cross-validation on the training pairs only, so
+    that the ridge floor is as strong as a careful user would make it without looking at validation."""
+    n = inputs.shape[0]
+    if n < 2 * folds:
+        return 1.0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = order.chunk(folds)
+    scores = []
+    for alpha in alphas:
+        total = 0.0
+        for k in range(folds):
+            held = parts[k]
+            kept = torch.cat([parts[j] for j in range(folds) if j != k])
+            pred = ridge_predict(ridge_fit(inputs[kept], targets[kept], alpha), inputs[held])
+            total += F.cosine_similarity(pred.double(), targets[held].double(), dim=-1).mean().item()
+        scores.append(total / folds)
+    return alphas[max(range(len(alphas)), key=lambda i: scores[i])]
+
+
 def semantic_preservation(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
     """Pearson correlation between the pairwise cosine similarities among inputs and among outputs."""
     n = inputs.shape[0]
@@ -57,11 +81,15 @@ def semantic_preservation(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
 
 
 class EmbeddingMetrics:
-    """Scores predictions on a split; ``baselines`` fits the floors on the training pairs."""
+    """Scores predictions on a split; ``baselines`` fits the floors on the training pairs (the ridge's
+    regularisation chosen by cross-validation on them unless ``ridge_alpha`` is given)."""
 
-    def __init__(self, train_inputs: torch.Tensor, train_targets: torch.Tensor, ridge_alpha: float = 1.0) -> None:
+    def __init__(self, train_inputs: torch.Tensor, train_targets: torch.Tensor,
+                 ridge_alpha: Optional[float] = None) -> None:
+        train_inputs, train_targets = train_inputs.detach().cpu(), train_targets.detach().cpu()
         self.mean_target = train_targets.double().mean(0)
-        self.ridge = ridge_fit(train_inputs, train_targets, ridge_alpha)
+        self.ridge_alpha = ridge_alpha if ridge_alpha is not None else choose_ridge_alpha(train_inputs, train_targets)
+        self.ridge = ridge_fit(train_inputs, train_targets, self.ridge_alpha)
 
     @staticmethod
     def score(pred: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,

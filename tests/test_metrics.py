@@ -57,3 +57,15 @@ def test_baselines_and_semantic_preservation():
     assert semantic_preservation(x, x) == pytest.approx(1.0)
     assert semantic_preservation(x, 3 * x) == pytest.approx(1.0)
     assert semantic_preservation(x, torch.randn(100, 5)) < 0.5
+
+
+def test_ridge_alpha_is_chosen_on_training_data():
+    from cubecore.metrics import choose_ridge_alpha
+
+    torch.manual_seed(2)
+    x = torch.randn(60, 40)
+    clean = x @ torch.randn(40, 3) * 0.1
+    noisy = clean + torch.randn(60, 3)  # few samples, many inputs, much noise: strong shrinkage wins
+    assert choose_ridge_alpha(x, noisy) >= 10.0
+    exact = x[:, :3] * 2.0
+    assert choose_ridge_alpha(x, exact) <= 0.1
