@@ -72,4 +72,13 @@ CUBECORE_HD void readers_through_slot(int64_t c, int64_t d, int64_t n, int64_t b
   if (boundary == kReflect && (c + d < 0 || c + d >= n)) *self = true;
 }
 
+// Where forward step t (of `steps`) writes its states.  With a kept trajectory [steps + 1][state], its slot
+// t + 1.  Without, the output is one state: two buffers alternate so that the final step lands in it, and
+// `spare` takes the steps in between.
+template <typename T>
+inline T* step_destination(T* trajectory, T* spare, int64_t state_numel, int64_t t, int64_t steps, bool keep) {
+  if (keep) return trajectory + (t + 1) * state_numel;
+  return ((steps - 1 - t) % 2) == 0 ? trajectory : spare;
+}
+
 }  // namespace cubecore

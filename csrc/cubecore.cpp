@@ -434,20 +434,14 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t d : s0.sizes()) shape.push_back(d);
   at::Tensor traj = at::empty(shape, s0.options());
-  // Without a trajectory, two buffers alternate; the last step writes into the output.
   at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cpu", [&] {
     const PackedWeights<scalar_t> w(g, w1, b1, w2, b2);
     const scalar_t* cur = s0.data_ptr<scalar_t>();
+    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
     for (int64_t t = 0; t < steps; ++t) {
-      scalar_t* next;
-      if (keep_trajectory) {
-        next = traj[t + 1].data_ptr<scalar_t>();
-      } else {
-        const bool last = ((steps - 1 - t) % 2) == 0;  // the buffer written by the final step is traj[0]
-        next = last ? traj[0].data_ptr<scalar_t>() : spare.data_ptr<scalar_t>();
-      }
+      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
       forward_step_cpu<scalar_t>(g, w, cur, u.data_ptr<scalar_t>(), next);
       cur = next;
     }

@@ -232,13 +232,9 @@ at::Tensor propagate_forward_cuda(const at::Tensor& state, const at::Tensor& ext
     }
     at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
     const scalar_t* cur = s0.data_ptr<scalar_t>();
+    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
     for (int64_t t = 0; t < steps; ++t) {
-      scalar_t* next;
-      if (keep_trajectory) {
-        next = traj[t + 1].data_ptr<scalar_t>();
-      } else {
-        next = ((steps - 1 - t) % 2) == 0 ? traj[0].data_ptr<scalar_t>() : spare.data_ptr<scalar_t>();
-      }
+      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
       forward_step_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
           d, cur, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
           B2.data_ptr<scalar_t>(), next);
