@@ -123,6 +123,11 @@ def _main(argv=None) -> int:
     else:
         trainer = CubeTrainer(config)
     main_process = _rank() == 0
+    if args.quiet or not main_process:
+        from transformers.utils import logging as hf_logging
+
+        trainer.teacher.show_progress = False
+        hf_logging.disable_progress_bar()
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save_yaml(out / "config.yaml")
