@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from .atomic import atomic_torch_save
 from .config import TrainingConfig
+from .data.datasets import check_embedding_pairs
 from .metrics import EmbeddingMetrics
 from .processor import EmbeddingProcessor
 
@@ -37,10 +38,7 @@ def _as_pairs(data, name: str) -> Pairs:
         return data.split_tensors()
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
-        if x.dim() != 2 or x.shape != y.shape:
-            raise ValueError(f"{name} must be matching [N, dim] tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if not torch.isfinite(x).all() or not torch.isfinite(y).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        check_embedding_pairs(x, y, name)
         return x, y
     raise TypeError(f"{name} must be (inputs, targets) tensors or a cubecore dataset, got {type(data).__name__}")
 

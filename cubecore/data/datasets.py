@@ -99,6 +99,15 @@ def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
     return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
 
 
+def check_embedding_pairs(inputs: torch.Tensor, targets: torch.Tensor, name: str = "embeddings") -> None:
+    """Inputs and targets are matching [N, dim] tensors of finite values."""
+    if inputs.dim() != 2 or inputs.shape != targets.shape:
+        raise ValueError(f"{name}: inputs and targets must be matching [N, dim] tensors, got {tuple(inputs.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if not torch.isfinite(inputs).all() or not torch.isfinite(targets).all():
+        raise ValueError(f"{name}: NaN or inf values")
+
+
 class _Pairs(Dataset):
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, noise_std: float = 0.0, seed: int = 0):
         self.inputs, self.targets, self.noise_std = inputs, targets, noise_std
@@ -119,11 +128,7 @@ class _EmbeddingPairs(Dataset):
 
     def _build(self, inputs: torch.Tensor, targets: torch.Tensor, config: DatasetConfig,
                groups: Optional[Sequence[str]] = None) -> None:
-        if inputs.dim() != 2 or inputs.shape != targets.shape:
-            raise ValueError(f"inputs and targets must be matching [N, dim], got {tuple(inputs.shape)} and "
-                             f"{tuple(targets.shape)}")
-        if not torch.isfinite(inputs).all() or not torch.isfinite(targets).all():
-            raise ValueError("embeddings contain NaN or inf")
+        check_embedding_pairs(inputs, targets)
         self.config = config
         self.train_indices, self.val_indices = split_indices(
             inputs.shape[0], config.validation_split, config.shuffle_data, config.random_seed, groups)
