@@ -223,7 +223,7 @@ def _backward(ctx, grad_trajectory):
         )
     trajectory, external, w1, b1, w2, b2 = ctx.saved_tensors
     grads = torch.ops.cubecore.propagate_backward(
-        grad_trajectory.contiguous(), trajectory, external, w1, b1, w2, b2, *ctx.rule
+        grad_trajectory, trajectory, external, w1, b1, w2, b2, *ctx.rule  # the kernels make inputs contiguous
     )
     return (*grads, None, None, None, None, None, None)
 
