@@ -75,10 +75,11 @@ namespace {
 
 // ---- small dense building blocks ----------------------------------------------------------------------------
 //
-// Cells are processed in tiles of kTile, cell-major: a tile's inputs are a [kTile][K] block whose rows are
-// copied straight from the neighbours' states.  Feature dimensions (hidden H, state S, external E) are padded
-// to whole SIMD vectors of 32 bytes, so every product is a loop of vector FMAs over the output features, with
-// the accumulators of a few cells held in registers.
+// Feature dimensions (hidden H, state S, the packed input K) are padded to whole SIMD vectors of 32 bytes, so
+// every matrix product is a loop of vector FMAs over its output features, with the accumulators of a few cells
+// held in registers and handed to an epilogue (activation, store) before they leave them.  Inputs are read
+// where they lie: a cell's input row is a list of segments (its six neighbours' states, its own, its external
+// input), each a pointer to a few contiguous values, so no gathered copy of the inputs is ever made.
 
 constexpr int64_t kTile = 32;
 // Vector accumulators a block keeps in registers: half the register file (32 with AVX-512VL, else 16).
@@ -87,6 +88,10 @@ constexpr int kAccumulators = 16;
 #else
 constexpr int kAccumulators = 8;
 #endif
+// Output vectors one product computes at a time; wider outputs are done in chunks of this many.
+constexpr int kMaxVectors = 8;
+// Segments of a cell's input row: the states of its seven slots, then its external input.
+constexpr int kSegments = kSlots + 1;
 
 template <typename T>
 struct Vec;
@@ -118,10 +123,61 @@ inline int64_t padded(int64_t n) {
   return (n + W - 1) / W * W;
 }
 
-// out[c][0:RV*W] = bias + sum_k in[c * ld + k] * WT[k][0:RV*W], for c < C.  NB cells at a time, so that
-// NB * RV accumulators stay in registers.
-template <typename T, int RV, int NB>
-inline void matmul_block(const T* in, int64_t ld, int64_t Kd, const T* WT, const T* bias, T* out) {
+// dst[0:n] += src[0:n], by whole vectors when n is a multiple of the vector width.
+template <typename T>
+inline void add_into(T* dst, const T* src, int64_t n) {
+  constexpr int W = Vec<T>::width;
+  if (n % W == 0) {
+    for (int64_t i = 0; i < n; i += W) vstore(dst + i, vload(dst + i) + vload(src + i));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  }
+}
+
+// The input rows of a product.  DenseRows: row i of a matrix, one segment.  CellRows: the input rows of a
+// tile of cells read in place, segment s of cell i starting at ptr[i * segments + s].
+template <typename T>
+struct DenseRows {
+  static constexpr int kMaxBlock = kAccumulators;
+  const T* in;
+  int64_t ld, length;
+  int segments() const { return 1; }
+  int64_t length_of(int) const { return length; }
+  const T* row(int64_t i, int) const { return in + i * ld; }
+};
+// L > 0: the seven state segments are L values long, known when compiling, so their loops unroll.
+template <typename T, int L = 0>
+struct CellRows {
+  static constexpr int kMaxBlock = 8;  // one pointer per cell of a block must fit the general registers
+  static constexpr int kStateLength = L;
+  const T* const* ptr;
+  int nseg;
+  const int64_t* lengths;
+  int segments() const { return nseg; }
+  int64_t length_of(int s) const { return lengths[s]; }
+  const T* row(int64_t i, int s) const { return ptr[i * nseg + s]; }
+};
+
+// Segment lengths known when compiling: those of CellRows' state segments, else none (0).
+template <class Rows>
+constexpr int fixed_length() {
+  if constexpr (requires { Rows::kStateLength; }) return Rows::kStateLength;
+  return 0;
+}
+
+// Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size
+// (8 and 16, the sizes cubecore's models use), else with L = 0 (any size, loops of runtime length).
+template <class F>
+decltype(auto) with_state_length(int64_t S, F&& f) {
+  if (S == 8) return f(std::integral_constant<int, 8>{});
+  if (S == 16) return f(std::integral_constant<int, 16>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
+// For cells c0 .. c0 + NB: acc = bias + x_c @ WT (RV vectors of output columns; WT rows ldw apart), then
+// epilogue(c, acc, RV) while acc is still in registers.
+template <typename T, int RV, int NB, class Rows, class Epilogue>
+inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw, const T* bias, Epilogue& epilogue) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
   V acc[NB][RV];
@@ -131,116 +187,150 @@ inline void matmul_block(const T* in, int64_t ld, int64_t Kd, const T* WT, const
 #pragma GCC unroll 16
     for (int i = 0; i < NB; ++i) acc[i][r] = b;
   }
-  for (int64_t k = 0; k < Kd; ++k) {
-    V w[RV];
+  const T* w = WT;
+  for (int s = 0; s < rows.segments(); ++s) {
+    const T* x[NB];
 #pragma GCC unroll 16
-    for (int r = 0; r < RV; ++r) w[r] = vload(WT + k * RV * W + r * W);
+    for (int i = 0; i < NB; ++i) x[i] = rows.row(c0 + i, s);
+    auto step = [&](int64_t k) {
+      V wv[RV];
 #pragma GCC unroll 16
-    for (int i = 0; i < NB; ++i) {
-      const T x = in[i * ld + k];
+      for (int r = 0; r < RV; ++r) wv[r] = vload(w + k * ldw + r * W);
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) acc[i][r] += w[r] * x;
+      for (int i = 0; i < NB; ++i) {
+        const T xi = x[i][k];
+#pragma GCC unroll 16
+        for (int r = 0; r < RV; ++r) acc[i][r] += wv[r] * xi;
+      }
+    };
+    constexpr int L = fixed_length<Rows>();
+    if (L > 0 && s < kSlots) {
+#pragma GCC unroll 16
+      for (int k = 0; k < L; ++k) step(k);
+      w += L * ldw;
+    } else {
+      const int64_t length = rows.length_of(s);
+      for (int64_t k = 0; k < length; ++k) step(k);
+      w += length * ldw;
     }
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < NB; ++i)
-#pragma GCC unroll 16
-    for (int r = 0; r < RV; ++r) vstore(out + i * RV * W + r * W, acc[i][r]);
+  for (int i = 0; i < NB; ++i) epilogue(c0 + i, acc[i], std::integral_constant<int, RV>{});
 }
 
-template <typename T, int RV>
-void matmul_rows_fixed(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* WT, const T* bias, T* out) {
-  constexpr int NB = RV >= kAccumulators ? 1 : kAccumulators / RV;
-  constexpr int W = Vec<T>::width;
+template <typename T, int RV, class Rows, class Epilogue>
+void matmul_cells(const Rows& rows, int64_t C, const T* WT, int64_t ldw, const T* bias, Epilogue& epilogue) {
+  constexpr int NB = std::min(Rows::kMaxBlock, RV >= kAccumulators ? 1 : kAccumulators / RV);
   int64_t c = 0;
-  for (; c + NB <= C; c += NB) matmul_block<T, RV, NB>(in + c * ld, ld, Kd, WT, bias, out + c * RV * W);
-  for (; c < C; ++c) matmul_block<T, RV, 1>(in + c * ld, ld, Kd, WT, bias, out + c * RV * W);
+  for (; c + NB <= C; c += NB) matmul_block<T, RV, NB>(rows, c, WT, ldw, bias, epilogue);
+  for (; c < C; ++c) matmul_block<T, RV, 1>(rows, c, WT, ldw, bias, epilogue);
 }
 
-// out [C][R] = bias [R] + in [C][Kd] (row stride ld) @ WT [Kd][R]; R a multiple of the vector width.
-template <typename T>
-void matmul_rows(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* WT, const T* bias, T* out, int64_t R) {
-  switch (R / Vec<T>::width) {
-    case 1: return matmul_rows_fixed<T, 1>(in, ld, C, Kd, WT, bias, out);
-    case 2: return matmul_rows_fixed<T, 2>(in, ld, C, Kd, WT, bias, out);
-    case 3: return matmul_rows_fixed<T, 3>(in, ld, C, Kd, WT, bias, out);
-    case 4: return matmul_rows_fixed<T, 4>(in, ld, C, Kd, WT, bias, out);
-    case 8: return matmul_rows_fixed<T, 8>(in, ld, C, Kd, WT, bias, out);
-    default:
-      for (int64_t c = 0; c < C; ++c) {
-        T* o = out + c * R;
-        for (int64_t r = 0; r < R; ++r) o[r] = bias ? bias[r] : T(0);
-        for (int64_t k = 0; k < Kd; ++k) {
-          const T x = in[c * ld + k];
-          const T* w = WT + k * R;
-          for (int64_t r = 0; r < R; ++r) o[r] += w[r] * x;
-        }
-      }
+// out_c = bias + x_c @ WT for the C cells of `rows`, WT [K][R] with R a multiple of the vector width; each
+// chunk of output vectors goes to epilogue(c, col, acc, RV) with col its first column.
+template <typename T, class Rows, class Epilogue>
+void matmul(const Rows& rows, int64_t C, const T* WT, int64_t R, std::type_identity_t<const T*> bias,
+            Epilogue&& epilogue) {
+  constexpr int W = Vec<T>::width;
+  for (int64_t col = 0; col < R; col += kMaxVectors * W) {
+    auto at_col = [&](int64_t c, auto* acc, auto rv) { epilogue(c, col, acc, rv); };
+    const T* wt = WT + col;
+    const T* b = bias ? bias + col : nullptr;
+    switch (std::min<int64_t>(R - col, kMaxVectors * W) / W) {
+      case 1: matmul_cells<T, 1>(rows, C, wt, R, b, at_col); break;
+      case 2: matmul_cells<T, 2>(rows, C, wt, R, b, at_col); break;
+      case 3: matmul_cells<T, 3>(rows, C, wt, R, b, at_col); break;
+      case 4: matmul_cells<T, 4>(rows, C, wt, R, b, at_col); break;
+      case 5: matmul_cells<T, 5>(rows, C, wt, R, b, at_col); break;
+      case 6: matmul_cells<T, 6>(rows, C, wt, R, b, at_col); break;
+      case 7: matmul_cells<T, 7>(rows, C, wt, R, b, at_col); break;
+      default: matmul_cells<T, 8>(rows, C, wt, R, b, at_col); break;
+    }
   }
 }
 
-// G[k][0:RV*W] += sum_c in[c * ld + k] * D[c][0:RV*W]: a weight gradient, KB rows of G at a time in registers.
-template <typename T, int RV>
-void accumulate_outer_fixed(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* D, T* G) {
+// Epilogue that stores the accumulators as rows of out (row stride ld).
+template <typename T>
+auto store_rows(T* out, int64_t ld) {
+  return [=](int64_t c, int64_t col, auto* acc, auto rv) {
+    constexpr int W = Vec<T>::width;
+    for (int r = 0; r < decltype(rv)::value; ++r) vstore(out + c * ld + col + r * W, acc[r]);
+  };
+}
+
+// G[k][0:RV*W] += sum_c x_c[k] * D[c][0:RV*W] over the input rows k (segments one after another): a weight
+// gradient, rows of G held in registers in blocks of KB, then halves of it for what is left of a segment.
+template <typename T, int RV, int KB, class Rows>
+inline void accumulate_outer_rows(const Rows& rows, int s, int64_t& k0, int64_t length, int64_t C, const T* D,
+                                  int64_t ldd, T* G, int64_t ldg) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::width;
-  constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
-  int64_t k0 = 0;
-  auto block = [&](auto kb_const) {
-    constexpr int NK = decltype(kb_const)::value;
-    V acc[NK][RV];
+  for (; k0 + KB <= length; k0 += KB) {
+    V acc[KB][RV];
 #pragma GCC unroll 16
-    for (int i = 0; i < NK; ++i)
+    for (int i = 0; i < KB; ++i)
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) acc[i][r] = vload(G + (k0 + i) * RV * W + r * W);
+      for (int r = 0; r < RV; ++r) acc[i][r] = vload(G + (k0 + i) * ldg + r * W);
     for (int64_t c = 0; c < C; ++c) {
       V d[RV];
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) d[r] = vload(D + c * RV * W + r * W);
+      for (int r = 0; r < RV; ++r) d[r] = vload(D + c * ldd + r * W);
+      const T* x = rows.row(c, s) + k0;
 #pragma GCC unroll 16
-      for (int i = 0; i < NK; ++i) {
-        const T x = in[c * ld + k0 + i];
+      for (int i = 0; i < KB; ++i) {
+        const T xi = x[i];
 #pragma GCC unroll 16
-        for (int r = 0; r < RV; ++r) acc[i][r] += d[r] * x;
+        for (int r = 0; r < RV; ++r) acc[i][r] += d[r] * xi;
       }
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < NK; ++i)
+    for (int i = 0; i < KB; ++i)
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) vstore(G + (k0 + i) * RV * W + r * W, acc[i][r]);
-  };
-  for (; k0 + KB <= Kd; k0 += KB) block(std::integral_constant<int, KB>{});
-  for (; k0 < Kd; ++k0) block(std::integral_constant<int, 1>{});
+      for (int r = 0; r < RV; ++r) vstore(G + (k0 + i) * ldg + r * W, acc[i][r]);
+  }
+  if constexpr (KB > 1) accumulate_outer_rows<T, RV, KB / 2>(rows, s, k0, length, C, D, ldd, G, ldg);
 }
 
-// G [Kd][R] += in[C][Kd]^T (row stride ld) @ D [C][R]; R a multiple of the vector width.
-template <typename T>
-void accumulate_outer(const T* in, int64_t ld, int64_t C, int64_t Kd, const T* D, T* G, int64_t R) {
-  switch (R / Vec<T>::width) {
-    case 1: return accumulate_outer_fixed<T, 1>(in, ld, C, Kd, D, G);
-    case 2: return accumulate_outer_fixed<T, 2>(in, ld, C, Kd, D, G);
-    case 3: return accumulate_outer_fixed<T, 3>(in, ld, C, Kd, D, G);
-    case 4: return accumulate_outer_fixed<T, 4>(in, ld, C, Kd, D, G);
-    case 8: return accumulate_outer_fixed<T, 8>(in, ld, C, Kd, D, G);
-    default:
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t k = 0; k < Kd; ++k) {
-          const T x = in[c * ld + k];
-          T* g = G + k * R;
-          const T* d = D + c * R;
-          for (int64_t r = 0; r < R; ++r) g[r] += d[r] * x;
-        }
+template <typename T, int RV, class Rows>
+void accumulate_outer_cols(const Rows& rows, int64_t C, const T* D, int64_t ldd, T* G, int64_t ldg) {
+  constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
+  constexpr int L = fixed_length<Rows>();
+  for (int s = 0; s < rows.segments(); ++s) {
+    const int64_t length = L > 0 && s < kSlots ? L : rows.length_of(s);
+    int64_t k0 = 0;
+    accumulate_outer_rows<T, RV, KB>(rows, s, k0, length, C, D, ldd, G, ldg);
+    G += length * ldg;
+  }
+}
+
+// G [K][R] += X^T @ D for the C input rows of `rows` and D [C][R]; R a multiple of the vector width.
+template <typename T, class Rows>
+void accumulate_outer(const Rows& rows, int64_t C, const T* D, T* G, int64_t R) {
+  constexpr int W = Vec<T>::width;
+  for (int64_t col = 0; col < R; col += kMaxVectors * W) {
+    switch (std::min<int64_t>(R - col, kMaxVectors * W) / W) {
+      case 1: accumulate_outer_cols<T, 1>(rows, C, D + col, R, G + col, R); break;
+      case 2: accumulate_outer_cols<T, 2>(rows, C, D + col, R, G + col, R); break;
+      case 3: accumulate_outer_cols<T, 3>(rows, C, D + col, R, G + col, R); break;
+      case 4: accumulate_outer_cols<T, 4>(rows, C, D + col, R, G + col, R); break;
+      case 5: accumulate_outer_cols<T, 5>(rows, C, D + col, R, G + col, R); break;
+      case 6: accumulate_outer_cols<T, 6>(rows, C, D + col, R, G + col, R); break;
+      case 7: accumulate_outer_cols<T, 7>(rows, C, D + col, R, G + col, R); break;
+      default: accumulate_outer_cols<T, 8>(rows, C, D + col, R, G + col, R); break;
+    }
   }
 }
 
 // ---- activations ------------------------------------------------------------------------------------------
 
-// tanh for float as a clamped rational approximation (Eigen's generic_fast_tanh_float): branch-free, so
-// loops over it vectorise, and within a few ulp of std::tanh.  Doubles use std::tanh.
-inline float tanh_fast(float a) {
-  const float x = std::max(-7.90531110763549805f, std::min(7.90531110763549805f, a));
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
+// tanh of a vector of floats as a clamped rational approximation (Eigen's generic_fast_tanh_float), within a
+// few ulp of std::tanh; doubles use std::tanh lane by lane.
+inline Vec<float>::type tanh_vec(Vec<float>::type a) {
+  using V = Vec<float>::type;
+  const V hi = V{} + 7.90531110763549805f, lo = -hi;
+  const V x = a > hi ? hi : (a < lo ? lo : a);
+  const V x2 = x * x;
+  V p = V{} - 2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
   p = p * x2 + -8.60467152213735e-11f;
   p = p * x2 + 5.12229709037114e-08f;
@@ -248,40 +338,30 @@ inline float tanh_fast(float a) {
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
   p = p * x;
-  float q = 1.19825839466702e-06f;
+  V q = V{} + 1.19825839466702e-06f;
   q = q * x2 + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  return std::abs(a) < 0.0004f ? a : p / q;
+  return p / q;
 }
-inline double tanh_fast(double a) { return std::tanh(a); }
-
-template <typename T>
-inline void tanh_inplace(T* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = tanh_fast(v[i]);
+inline Vec<double>::type tanh_vec(Vec<double>::type a) {
+  for (int i = 0; i < Vec<double>::width; ++i) a[i] = std::tanh(a[i]);
+  return a;
 }
 
-template <typename T>
-inline void activate_inplace(T* v, int64_t n, int64_t activation) {
-  if (activation == kTanh) {
-    tanh_inplace(v, n);
-  } else if (activation == kRelu) {
-    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > T(0) ? v[i] : T(0);
-  } else {  // sigmoid(x) = (1 + tanh(x / 2)) / 2
-    for (int64_t i = 0; i < n; ++i) v[i] = T(0.5) + T(0.5) * tanh_fast(T(0.5) * v[i]);
-  }
+template <typename V>
+inline V activate_vec(V v, int64_t activation) {
+  if (activation == kTanh) return tanh_vec(v);
+  if (activation == kRelu) return v > 0 ? v : V{};
+  return 0.5 + 0.5 * tanh_vec(0.5 * v);  // sigmoid(x) = (1 + tanh(x / 2)) / 2
 }
 
-// grad *= act'(pre-activation), written in terms of the activation's output a.
-template <typename T>
-inline void activation_backward_inplace(T* grad, const T* a, int64_t n, int64_t activation) {
-  if (activation == kTanh) {
-    for (int64_t i = 0; i < n; ++i) grad[i] *= T(1) - a[i] * a[i];
-  } else if (activation == kRelu) {
-    for (int64_t i = 0; i < n; ++i) grad[i] = a[i] > T(0) ? grad[i] : T(0);
-  } else {
-    for (int64_t i = 0; i < n; ++i) grad[i] *= a[i] * (T(1) - a[i]);
-  }
+// act'(pre-activation), written in terms of the activation's output a.
+template <typename V>
+inline V activation_slope_vec(V a, int64_t activation) {
+  if (activation == kTanh) return 1 - a * a;
+  if (activation == kRelu) return a > 0 ? V{} + 1 : V{};
+  return a * (1 - a);
 }
 
 // ---- the lattice ------------------------------------------------------------------------------------------
@@ -292,6 +372,8 @@ struct Geometry {
   int64_t N;      // B * cells
   int64_t boundary, activation, update;
   double step_size;
+  int segments;                      // input segments of a cell: kSlots, plus one when E > 0
+  int64_t lengths[kSegments];        // their lengths: S for each slot, then E
   std::vector<int64_t> neighbours;  // [cells][kSlots]: the cell each slot reads (-1: zeros), the same per sample
 
   Geometry(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, int64_t boundary_,
@@ -301,6 +383,9 @@ struct Geometry {
         update(update_), step_size(step_size_) {
     cells = X * Y * Z;
     N = B * cells;
+    segments = E > 0 ? kSegments : kSlots;
+    for (int s = 0; s < kSlots; ++s) lengths[s] = S;
+    lengths[kSlots] = E;
     neighbours.resize(cells * kSlots);
     for (int64_t x = 0; x < X; ++x)
       for (int64_t y = 0; y < Y; ++y)
@@ -311,24 +396,24 @@ struct Geometry {
   int64_t tiles() const { return (N + kTile - 1) / kTile; }
 };
 
-// The weights rearranged for the kernels: transposed, with feature dimensions padded to whole vectors.
+// The weights rearranged for the kernels: transposed where the kernels read them by input row, with feature
+// dimensions padded to whole vectors (the padding is zeros, so padded lanes stay out of every result).
 template <typename T>
 struct PackedWeights {
-  int64_t Hp, Sp, Ep;
-  at::Tensor w1t;   // [K][Hp]:  W1^T
-  at::Tensor b1;    // [Hp]
-  at::Tensor w2t;   // [Hp][Sp]: W2^T
-  at::Tensor b2;    // [Sp]
-  at::Tensor w2;    // [Sp][Hp]: W2 (backward: change gradient -> hidden gradient)
-  at::Tensor pull;  // [kSlots * Hp][Sp]: pull[k * Hp + j][c] = W1[j][k * S + c] (backward: hidden -> state)
-  at::Tensor w1e;   // [Hp][Ep]: pull[j][e] = W1[j][7S + e] (backward: hidden -> external)
+  int64_t Hp, Sp, Kp;
+  at::Tensor w1t;  // [K][Hp]:  W1^T (forward: input -> hidden)
+  at::Tensor b1;   // [Hp]
+  at::Tensor w2t;  // [Hp][Sp]: W2^T (forward: hidden -> change)
+  at::Tensor b2;   // [Sp]
+  at::Tensor w2;   // [Sp][Hp]: W2   (backward: change gradient -> hidden gradient)
+  at::Tensor w1;   // [Hp][Kp]: W1   (backward: hidden gradient -> input gradient)
 
   PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
                 const at::Tensor& B2)
-      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Ep(padded<T>(std::max<int64_t>(g.E, 1))) {
-    const int64_t H = g.H, S = g.S, E = g.E;
+      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Kp(padded<T>(g.K)) {
+    const int64_t H = g.H, S = g.S, K = g.K;
     auto opts = W1.options();
-    w1t = at::zeros({g.K, Hp}, opts);
+    w1t = at::zeros({K, Hp}, opts);
     w1t.narrow(1, 0, H).copy_(W1.t());
     b1 = at::zeros({Hp}, opts);
     b1.narrow(0, 0, H).copy_(B1);
@@ -338,86 +423,108 @@ struct PackedWeights {
     b2.narrow(0, 0, S).copy_(B2);
     w2 = at::zeros({Sp, Hp}, opts);
     w2.narrow(0, 0, S).narrow(1, 0, H).copy_(W2);
-    pull = at::zeros({kSlots, Hp, Sp}, opts);
-    pull.narrow(1, 0, H).narrow(2, 0, S).copy_(W1.narrow(1, 0, kSlots * S).view({H, kSlots, S}).permute({1, 0, 2}));
-    pull = pull.view({kSlots * Hp, Sp});
-    w1e = at::zeros({Hp, Ep}, opts);
-    if (E > 0) w1e.narrow(0, 0, H).narrow(1, 0, E).copy_(W1.narrow(1, kSlots * S, E));
+    w1 = at::zeros({Hp, Kp}, opts);
+    w1.narrow(0, 0, H).narrow(1, 0, K).copy_(W1);
   }
 };
 
 // Per-thread scratch for one tile.
 template <typename T>
 struct TileScratch {
-  std::vector<T> xin;  // [kTile][K]   inputs x = [n1..n6, s, u]
-  std::vector<T> hid;  // [kTile][Hp]  hidden activations (backward: then their gradients in dhid)
-  std::vector<T> chg;  // [kTile][Sp]  cell changes after tanh (backward: their gradients)
-  std::vector<T> dhid;
+  std::vector<const T*> inputs;  // [kTile][segments]: where each input segment of a cell lies
+  std::vector<T> zeros;          // [S]: what a slot reads through a wall
+  std::vector<T> hid;            // [kTile][Hp]: hidden activations
+  std::vector<T> chg;            // [kTile][Sp]: cell changes after tanh (backward: then their gradients)
+  std::vector<T> dhid;           // [kTile][Hp]: backward: gradients of the hidden pre-activations
+  std::vector<T> dinput;         // [kTile][Kp]: backward: gradients of the input rows
   TileScratch(const Geometry& g, const PackedWeights<T>& w)
-      : xin(kTile * g.K), hid(kTile * w.Hp), chg(kTile * w.Sp), dhid(kTile * w.Hp) {}
+      : inputs(kTile * kSegments), zeros(g.S), hid(kTile * w.Hp), chg(kTile * w.Sp) {}
+  void for_backward(const PackedWeights<T>& w) {
+    dhid.resize(kTile * w.Hp);
+    dinput.resize(kTile * w.Kp);
+  }
 };
 
-// Copies the inputs of the cells n0 .. n0 + count into xin, one row per cell.
-template <typename T>
-void gather_tile(const Geometry& g, const T* state, const T* external, int64_t n0, int64_t count, T* xin) {
-  const int64_t S = g.S, E = g.E, K = g.K;
-  for (int64_t l = 0; l < count; ++l) {
-    const int64_t n = n0 + l;
-    const int64_t b = n / g.cells;
-    const int64_t* reads = g.neighbours.data() + (n - b * g.cells) * kSlots;
-    const T* sample = state + b * g.cells * S;
-    T* row = xin + l * K;
-    // Plain loops, not std::copy: rows are a few values long, and a memmove call per row costs more.
-    for (int slot = 0; slot < kSlots; ++slot) {
-      const int64_t src = reads[slot];
-      T* dst = row + slot * S;
-      if (src < 0) {
-        for (int64_t c = 0; c < S; ++c) dst[c] = T(0);
-      } else {
-        const T* from = sample + src * S;
-        for (int64_t c = 0; c < S; ++c) dst[c] = from[c];
-      }
+// Points the input segments of cells n0 .. n0 + count at their slots' states and their external input.
+template <typename T, int L>
+CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, int64_t n0, int64_t count,
+                         TileScratch<T>& s) {
+  const int nseg = g.segments;
+  const int64_t S = L > 0 ? L : g.S;
+  int64_t b = n0 / g.cells, cell = n0 - b * g.cells;
+  const T* sample = state + b * g.cells * S;
+  const T** row = s.inputs.data();
+  for (int64_t l = 0; l < count; ++l, row += nseg) {
+    const int64_t* reads = g.neighbours.data() + cell * kSlots;
+    for (int slot = 0; slot < kSlots; ++slot) row[slot] = reads[slot] < 0 ? s.zeros.data() : sample + reads[slot] * S;
+    if (nseg > kSlots) row[kSlots] = external + (n0 + l) * g.E;
+    if (++cell == g.cells) {
+      cell = 0;
+      sample += g.cells * S;
     }
-    const T* u = external + n * E;
-    for (int64_t e = 0; e < E; ++e) row[kSlots * S + e] = u[e];
   }
+  return CellRows<T, L>{s.inputs.data(), nseg, g.lengths};
 }
 
-// Forward of one tile up to the cell change: fills s.xin, s.hid (activated) and s.chg (after tanh).
-template <typename T>
-inline void forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
-                         int64_t n0, int64_t count, TileScratch<T>& s) {
-  gather_tile(g, state, external, n0, count, s.xin.data());
-  matmul_rows(s.xin.data(), g.K, count, g.K, w.w1t.template data_ptr<T>(), w.b1.template data_ptr<T>(),
-              s.hid.data(), w.Hp);
-  activate_inplace(s.hid.data(), count * w.Hp, g.activation);
-  matmul_rows(s.hid.data(), w.Hp, count, w.Hp, w.w2t.template data_ptr<T>(), w.b2.template data_ptr<T>(),
-              s.chg.data(), w.Sp);
-  tanh_inplace(s.chg.data(), count * w.Sp);
+// Forward of one tile: s.hid gets the hidden activations, and on_change(c, col, acc, RV) the cell changes
+// after tanh, still in registers.  Returns the tile's input rows.
+template <int L, typename T, class OnChange>
+inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
+                                   int64_t n0, int64_t count, TileScratch<T>& s, OnChange&& on_change) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const CellRows<T, L> rows = cell_rows<T, L>(g, state, external, n0, count, s);
+  T* hid = s.hid.data();
+  const int64_t Hp = w.Hp, activation = g.activation;
+  matmul(rows, count, w.w1t.template data_ptr<T>(), Hp, w.b1.template data_ptr<T>(),
+         [&](int64_t c, int64_t col, V* acc, auto rv) {
+           for (int r = 0; r < decltype(rv)::value; ++r) vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
+         });
+  matmul(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
+         [&](int64_t c, int64_t col, V* acc, auto rv) {
+           for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
+           on_change(c, col, acc, rv);
+         });
+  return rows;
 }
 
-template <typename T>
-void forward_step_cpu(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external, T* out) {
-  at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-    TileScratch<T> s(g, w);
-    const T step = static_cast<T>(g.step_size);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kTile;
-      const int64_t count = std::min(kTile, g.N - n0);
-      forward_tile(g, w, state, external, n0, count, s);
-      for (int64_t l = 0; l < count; ++l) {
-        const int64_t n = n0 + l;
-        const T* c = s.chg.data() + l * w.Sp;
-        T* o = out + n * g.S;
-        if (g.update == kReplace) {
-          for (int64_t i = 0; i < g.S; ++i) o[i] = c[i];
+// How the work is split over threads.  Samples are independent: where there are enough of them, each thread
+// takes whole samples through every step, so that a sample's states stay in its core's caches and no step
+// waits for another thread.  Otherwise each step is split over tiles of cells, with a barrier between steps.
+inline bool split_by_sample(const Geometry& g) {
+  const int64_t threads = at::get_num_threads();
+  return g.B % threads == 0 || g.B >= 4 * threads;
+}
+
+// One forward step of the cells n_begin .. n_end: state -> out.
+template <int L, typename T>
+void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external, T* out,
+                   int64_t n_begin, int64_t n_end, TileScratch<T>& s) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const int64_t S = L > 0 ? L : g.S, Sp = w.Sp;
+  const bool whole_vectors = S == Sp;  // the changes can be written straight from the registers
+  const bool residual = g.update == kResidual;
+  const T step = static_cast<T>(g.step_size);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
+    const int64_t count = std::min(kTile, n_end - n0);
+    forward_tile<L>(g, w, state, external, n0, count, s, [&](int64_t c, int64_t col, V* acc, auto rv) {
+      for (int r = 0; r < decltype(rv)::value; ++r) {
+        const int64_t at = (n0 + c) * S + col + r * W;
+        if (whole_vectors) {
+          vstore(out + at, residual ? vload(state + at) + step * acc[r] : acc[r]);
         } else {
-          const T* prev = state + n * g.S;
-          for (int64_t i = 0; i < g.S; ++i) o[i] = prev[i] + step * c[i];
+          vstore(s.chg.data() + c * Sp + col + r * W, acc[r]);
         }
       }
+    });
+    if (whole_vectors) continue;
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t n = n0 + l;
+      const T* c = s.chg.data() + l * Sp;
+      for (int64_t i = 0; i < S; ++i) out[n * S + i] = residual ? state[n * S + i] + step * c[i] : c[i];
     }
-  });
+  }
 }
 
 at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
@@ -437,41 +544,69 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
   at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cpu", [&] {
-    const PackedWeights<scalar_t> w(g, w1, b1, w2, b2);
-    const scalar_t* cur = s0.data_ptr<scalar_t>();
-    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < steps; ++t) {
-      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
-      forward_step_cpu<scalar_t>(g, w, cur, u.data_ptr<scalar_t>(), next);
-      cur = next;
-    }
+    using T = scalar_t;
+    const PackedWeights<T> w(g, w1, b1, w2, b2);
+    const T* first = s0.data_ptr<T>();
+    const T* up = u.data_ptr<T>();
+    T* traj_p = traj.data_ptr<T>();
+    T* spare_p = keep_trajectory ? nullptr : spare.data_ptr<T>();
+    auto destination = [&](int64_t t) { return step_destination(traj_p, spare_p, s0.numel(), t, steps, keep_trajectory); };
+    with_state_length(g.S, [&](auto state_length) {
+      constexpr int L = decltype(state_length)::value;
+      if (split_by_sample(g)) {
+        at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
+          TileScratch<T> s(g, w);
+          for (int64_t b = b_begin; b < b_end; ++b) {
+            const T* cur = first;
+            for (int64_t t = 0; t < steps; ++t) {
+              forward_cells<L>(g, w, cur, up, destination(t), b * g.cells, (b + 1) * g.cells, s);
+              cur = destination(t);
+            }
+          }
+        });
+      } else {
+        const T* cur = first;
+        for (int64_t t = 0; t < steps; ++t) {
+          at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
+            TileScratch<T> s(g, w);
+            forward_cells<L>(g, w, cur, up, destination(t), begin * kTile, std::min(end * kTile, g.N), s);
+          });
+          cur = destination(t);
+        }
+      }
+    });
     if (keep_trajectory) traj[0].copy_(s0);
   });
   return traj;
 }
 
-// Readers of every cell, for the backward's gather: for slot k < 6, the cell that reads this one through k
-// (-1: none) and whether the cell reads itself through k (a reflecting edge).  [cells][6][2], same per sample.
-std::vector<int64_t> slot_readers(const Geometry& g) {
-  std::vector<int64_t> readers(g.cells * 6 * 2);
-  const int64_t extent[3] = {g.X, g.Y, g.Z};
-  for (int64_t x = 0; x < g.X; ++x)
-    for (int64_t y = 0; y < g.Y; ++y)
-      for (int64_t z = 0; z < g.Z; ++z) {
-        const int64_t cell = (x * g.Y + y) * g.Z + z;
-        for (int slot = 0; slot < 6; ++slot) {
-          const int axis = slot / 2;
-          int64_t c3[3] = {x, y, z};
-          int64_t other;
-          bool self;
-          readers_through_slot(c3[axis], (slot & 1) ? 1 : -1, extent[axis], g.boundary, &other, &self);
-          c3[axis] = other;
-          readers[(cell * 6 + slot) * 2] = other < 0 ? -1 : (c3[0] * g.Y + c3[1]) * g.Z + c3[2];
-          readers[(cell * 6 + slot) * 2 + 1] = self ? 1 : 0;
+// For the backward's gather: for every cell and neighbour slot k < 6, the offset (within its sample's rows of
+// neighbour-slot gradients, 6 * S values per cell) of the gradient that the cell that reads this one through
+// k sends back, or -1 if none does; and whether the cell reads itself through k (a reflecting edge).
+struct SlotReaders {
+  std::vector<int64_t> offset;  // [cells][6]
+  std::vector<char> self;       // [cells][6]
+  bool any_self = false;
+  explicit SlotReaders(const Geometry& g) : offset(g.cells * 6), self(g.cells * 6) {
+    const int64_t extent[3] = {g.X, g.Y, g.Z};
+    for (int64_t x = 0; x < g.X; ++x)
+      for (int64_t y = 0; y < g.Y; ++y)
+        for (int64_t z = 0; z < g.Z; ++z) {
+          const int64_t cell = (x * g.Y + y) * g.Z + z;
+          for (int slot = 0; slot < 6; ++slot) {
+            const int axis = slot / 2;
+            int64_t c3[3] = {x, y, z};
+            int64_t other;
+            bool reads_itself;
+            readers_through_slot(c3[axis], (slot & 1) ? 1 : -1, extent[axis], g.boundary, &other, &reads_itself);
+            c3[axis] = other;
+            offset[cell * 6 + slot] = other < 0 ? -1 : ((c3[0] * g.Y + c3[1]) * g.Z + c3[2]) * 6 * g.S + slot * g.S;
+            self[cell * 6 + slot] = reads_itself;
+            any_self = any_self || reads_itself;
+          }
         }
-      }
-  return readers;
-}
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
     const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
@@ -482,8 +617,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
-  const std::vector<int64_t> readers = slot_readers(g);
+  const SlotReaders readers(g);
 
+  // The state gradient of step t + 1, then of step t: two buffers that take turns.
   at::Tensor grad = gtraj[steps].clone();
   at::Tensor grad_next = at::empty_like(grad);
   at::Tensor grad_external = at::zeros_like(u);
@@ -491,102 +627,144 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
     using T = scalar_t;
+    using V = typename Vec<T>::type;
+    constexpr int W = Vec<T>::width;
     const PackedWeights<T> w(g, w1, b1, w2, b2);
-    const int64_t Hp = w.Hp, Sp = w.Sp, Ep = w.Ep;
-    // d loss / d (pre-activation) of one step, per cell.
-    at::Tensor dhidden = at::empty({N, Hp}, traj.options());
+    const int64_t Hp = w.Hp, Sp = w.Sp, Kp = w.Kp;
+    // Gradients that each cell sends back through its six neighbour slots, [N][6][S]: pass 1 writes them,
+    // pass 2 collects them at the cells they were read from.
+    const int64_t sent_len = 6 * S;
+    at::Tensor sent = at::empty({N, sent_len}, traj.options());
     // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
     const int64_t threads = at::get_num_threads();
     const int64_t acc_size = K * Hp + Hp + Hp * Sp + Sp;
     at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
     const T* up = u.data_ptr<T>();
-    T* dh = dhidden.data_ptr<T>();
+    T* sent_p = sent.data_ptr<T>();
     T* gext = grad_external.data_ptr<T>();
     const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const T* st = traj[t].data_ptr<T>();
-      const T* gp = grad.data_ptr<T>();
-      // Pass 1: per cell, recompute the step, push the gradient through tanh, W2 and act, accumulate the
-      // weight gradients, and keep the pre-activation gradient.
-      at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-        TileScratch<T> s(g, w);
-        const int64_t tid = at::get_thread_num();
-        TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
-        T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
-        T* acc_b1 = acc_w1t + K * Hp;
-        T* acc_w2t = acc_b1 + Hp;
-        T* acc_b2 = acc_w2t + Hp * Sp;
-        for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n0 = tile * kTile;
-          const int64_t count = std::min(kTile, N - n0);
-          forward_tile(g, w, st, up, n0, count, s);
-          T* dchg = s.chg.data();  // becomes d loss / d (pre-tanh change): (1 - c^2) * scale * grad
-          for (int64_t l = 0; l < count; ++l) {
-            T* d = dchg + l * Sp;
-            const T* go = gp + (n0 + l) * S;
-            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
-            for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
-            for (int64_t i = 0; i < Sp; ++i) acc_b2[i] += d[i];
-          }
-          accumulate_outer(s.hid.data(), Hp, count, Hp, dchg, acc_w2t, Sp);
-          matmul_rows<T>(dchg, Sp, count, Sp, w.w2.template data_ptr<T>(), nullptr, s.dhid.data(), Hp);
-          activation_backward_inplace(s.dhid.data(), s.hid.data(), count * Hp, g.activation);
-          for (int64_t l = 0; l < count; ++l) {
-            const T* d = s.dhid.data() + l * Hp;
-            for (int64_t j = 0; j < Hp; ++j) acc_b1[j] += d[j];
-          }
-          accumulate_outer(s.xin.data(), K, count, K, s.dhid.data(), acc_w1t, Hp);
-          std::copy(s.dhid.data(), s.dhid.data() + count * Hp, dh + n0 * Hp);
+    const int64_t state_numel = traj[0].numel();
+    const T* traj_p = traj.data_ptr<T>();
+    const T* gtraj_p = gtraj.data_ptr<T>();
+
+    // Pass 1 over the cells n_begin .. n_end of step t: per tile, recompute the step, push the gradient
+    // `gp` through tanh, W2, act and W1, accumulate the weight gradients, and hand out the input-row
+    // gradient: the own-state part (with the residual path and any gradient on the trajectory at t) to
+    // `out`, the external part to grad_external, the neighbour-slot parts to `sent`.
+    auto pass1 = [&](auto state_length, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
+                     TileScratch<T>& s) {
+      constexpr int L = decltype(state_length)::value;
+      const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
+      const T* st = traj_p + t * state_numel;
+      const T* carry = gtraj_p + t * state_numel;
+      const int64_t tid = at::get_thread_num();
+      TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
+      T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
+      T* acc_b1 = acc_w1t + K * Hp;
+      T* acc_w2t = acc_b1 + Hp;
+      T* acc_b2 = acc_w2t + Hp * Sp;
+      T* dchg = s.chg.data();
+      T* dhid = s.dhid.data();
+      T* dinput = s.dinput.data();
+      const T* hid = s.hid.data();
+      const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values go straight there
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
+        const int64_t count = std::min(kTile, n_end - n0);
+        const auto rows = forward_tile<L>(g, w, st, up, n0, count, s, store_rows(dchg, Sp));
+        // d loss / d (pre-tanh change) = (1 - c^2) * scale * grad
+        for (int64_t l = 0; l < count; ++l) {
+          T* d = dchg + l * Sp;
+          const T* go = gp + (n0 + l) * S;
+          for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
+          for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
+          add_into(acc_b2, d, Sp);
         }
-      });
-      // Pass 2: per cell, pull the hidden gradients of the cells that read it (and of itself) back through
-      // W1, add the residual path and any gradient on the trajectory at t.
-      const T* carry = gtraj[t].data_ptr<T>();
-      T* out = grad_next.data_ptr<T>();
-      at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> gathered(kTile * kSlots * Hp), sgrad(kTile * Sp), egrad(kTile * Ep);
-        for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n0 = tile * kTile;
-          const int64_t count = std::min(kTile, N - n0);
-          for (int64_t l = 0; l < count; ++l) {
-            const int64_t n = n0 + l;
-            const int64_t b = n / g.cells;
-            const int64_t cell = n - b * g.cells;
-            const T* own = dh + n * Hp;
-            T* row = gathered.data() + l * kSlots * Hp;
-            for (int slot = 0; slot < 6; ++slot) {
-              const int64_t other = readers[(cell * 6 + slot) * 2];
-              const bool self = readers[(cell * 6 + slot) * 2 + 1] != 0;
-              T* dst = row + slot * Hp;
-              if (other >= 0) {
-                const T* src = dh + (b * g.cells + other) * Hp;
-                for (int64_t j = 0; j < Hp; ++j) dst[j] = src[j];
-              } else {
-                for (int64_t j = 0; j < Hp; ++j) dst[j] = T(0);
-              }
-              if (self)
-                for (int64_t j = 0; j < Hp; ++j) dst[j] += own[j];
-            }
-            for (int64_t j = 0; j < Hp; ++j) row[6 * Hp + j] = own[j];
+        accumulate_outer(DenseRows<T>{hid, Hp, Hp}, count, dchg, acc_w2t, Sp);
+        matmul(DenseRows<T>{dchg, Sp, Sp}, count, w.w2.template data_ptr<T>(), Hp, nullptr,
+               [&](int64_t c, int64_t col, V* a, auto rv) {
+                 for (int r = 0; r < decltype(rv)::value; ++r) {
+                   const int64_t at = c * Hp + col + r * W;
+                   const V d = a[r] * activation_slope_vec(vload(hid + at), g.activation);
+                   vstore(dhid + at, d);
+                   vstore(acc_b1 + col + r * W, vload(acc_b1 + col + r * W) + d);
+                 }
+               });
+        accumulate_outer(rows, count, dhid, acc_w1t, Hp);
+        matmul(DenseRows<T>{dhid, Hp, Hp}, count, w.w1.template data_ptr<T>(), Kp, nullptr,
+               [&](int64_t c, int64_t col, V* a, auto rv) {
+                 for (int r = 0; r < decltype(rv)::value; ++r) {
+                   const int64_t j = col + r * W;
+                   vstore(j + W <= sent_len ? sent_p + (n0 + c) * sent_len + j : dinput + c * Kp + j, a[r]);
+                 }
+               });
+        for (int64_t l = 0; l < count; ++l) {
+          const int64_t n = n0 + l;
+          const T* d = dinput + l * Kp;
+          for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
+          const T* own = d + sent_len;
+          for (int64_t c = 0; c < S; ++c) {
+            const T residual = update == kResidual ? gp[n * S + c] : T(0);
+            out[n * S + c] = own[c] + residual + carry[n * S + c];
           }
-          matmul_rows<T>(gathered.data(), kSlots * Hp, count, kSlots * Hp, w.pull.template data_ptr<T>(), nullptr,
-                         sgrad.data(), Sp);
-          if (E > 0)
-            matmul_rows<T>(gathered.data() + 6 * Hp, kSlots * Hp, count, Hp, w.w1e.template data_ptr<T>(), nullptr,
-                           egrad.data(), Ep);
-          for (int64_t l = 0; l < count; ++l) {
-            const int64_t n = n0 + l;
-            const T* sg = sgrad.data() + l * Sp;
-            for (int64_t c = 0; c < S; ++c) {
-              const T residual = update == kResidual ? gp[n * S + c] : T(0);
-              out[n * S + c] = sg[c] + residual + carry[n * S + c];
-            }
-            for (int64_t e = 0; e < E; ++e) gext[n * E + e] += egrad[l * Ep + e];
-          }
+          for (int64_t e = 0; e < E; ++e) gext[n * E + e] += d[7 * S + e];
         }
-      });
-      std::swap(grad, grad_next);
-    }
+      }
+    };
+    // Pass 2 over the cells n_begin .. n_end: add the gradients sent back by the cells that read each one
+    // (and by itself through a reflecting edge).
+    auto pass2 = [&](auto state_length, int64_t n_begin, int64_t n_end, T* out) {
+      constexpr int L = decltype(state_length)::value;
+      const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
+      int64_t b = n_begin / g.cells, cell = n_begin - b * g.cells;
+      const T* sample = sent_p + b * g.cells * sent_len;
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        T* o = out + n * S;
+        const int64_t* offsets = readers.offset.data() + cell * 6;
+        for (int slot = 0; slot < 6; ++slot)
+          if (offsets[slot] >= 0) add_into(o, sample + offsets[slot], S);
+        if (readers.any_self)
+          for (int slot = 0; slot < 6; ++slot)
+            if (readers.self[cell * 6 + slot]) add_into(o, sent_p + n * sent_len + slot * S, S);
+        if (++cell == g.cells) {
+          cell = 0;
+          sample += g.cells * sent_len;
+        }
+      }
+    };
+
+    T* grad_p = grad.data_ptr<T>();
+    T* grad_next_p = grad_next.data_ptr<T>();
+    with_state_length(S, [&](auto state_length) {
+      if (split_by_sample(g)) {
+        at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
+          TileScratch<T> s(g, w);
+          s.for_backward(w);
+          for (int64_t b = b_begin; b < b_end; ++b) {
+            T* cur = grad_p;
+            T* next = grad_next_p;
+            for (int64_t t = steps - 1; t >= 0; --t) {
+              pass1(state_length, t, b * g.cells, (b + 1) * g.cells, cur, next, s);
+              pass2(state_length, b * g.cells, (b + 1) * g.cells, next);
+              std::swap(cur, next);
+            }
+          }
+        });
+      } else {
+        T* cur = grad_p;
+        T* next = grad_next_p;
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
+            TileScratch<T> s(g, w);
+            s.for_backward(w);
+            pass1(state_length, t, begin * kTile, std::min(end * kTile, N), cur, next, s);
+          });
+          at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) { pass2(state_length, begin, end, next); });
+          std::swap(cur, next);
+        }
+      }
+    });
+    // After an odd number of steps the state gradient ends in the second buffer.
+    if (steps % 2 == 1) std::swap(grad, grad_next);
     // Sum the per-thread accumulators and undo the padding and transposes.
     const at::Tensor sums = acc.sum(0);
     int64_t off = 0;
