@@ -14,6 +14,10 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -323,6 +327,26 @@ void accumulate_outer(const Rows& rows, int64_t C, const T* D, T* G, int64_t R) 
 
 // ---- activations ------------------------------------------------------------------------------------------
 
+// 1 / q for q in [4.8e-3, 1.3]: a hardware estimate refined by one Newton step (a division costs several
+// times as much), within an ulp or two.
+inline Vec<float>::type reciprocal(Vec<float>::type q) {
+#if defined(__AVX512VL__) || defined(__AVX__)
+  using V = Vec<float>::type;
+  __m256 qm;
+  __builtin_memcpy(&qm, &q, sizeof(qm));
+#ifdef __AVX512VL__
+  const __m256 em = _mm256_rcp14_ps(qm);
+#else
+  const __m256 em = _mm256_rcp_ps(qm);
+#endif
+  V e;
+  __builtin_memcpy(&e, &em, sizeof(e));
+  return e * (2 - q * e);
+#else
+  return 1 / q;
+#endif
+}
+
 // tanh of a vector of floats as a clamped rational approximation (Eigen's generic_fast_tanh_float), within a
 // few ulp of std::tanh; doubles use std::tanh lane by lane.
 inline Vec<float>::type tanh_vec(Vec<float>::type a) {
@@ -342,7 +366,7 @@ inline Vec<float>::type tanh_vec(Vec<float>::type a) {
   q = q * x2 + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
+  return p * reciprocal(q);
 }
 inline Vec<double>::type tanh_vec(Vec<double>::type a) {
   for (int i = 0; i < Vec<double>::width; ++i) a[i] = std::tanh(a[i]);
@@ -637,7 +661,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor sent = at::empty({N, sent_len}, traj.options());
     // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
     const int64_t threads = at::get_num_threads();
-    const int64_t acc_size = K * Hp + Hp + Hp * Sp + Sp;
+    // (each thread's rounded up to whole cache lines, so that two threads never write to one line)
+    const int64_t acc_size = (K * Hp + Hp + Hp * Sp + Sp + 15) / 16 * 16;
     at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
     const T* up = u.data_ptr<T>();
     T* sent_p = sent.data_ptr<T>();
@@ -655,6 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      TileScratch<T>& s) {
       constexpr int L = decltype(state_length)::value;
       const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
+      constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
       const T* st = traj_p + t * state_numel;
       const T* carry = gtraj_p + t * state_numel;
       const int64_t tid = at::get_thread_num();
@@ -672,12 +698,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t count = std::min(kTile, n_end - n0);
         const auto rows = forward_tile<L>(g, w, st, up, n0, count, s, store_rows(dchg, Sp));
         // d loss / d (pre-tanh change) = (1 - c^2) * scale * grad
-        for (int64_t l = 0; l < count; ++l) {
-          T* d = dchg + l * Sp;
-          const T* go = gp + (n0 + l) * S;
-          for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
-          for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
-          add_into(acc_b2, d, Sp);
+        if constexpr (whole) {
+          V b2_sum[L / W] = {};
+          for (int64_t l = 0; l < count; ++l)
+            for (int r = 0; r < L / W; ++r) {
+              const V c = vload(dchg + l * Sp + r * W);
+              const V d = (1 - c * c) * change_scale * vload(gp + (n0 + l) * S + r * W);
+              vstore(dchg + l * Sp + r * W, d);
+              b2_sum[r] += d;
+            }
+          for (int r = 0; r < L / W; ++r) vstore(acc_b2 + r * W, vload(acc_b2 + r * W) + b2_sum[r]);
+        } else {
+          for (int64_t l = 0; l < count; ++l) {
+            T* d = dchg + l * Sp;
+            const T* go = gp + (n0 + l) * S;
+            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
+            for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
+            add_into(acc_b2, d, Sp);
+          }
         }
         accumulate_outer(DenseRows<T>{hid, Hp, Hp}, count, dchg, acc_w2t, Sp);
         matmul(DenseRows<T>{dchg, Sp, Sp}, count, w.w2.template data_ptr<T>(), Hp, nullptr,
@@ -694,17 +732,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                [&](int64_t c, int64_t col, V* a, auto rv) {
                  for (int r = 0; r < decltype(rv)::value; ++r) {
                    const int64_t j = col + r * W;
-                   vstore(j + W <= sent_len ? sent_p + (n0 + c) * sent_len + j : dinput + c * Kp + j, a[r]);
+                   if (j + W <= sent_len) {
+                     vstore(sent_p + (n0 + c) * sent_len + j, a[r]);
+                   } else if (whole && j >= sent_len && j < sent_len + S) {
+                     const int64_t at = (n0 + c) * S + j - sent_len;
+                     const V own = a[r] + vload(carry + at);
+                     vstore(out + at, update == kResidual ? own + vload(gp + at) : own);
+                   } else {
+                     vstore(dinput + c * Kp + j, a[r]);
+                   }
                  }
                });
         for (int64_t l = 0; l < count; ++l) {
           const int64_t n = n0 + l;
           const T* d = dinput + l * Kp;
           for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
-          const T* own = d + sent_len;
-          for (int64_t c = 0; c < S; ++c) {
-            const T residual = update == kResidual ? gp[n * S + c] : T(0);
-            out[n * S + c] = own[c] + residual + carry[n * S + c];
+          if (!whole) {
+            const T* own = d + sent_len;
+            for (int64_t c = 0; c < S; ++c) {
+              const T residual = update == kResidual ? gp[n * S + c] : T(0);
+              out[n * S + c] = own[c] + residual + carry[n * S + c];
+            }
           }
           for (int64_t e = 0; e < E; ++e) gext[n * E + e] += d[7 * S + e];
         }
