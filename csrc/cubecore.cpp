@@ -92,8 +92,9 @@ constexpr int kAccumulators = 16;
 #else
 constexpr int kAccumulators = 8;
 #endif
-// Output vectors one product computes at a time; wider outputs are done in chunks of this many.
-constexpr int kMaxVectors = 8;
+// Output vectors one product computes at a time; wider outputs are done in chunks of this many.  Four keeps
+// the loads per FMA low: a block of 4 cells x 4 vectors loads 4 weight vectors and 4 inputs for 16 FMAs.
+constexpr int kMaxVectors = 4;
 // Segments of a cell's input row: the states of its seven slots, then its external input.
 constexpr int kSegments = kSlots + 1;
 
@@ -244,11 +245,7 @@ void matmul(const Rows& rows, int64_t C, const T* WT, int64_t R, std::type_ident
       case 1: matmul_cells<T, 1>(rows, C, wt, R, b, at_col); break;
       case 2: matmul_cells<T, 2>(rows, C, wt, R, b, at_col); break;
       case 3: matmul_cells<T, 3>(rows, C, wt, R, b, at_col); break;
-      case 4: matmul_cells<T, 4>(rows, C, wt, R, b, at_col); break;
-      case 5: matmul_cells<T, 5>(rows, C, wt, R, b, at_col); break;
-      case 6: matmul_cells<T, 6>(rows, C, wt, R, b, at_col); break;
-      case 7: matmul_cells<T, 7>(rows, C, wt, R, b, at_col); break;
-      default: matmul_cells<T, 8>(rows, C, wt, R, b, at_col); break;
+      default: matmul_cells<T, 4>(rows, C, wt, R, b, at_col); break;
     }
   }
 }
@@ -316,11 +313,7 @@ void accumulate_outer(const Rows& rows, int64_t C, const T* D, T* G, int64_t R) 
       case 1: accumulate_outer_cols<T, 1>(rows, C, D + col, R, G + col, R); break;
       case 2: accumulate_outer_cols<T, 2>(rows, C, D + col, R, G + col, R); break;
       case 3: accumulate_outer_cols<T, 3>(rows, C, D + col, R, G + col, R); break;
-      case 4: accumulate_outer_cols<T, 4>(rows, C, D + col, R, G + col, R); break;
-      case 5: accumulate_outer_cols<T, 5>(rows, C, D + col, R, G + col, R); break;
-      case 6: accumulate_outer_cols<T, 6>(rows, C, D + col, R, G + col, R); break;
-      case 7: accumulate_outer_cols<T, 7>(rows, C, D + col, R, G + col, R); break;
-      default: accumulate_outer_cols<T, 8>(rows, C, D + col, R, G + col, R); break;
+      default: accumulate_outer_cols<T, 4>(rows, C, D + col, R, G + col, R); break;
     }
   }
 }

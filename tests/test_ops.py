@@ -12,7 +12,9 @@ from conftest import make_problem, requires_cuda_kernel, requires_kernel
 
 RULES = list(itertools.product(["wall", "periodic", "reflect"], ["tanh", "relu", "sigmoid"], ["replace", "residual"]))
 # (B, X, Y, Z, S, H, E): odd lattices, B = 1 and B > 1, E = 0 and E > 0.
-SHAPES = [(1, 1, 1, 1, 2, 3, 0), (2, 1, 7, 13, 3, 5, 1), (3, 3, 5, 2, 4, 6, 2), (1, 3, 5, 2, 1, 1, 0)]
+# S = 8 and 16 take the kernels' paths compiled for those state sizes; other S the general one.
+SHAPES = [(1, 1, 1, 1, 2, 3, 0), (2, 1, 7, 13, 3, 5, 1), (3, 3, 5, 2, 4, 6, 2), (1, 3, 5, 2, 1, 1, 0),
+          (3, 2, 3, 4, 8, 16, 1), (2, 3, 1, 2, 16, 9, 0)]
 
 
 def rule_kwargs(boundary, activation, update, steps):
@@ -40,6 +42,23 @@ def assert_close_all(got, want, atol, rtol=0.0):
 
 
 @requires_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
+def test_cpu_kernel_any_thread_split_matches_reference(threads, batch):
+    """The CPU kernels give each thread whole samples where the batch divides well, else split every step
+    over tiles of cells; both splits, with any thread count, must give the reference's result."""
+    args = make_problem(batch, 3, 4, 5, 8, 16, 1, seed=batch * 10 + threads)
+    kw = rule_kwargs("periodic", "tanh", "residual", 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_and_grads(args, "kernel", **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11)
+
+
+@requires_kernel
 @pytest.mark.parametrize("boundary,activation,update", RULES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("steps", [1, 4])
@@ -51,8 +70,9 @@ def test_cpu_kernel_float64_matches_reference(boundary, activation, update, shap
 
 @requires_kernel
 @pytest.mark.parametrize("boundary,activation,update", RULES)
-def test_cpu_kernel_float32_matches_float64_reference(boundary, activation, update):
-    shape = (2, 4, 3, 5, 8, 16, 1)
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5, 8, 16, 1), (3, 3, 2, 4, 16, 24, 2), (1, 5, 2, 3, 3, 5, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_float32_matches_float64_reference(boundary, activation, update, shape):
     args = make_problem(*shape, seed=7)
     kw = rule_kwargs(boundary, activation, update, 6)
     got = forward_and_grads([a.float() for a in args], "kernel", **kw)
