@@ -210,7 +210,7 @@ inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw,
     };
     constexpr int L = fixed_length<Rows>();
     if (L > 0 && s < kSlots) {
-#pragma GCC unroll 16
+#pragma GCC unroll 8
       for (int k = 0; k < L; ++k) step(k);
       w += L * ldw;
     } else {
