@@ -783,9 +783,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t b = b_begin; b < b_end; ++b) {
             T* cur = grad_p;
             T* next = grad_next_p;
+            // Pass 2 trails pass 1 by one x-plane, so the gradients sent between cells are collected while
+            // they are still in cache: a cell's readers lie within one plane of it, except those of the first
+            // plane on a periodic x-axis, which is collected last.
+            const int64_t first = b * g.cells, plane = g.Y * g.Z;
             for (int64_t t = steps - 1; t >= 0; --t) {
-              pass1(state_length, t, b * g.cells, (b + 1) * g.cells, cur, next, s);
-              pass2(state_length, b * g.cells, (b + 1) * g.cells, next);
+              int64_t collected = first + plane;
+              for (int64_t n0 = first; n0 < first + g.cells; n0 += kTile) {
+                const int64_t n1 = std::min(n0 + kTile, first + g.cells);
+                pass1(state_length, t, n0, n1, cur, next, s);
+                const int64_t ready = n1 == first + g.cells ? n1 : n1 - plane;
+                if (ready > collected) {
+                  pass2(state_length, collected, ready, next);
+                  collected = ready;
+                }
+              }
+              pass2(state_length, first, first + plane, next);
               std::swap(cur, next);
             }
           }
