@@ -2,8 +2,8 @@
 //
 // The rule (see cubecore/reference.py): every cell gathers x = [n1..n6, s, u] (7S + E values), computes
 // h = act(W1 x + b1), c = tanh(W2 h + b2), and its new state is c ("replace") or s + step_size * c
-// ("residual").  The CPU kernels work on tiles of cells, one row of inputs per cell, and vectorise over
-// the output features of every matrix product.
+// ("residual").  The CPU kernels work on tiles of cells, read each cell's inputs in place through a table of
+// pointers, and vectorise over the output features of every matrix product.
 //
 // The forward keeps the T + 1 states when asked (for the backward) and nothing else; the backward
 // recomputes each step's hidden activations from the saved state of that step.
