@@ -6,7 +6,8 @@
 // pointers, and vectorise over the output features of every matrix product.
 //
 // The forward keeps the T + 1 states when asked (for the backward) and nothing else; the backward
-// recomputes each step's hidden activations from the saved state of that step.
+// recomputes each step's hidden activations from the saved state of that step (and, with update="residual",
+// its change; with "replace" the change is the next saved state).
 
 #include <Python.h>
 
@@ -484,7 +485,8 @@ CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, i
 }
 
 // Forward of one tile: s.hid gets the hidden activations, and on_change(c, col, acc, RV) the cell changes
-// after tanh, still in registers.  Returns the tile's input rows.
+// after tanh, still in registers (on_change = nullptr: stop after the hidden activations).  Returns the
+// tile's input rows.
 template <int L, typename T, class OnChange>
 inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
                                    int64_t n0, int64_t count, TileScratch<T>& s, OnChange&& on_change) {
@@ -497,11 +499,13 @@ inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w,
          [&](int64_t c, int64_t col, V* acc, auto rv) {
            for (int r = 0; r < decltype(rv)::value; ++r) vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
          });
-  matmul(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
-         [&](int64_t c, int64_t col, V* acc, auto rv) {
-           for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
-           on_change(c, col, acc, rv);
-         });
+  if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
+    matmul(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
+           [&](int64_t c, int64_t col, V* acc, auto rv) {
+             for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
+             on_change(c, col, acc, rv);
+           });
+  }
   return rows;
 }
 
@@ -675,6 +679,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
       constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
       const T* st = traj_p + t * state_numel;
+      const T* next_state = st + state_numel;
+      const bool replace = update == kReplace;
       const T* carry = gtraj_p + t * state_numel;
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
@@ -689,13 +695,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values go straight there
       for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
         const int64_t count = std::min(kTile, n_end - n0);
-        const auto rows = forward_tile<L>(g, w, st, up, n0, count, s, store_rows(dchg, Sp));
+        // The change c after tanh: with update="replace" it is the next saved state itself, so only the
+        // hidden activations are recomputed.
+        const auto rows = replace ? forward_tile<L>(g, w, st, up, n0, count, s, nullptr)
+                                  : forward_tile<L>(g, w, st, up, n0, count, s, store_rows(dchg, Sp));
+        const T* change = replace ? next_state + n0 * S : dchg;
+        const int64_t change_ld = replace ? S : Sp;
         // d loss / d (pre-tanh change) = (1 - c^2) * scale * grad
         if constexpr (whole) {
           V b2_sum[L / W] = {};
           for (int64_t l = 0; l < count; ++l)
             for (int r = 0; r < L / W; ++r) {
-              const V c = vload(dchg + l * Sp + r * W);
+              const V c = vload(change + l * change_ld + r * W);
               const V d = (1 - c * c) * change_scale * vload(gp + (n0 + l) * S + r * W);
               vstore(dchg + l * Sp + r * W, d);
               b2_sum[r] += d;
@@ -704,8 +715,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         } else {
           for (int64_t l = 0; l < count; ++l) {
             T* d = dchg + l * Sp;
+            const T* c = change + l * change_ld;
             const T* go = gp + (n0 + l) * S;
-            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - d[i] * d[i]) * change_scale * go[i];
+            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - c[i] * c[i]) * change_scale * go[i];
             for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
             add_into(acc_b2, d, Sp);
           }
