@@ -145,6 +145,7 @@ inline void add_into(T* dst, const T* src, int64_t n) {
 template <typename T>
 struct DenseRows {
   static constexpr int kMaxBlock = kAccumulators;
+  static constexpr int kStateLength = 0;  // no segment length known when compiling
   const T* in;
   int64_t ld, length;
   int segments() const { return 1; }
@@ -163,13 +164,6 @@ struct CellRows {
   int64_t length_of(int s) const { return lengths[s]; }
   const T* row(int64_t i, int s) const { return ptr[i * nseg + s]; }
 };
-
-// Segment lengths known when compiling: those of CellRows' state segments, else none (0).
-template <class Rows>
-constexpr int fixed_length() {
-  if constexpr (requires { Rows::kStateLength; }) return Rows::kStateLength;
-  return 0;
-}
 
 // Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size
 // (8 and 16, the sizes cubecore's models use), else with L = 0 (any size, loops of runtime length).
@@ -209,7 +203,7 @@ inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw,
         for (int r = 0; r < RV; ++r) acc[i][r] += wv[r] * xi;
       }
     };
-    constexpr int L = fixed_length<Rows>();
+    constexpr int L = Rows::kStateLength;
     if (L > 0 && s < kSlots) {
 #pragma GCC unroll 8
       for (int k = 0; k < L; ++k) step(k);
@@ -296,7 +290,7 @@ inline void accumulate_outer_rows(const Rows& rows, int s, int64_t& k0, int64_t 
 template <typename T, int RV, class Rows>
 void accumulate_outer_cols(const Rows& rows, int64_t C, const T* D, int64_t ldd, T* G, int64_t ldg) {
   constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
-  constexpr int L = fixed_length<Rows>();
+  constexpr int L = Rows::kStateLength;
   for (int s = 0; s < rows.segments(); ++s) {
     const int64_t length = L > 0 && s < kSlots ? L : rows.length_of(s);
     int64_t k0 = 0;
@@ -324,7 +318,7 @@ void accumulate_outer(const Rows& rows, int64_t C, const T* D, T* G, int64_t R) 
 // 1 / q for q in [4.8e-3, 1.3]: a hardware estimate refined by one Newton step (a division costs several
 // times as much), within an ulp or two.
 inline Vec<float>::type reciprocal(Vec<float>::type q) {
-#if defined(__AVX512VL__) || defined(__AVX__)
+#ifdef __AVX__  // (AVX-512VL implies it)
   using V = Vec<float>::type;
   __m256 qm;
   __builtin_memcpy(&qm, &q, sizeof(qm));
