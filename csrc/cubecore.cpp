@@ -67,13 +67,28 @@ void check_propagate_args(const at::Tensor& state, const at::Tensor& external, c
 }
 
 // Shared with the CUDA file: the checks on the backward op's arguments.
-void check_backward_args(const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
                          const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                          int64_t steps, int64_t boundary, int64_t activation, int64_t update) {
   TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
               "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
-  TORCH_CHECK(grad_trajectory.sizes() == trajectory.sizes(), "grad_trajectory must match trajectory");
+  TORCH_CHECK(grad_final.sizes() == trajectory[0].sizes(), "grad_final must be [B, X, Y, Z, S] = ",
+              trajectory[0].sizes(), ", got ", grad_final.sizes());
+  TORCH_CHECK(grad_final.scalar_type() == trajectory.scalar_type() && grad_final.device() == trajectory.device(),
+              "grad_final must have the dtype and device of trajectory");
   check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
+}
+
+// Shared with the CUDA file: the forward op's two outputs from the buffer its steps were written to
+// ([steps + 1, ...] when the trajectory is kept, else [1, ...]): the final state, and the kept trajectory
+// (else an empty [0, B, X, Y, Z, S]).  Two outputs, so that autograd hands the backward the final state's
+// gradient alone instead of a zero-filled one for every step; the final state is a copy where the trajectory
+// is returned too, as outputs must not alias.
+std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bool keep_trajectory) {
+  if (keep_trajectory) return {written[written.size(0) - 1].clone(), written};
+  std::vector<int64_t> none = written.sizes().vec();
+  none[0] = 0;
+  return {written[0], at::empty(none, written.options())};
 }
 
 namespace {
@@ -542,7 +557,7 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
   }
 }
 
-at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
+std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
                                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
                                  int64_t boundary, int64_t activation, int64_t update, double step_size,
                                  bool keep_trajectory) {
@@ -592,7 +607,7 @@ at::Tensor propagate_forward_cpu(const at::Tensor& state, const at::Tensor& exte
     });
     if (keep_trajectory) traj[0].copy_(s0);
   });
-  return traj;
+  return forward_outputs(traj, keep_trajectory);
 }
 
 // For the backward's gather: for every cell and neighbour slot k < 6, the offset (within its sample's rows of
@@ -624,18 +639,18 @@ struct SlotReaders {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
-    const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+    const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  check_backward_args(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_backward_args(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
-  const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
+  const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
   const SlotReaders readers(g);
 
   // The state gradient of step t + 1, then of step t: two buffers that take turns.
-  at::Tensor grad = gtraj[steps].clone();
+  at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
   at::Tensor grad_external = at::zeros_like(u);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
@@ -661,12 +676,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
     const int64_t state_numel = traj[0].numel();
     const T* traj_p = traj.data_ptr<T>();
-    const T* gtraj_p = gtraj.data_ptr<T>();
 
     // Pass 1 over the cells n_begin .. n_end of step t: per tile, recompute the step, push the gradient
     // `gp` through tanh, W2, act and W1, accumulate the weight gradients, and hand out the input-row
-    // gradient: the own-state part (with the residual path and any gradient on the trajectory at t) to
-    // `out`, the external part to grad_external, the neighbour-slot parts to `sent`.
+    // gradient: the own-state part (with the residual path) to `out`, the external part to grad_external, the neighbour-slot parts to `sent`.
     auto pass1 = [&](auto state_length, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
                      TileScratch<T>& s) {
       constexpr int L = decltype(state_length)::value;
@@ -675,7 +688,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const T* st = traj_p + t * state_numel;
       const T* next_state = st + state_numel;
       const bool replace = update == kReplace;
-      const T* carry = gtraj_p + t * state_numel;
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
       T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
@@ -735,8 +747,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      vstore(sent_p + (n0 + c) * sent_len + j, a[r]);
                    } else if (whole && j >= sent_len && j < sent_len + S) {
                      const int64_t at = (n0 + c) * S + j - sent_len;
-                     const V own = a[r] + vload(carry + at);
-                     vstore(out + at, update == kResidual ? own + vload(gp + at) : own);
+                     vstore(out + at, update == kResidual ? a[r] + vload(gp + at) : a[r]);
                    } else {
                      vstore(dinput + c * Kp + j, a[r]);
                    }
@@ -750,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const T* own = d + sent_len;
             for (int64_t c = 0; c < S; ++c) {
               const T residual = update == kResidual ? gp[n * S + c] : T(0);
-              out[n * S + c] = own[c] + residual + carry[n * S + c];
+              out[n * S + c] = own[c] + residual;
             }
           }
           for (int64_t e = 0; e < E; ++e) gext[n * E + e] += d[7 * S + e];
@@ -849,9 +860,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY(cubecore, m) {
   m.def(
       "propagate_forward(Tensor state, Tensor external, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-      "int steps, int boundary, int activation, int update, float step_size, bool keep_trajectory) -> Tensor");
+      "int steps, int boundary, int activation, int update, float step_size, bool keep_trajectory) "
+      "-> (Tensor final, Tensor trajectory)");
   m.def(
-      "propagate_backward(Tensor grad_trajectory, Tensor trajectory, Tensor external, Tensor w1, Tensor b1, "
+      "propagate_backward(Tensor grad_final, Tensor trajectory, Tensor external, Tensor w1, Tensor b1, "
       "Tensor w2, Tensor b2, int steps, int boundary, int activation, int update, float step_size) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

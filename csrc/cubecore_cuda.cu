@@ -21,9 +21,10 @@ namespace cubecore {
 void check_propagate_args(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
                           int64_t boundary, int64_t activation, int64_t update);
-void check_backward_args(const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
                          const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                          int64_t steps, int64_t boundary, int64_t activation, int64_t update);
+std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bool keep_trajectory);
 
 namespace {
 
@@ -202,7 +203,7 @@ void check_cuda(const at::Tensor& state) {
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
-at::Tensor propagate_forward_cuda(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
+std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
                                   const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
                                   int64_t boundary, int64_t activation, int64_t update, double step_size,
                                   bool keep_trajectory) {
@@ -215,7 +216,7 @@ at::Tensor propagate_forward_cuda(const at::Tensor& state, const at::Tensor& ext
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t v : s0.sizes()) shape.push_back(v);
   at::Tensor traj = at::empty(shape, s0.options());
-  if (d.N == 0) return traj;
+  if (d.N == 0) return forward_outputs(traj, keep_trajectory);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
@@ -243,7 +244,7 @@ at::Tensor propagate_forward_cuda(const at::Tensor& state, const at::Tensor& ext
     }
     if (keep_trajectory) traj[0].copy_(s0);
   });
-  return traj;
+  return forward_outputs(traj, keep_trajectory);
 }
 
 // ---- backward --------------------------------------------------------------------------------------------
@@ -317,10 +318,10 @@ __global__ void backward_cell_kernel(Dims d, const T* __restrict__ state, const 
 }
 
 // Pass B for one step: per cell, the state gradient pulled from the cells that read it, plus the residual
-// path and the trajectory's own gradient at this step; and the external input's gradient.
+// path; and the external input's gradient.
 template <typename T>
 __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T* __restrict__ dhidden,
-                                       const T* __restrict__ grad_out, const T* __restrict__ carry,
+                                       const T* __restrict__ grad_out,
                                        T* __restrict__ grad_in, T* __restrict__ grad_external) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= d.N) return;
@@ -331,7 +332,7 @@ __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T
   const T* own = dhidden + n * d.H;
   T acc[kMaxState];
   for (int64_t c = 0; c < d.S; ++c) {
-    acc[c] = carry[n * d.S + c] + (d.update == kResidual ? grad_out[n * d.S + c] : T(0));
+    acc[c] = d.update == kResidual ? grad_out[n * d.S + c] : T(0);
   }
   for (int slot = 0; slot < kSlots; ++slot) {
     const T* readers[2] = {nullptr, nullptr};
@@ -368,17 +369,17 @@ __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cuda(
-    const at::Tensor& grad_trajectory, const at::Tensor& trajectory, const at::Tensor& external,
+    const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  check_backward_args(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_backward_args(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
   check_cuda(trajectory[0]);
   const c10::cuda::CUDAGuard guard(trajectory.device());
-  const at::Tensor traj = trajectory.contiguous(), gtraj = grad_trajectory.contiguous(), u = external.contiguous();
+  const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
   const Dims d = make_dims(traj[0], u, W1, boundary, activation, update, step_size);
   const int64_t n_weights = d.H * d.K + d.H + d.S * d.H + d.S;
-  at::Tensor grad = gtraj[steps].clone();
+  at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
   at::Tensor dhidden = at::empty({d.N, d.H}, traj.options());
   at::Tensor grad_external = at::zeros_like(u);
@@ -400,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_gather_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
           d, W1.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-          gtraj[t].data_ptr<scalar_t>(), grad_next.data_ptr<scalar_t>(), grad_external.data_ptr<scalar_t>());
+          grad_next.data_ptr<scalar_t>(), grad_external.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(grad, grad_next);
     }

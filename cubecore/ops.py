@@ -185,10 +185,9 @@ def propagate(
             update=update, step_size=float(step_size),
         )
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (state, external, w1, b1, w2, b2))
-    trajectory = torch.ops.cubecore.propagate_forward(
-        state, external, w1, b1, w2, b2, steps, *codes, float(step_size), keep
-    )
-    return trajectory[-1]
+    final, _ = torch.ops.cubecore.propagate_forward(state, external, w1, b1, w2, b2, steps, *codes,
+                                                    float(step_size), keep)
+    return final
 
 
 # --- registration of the op's fake (meta) kernels and autograd formula -------------------------------------
@@ -200,22 +199,29 @@ def _contiguous_empty(t: torch.Tensor) -> torch.Tensor:
 
 def _forward_fake(state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep):
     torch._check(steps >= 1)
-    return state.new_empty((steps + 1 if keep else 1, *state.shape))
+    return _contiguous_empty(state), state.new_empty((steps + 1 if keep else 0, *state.shape))
 
 
-def _backward_fake(grad_trajectory, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update,
+def _backward_fake(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update,
                    step_size):
     return tuple(_contiguous_empty(t) for t in (trajectory[0], external, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):
     state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep = inputs
+    final, trajectory = output
     ctx.kept_trajectory = keep
     ctx.rule = (steps, boundary, activation, update, step_size)
-    ctx.save_for_backward(output, external, w1, b1, w2, b2)
+    ctx.save_for_backward(trajectory, external, w1, b1, w2, b2)
+    # The trajectory is what the backward recomputes from, not a result: no gradient flows into it, and
+    # autograd does not build a zero-filled [steps + 1, ...] gradient for it (or for an unused final state).
+    ctx.mark_non_differentiable(trajectory)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_trajectory):
+def _backward(ctx, grad_final, grad_trajectory):
+    if grad_final is None:
+        return (None,) * 12
     if not ctx.kept_trajectory:
         raise RuntimeError(
             "cubecore.propagate_forward was called with keep_trajectory=False, so it cannot be differentiated; "
@@ -223,7 +229,7 @@ def _backward(ctx, grad_trajectory):
         )
     trajectory, external, w1, b1, w2, b2 = ctx.saved_tensors
     grads = torch.ops.cubecore.propagate_backward(
-        grad_trajectory, trajectory, external, w1, b1, w2, b2, *ctx.rule  # the kernels make inputs contiguous
+        grad_final, trajectory, external, w1, b1, w2, b2, *ctx.rule  # the kernels make inputs contiguous
     )
     return (*grads, None, None, None, None, None, None)
 

@@ -132,8 +132,13 @@ def test_no_grad_forward_keeps_no_trajectory_and_matches():
         out = propagate(*args, steps=5, backend="kernel")
     assert out.shape == args[0].shape
     torch.testing.assert_close(out, propagate_reference(*args, steps=5), atol=1e-12, rtol=0)
-    traj = torch.ops.cubecore.propagate_forward(*args, 5, 0, 0, 0, 1.0, False)
-    assert traj.shape[0] == 1
+    final, traj = torch.ops.cubecore.propagate_forward(*args, 5, 0, 0, 0, 1.0, False)
+    assert traj.shape == (0, *args[0].shape)
+    torch.testing.assert_close(final, out, atol=0, rtol=0)
+    final, traj = torch.ops.cubecore.propagate_forward(*args, 5, 0, 0, 0, 1.0, True)
+    assert traj.shape == (6, *args[0].shape)
+    torch.testing.assert_close(traj[0], args[0], atol=0, rtol=0)
+    torch.testing.assert_close(traj[-1], final, atol=0, rtol=0)
 
 
 @requires_kernel
@@ -142,9 +147,9 @@ def test_opcheck():
         args = [a.requires_grad_(grad) for a in make_problem(2, 2, 3, 2, 2, 3, 1, seed=9)]
         torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, (*args, 3, 1, 2, 1, 0.5, keep))
     args = make_problem(1, 3, 1, 2, 2, 3, 0, seed=1)
-    traj = torch.ops.cubecore.propagate_forward(*args, 2, 2, 0, 0, 1.0, True)
+    final, traj = torch.ops.cubecore.propagate_forward(*args, 2, 2, 0, 0, 1.0, True)
     torch.library.opcheck(
-        torch.ops.cubecore.propagate_backward.default, (torch.randn_like(traj), traj, *args[1:], 2, 2, 0, 0, 1.0)
+        torch.ops.cubecore.propagate_backward.default, (torch.randn_like(final), traj, *args[1:], 2, 2, 0, 0, 1.0)
     )
 
 
@@ -240,8 +245,11 @@ def test_kernel_rejects_bad_direct_calls():
         torch.ops.cubecore.propagate_forward(args[0], args[1], args[2][:, :-1], *args[3:], 2, 0, 0, 0, 1.0, False)
     with pytest.raises(RuntimeError, match="boundary"):
         torch.ops.cubecore.propagate_forward(*args, 2, 7, 0, 0, 1.0, False)
-    traj = torch.ops.cubecore.propagate_forward(*args, 2, 0, 0, 0, 1.0, False)
+    final, traj = torch.ops.cubecore.propagate_forward(*args, 2, 0, 0, 0, 1.0, False)
     with pytest.raises(RuntimeError, match="trajectory"):
+        torch.ops.cubecore.propagate_backward(final, traj, *args[1:], 2, 0, 0, 0, 1.0)
+    final, traj = torch.ops.cubecore.propagate_forward(*args, 2, 0, 0, 0, 1.0, True)
+    with pytest.raises(RuntimeError, match="grad_final"):
         torch.ops.cubecore.propagate_backward(traj, traj, *args[1:], 2, 0, 0, 0, 1.0)
 
 
