@@ -156,7 +156,8 @@ inline void add_into(T* dst, const T* src, int64_t n) {
 }
 
 // The input rows of a product.  DenseRows: row i of a matrix, one segment.  CellRows: the input rows of a
-// tile of cells read in place, segment s of cell i starting at ptr[i * segments + s].
+// tile of cells read in place, segment s of cell i starting at ptr[i * stride + s]; a product reads the
+// first nseg segments of each row.
 template <typename T>
 struct DenseRows {
   static constexpr int kMaxBlock = kAccumulators;
@@ -173,11 +174,11 @@ struct CellRows {
   static constexpr int kMaxBlock = 8;  // one pointer per cell of a block must fit the general registers
   static constexpr int kStateLength = L;
   const T* const* ptr;
-  int nseg;
+  int stride, nseg;
   const int64_t* lengths;
   int segments() const { return nseg; }
   int64_t length_of(int s) const { return lengths[s]; }
-  const T* row(int64_t i, int s) const { return ptr[i * nseg + s]; }
+  const T* row(int64_t i, int s) const { return ptr[i * stride + s]; }
 };
 
 // Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size
@@ -427,17 +428,17 @@ struct Geometry {
 // dimensions padded to whole vectors (the padding is zeros, so padded lanes stay out of every result).
 template <typename T>
 struct PackedWeights {
-  int64_t Hp, Sp, Kp;
+  int64_t Hp, Sp, Ks;
   at::Tensor w1t;  // [K][Hp]:  W1^T (forward: input -> hidden)
   at::Tensor b1;   // [Hp]
   at::Tensor w2t;  // [Hp][Sp]: W2^T (forward: hidden -> change)
   at::Tensor b2;   // [Sp]
   at::Tensor w2;   // [Sp][Hp]: W2   (backward: change gradient -> hidden gradient)
-  at::Tensor w1;   // [Hp][Kp]: W1   (backward: hidden gradient -> input gradient)
+  at::Tensor w1;   // [Hp][Ks]: W1's state columns (backward: hidden gradient -> state-slot gradients)
 
   PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
                 const at::Tensor& B2)
-      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Kp(padded<T>(g.K)) {
+      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Ks(padded<T>(kSlots * g.S)) {
     const int64_t H = g.H, S = g.S, K = g.K;
     auto opts = W1.options();
     w1t = at::zeros({K, Hp}, opts);
@@ -450,8 +451,8 @@ struct PackedWeights {
     b2.narrow(0, 0, S).copy_(B2);
     w2 = at::zeros({Sp, Hp}, opts);
     w2.narrow(0, 0, S).narrow(1, 0, H).copy_(W2);
-    w1 = at::zeros({Hp, Kp}, opts);
-    w1.narrow(0, 0, H).narrow(1, 0, K).copy_(W1);
+    w1 = at::zeros({Hp, Ks}, opts);
+    w1.narrow(0, 0, H).narrow(1, 0, kSlots * S).copy_(W1.narrow(1, 0, kSlots * S));
   }
 };
 
@@ -463,12 +464,12 @@ struct TileScratch {
   std::vector<T> hid;            // [kTile][Hp]: hidden activations
   std::vector<T> chg;            // [kTile][Sp]: cell changes after tanh (backward: then their gradients)
   std::vector<T> dhid;           // [kTile][Hp]: backward: gradients of the hidden pre-activations
-  std::vector<T> dinput;         // [kTile][Kp]: backward: gradients of the input rows
+  std::vector<T> dinput;         // [kTile][Ks]: backward: gradients of the state slots of the input rows
   TileScratch(const Geometry& g, const PackedWeights<T>& w)
       : inputs(kTile * kSegments), zeros(g.S), hid(kTile * w.Hp), chg(kTile * w.Sp) {}
   void for_backward(const PackedWeights<T>& w) {
     dhid.resize(kTile * w.Hp);
-    dinput.resize(kTile * w.Kp);
+    dinput.resize(kTile * w.Ks);
   }
 };
 
@@ -490,7 +491,7 @@ CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, i
       sample += g.cells * S;
     }
   }
-  return CellRows<T, L>{s.inputs.data(), nseg, g.lengths};
+  return CellRows<T, L>{s.inputs.data(), nseg, nseg, g.lengths};
 }
 
 // Forward of one tile: s.hid gets the hidden activations, and on_change(c, col, acc, RV) the cell changes
@@ -652,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The state gradient of step t + 1, then of step t: two buffers that take turns.
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor grad_external = at::zeros_like(u);
+  at::Tensor grad_external;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
@@ -660,26 +661,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using V = typename Vec<T>::type;
     constexpr int W = Vec<T>::width;
     const PackedWeights<T> w(g, w1, b1, w2, b2);
-    const int64_t Hp = w.Hp, Sp = w.Sp, Kp = w.Kp;
+    const int64_t Hp = w.Hp, Sp = w.Sp, Ks = w.Ks;
     // Gradients that each cell sends back through its six neighbour slots, [N][6][S]: pass 1 writes them,
     // pass 2 collects them at the cells they were read from.
     const int64_t sent_len = 6 * S;
     at::Tensor sent = at::empty({N, sent_len}, traj.options());
-    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
+    // Per cell, the hidden pre-activation gradients summed over the steps.  The external input is the same at
+    // every step, so its gradient and W1's external columns' are products with this sum, taken once at the
+    // end; and b1's gradient is its sum over the cells.
+    at::Tensor dhid_sum = at::zeros({N, Hp}, traj.options());
+    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | w2^T | b2].
     const int64_t threads = at::get_num_threads();
     // (each thread's rounded up to whole cache lines, so that two threads never write to one line)
-    const int64_t acc_size = (K * Hp + Hp + Hp * Sp + Sp + 15) / 16 * 16;
+    const int64_t acc_size = (K * Hp + Hp * Sp + Sp + 15) / 16 * 16;
     at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
     const T* up = u.data_ptr<T>();
     T* sent_p = sent.data_ptr<T>();
-    T* gext = grad_external.data_ptr<T>();
+    T* dhid_sum_p = dhid_sum.data_ptr<T>();
     const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
     const int64_t state_numel = traj[0].numel();
     const T* traj_p = traj.data_ptr<T>();
 
     // Pass 1 over the cells n_begin .. n_end of step t: per tile, recompute the step, push the gradient
-    // `gp` through tanh, W2, act and W1, accumulate the weight gradients, and hand out the input-row
-    // gradient: the own-state part (with the residual path) to `out`, the external part to grad_external, the neighbour-slot parts to `sent`.
+    // `gp` through tanh, W2, act and W1's state columns, accumulate the weight gradients and dhid_sum, and
+    // hand out the state-slot gradients: the own-state part (with the residual path) to `out`, the
+    // neighbour-slot parts to `sent`.
     auto pass1 = [&](auto state_length, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
                      TileScratch<T>& s) {
       constexpr int L = decltype(state_length)::value;
@@ -691,8 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
       T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
-      T* acc_b1 = acc_w1t + K * Hp;
-      T* acc_w2t = acc_b1 + Hp;
+      T* acc_w2t = acc_w1t + K * Hp;
       T* acc_b2 = acc_w2t + Hp * Sp;
       T* dchg = s.chg.data();
       T* dhid = s.dhid.data();
@@ -735,11 +740,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    const int64_t at = c * Hp + col + r * W;
                    const V d = a[r] * activation_slope_vec(vload(hid + at), g.activation);
                    vstore(dhid + at, d);
-                   vstore(acc_b1 + col + r * W, vload(acc_b1 + col + r * W) + d);
+                   T* sum = dhid_sum_p + (n0 + c) * Hp + col + r * W;
+                   vstore(sum, vload(sum) + d);
                  }
                });
-        accumulate_outer(rows, count, dhid, acc_w1t, Hp);
-        matmul(DenseRows<T>{dhid, Hp, Hp}, count, w.w1.template data_ptr<T>(), Kp, nullptr,
+        CellRows<T, L> state_rows = rows;  // W1's external rows come from dhid_sum at the end
+        state_rows.nseg = kSlots;
+        accumulate_outer(state_rows, count, dhid, acc_w1t, Hp);
+        matmul(DenseRows<T>{dhid, Hp, Hp}, count, w.w1.template data_ptr<T>(), Ks, nullptr,
                [&](int64_t c, int64_t col, V* a, auto rv) {
                  for (int r = 0; r < decltype(rv)::value; ++r) {
                    const int64_t j = col + r * W;
@@ -749,13 +757,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      const int64_t at = (n0 + c) * S + j - sent_len;
                      vstore(out + at, update == kResidual ? a[r] + vload(gp + at) : a[r]);
                    } else {
-                     vstore(dinput + c * Kp + j, a[r]);
+                     vstore(dinput + c * Ks + j, a[r]);
                    }
                  }
                });
         for (int64_t l = 0; l < count; ++l) {
           const int64_t n = n0 + l;
-          const T* d = dinput + l * Kp;
+          const T* d = dinput + l * Ks;
           for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
           if (!whole) {
             const T* own = d + sent_len;
@@ -764,7 +772,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               out[n * S + c] = own[c] + residual;
             }
           }
-          for (int64_t e = 0; e < E; ++e) gext[n * E + e] += d[7 * S + e];
         }
       }
     };
@@ -841,14 +848,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t off = 0;
     const at::Tensor gw1t = sums.narrow(0, off, K * Hp).view({K, Hp});
     off += K * Hp;
-    const at::Tensor gb1 = sums.narrow(0, off, Hp);
-    off += Hp;
     const at::Tensor gw2t = sums.narrow(0, off, Hp * Sp).view({Hp, Sp});
     off += Hp * Sp;
     const at::Tensor gb2 = sums.narrow(0, off, Sp);
     // clone(): each gradient must own its storage (narrow views of one buffer would alias).
-    weight_grads = {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
-                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
+    at::Tensor gw1 = gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous);
+    // What the external input and W1's external columns get from every step at once, through dhid_sum.
+    const at::Tensor dsum = dhid_sum.narrow(1, 0, H);  // [N, H]
+    const at::Tensor u2 = u.view({N, E});
+    gw1.narrow(1, kSlots * S, E).copy_(dsum.t().mm(u2));
+    grad_external = dsum.mm(w1.narrow(1, kSlots * S, E)).view(u.sizes());
+    weight_grads = {gw1, dsum.sum(0), gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
                     gb2.narrow(0, 0, S).clone()};
   });
   return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),
