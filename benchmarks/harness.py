@@ -91,21 +91,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(step: Callable[[], object], device, repeats: int, warmup: int = 2) -> Dict[str, float]:
-    """Median and spread (min, max, interquartile range) of `repeats` timed runs after `warmup` runs."""
+def time_it(step: Callable[[], object], device, repeats: int, warmup: int = 2,
+            min_time: float = 0.0) -> Dict[str, float]:
+    """Median and spread (min, max, interquartile range) of timed runs after `warmup` runs: at least
+    `repeats` runs, and more (up to 20x `repeats`) until `min_time` seconds of them have been timed.
+
+    As in `timeit`, Python's garbage collector is off while timing, so that a collection set off by
+    whichever contestant allocated last is not charged to the run it happens to fall in.
+    """
     for _ in range(warmup):
         step()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times: List[float] = []
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(times) < repeats or (sum(times) < min_time and len(times) < 20 * repeats):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     times.sort()
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1], "iqr_s": q[2] - q[0],
-            "repeats": repeats}
+            "repeats": len(times)}
 
 
 def _rss_bytes(field: str) -> int:
@@ -145,8 +158,9 @@ def peak_memory(step: Callable[[], object], device) -> Tuple[Optional[int], str]
     return max(0, _rss_bytes("VmHWM") - before), "peak RSS increase (Linux VmHWM after clear_refs)"
 
 
-def measure(name: str, fn: Callable, size: Size, device, repeats: int) -> Dict[str, object]:
-    """One row of the results: correctness, forward and forward+backward times, peak memory."""
+def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time: float = 0.0) -> Dict[str, object]:
+    """One row of the results: correctness, forward and forward+backward times (at least `repeats` runs
+    each, more until `min_time` seconds), peak memory."""
     device = torch.device(device)
     row: Dict[str, object] = {"contestant": name, "size": size.name, **asdict(size), "device": str(device)}
     start = time.perf_counter()
@@ -169,8 +183,8 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int) -> Dict[s
     def forward_backward():
         return _forward_backward(fn, inputs, size)
 
-    row["forward"] = time_it(forward, device, repeats)
-    row["forward_backward"] = time_it(forward_backward, device, repeats)
+    row["forward"] = time_it(forward, device, repeats, min_time=min_time)
+    row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
     row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)
     fb = row["forward_backward"]["median_s"]
     row["cell_updates_per_s"] = size.cell_updates / row["forward"]["median_s"]

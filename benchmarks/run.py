@@ -159,7 +159,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the original size only, few repeats (~1 minute)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measure (default 10, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="least timed runs per measure (default 10, quick 3)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timed runs per measure, reached by running more than --repeats times "
+                             "(at most 20x as many); default 2, quick 0.5")
     parser.add_argument("--contestants", default=None, help="comma-separated subset (default: all)")
     parser.add_argument("--sizes", default=None, help="comma-separated subset of size names (default: all)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
@@ -167,6 +171,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
+    min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
     names = list(all_contestants(device))
     if args.contestants:
         wanted = args.contestants.split(",")
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         contestants = all_contestants(device)
         for name in names:
-            row = measure(name, contestants[name], size, device, repeats)
+            row = measure(name, contestants[name], size, device, repeats, min_time)
             rows.append(row)
             shown = _ms(row["forward_backward"]["median_s"]) if row.get("status") == "ok" else row.get("status")
             print(f"{size.name:>12} {name:>14}: fwd+bwd {shown} ms", file=sys.stderr, flush=True)

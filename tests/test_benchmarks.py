@@ -1,13 +1,16 @@
 """The benchmark harness itself works: every contestant agrees with the reference at a tiny size, a wrong
 contestant is caught rather than timed, and one run writes its table, JSON and plot."""
 
+import gc
 import json
+import time
 
+import pytest
 import torch
 
 from benchmarks import run
 from benchmarks.contestants import all_contestants, conv3d, eager
-from benchmarks.harness import Size, check, measure
+from benchmarks.harness import Size, check, measure, time_it
 
 TINY = Size("tiny", 2, 3, 4, 5, S=3, H=5, E=2, T=3)
 
@@ -40,10 +43,27 @@ def test_measure_reports_times_memory_and_rates():
 
 def test_run_writes_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "sizes_for", lambda device, quick: [TINY])
-    assert run.main(["--quick", "--repeats", "1", "--contestants", "kernel,eager,compiled", "--out", str(tmp_path)]) == 0
+    assert run.main(["--quick", "--repeats", "1", "--min-time", "0", "--contestants", "kernel,eager,compiled", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert {r["contestant"] for r in data["rows"]} == {"kernel", "eager", "compiled"}
     assert all(r["status"] == "ok" for r in data["rows"]), data["rows"]
     assert data["machine"]["cores"] >= 1 and data["limits"]["matmul_flops_per_s"] > 0
     table = (tmp_path / "cpu-quick.md").read_text()
     assert "| tiny | eager |" in table and "x |" in table
+
+
+def test_time_it_runs_until_min_time_with_gc_off_then_restores_it():
+    seen = []
+
+    def step():
+        seen.append(gc.isenabled())
+        time.sleep(0.01)
+
+    stats = time_it(step, "cpu", repeats=2, warmup=1, min_time=0.06)
+    assert 6 <= stats["repeats"] <= 40 and stats["repeats"] == len(seen) - 1
+    assert seen[0] and not any(seen[1:])  # the warm-up runs as usual; the timed runs without the collector
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"] and stats["min_s"] >= 0.01
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        time_it(lambda: 1 / 0, "cpu", repeats=1, warmup=0)
+    assert gc.isenabled()
