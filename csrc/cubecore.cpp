@@ -435,6 +435,7 @@ struct PackedWeights {
   at::Tensor b2;   // [Sp]
   at::Tensor w2;   // [Sp][Hp]: W2   (backward: change gradient -> hidden gradient)
   at::Tensor w1;   // [Hp][Ks]: W1's state columns (backward: hidden gradient -> state-slot gradients)
+  at::Tensor w1e;  // [E][Hp]:  W1's external columns, transposed (backward: hidden gradient -> external)
 
   PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
                 const at::Tensor& B2)
@@ -453,6 +454,8 @@ struct PackedWeights {
     w2.narrow(0, 0, S).narrow(1, 0, H).copy_(W2);
     w1 = at::zeros({Hp, Ks}, opts);
     w1.narrow(0, 0, H).narrow(1, 0, kSlots * S).copy_(W1.narrow(1, 0, kSlots * S));
+    w1e = at::zeros({g.E, Hp}, opts);
+    w1e.narrow(1, 0, H).copy_(W1.narrow(1, kSlots * S, g.E).t());
   }
 };
 
@@ -618,6 +621,7 @@ struct SlotReaders {
   std::vector<int64_t> offset;  // [cells][6]
   std::vector<char> self;       // [cells][6]
   bool any_self = false;
+  SlotReaders() = default;
   explicit SlotReaders(const Geometry& g) : offset(g.cells * 6), self(g.cells * 6) {
     const int64_t extent[3] = {g.X, g.Y, g.Z};
     for (int64_t x = 0; x < g.X; ++x)
@@ -648,12 +652,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
-  const SlotReaders readers(g);
+  // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
+  // reflecting edge).  Where threads take whole samples and a state is whole vectors, each reader adds it
+  // straight into that state's gradient: a scatter, race-free as one thread owns the whole sample.  Otherwise
+  // pass 1 writes each cell's neighbour-slot gradients to `sent` and pass 2 gathers them at the cells read.
+  const bool by_sample = split_by_sample(g);
+  const bool scatter = by_sample && with_state_length(S, [&](auto state_length) {
+    constexpr int L = decltype(state_length)::value;
+    return L > 0 && L % Vec<float>::width == 0 && L % Vec<double>::width == 0;
+  });
+  const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
 
   // The state gradient of step t + 1, then of step t: two buffers that take turns.
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor grad_external;
+  at::Tensor grad_external = at::zeros_like(u);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
@@ -662,30 +675,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     constexpr int W = Vec<T>::width;
     const PackedWeights<T> w(g, w1, b1, w2, b2);
     const int64_t Hp = w.Hp, Sp = w.Sp, Ks = w.Ks;
-    // Gradients that each cell sends back through its six neighbour slots, [N][6][S]: pass 1 writes them,
-    // pass 2 collects them at the cells they were read from.
+    // Without the scatter, the gradients that each cell sends back through its six neighbour slots,
+    // [N][6][S]: pass 1 writes them, pass 2 collects them at the cells they were read from.
     const int64_t sent_len = 6 * S;
-    at::Tensor sent = at::empty({N, sent_len}, traj.options());
-    // Per cell, the hidden pre-activation gradients summed over the steps.  The external input is the same at
-    // every step, so its gradient and W1's external columns' are products with this sum, taken once at the
-    // end; and b1's gradient is its sum over the cells.
-    at::Tensor dhid_sum = at::zeros({N, Hp}, traj.options());
-    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | w2^T | b2].
+    at::Tensor sent = scatter ? at::Tensor() : at::empty({N, sent_len}, traj.options());
+    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
     const int64_t threads = at::get_num_threads();
     // (each thread's rounded up to whole cache lines, so that two threads never write to one line)
-    const int64_t acc_size = (K * Hp + Hp * Sp + Sp + 15) / 16 * 16;
+    const int64_t acc_size = (K * Hp + Hp + Hp * Sp + Sp + 15) / 16 * 16;
     at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
     const T* up = u.data_ptr<T>();
-    T* sent_p = sent.data_ptr<T>();
-    T* dhid_sum_p = dhid_sum.data_ptr<T>();
+    T* sent_p = scatter ? nullptr : sent.data_ptr<T>();
+    T* gext = grad_external.data_ptr<T>();
+    const T* w1e = w.w1e.template data_ptr<T>();
     const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
     const int64_t state_numel = traj[0].numel();
     const T* traj_p = traj.data_ptr<T>();
 
     // Pass 1 over the cells n_begin .. n_end of step t: per tile, recompute the step, push the gradient
-    // `gp` through tanh, W2, act and W1's state columns, accumulate the weight gradients and dhid_sum, and
-    // hand out the state-slot gradients: the own-state part (with the residual path) to `out`, the
-    // neighbour-slot parts to `sent`.
+    // `gp` through tanh, W2 and act, add the external input's gradient (a dot product with W1's external
+    // columns), accumulate the weight gradients, and push on through W1's state columns: the own-state part
+    // (with the residual path) to `out`, the neighbour-slot parts added into `out` at the states read
+    // (scatter) or written to `sent` (pass 2 collects them).
     auto pass1 = [&](auto state_length, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
                      TileScratch<T>& s) {
       constexpr int L = decltype(state_length)::value;
@@ -697,8 +708,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t tid = at::get_thread_num();
       TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
       T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
-      T* acc_w2t = acc_w1t + K * Hp;
+      T* acc_b1 = acc_w1t + K * Hp;
+      T* acc_w2t = acc_b1 + Hp;
       T* acc_b2 = acc_w2t + Hp * Sp;
+      const T* zeros = s.zeros.data();
       T* dchg = s.chg.data();
       T* dhid = s.dhid.data();
       T* dinput = s.dinput.data();
@@ -736,26 +749,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         accumulate_outer(DenseRows<T>{hid, Hp, Hp}, count, dchg, acc_w2t, Sp);
         matmul(DenseRows<T>{dchg, Sp, Sp}, count, w.w2.template data_ptr<T>(), Hp, nullptr,
                [&](int64_t c, int64_t col, V* a, auto rv) {
-                 for (int r = 0; r < decltype(rv)::value; ++r) {
+                 constexpr int RV = decltype(rv)::value;
+                 for (int r = 0; r < RV; ++r) {
                    const int64_t at = c * Hp + col + r * W;
                    const V d = a[r] * activation_slope_vec(vload(hid + at), g.activation);
+                   a[r] = d;
                    vstore(dhid + at, d);
-                   T* sum = dhid_sum_p + (n0 + c) * Hp + col + r * W;
-                   vstore(sum, vload(sum) + d);
+                   vstore(acc_b1 + col + r * W, vload(acc_b1 + col + r * W) + d);
+                 }
+                 for (int64_t e = 0; e < E; ++e) {
+                   V dot = a[0] * vload(w1e + e * Hp + col);
+                   for (int r = 1; r < RV; ++r) dot += a[r] * vload(w1e + e * Hp + col + r * W);
+                   T sum = 0;
+                   for (int i = 0; i < W; ++i) sum += dot[i];
+                   gext[(n0 + c) * E + e] += sum;
                  }
                });
-        CellRows<T, L> state_rows = rows;  // W1's external rows come from dhid_sum at the end
-        state_rows.nseg = kSlots;
-        accumulate_outer(state_rows, count, dhid, acc_w1t, Hp);
+        accumulate_outer(rows, count, dhid, acc_w1t, Hp);
         matmul(DenseRows<T>{dhid, Hp, Hp}, count, w.w1.template data_ptr<T>(), Ks, nullptr,
                [&](int64_t c, int64_t col, V* a, auto rv) {
                  for (int r = 0; r < decltype(rv)::value; ++r) {
                    const int64_t j = col + r * W;
-                   if (j + W <= sent_len) {
+                   if (whole && scatter && j < sent_len) {
+                     const int slot = static_cast<int>(j / S);
+                     const T* read = rows.row(c, slot);
+                     if (read != zeros) {
+                       T* o = out + (read - st) + (j - slot * S);
+                       vstore(o, vload(o) + a[r]);
+                     }
+                   } else if (j + W <= sent_len) {
                      vstore(sent_p + (n0 + c) * sent_len + j, a[r]);
                    } else if (whole && j >= sent_len && j < sent_len + S) {
                      const int64_t at = (n0 + c) * S + j - sent_len;
-                     vstore(out + at, update == kResidual ? a[r] + vload(gp + at) : a[r]);
+                     const V own = update == kResidual ? a[r] + vload(gp + at) : a[r];
+                     vstore(out + at, scatter ? vload(out + at) + own : own);
                    } else {
                      vstore(dinput + c * Ks + j, a[r]);
                    }
@@ -764,8 +791,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t l = 0; l < count; ++l) {
           const int64_t n = n0 + l;
           const T* d = dinput + l * Ks;
+          if (whole) continue;
           for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
-          if (!whole) {
+          {
             const T* own = d + sent_len;
             for (int64_t c = 0; c < S; ++c) {
               const T residual = update == kResidual ? gp[n * S + c] : T(0);
@@ -800,7 +828,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* grad_p = grad.data_ptr<T>();
     T* grad_next_p = grad_next.data_ptr<T>();
     with_state_length(S, [&](auto state_length) {
-      if (split_by_sample(g)) {
+      if (scatter) {
+        at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
+          TileScratch<T> s(g, w);
+          s.for_backward(w);
+          for (int64_t b = b_begin; b < b_end; ++b) {
+            T* cur = grad_p;
+            T* next = grad_next_p;
+            const int64_t first = b * g.cells;
+            for (int64_t t = steps - 1; t >= 0; --t) {
+              std::fill(next + first * S, next + (first + g.cells) * S, T(0));
+              for (int64_t n0 = first; n0 < first + g.cells; n0 += kTile)
+                pass1(state_length, t, n0, std::min(n0 + kTile, first + g.cells), cur, next, s);
+              std::swap(cur, next);
+            }
+          }
+        });
+      } else if (by_sample) {
         at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
           TileScratch<T> s(g, w);
           s.for_backward(w);
@@ -848,17 +892,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t off = 0;
     const at::Tensor gw1t = sums.narrow(0, off, K * Hp).view({K, Hp});
     off += K * Hp;
+    const at::Tensor gb1 = sums.narrow(0, off, Hp);
+    off += Hp;
     const at::Tensor gw2t = sums.narrow(0, off, Hp * Sp).view({Hp, Sp});
     off += Hp * Sp;
     const at::Tensor gb2 = sums.narrow(0, off, Sp);
     // clone(): each gradient must own its storage (narrow views of one buffer would alias).
-    at::Tensor gw1 = gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous);
-    // What the external input and W1's external columns get from every step at once, through dhid_sum.
-    const at::Tensor dsum = dhid_sum.narrow(1, 0, H);  // [N, H]
-    const at::Tensor u2 = u.view({N, E});
-    gw1.narrow(1, kSlots * S, E).copy_(dsum.t().mm(u2));
-    grad_external = dsum.mm(w1.narrow(1, kSlots * S, E)).view(u.sizes());
-    weight_grads = {gw1, dsum.sum(0), gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
+    weight_grads = {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
+                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
                     gb2.narrow(0, 0, S).clone()};
   });
   return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),

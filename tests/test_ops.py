@@ -44,11 +44,17 @@ def assert_close_all(got, want, atol, rtol=0.0):
 @requires_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8])
-def test_cpu_kernel_any_thread_split_matches_reference(threads, batch):
-    """The CPU kernels give each thread whole samples where the batch divides well, else split every step
-    over tiles of cells; both splits, with any thread count, must give the reference's result."""
-    args = make_problem(batch, 3, 4, 5, 8, 16, 1, seed=batch * 10 + threads)
-    kw = rule_kwargs("periodic", "tanh", "residual", 3)
+@pytest.mark.parametrize("state_size", [8, 5])
+@pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
+                                                                    ["replace", "residual"])))
+def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_size, boundary, update):
+    """The CPU kernels give each thread whole samples where the batch divides well (the backward then adds
+    each state's gradient straight into it when a state is whole vectors, S = 8, else gathers it), and
+    otherwise split every step over tiles of cells; every split, with any thread count, must give the
+    reference's result."""
+    args = make_problem(batch, 3, 4, 5, state_size, 16, 2, seed=batch * 10 + threads)
+    activation = ["tanh", "relu", "sigmoid"][(batch + threads) % 3]
+    kw = rule_kwargs(boundary, activation, update, 3)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
