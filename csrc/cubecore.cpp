@@ -156,8 +156,7 @@ inline void add_into(T* dst, const T* src, int64_t n) {
 }
 
 // The input rows of a product.  DenseRows: row i of a matrix, one segment.  CellRows: the input rows of a
-// tile of cells read in place, segment s of cell i starting at ptr[i * stride + s]; a product reads the
-// first nseg segments of each row.
+// tile of cells read in place, segment s of cell i starting at ptr[i * segments + s].
 template <typename T>
 struct DenseRows {
   static constexpr int kMaxBlock = kAccumulators;
@@ -174,11 +173,11 @@ struct CellRows {
   static constexpr int kMaxBlock = 8;  // one pointer per cell of a block must fit the general registers
   static constexpr int kStateLength = L;
   const T* const* ptr;
-  int stride, nseg;
+  int nseg;
   const int64_t* lengths;
   int segments() const { return nseg; }
   int64_t length_of(int s) const { return lengths[s]; }
-  const T* row(int64_t i, int s) const { return ptr[i * stride + s]; }
+  const T* row(int64_t i, int s) const { return ptr[i * nseg + s]; }
 };
 
 // Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size
@@ -494,7 +493,7 @@ CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, i
       sample += g.cells * S;
     }
   }
-  return CellRows<T, L>{s.inputs.data(), nseg, nseg, g.lengths};
+  return CellRows<T, L>{s.inputs.data(), nseg, g.lengths};
 }
 
 // Forward of one tile: s.hid gets the hidden activations, and on_change(c, col, acc, RV) the cell changes
@@ -561,10 +560,10 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
-                                 const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-                                 int64_t boundary, int64_t activation, int64_t update, double step_size,
-                                 bool keep_trajectory) {
+std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
+    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
+    int64_t update, double step_size, bool keep_trajectory) {
   check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
   TORCH_CHECK(state.device().is_cpu(), "propagate_forward_cpu: tensors must be on the CPU");
   TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
@@ -788,12 +787,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    }
                  }
                });
-        for (int64_t l = 0; l < count; ++l) {
-          const int64_t n = n0 + l;
-          const T* d = dinput + l * Ks;
-          if (whole) continue;
-          for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
-          {
+        if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
+          for (int64_t l = 0; l < count; ++l) {
+            const int64_t n = n0 + l;
+            const T* d = dinput + l * Ks;
+            for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
             const T* own = d + sent_len;
             for (int64_t c = 0; c < S; ++c) {
               const T residual = update == kResidual ? gp[n * S + c] : T(0);
