@@ -826,45 +826,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* grad_p = grad.data_ptr<T>();
     T* grad_next_p = grad_next.data_ptr<T>();
     with_state_length(S, [&](auto state_length) {
-      if (scatter) {
+      if (by_sample) {
         at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
           TileScratch<T> s(g, w);
           s.for_backward(w);
           for (int64_t b = b_begin; b < b_end; ++b) {
             T* cur = grad_p;
             T* next = grad_next_p;
-            const int64_t first = b * g.cells;
+            const int64_t first = b * g.cells, last = first + g.cells, plane = g.Y * g.Z;
             for (int64_t t = steps - 1; t >= 0; --t) {
-              std::fill(next + first * S, next + (first + g.cells) * S, T(0));
-              for (int64_t n0 = first; n0 < first + g.cells; n0 += kTile)
-                pass1(state_length, t, n0, std::min(n0 + kTile, first + g.cells), cur, next, s);
-              std::swap(cur, next);
-            }
-          }
-        });
-      } else if (by_sample) {
-        at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
-          TileScratch<T> s(g, w);
-          s.for_backward(w);
-          for (int64_t b = b_begin; b < b_end; ++b) {
-            T* cur = grad_p;
-            T* next = grad_next_p;
-            // Pass 2 trails pass 1 by one x-plane, so the gradients sent between cells are collected while
-            // they are still in cache: a cell's readers lie within one plane of it, except those of the first
-            // plane on a periodic x-axis, which is collected last.
-            const int64_t first = b * g.cells, plane = g.Y * g.Z;
-            for (int64_t t = steps - 1; t >= 0; --t) {
+              // With the scatter, the readers of a state add into its gradient, which starts at zero.  Without,
+              // pass 2 trails pass 1 by one x-plane, so the gradients sent between cells are collected while
+              // they are still in cache: a cell's readers lie within one plane of it, except those of the
+              // first plane on a periodic x-axis, which is collected last.
+              if (scatter) std::fill(next + first * S, next + last * S, T(0));
               int64_t collected = first + plane;
-              for (int64_t n0 = first; n0 < first + g.cells; n0 += kTile) {
-                const int64_t n1 = std::min(n0 + kTile, first + g.cells);
+              for (int64_t n0 = first; n0 < last; n0 += kTile) {
+                const int64_t n1 = std::min(n0 + kTile, last);
                 pass1(state_length, t, n0, n1, cur, next, s);
-                const int64_t ready = n1 == first + g.cells ? n1 : n1 - plane;
-                if (ready > collected) {
+                const int64_t ready = n1 == last ? n1 : n1 - plane;
+                if (!scatter && ready > collected) {
                   pass2(state_length, collected, ready, next);
                   collected = ready;
                 }
               }
-              pass2(state_length, first, first + plane, next);
+              if (!scatter) pass2(state_length, first, first + plane, next);
               std::swap(cur, next);
             }
           }
