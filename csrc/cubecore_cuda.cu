@@ -203,10 +203,10 @@ void check_cuda(const at::Tensor& state) {
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
-                                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-                                  int64_t boundary, int64_t activation, int64_t update, double step_size,
-                                  bool keep_trajectory) {
+std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
+    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
+    int64_t update, double step_size, bool keep_trajectory) {
   check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
   check_cuda(state);
   const c10::cuda::CUDAGuard guard(state.device());
