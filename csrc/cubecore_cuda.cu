@@ -1,12 +1,16 @@
 // CUDA kernels of the lattice propagation op (float32 and float64).
 //
-// Forward: where one sample's lattice (two state buffers, its external input and the weights) fits in shared
-// memory, one block runs all T steps of that sample without leaving the SM; otherwise one launch per step,
-// one thread per cell.  Backward, per step from the last: (A) one thread per cell recomputes the step from
-// the saved state, pushes the gradient through tanh, W2 and act, keeps the pre-activation gradient, and adds
-// its weight-gradient terms, reduced across the warp with shuffles, then across the block in shared memory,
-// then once per block into global memory; (B) one thread per cell pulls the pre-activation gradients of the
-// cells that read it back through W1 (a gather: no atomics on states).
+// Forward: where one sample's lattice (two state buffers, its external input) fits in shared memory and B
+// blocks occupy the GPU at least as well as the per-step launches would, one block runs all T steps of one
+// sample without leaving the SM; otherwise one launch per step, one thread per cell.
+// Backward, per step from the last: (A) one thread per cell recomputes the step from the saved state once,
+// keeping its hidden activations, the gradient at W2's pre-activation and at W1's pre-activation (in global
+// scratch rows); (B) one thread per cell pulls the pre-activation gradients of the cells that read it back
+// through W1 (a gather: no atomics on states); (C) one thread per (weight, chunk of cells) sums that weight's
+// gradient terms over its chunk in a register and adds the sum to its own slot of a [chunks, weights] table.
+// After the last step (D) sums the table over chunks in a fixed order.  No atomics anywhere: the gradients
+// are the same bits on every run, and no path keeps the weight gradients in shared memory (no size limit
+// but S <= kMaxState).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -166,11 +170,24 @@ size_t fused_shared_bytes(const Dims& d) {
   return sizeof(T) * static_cast<size_t>(2 * d.cells * d.S + d.cells * d.E);
 }
 
-int max_shared_bytes() {
-  int device = 0, bytes = 0;
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
+
+// The fused forward runs one block per sample; it is chosen only where one sample fits in shared memory and
+// its B blocks keep at least as many SMs busy as the per-step launches would (B against the SM count): a few
+// samples of a large lattice go per step, spread over the whole GPU.
+template <typename T>
+bool use_fused_forward(const Dims& d) {
+  if (fused_shared_bytes<T>(d) > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)))
+    return false;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  return d.B >= std::min<int64_t>(sms, blocks_for(d.N));
 }
 
 Dims make_dims(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, int64_t boundary,
@@ -201,8 +218,6 @@ void check_cuda(const at::Tensor& state) {
               "the CUDA kernel supports float32 and float64, got ", state.scalar_type());
 }
 
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
-
 std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
     const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
@@ -220,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
-    const size_t shared = fused_shared_bytes<scalar_t>(d);
-    if (shared <= static_cast<size_t>(max_shared_bytes())) {
+    if (use_fused_forward<scalar_t>(d)) {
+      const size_t shared = fused_shared_bytes<scalar_t>(d);
       auto kernel = forward_fused_kernel<scalar_t>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
@@ -249,72 +264,39 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
 
 // ---- backward --------------------------------------------------------------------------------------------
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Adds v (one value per thread) into block_acc[index]: summed over the warp first, then one shared-memory
-// add per warp.
-template <typename T>
-__device__ __forceinline__ void block_accumulate(T* block_acc, int64_t index, T v) {
-  v = warp_sum(v);
-  if ((threadIdx.x & 31) == 0) atomicAdd(block_acc + index, v);
-}
-
-// Pass A for one step: per cell, d loss / d pre-activation into dhidden [N, H]; weight-gradient terms into
-// grad_weights = [w1 (H*K) | b1 (H) | w2 (S*H) | b2 (S)], via a per-block shared accumulator.
+// Pass A for one step: per cell n, recompute the step once from the saved state, keeping the hidden
+// activations in hidden[n, H]; then the gradient at W2's pre-activation into dpre2[n, S] and at W1's
+// pre-activation into dhidden[n, H].
 template <typename T>
 __global__ void backward_cell_kernel(Dims d, const T* __restrict__ state, const T* __restrict__ external,
                                      const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2,
                                      const T* __restrict__ b2, const T* __restrict__ grad_out,
-                                     T* __restrict__ dhidden, T* __restrict__ grad_weights) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* block_acc = reinterpret_cast<T*>(smem_raw);
-  const int64_t n_weights = d.H * d.K + d.H + d.S * d.H + d.S;
-  for (int64_t i = threadIdx.x; i < n_weights; i += blockDim.x) block_acc[i] = T(0);
-  __syncthreads();
-  T* acc_w1 = block_acc;
-  T* acc_b1 = acc_w1 + d.H * d.K;
-  T* acc_w2 = acc_b1 + d.H;
-  T* acc_b2 = acc_w2 + d.S * d.H;
-
+                                     T* __restrict__ hidden, T* __restrict__ dpre2, T* __restrict__ dhidden) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const bool active = n < d.N;  // inactive threads still take part in the warp reductions, with zeros
-  const int64_t nn = active ? n : 0;
+  if (n >= d.N) return;
   int64_t b, x, y, z;
-  decode(d, nn, &b, &x, &y, &z);
+  decode(d, n, &b, &x, &y, &z);
   const T* src[kSlots];
   sources(d, state + b * d.cells * d.S, x, y, z, src);
-  const T* u = external + nn * d.E;
-  T dchg[kMaxState];
-  cell_change(d, src, u, w1, b1, w2, b2, dchg);
+  const T* u = external + n * d.E;
+  T* h = hidden + n * d.H;
+  T g[kMaxState];
+  for (int64_t i = 0; i < d.S; ++i) g[i] = b2[i];
+  for (int64_t j = 0; j < d.H; ++j) {
+    h[j] = activate(hidden_pre(d, src, u, w1, b1, j), d.activation);
+    for (int64_t i = 0; i < d.S; ++i) g[i] += w2[i * d.H + j] * h[j];
+  }
   const T scale = d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
   for (int64_t i = 0; i < d.S; ++i) {
-    const T g = active ? grad_out[nn * d.S + i] : T(0);
-    dchg[i] = (T(1) - dchg[i] * dchg[i]) * scale * g;
-    block_accumulate(acc_b2, i, dchg[i]);
+    const T c = tanh(g[i]);
+    g[i] = (T(1) - c * c) * scale * grad_out[n * d.S + i];
+    dpre2[n * d.S + i] = g[i];
   }
   for (int64_t j = 0; j < d.H; ++j) {
-    const T h = activate(hidden_pre(d, src, u, w1, b1, j), d.activation);
     T dh = T(0);
-    for (int64_t i = 0; i < d.S; ++i) {
-      dh += w2[i * d.H + j] * dchg[i];
-      block_accumulate(acc_w2, i * d.H + j, dchg[i] * h);
-    }
-    dh *= activation_grad(h, d.activation);
-    if (active) dhidden[nn * d.H + j] = dh;
-    block_accumulate(acc_b1, j, dh);
-    T* row = acc_w1 + j * d.K;
-    for (int slot = 0; slot < kSlots; ++slot) {
-      const T* p = src[slot];
-      for (int64_t c = 0; c < d.S; ++c) block_accumulate(row, slot * d.S + c, p ? dh * p[c] : T(0));
-    }
-    for (int64_t e = 0; e < d.E; ++e) block_accumulate(row, kSlots * d.S + e, dh * u[e]);
+    for (int64_t i = 0; i < d.S; ++i) dh += w2[i * d.H + j] * g[i];
+    dhidden[n * d.H + j] = dh * activation_grad(h[j], d.activation);
   }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < n_weights; i += blockDim.x) atomicAdd(grad_weights + i, block_acc[i]);
 }
 
 // Pass B for one step: per cell, the state gradient pulled from the cells that read it, plus the residual
@@ -336,7 +318,7 @@ __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T
   }
   for (int slot = 0; slot < kSlots; ++slot) {
     const T* readers[2] = {nullptr, nullptr};
-    if (slot == 6) {
+    if (slot == kSlots - 1) {
       readers[0] = own;
     } else {
       const int axis = slot / 2;
@@ -368,6 +350,81 @@ __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T
   }
 }
 
+// The weight gradients as one flat vector [w1 (H*K) | b1 (H) | w2 (S*H) | b2 (S)].
+__host__ __device__ __forceinline__ int64_t weight_count(const Dims& d) {
+  return d.H * d.K + d.H + d.S * d.H + d.S;
+}
+
+// How pass C splits the cells: `chunks` chunks of `per_chunk` consecutive cells (the last may be shorter).
+// Fixed by the sizes alone, so that the summation order, and with it every bit of the result, is too.
+struct Chunking {
+  int64_t chunks, per_chunk;
+};
+
+constexpr int64_t kCellsPerChunk = 32;         // the fewest cells a chunk sums
+constexpr int64_t kMaxPartials = int64_t(1) << 22;  // entries of the [chunks, weights] table at most
+constexpr int64_t kMaxGridY = 65535;
+
+Chunking chunking(const Dims& d) {
+  const int64_t cap = std::max<int64_t>(1, std::min(kMaxGridY, kMaxPartials / weight_count(d)));
+  const int64_t wanted = std::min(cap, std::max<int64_t>(1, (d.N + kCellsPerChunk - 1) / kCellsPerChunk));
+  const int64_t per = std::max<int64_t>(1, (d.N + wanted - 1) / wanted);
+  return {(d.N + per - 1) / per, per};
+}
+
+// Pass C for one step: thread (w, chunk) sums weight w's gradient terms over its chunk of cells in a
+// register and adds the sum to partial[chunk, w], a slot no other thread writes.
+template <typename T>
+__global__ void backward_weight_kernel(Dims d, Chunking ch, const T* __restrict__ state,
+                                       const T* __restrict__ external, const T* __restrict__ hidden,
+                                       const T* __restrict__ dpre2, const T* __restrict__ dhidden,
+                                       T* __restrict__ partial) {
+  const int64_t n_weights = weight_count(d);
+  const int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (w >= n_weights) return;
+  const int64_t first = blockIdx.y * ch.per_chunk;
+  const int64_t last = first + ch.per_chunk < d.N ? first + ch.per_chunk : d.N;
+  T acc = T(0);
+  const int64_t w1_end = d.H * d.K, b1_end = w1_end + d.H, w2_end = b1_end + d.S * d.H;
+  if (w < w1_end) {  // w1[j, k]: dhidden[n, j] times the input k of cell n
+    const int64_t j = w / d.K, k = w % d.K;
+    const int slot = static_cast<int>(k / d.S);
+    for (int64_t n = first; n < last; ++n) {
+      T in;
+      if (slot < kSlots) {
+        int64_t b, x, y, z;
+        decode(d, n, &b, &x, &y, &z);
+        const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
+        in = m < 0 ? T(0) : state[(b * d.cells + m) * d.S + k % d.S];
+      } else {
+        in = external[n * d.E + (k - kSlots * d.S)];
+      }
+      acc += dhidden[n * d.H + j] * in;
+    }
+  } else if (w < b1_end) {  // b1[j]
+    const int64_t j = w - w1_end;
+    for (int64_t n = first; n < last; ++n) acc += dhidden[n * d.H + j];
+  } else if (w < w2_end) {  // w2[i, j]: dpre2[n, i] times hidden[n, j]
+    const int64_t i = (w - b1_end) / d.H, j = (w - b1_end) % d.H;
+    for (int64_t n = first; n < last; ++n) acc += dpre2[n * d.S + i] * hidden[n * d.H + j];
+  } else {  // b2[i]
+    const int64_t i = w - w2_end;
+    for (int64_t n = first; n < last; ++n) acc += dpre2[n * d.S + i];
+  }
+  partial[blockIdx.y * n_weights + w] += acc;
+}
+
+// Pass D, once after the last step: each weight's gradient is its column of the table summed in chunk order.
+template <typename T>
+__global__ void reduce_partials_kernel(int64_t n_weights, int64_t chunks, const T* __restrict__ partial,
+                                       T* __restrict__ grad_weights) {
+  const int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (w >= n_weights) return;
+  T acc = T(0);
+  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * n_weights + w];
+  grad_weights[w] = acc;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cuda(
     const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
@@ -378,34 +435,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
   const Dims d = make_dims(traj[0], u, W1, boundary, activation, update, step_size);
-  const int64_t n_weights = d.H * d.K + d.H + d.S * d.H + d.S;
+  const int64_t n_weights = weight_count(d);
+  const Chunking ch = chunking(d);
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
+  at::Tensor hidden = at::empty({d.N, d.H}, traj.options());
   at::Tensor dhidden = at::empty({d.N, d.H}, traj.options());
+  at::Tensor dpre2 = at::empty({d.N, d.S}, traj.options());
   at::Tensor grad_external = at::zeros_like(u);
+  at::Tensor partial = at::zeros({ch.chunks, n_weights}, traj.options());
   at::Tensor grad_weights = at::zeros({n_weights}, traj.options());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (d.N > 0) {
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
-    const size_t shared = sizeof(scalar_t) * static_cast<size_t>(n_weights);
-    TORCH_CHECK(shared <= static_cast<size_t>(max_shared_bytes()),
-                "the CUDA backward keeps the weight gradients of a block in shared memory; ", shared,
-                " bytes do not fit: use a smaller hidden or state size, or the reference backend");
-    auto cell_kernel = backward_cell_kernel<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(cell_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-    for (int64_t t = steps - 1; t >= 0 && d.N > 0; --t) {
-      cell_kernel<<<blocks_for(d.N), kThreads, shared, stream>>>(
-          d, traj[t].data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(),
-          W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>(),
-          grad_weights.data_ptr<scalar_t>());
+    AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
+      const dim3 weight_grid(blocks_for(n_weights), static_cast<unsigned int>(ch.chunks));
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const scalar_t* s_t = traj[t].data_ptr<scalar_t>();
+        backward_cell_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
+            d, s_t, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(),
+            W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+            dpre2.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        backward_gather_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
+            d, W1.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+            grad_next.data_ptr<scalar_t>(), grad_external.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        backward_weight_kernel<scalar_t><<<weight_grid, kThreads, 0, stream>>>(
+            d, ch, s_t, u.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(), dpre2.data_ptr<scalar_t>(),
+            dhidden.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        std::swap(grad, grad_next);
+      }
+      reduce_partials_kernel<scalar_t><<<blocks_for(n_weights), kThreads, 0, stream>>>(
+          n_weights, ch.chunks, partial.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_gather_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
-          d, W1.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-          grad_next.data_ptr<scalar_t>(), grad_external.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      std::swap(grad, grad_next);
-    }
-  });
+    });
+  }
   int64_t off = 0;
   at::Tensor grad_w1 = grad_weights.narrow(0, off, d.H * d.K).view({d.H, d.K});
   off += d.H * d.K;

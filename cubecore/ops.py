@@ -25,7 +25,7 @@ try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define to
 except ImportError as exc:  # A source checkout that was never built, or a broken build.
     EXTENSION_ERROR = f"the compiled extension cubecore._C could not be loaded ({exc}); reinstall with `pip install .`"
 
-CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in registers
+CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in a per-thread array (kMaxState)
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
@@ -41,6 +41,20 @@ def _built_kernels() -> Dict[str, bool]:
 KERNEL_BUILT = _built_kernels()
 
 
+def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
+    """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size (None
+    if they can).  These are all the limits of every forward and backward path: a kernel that passes here
+    does not fail later for its sizes."""
+    if device_type not in _KERNEL_DTYPES:
+        return f"there is no cubecore kernel for device type {device_type!r}"
+    if dtype not in _KERNEL_DTYPES[device_type]:
+        names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
+        return f"the {device_type} kernel supports {names}, not {str(dtype).replace('torch.', '')}"
+    if device_type == "cuda" and state_size > CUDA_MAX_STATE:
+        return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
+    return None
+
+
 def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
     """Why the fused kernel cannot run on tensors of this device, dtype and state size (None if it can)."""
     device = torch.device(device)
@@ -50,12 +64,7 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
         if device.type == "cuda":
             return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
         return f"there is no cubecore kernel for device type {device.type!r}"
-    if dtype not in _KERNEL_DTYPES[device.type]:
-        names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device.type])
-        return f"the {device.type} kernel supports {names}, not {str(dtype).replace('torch.', '')}"
-    if device.type == "cuda" and state_size > CUDA_MAX_STATE:
-        return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE}, got {state_size}"
-    return None
+    return kernel_limit_reason(device.type, dtype, state_size)
 
 
 def info() -> Dict[str, object]:
@@ -169,7 +178,16 @@ def propagate(
     """Run ``steps`` synchronous steps of the cell rule and return the final state [B, X, Y, Z, S].
 
     Differentiable in state, external, w1, b1, w2, b2.  ``external`` [B, X, Y, Z, E] may be None (E = 0).
+    Under autocast the rule computes in float32, whatever the inputs' lower precision (the op's autocast rule).
     """
+    if isinstance(state, torch.Tensor) and torch.is_autocast_enabled(state.device.type):
+        # The same rule as the op's registered autocast kernel, applied before the argument checks so that
+        # mixed inputs (a bf16 external from a projection layer, a float32 state) meet as float32 on both
+        # backends, and the reference too runs with autocast off.
+        tensors = [_autocast_to_float32(t) for t in (state, external, w1, b1, w2, b2)]
+        with torch.autocast(state.device.type, enabled=False):
+            return propagate(*tensors, steps=steps, boundary=boundary, activation=activation, update=update,
+                             step_size=step_size, backend=backend)
     external = check_propagate_args(state, external, w1, b1, w2, b2, steps)
     codes = (
         _code("boundary", boundary, BOUNDARIES),
@@ -190,7 +208,17 @@ def propagate(
     return final
 
 
-# --- registration of the op's fake (meta) kernels and autograd formula -------------------------------------
+# --- registration of the op's fake (meta) kernels, autograd formula and autocast rule ----------------------
+
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _autocast_to_float32(t):
+    """What autocast does to the op's inputs: floating tensors of lower precision become float32."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.float()
+    return t
+
 
 
 def _contiguous_empty(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +240,7 @@ def _setup_context(ctx, inputs, output):
     final, trajectory = output
     ctx.kept_trajectory = keep
     ctx.rule = (steps, boundary, activation, update, step_size)
-    ctx.save_for_backward(trajectory, external, w1, b1, w2, b2)
+    ctx.save_for_backward(trajectory, state, external, w1, b1, w2, b2)
     # The trajectory is what the backward recomputes from, not a result: no gradient flows into it, and
     # autograd does not build a zero-filled [steps + 1, ...] gradient for it (or for an unused final state).
     ctx.mark_non_differentiable(trajectory)
@@ -227,14 +255,38 @@ def _backward(ctx, grad_final, grad_trajectory):
             "cubecore.propagate_forward was called with keep_trajectory=False, so it cannot be differentiated; "
             "call cubecore.propagate, which keeps the trajectory whenever gradients are needed"
         )
-    trajectory, external, w1, b1, w2, b2 = ctx.saved_tensors
-    grads = torch.ops.cubecore.propagate_backward(
-        grad_final, trajectory, external, w1, b1, w2, b2, *ctx.rule  # the kernels make inputs contiguous
-    )
+    trajectory, *inputs = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must itself be differentiable
+        grads = _differentiable_backward(ctx, grad_final, inputs)
+    else:
+        grads = torch.ops.cubecore.propagate_backward(
+            grad_final, trajectory, *inputs[1:], *ctx.rule  # the kernels make inputs contiguous
+        )
     return (*grads, None, None, None, None, None, None)
+
+
+def _differentiable_backward(ctx, grad_final, inputs):
+    """The gradients as a graph autograd can differentiate again (double backward, gradient penalties): the
+    kernel's backward is not differentiable, so they come from the reference rule, recomputed from the
+    saved inputs (the same values up to rounding)."""
+    steps, boundary, activation, update, step_size = ctx.rule
+    leaves = [t if t.requires_grad else t.detach() for t in inputs]
+    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+    with torch.enable_grad():
+        final = propagate_reference(*leaves, steps=steps, boundary=BOUNDARIES[boundary],
+                                    activation=ACTIVATIONS[activation], update=UPDATES[update],
+                                    step_size=step_size)
+        found = torch.autograd.grad(final, [leaves[i] for i in wanted], grad_final, create_graph=True,
+                                    allow_unused=True)
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return grads
 
 
 if EXTENSION_ERROR is None:
     torch.library.register_fake("cubecore::propagate_forward")(_forward_fake)
     torch.library.register_fake("cubecore::propagate_backward")(_backward_fake)
     torch.library.register_autograd("cubecore::propagate_forward", _backward, setup_context=_setup_context)
+    for _device_type in AUTOCAST_DEVICE_TYPES:
+        torch.library.register_autocast("cubecore::propagate_forward", _device_type, torch.float32)

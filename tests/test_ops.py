@@ -8,16 +8,7 @@ import torch
 
 import cubecore
 from cubecore import ops, propagate, propagate_reference
-from conftest import make_problem, requires_cuda_kernel, requires_kernel
-
-RULES = list(itertools.product(["wall", "periodic", "reflect"], ["tanh", "relu", "sigmoid"], ["replace", "residual"]))
-# (B, X, Y, Z, S, H, E): odd lattices, B = 1 and B > 1, E = 0 and E > 0.
-# S = 8 and 16 take the kernels' paths compiled for those state sizes; other S the general one.  An even B
-# (on an even thread count) lets the CPU backward add gradients straight into the states read; 1x1x1 makes
-# every periodic or reflecting neighbour the cell itself.
-SHAPES = [(1, 1, 1, 1, 2, 3, 0), (2, 1, 7, 13, 3, 5, 1), (3, 3, 5, 2, 4, 6, 2), (1, 3, 5, 2, 1, 1, 0),
-          (3, 2, 3, 4, 8, 16, 1), (2, 3, 1, 2, 16, 9, 0), (2, 1, 1, 1, 8, 4, 1)]
-
+from conftest import RULES, SHAPES, make_problem, requires_cuda_kernel, requires_kernel
 
 def rule_kwargs(boundary, activation, update, steps):
     return dict(steps=steps, boundary=boundary, activation=activation, update=update, step_size=0.7)
@@ -286,7 +277,66 @@ def test_cuda_opcheck_and_compile():
     torch.testing.assert_close(torch.compile(core, fullgraph=True)(u), core(u))
 
 
+@requires_cuda_kernel
+def test_cuda_gradients_are_deterministic_and_unlimited_by_shared_memory():
+    """Two backward runs give the same bits (no atomics), and S = 64 with a wide hidden layer in float64, once
+    past the backward's shared memory, matches the reference."""
+    args = [a.float().cuda() for a in make_problem(8, 9, 10, 11, 8, 16, 1, seed=3)]
+    kw = rule_kwargs("periodic", "tanh", "residual", 4)
+    first, second = forward_and_grads(args, "kernel", **kw), forward_and_grads(args, "kernel", **kw)
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+    args = make_problem(2, 2, 3, 2, 64, 64, 0, seed=4)
+    kw = rule_kwargs("wall", "sigmoid", "replace", 2)
+    assert_close_all(forward_and_grads([a.cuda() for a in args], "auto", **kw),
+                     forward_and_grads(args, "reference", **kw), atol=1e-10)
+
+
 def test_extension_is_built():
     """The compiled kernels are part of the package: a missing build fails here instead of skipping quietly."""
     report = cubecore.info()
     assert report["extension_loaded"] and report["cpu_kernel"], report["cpu_kernel_reason"]
+
+
+# --- double backward and autocast ------------------------------------------------------------------------------
+
+
+@requires_kernel
+def test_double_backward_through_the_kernel_matches_the_reference():
+    """backward(create_graph=True) through the kernel gives a differentiable gradient (from the reference rule),
+    so a gradient penalty trains the same on either backend."""
+    args = make_problem(2, 3, 2, 4, 3, 5, 1, seed=21)
+    kw = rule_kwargs("reflect", "tanh", "residual", 3)
+
+    def penalty_grads(backend):
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = propagate(*leaves, backend=backend, **kw)
+        first = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [g.detach() for g in first], torch.autograd.grad(penalty, leaves)
+
+    got, want = penalty_grads("kernel"), penalty_grads("reference")
+    for g, w in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@requires_kernel
+def test_autocast_computes_in_float32_on_both_backends():
+    """Under autocast (CPU here, CUDA in training with precision: bf16) inputs of mixed precision, such as a bf16
+    external input from a projection layer, meet as float32: the op and propagate return float32 and pass
+    gradients back to each input in its own dtype."""
+    args = make_problem(2, 3, 4, 2, 4, 6, 2, dtype=torch.float32, seed=4)
+    external = args[1].bfloat16().requires_grad_()
+    w1 = args[2].clone().requires_grad_()
+    kw = rule_kwargs("periodic", "relu", "replace", 3)
+    want = propagate(args[0], external.detach().float(), w1.detach(), *args[3:], backend="reference", **kw)
+    for backend in ("kernel", "reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = propagate(args[0], external, w1, *args[3:], backend=backend, **kw)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        g_external, g_w1 = torch.autograd.grad(out.sum(), [external, w1])
+        assert g_external.dtype == torch.bfloat16 and g_w1.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's own autocast rule, called directly
+        final, _ = torch.ops.cubecore.propagate_forward(*[a.bfloat16() for a in args], 3, 1, 1, 0, 1.0, False)
+    assert final.dtype == torch.float32
