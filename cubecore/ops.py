@@ -180,7 +180,8 @@ def propagate(
     Differentiable in state, external, w1, b1, w2, b2.  ``external`` [B, X, Y, Z, E] may be None (E = 0).
     Under autocast the rule computes in float32, whatever the inputs' lower precision (the op's autocast rule).
     """
-    if isinstance(state, torch.Tensor) and torch.is_autocast_enabled(state.device.type):
+    if (isinstance(state, torch.Tensor) and state.device.type in AUTOCAST_DEVICE_TYPES
+            and torch.is_autocast_enabled(state.device.type)):
         # The same rule as the op's registered autocast kernel, applied before the argument checks so that
         # mixed inputs (a bf16 external from a projection layer, a float32 state) meet as float32 on both
         # backends, and the reference too runs with autocast off.
