@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+import re
+
 import yaml
 
+from .checks import check_choice, check_int, check_ints, check_keys, check_number, check_str
+from .ops import BACKENDS
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
+from .reshaper import STRATEGIES
 
 MODES = ("autoencoder", "dialogue", "mixed")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("cosine", "mse", "combined")
-RESHAPINGS = ("simple", "adaptive", "semantic", "projection")
 PRECISIONS = ("fp32", "bf16")
 SECTION = "cube_training"
+MAX_SEED = 2**32 - 1  # numpy's limit; torch takes any of these
 
 
 @dataclass
@@ -75,54 +79,43 @@ class TrainingConfig:
             value = getattr(self, f.name)
             hint = hints[f.name]
             optional = type(None) in typing.get_args(hint)
+            name = f"config key {f.name!r}"
             if value is None:
                 if not optional:
-                    raise TypeError(f"config key {f.name!r} must not be empty")
+                    raise TypeError(f"{name} must not be empty")
                 continue
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
             if typing.get_origin(base) is tuple:
-                if not isinstance(value, (list, tuple)) or len(value) != 3 or \
-                        any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-                    raise TypeError(f"config key {f.name!r} must be three ints, got {value!r}")
-                setattr(self, f.name, tuple(value))
+                setattr(self, f.name, check_ints(name, value, 3))
             elif base is float:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError(f"config key {f.name!r} must be a number, got {value!r}")
-                setattr(self, f.name, float(value))
+                setattr(self, f.name, check_number(name, value))
             elif base is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"config key {f.name!r} must be an int, got {value!r}")
-            elif base is str and not isinstance(value, str):
-                raise TypeError(f"config key {f.name!r} must be a string, got {value!r}")
+                setattr(self, f.name, check_int(name, value))
+            elif base is str:
+                check_str(name, value)
 
     def _check_values(self) -> None:
         choices = {"mode": MODES, "boundary": BOUNDARIES, "activation": ACTIVATIONS, "update": UPDATES,
-                   "optimizer": OPTIMIZERS, "loss_function": LOSSES, "reshaping_method": RESHAPINGS,
-                   "precision": PRECISIONS, "backend": ("auto", "kernel", "reference")}
+                   "optimizer": OPTIMIZERS, "loss_function": LOSSES, "reshaping_method": STRATEGIES,
+                   "precision": PRECISIONS, "backend": BACKENDS}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
-        positive = ("state_size", "hidden_size", "steps", "epochs", "batch_size", "checkpoint_every", "patience")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
-        if any(v < 1 for v in self.lattice_size):
-            raise ValueError(f"config key 'lattice_size' must be positive, got {self.lattice_size}")
+            check_choice(f"config key {key!r}", getattr(self, key), allowed)
+        for key in ("state_size", "hidden_size", "steps", "epochs", "batch_size", "checkpoint_every", "patience"):
+            check_int(f"config key {key!r}", getattr(self, key), minimum=1)
+        check_ints("config key 'lattice_size'", self.lattice_size, 3, minimum=1)
+        check_int("config key 'seed'", self.seed, minimum=0, maximum=MAX_SEED)
         for key in ("learning_rate", "step_size"):
-            if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
-                raise ValueError(f"config key {key!r} must be > 0, got {getattr(self, key)!r}")
+            check_number(f"config key {key!r}", getattr(self, key), minimum=0.0, strict_minimum=True)
         for key in ("weight_decay", "warmup_epochs", "grad_clip", "cosine_weight", "mse_weight",
                     "convergence_threshold"):
-            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
-                raise ValueError(f"config key {key!r} must be >= 0, got {getattr(self, key)!r}")
+            check_number(f"config key {key!r}", getattr(self, key), minimum=0.0)
         if not 0.0 < self.validation_split < 1.0:
             raise ValueError(f"config key 'validation_split' must be in (0, 1), got {self.validation_split}")
-        if not 0.0 <= self.mixed_dialogue_fraction <= 1.0:
-            raise ValueError(f"config key 'mixed_dialogue_fraction' must be in [0, 1], got {self.mixed_dialogue_fraction}")
-        if self.target_similarity is not None and not -1.0 <= self.target_similarity <= 1.0:
-            raise ValueError(f"config key 'target_similarity' must be in [-1, 1], got {self.target_similarity}")
-        if self.max_samples is not None and self.max_samples < 2:
-            raise ValueError(f"config key 'max_samples' must be >= 2, got {self.max_samples}")
+        check_number("config key 'mixed_dialogue_fraction'", self.mixed_dialogue_fraction, 0.0, 1.0)
+        if self.target_similarity is not None:
+            check_number("config key 'target_similarity'", self.target_similarity, -1.0, 1.0)
+        if self.max_samples is not None:
+            check_int("config key 'max_samples'", self.max_samples, minimum=2)
 
     def check_fits(self, dim: int) -> None:
         """The lattice must hold the teacher's embedding exactly unless the reshaper projects."""
@@ -144,10 +137,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        check_keys("config", values, (f.name for f in fields(cls)))
         return cls(**values)
 
     @classmethod
@@ -155,12 +145,20 @@ class TrainingConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = load_yaml(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]} {_yaml_where(exc)})") from None
+        if data is None:
+            raise ValueError(f"{path} is empty: write a '{SECTION}:' section with the keys to set (see "
+                             f"config/cube_training.yaml), or leave out --config for all defaults")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping with a '{SECTION}:' section")
         section = data.get(SECTION, data)
         if not isinstance(section, dict):
-            raise ValueError(f"{path}: '{SECTION}' must be a mapping")
+            raise ValueError(f"{path}: '{SECTION}' must be a mapping of config keys, got {section!r}")
         return cls.from_dict(section)
 
     def save_yaml(self, path: Union[str, Path]) -> None:
@@ -169,11 +167,35 @@ class TrainingConfig:
 
     def override(self, **values: Any) -> "TrainingConfig":
         merged = self.to_dict()
-        unknown = sorted(set(values) - set(merged))
-        if unknown:
-            raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(merged)}")
+        check_keys("config", values, merged)
         merged.update(values)
         return TrainingConfig.from_dict(merged)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: ``1e-3``, ``3E5`` and ``.5`` are floats (YAML 1.1 reads the first two as
+    strings, since it wants a dot and a signed exponent)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Config YAML (files and overrides) with the number rule of ``_Loader``."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
 def parse_override(text: str) -> Tuple[str, Any]:
@@ -181,4 +203,7 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), load_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None

@@ -7,20 +7,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checks import check_choice, check_int, check_ints, check_number, check_tensor
 from .ops import BACKENDS, propagate, resolve_backend
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 class CubicCore(nn.Module):
@@ -45,19 +34,16 @@ class CubicCore(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        lattice = tuple(lattice_size)
-        if len(lattice) != 3:
-            raise ValueError(f"lattice_size must be three ints (X, Y, Z), got {lattice_size!r}")
-        self.lattice_size = tuple(_positive_int("lattice_size", v) for v in lattice)
-        self.state_size = _positive_int("state_size", state_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.input_size = _positive_int("input_size", input_size, minimum=0)
-        self.steps = _positive_int("steps", steps)
-        self.boundary = _choice("boundary", boundary, BOUNDARIES)
-        self.activation = _choice("activation", activation, ACTIVATIONS)
-        self.update = _choice("update", update, UPDATES)
-        self.backend = _choice("backend", backend, BACKENDS)
-        self.step_size = float(step_size)
+        self.lattice_size = check_ints("lattice_size", lattice_size, 3, minimum=1)
+        self.state_size = check_int("state_size", state_size, minimum=1)
+        self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        self.input_size = check_int("input_size", input_size, minimum=0)
+        self.steps = check_int("steps", steps, minimum=1)
+        self.boundary = check_choice("boundary", boundary, BOUNDARIES)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.update = check_choice("update", update, UPDATES)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.step_size = check_number("step_size", step_size)
         S, H, E = self.state_size, self.hidden_size, self.input_size
         self.w1 = nn.Parameter(torch.empty(H, 7 * S + E))
         self.b1 = nn.Parameter(torch.empty(H))
@@ -76,17 +62,19 @@ class CubicCore(nn.Module):
         if external is None and self.input_size > 0:
             raise ValueError(f"external [B, {X}, {Y}, {Z}, {self.input_size}] is required (input_size > 0)")
         if external is not None:
-            expected = (X, Y, Z, self.input_size)
-            if not isinstance(external, torch.Tensor) or external.dim() != 5 or tuple(external.shape[1:]) != expected:
-                got = tuple(external.shape) if isinstance(external, torch.Tensor) else type(external).__name__
-                raise ValueError(f"external must have shape [B, {X}, {Y}, {Z}, {self.input_size}], got {got}")
+            doc = f"[B, {X}, {Y}, {Z}, {self.input_size}]"
+            check_tensor("external", external, doc, ndim=5)
+            if tuple(external.shape[1:]) != (X, Y, Z, self.input_size):
+                raise ValueError(f"external must have shape {doc}, got {tuple(external.shape)}")
         if state is None:
             if external is None:
                 raise ValueError("with input_size = 0, pass the initial state [B, X, Y, Z, state_size]")
             state = self.w1.new_zeros((external.shape[0], X, Y, Z, self.state_size))
-        elif not isinstance(state, torch.Tensor) or state.dim() != 5 or tuple(state.shape[1:]) != (X, Y, Z, self.state_size):
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must have shape [B, {X}, {Y}, {Z}, {self.state_size}], got {got}")
+        else:
+            doc = f"[B, {X}, {Y}, {Z}, {self.state_size}]"
+            check_tensor("state", state, doc, ndim=5)
+            if tuple(state.shape[1:]) != (X, Y, Z, self.state_size):
+                raise ValueError(f"state must have shape {doc}, got {tuple(state.shape)}")
         return propagate(
             state, external, self.w1, self.b1, self.w2, self.b2, steps=self.steps, boundary=self.boundary,
             activation=self.activation, update=self.update, step_size=self.step_size, backend=self.backend,

@@ -8,12 +8,12 @@ one is built for the tensors' device and dtype and otherwise the reference, warn
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from .checks import check_choice, check_int, check_number, check_tensor
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference
 
 BACKENDS = ("auto", "kernel", "reference")
@@ -88,8 +88,7 @@ _WARNED: set = set()
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1) -> str:
     """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors; check an explicit choice."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
     reason = kernel_unavailable_reason(device, dtype, state_size)
@@ -105,16 +104,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
 
 
 def _code(name: str, value: str, choices: Tuple[str, ...]) -> int:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return choices.index(value)
+    return choices.index(check_choice(name, value, choices))
 
 
 def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dims), got {tuple(tensor.shape)}")
+    check_tensor(name, tensor, shape_doc, ndim=ndim)
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     return tensor
@@ -155,8 +149,7 @@ def check_propagate_args(state, external, w1, b1, w2, b2, steps) -> torch.Tensor
             raise TypeError(f"{name} has dtype {t.dtype} but state has {state.dtype}; all must match")
         if t.device != state.device:
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int("steps", steps, minimum=1)
     return external
 
 
@@ -195,8 +188,8 @@ def propagate(
         _code("activation", activation, ACTIVATIONS),
         _code("update", update, UPDATES),
     )
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size):
-        raise ValueError(f"step_size must be a finite number, got {step_size!r}")
+    step_size = check_number("step_size", step_size)
+    steps = int(steps)
     chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1])
     if chosen == "reference":
         return propagate_reference(

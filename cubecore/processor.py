@@ -7,6 +7,7 @@ from typing import Any, Dict, Sequence
 import torch
 from torch import nn
 
+from .checks import check_int, check_tensor
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
 
@@ -25,7 +26,7 @@ class EmbeddingProcessor(nn.Module):
                  update: str = "replace", step_size: float = 1.0, reshaping_method: str = "simple",
                  backend: str = "auto") -> None:
         super().__init__()
-        self.input_dim = input_dim
+        self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
         self.core = CubicCore(lattice_size, state_size, hidden_size, input_size=self.reshaper.channels, steps=steps,
                               boundary=boundary, activation=activation, update=update, step_size=step_size,
@@ -41,9 +42,9 @@ class EmbeddingProcessor(nn.Module):
         return torch.einsum("bxyzs,xyzse->bxyze", state, self.readout_weight) + self.readout_bias
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[1] != self.input_dim:
-            got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
-            raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {got}")
+        check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
+        if embedding.shape[1] != self.input_dim:
+            raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
         external = self.reshaper.to_lattice(embedding)
         state = self.core(external)
         return self.reshaper.from_lattice(self.readout(state))

@@ -3,6 +3,7 @@
 import pytest
 
 from cubecore import TrainingConfig
+from cubecore.checks import UnknownKeyError
 from cubecore.config import parse_override
 
 
@@ -18,7 +19,7 @@ def test_shipped_config_holds_the_defaults():
 
 
 @pytest.mark.parametrize("values,error,match", [
-    ({"learnig_rate": 0.1}, KeyError, "learnig_rate"),
+    ({"learnig_rate": 0.1}, UnknownKeyError, "learnig_rate"),
     ({"learning_rate": -1.0}, ValueError, "learning_rate"),
     ({"learning_rate": "fast"}, TypeError, "learning_rate"),
     ({"epochs": 2.5}, TypeError, "epochs"),
@@ -27,7 +28,11 @@ def test_shipped_config_holds_the_defaults():
     ({"mode": "translate"}, ValueError, "mode"),
     ({"optimizer": "lion"}, ValueError, "optimizer"),
     ({"loss_function": "l1"}, ValueError, "loss_function"),
-    ({"lattice_size": [8, 8]}, TypeError, "lattice_size"),
+    ({"lattice_size": [8, 8]}, ValueError, "lattice_size"),
+    ({"lattice_size": [8, 8, "6"]}, TypeError, "lattice_size"),
+    ({"seed": 2**70}, ValueError, "seed"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"step_size": float("nan")}, ValueError, "step_size"),
     ({"validation_split": 1.0}, ValueError, "validation_split"),
     ({"boundary": "open"}, ValueError, "boundary"),
     ({"precision": "fp8"}, ValueError, "precision"),
@@ -40,7 +45,7 @@ def test_bad_keys_raise_naming_the_key(values, error, match):
 
 def test_yaml_with_unknown_key_is_rejected(tmp_path):
     (tmp_path / "bad.yaml").write_text("cube_training:\n  epochs: 3\n  colour: blue\n")
-    with pytest.raises(KeyError, match="colour"):
+    with pytest.raises(UnknownKeyError, match="colour"):
         TrainingConfig.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError):
         TrainingConfig.from_yaml(tmp_path / "missing.yaml")
@@ -62,3 +67,32 @@ def test_overrides():
         TrainingConfig().override(nope=1)
     with pytest.raises(ValueError, match="key=value"):
         parse_override("epochs")
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("3e-4", 3e-4), ("1E5", 1e5), ("2.5e+2", 250.0),
+                                        (".5", 0.5), ("7", 7)])
+def test_numbers_parse_as_users_write_them(tmp_path, text, value):
+    """YAML 1.1 reads 1e-3 as a string; overrides and config files read it as the number it is."""
+    key, got = parse_override(f"learning_rate={text}")
+    assert got == value and type(got) is type(value)
+    assert TrainingConfig().override(learning_rate=got).learning_rate == float(value)
+    (tmp_path / "c.yaml").write_text(f"cube_training:\n  learning_rate: {text}\n")
+    assert TrainingConfig.from_yaml(tmp_path / "c.yaml").learning_rate == float(value)
+
+
+def test_empty_or_broken_yaml_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="empty.yaml is empty"):
+        TrainingConfig.from_yaml(tmp_path / "empty.yaml")
+    (tmp_path / "broken.yaml").write_text("cube_training:\n  epochs: [3\n")
+    with pytest.raises(ValueError, match="broken.yaml: not valid YAML.*line"):
+        TrainingConfig.from_yaml(tmp_path / "broken.yaml")
+    (tmp_path / "bom.yaml").write_bytes("\ufeffcube_training:\n  epochs: 3\n".encode("utf-8"))
+    assert TrainingConfig.from_yaml(tmp_path / "bom.yaml").epochs == 3
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    cfg = TrainingConfig(epochs=np.int64(3), lattice_size=np.array([8, 8, 6]).tolist(), seed=np.int32(5))
+    assert cfg.epochs == 3 and type(cfg.epochs) is int and cfg.seed == 5
+    assert TrainingConfig(lattice_size=tuple(np.array([8, 8, 6]))).lattice_size == (8, 8, 6)

@@ -89,11 +89,26 @@ def test_input_size_zero_needs_a_state():
         (dict(activation="gelu"), "activation"),
         (dict(update="momentum"), "update"),
         (dict(backend="cuda"), "backend"),
+        (dict(step_size=float("nan")), "step_size"),
+        (dict(step_size=float("inf")), "step_size"),
     ],
 )
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CubicCore(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(steps=2.0), "steps"), (dict(state_size="8"), "state_size"),
+                                          (dict(step_size="0.5"), "step_size"), (dict(lattice_size=8), "lattice_size")])
+def test_settings_of_the_wrong_type_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        CubicCore(**kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    core = CubicCore(lattice_size=np.array([2, 3, 4]), state_size=np.int64(2), hidden_size=np.int32(3), steps=np.int64(2))
+    assert core.lattice_size == (2, 3, 4) and core.state_size == 2 and type(core.steps) is int
 
 
 def test_bad_forward_inputs_raise():
@@ -104,6 +119,8 @@ def test_bad_forward_inputs_raise():
         core(torch.randn(2, 3, 4, 1))
     with pytest.raises(ValueError, match="external"):
         core()
+    with pytest.raises(TypeError, match="external"):
+        core([[1.0]])
     with pytest.raises(ValueError, match="state"):
         core(torch.randn(1, 2, 3, 4, 1), torch.randn(1, 2, 3, 4, 5))
     with pytest.raises(TypeError, match="dtype"):

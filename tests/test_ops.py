@@ -221,20 +221,28 @@ def test_bad_tensors_raise_naming_the_argument(mutate, error, match):
 
 
 @pytest.mark.parametrize(
-    "kw,match",
+    "kw,error,match",
     [
-        (dict(steps=0), "steps"),
-        (dict(steps=2.5), "steps"),
-        (dict(steps=2, boundary="mirror"), "boundary"),
-        (dict(steps=2, activation="gelu"), "activation"),
-        (dict(steps=2, update="add"), "update"),
-        (dict(steps=2, step_size=float("nan")), "step_size"),
-        (dict(steps=2, backend="triton"), "backend"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(steps=2, boundary="mirror"), ValueError, "boundary"),
+        (dict(steps=2, activation="gelu"), ValueError, "activation"),
+        (dict(steps=2, update="add"), ValueError, "update"),
+        (dict(steps=2, step_size=float("nan")), ValueError, "step_size"),
+        (dict(steps=2, step_size="1"), TypeError, "step_size"),
+        (dict(steps=2, backend="triton"), ValueError, "backend"),
     ],
 )
-def test_bad_options_raise_naming_the_argument(kw, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_options_raise_naming_the_argument(kw, error, match):
+    """A wrong type is a TypeError, a wrong value a ValueError, as everywhere in the package (cubecore.checks)."""
+    with pytest.raises(error, match=match):
         propagate(*_good(), **kw)
+
+
+def test_numpy_integer_steps_are_ints():
+    np = pytest.importorskip("numpy")
+    want = propagate(*_good(), steps=2, backend="reference")
+    torch.testing.assert_close(propagate(*_good(), steps=np.int64(2), backend="reference"), want)
 
 
 @requires_kernel
