@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import run_command
 from .report import results_table
 from .trainer import CubeTrainer, prepare_data
 
@@ -16,15 +17,16 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         trainer = CubeTrainer.from_checkpoint(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    config = trainer.config.override(data=args.data) if args.data else trainer.config
-    data = prepare_data(config, trainer.teacher)
-    print(results_table(trainer.evaluate(data.val, train_data=data.train)))
-    return 0
+        config = trainer.config.override(data=args.data) if args.data else trainer.config
+        data = prepare_data(config, trainer.teacher)
+        print(results_table(trainer.evaluate(data.val, train_data=data.train)))
+        print(f"Scored: the weights of {args.checkpoint}, after epoch {trainer.epoch}.")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,28 @@ import torch.nn.functional as F
 COLUMNS = ("cosine", "mse", "r@1", "r@5", "r@10", "mrr")
 
 
+METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_cosine", "lr")
+
+
+def write_metrics(output_dir: Path, history: List[Dict[str, object]]) -> None:
+    """metrics.jsonl and metrics.csv holding exactly ``history``, one line per epoch (a resumed run starts from
+    its checkpoint's history, so an epoch written after the checkpoint is not listed twice)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "metrics.csv"):
+        (output_dir / name).unlink(missing_ok=True)
+    for record in history:
+        append_metrics(output_dir, record)
+
+
 def append_metrics(output_dir: Path, record: Dict[str, object]) -> None:
-    """One epoch's record, appended to metrics.jsonl and metrics.csv (a resumed run keeps appending)."""
+    """One epoch's record, appended to metrics.jsonl and metrics.csv."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     path = output_dir / "metrics.csv"
-    fields = ["epoch", "step", "train_loss", "val_loss", "val_cosine", "lr"]
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(record)

@@ -2,14 +2,17 @@
 
 With no arguments: dialogue mode on the shipped chatterbot Q->A data, the shipped default teacher
 (all-MiniLM-L6-v2), an 8x8x6 lattice; offline, a few minutes on a 2-core CPU.  Writes to --output-dir:
-config.yaml, metrics.csv / metrics.jsonl (per epoch), last.pt (checkpoint), curves.png and report.md.
-Interrupt with Ctrl-C: the last finished epoch is saved; continue with --resume.
+config.yaml, metrics.csv / metrics.jsonl (per epoch), last.pt (checkpoint after the latest epoch), best.pt (the
+epoch with the lowest validation loss), curves.png and report.md.  A run owns its output directory while it
+lives; a fresh run refuses a directory that holds another run unless --overwrite.  Interrupt with Ctrl-C:
+last.pt keeps the last saved epoch, and --resume continues from it exactly as if never interrupted.
 
 Examples:
   python -m cubecore.train
   python -m cubecore.train --mode autoencoder --epochs 60
   python -m cubecore.train --config config/cube_training.yaml learning_rate=0.001 steps=6
   python -m cubecore.train --resume                 # continue runs/cube/last.pt
+  python -m cubecore.train --resume --epochs 60     # train a finished run on, on purpose
   torchrun --nproc_per_node=2 -m cubecore.train      # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
 Under torchrun each process trains on its share of every epoch (batch_size is per process); only rank 0
@@ -22,15 +25,23 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .config import TrainingConfig, parse_override
-from .report import append_metrics, example_predictions, markdown_report, plot_curves, results_table
+from .cli import run_command
+from .config import MODES, TrainingConfig, parse_override
+from .ops import BACKENDS
+from .report import append_metrics, example_predictions, markdown_report, plot_curves, results_table, write_metrics
+from .rundir import RunDirectory
 from .trainer import CubeTrainer, prepare_data
+
+# Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
+RESUMABLE_KEYS = ("epochs", "output_dir", "device", "backend", "cache_dir", "checkpoint_every", "patience",
+                  "convergence_threshold", "target_similarity")
 
 
 def _lattice(text: str):
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with a 'cube_training:' section (default: built-in defaults, "
                                     "the same as config/cube_training.yaml)")
-    p.add_argument("--mode", choices=["autoencoder", "dialogue", "mixed"], help="what to learn")
+    p.add_argument("--mode", choices=MODES, help="what to learn")
     p.add_argument("--data", help="named source (chatterbot, chitchat) or a data file")
     p.add_argument("--teacher", help="teacher encoder: short name, Hugging Face id or local directory")
     p.add_argument("--epochs", type=int, help="epochs to train (with --resume: the new total)")
@@ -53,17 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lattice-size", type=_lattice, help="XxYxZ, e.g. 8x8x6 (must fit the teacher's dim "
                                                         "unless reshaping_method=projection)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", choices=["auto", "kernel", "reference"])
-    p.add_argument("--output-dir", help="where the run's files go (default runs/cube)")
+    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--output-dir", help="where the run's files go (default runs/cube; with --resume CHECKPOINT, "
+                                        "the checkpoint's folder)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. learning_rate=1e-3")
     return p
 
 
-def config_from_args(args) -> TrainingConfig:
-    config = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig()
+def given_values(args) -> dict:
+    """The settings given on the command line (flags and key=value overrides), by config key."""
     flags = {"mode": args.mode, "data": args.data, "teacher": args.teacher, "epochs": args.epochs,
              "batch_size": args.batch_size, "lattice_size": args.lattice_size, "device": args.device,
              "backend": args.backend, "output_dir": args.output_dir}
@@ -71,6 +84,12 @@ def config_from_args(args) -> TrainingConfig:
     for item in args.overrides:
         key, value = parse_override(item)
         values[key] = value
+    return values
+
+
+def config_from_args(args) -> TrainingConfig:
+    config = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig()
+    values = given_values(args)
     return config.override(**values) if values else config
 
 
@@ -100,60 +119,112 @@ def _barrier() -> None:
 
 
 def main(argv=None) -> int:
-    with distributed_session():
-        return _main(argv)
-
-
-def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(config.output_dir)
-    if args.resume is not None:
-        checkpoint = Path(args.resume) if args.resume else out / "last.pt"
-        trainer = CubeTrainer.from_checkpoint(checkpoint, device=args.device)
-        if args.epochs is not None:
-            trainer.config = trainer.config.override(epochs=args.epochs)
-        config = trainer.config
-        out = Path(config.output_dir)
-        print(f"resuming {checkpoint} after epoch {trainer.epoch} (step {trainer.step})")
-    else:
-        trainer = CubeTrainer(config)
+
+    def body() -> int:
+        with distributed_session():
+            return _main(args)
+
+    return run_command(body)
+
+
+def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
+    """The trainer of the checkpoint that --resume names, with the settings that may change applied, the
+    folder to write to (where the user points), and a message if the run is finished and nothing is asked."""
+    if args.config:
+        raise ValueError("--config cannot be combined with --resume: the run's settings come from its checkpoint")
+    default_dir = Path(args.output_dir or TrainingConfig().output_dir)
+    checkpoint = Path(args.resume) if args.resume else default_dir / "last.pt"
+    out = Path(args.output_dir) if args.output_dir else (checkpoint.parent if args.resume else default_dir)
+    trainer = CubeTrainer.from_checkpoint(checkpoint, device=args.device)
+    values = {**given_values(args), "output_dir": str(out)}
+    current = trainer.config.to_dict()
+    trainer.config.override(**values)  # unknown keys and bad values are errors here, as on a fresh run
+    refused = sorted(k for k, v in values.items()
+                     if k not in RESUMABLE_KEYS and trainer.config.override(**{k: v}).to_dict()[k] != current[k])
+    if refused:
+        raise ValueError(f"cannot change {refused} when resuming {checkpoint} (the run's results depend on them); "
+                         f"keys that may change on resume: {list(RESUMABLE_KEYS)}")
+    trainer.config = trainer.config.override(**{k: v for k, v in values.items() if k in RESUMABLE_KEYS})
+    if _rank() == 0:
+        print(f"resuming {checkpoint} after epoch {trainer.epoch} (step {trainer.step}), writing to {out}")
+    if trainer.finished is not None:
+        if args.epochs is None:
+            return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}); "
+                                  f"nothing to do. To train it further on purpose, add --epochs N with "
+                                  f"N > {trainer.epoch}.")
+        trainer.reopen()
+    if args.epochs is not None and args.epochs <= trainer.epoch:
+        raise ValueError(f"--epochs {args.epochs} is not more than the {trainer.epoch} epochs {checkpoint} has "
+                         f"trained; with --resume, --epochs is the new total")
+    return trainer, out, None
+
+
+def _main(args) -> int:
     main_process = _rank() == 0
+    resume = args.resume is not None
+    if resume and args.overwrite:
+        raise ValueError("--overwrite and --resume exclude each other: resume continues the run, overwrite replaces it")
+    if resume:
+        trainer, out, finished = resumed_trainer(args)
+        if finished:
+            print(finished)
+            return 0
+    else:
+        trainer = CubeTrainer(config_from_args(args))
+        out = Path(trainer.config.output_dir)
+    config = trainer.config
+    # Everything that can be checked is checked before any work or write.
+    if trainer.components_initialized:
+        config.check_fits(trainer.dim)
+    else:
+        config.check_fits(trainer.teacher.dim)
     if args.quiet or not main_process:
         from transformers.utils import logging as hf_logging
 
         trainer.teacher.show_progress = False
         hf_logging.disable_progress_bar()
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(out / "config.yaml")
-        data = prepare_data(config, trainer.teacher)  # rank 0 fills the embedding cache ...
-    _barrier()
-    if not main_process:
-        data = prepare_data(config, trainer.teacher)  # ... the others read it
-    if not trainer.components_initialized:
-        trainer.initialize_components(dim=data.train[0].shape[1])
-    if main_process:
-        print(json.dumps({**trainer.get_info(), "processes": trainer.world_size}, default=str))
-        print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
+    with ExitStack() as stack:
+        if main_process:  # only rank 0 writes, so only it owns the folder
+            stack.enter_context(RunDirectory(out, "resume" if resume else "overwrite" if args.overwrite else "fresh"))
+            data = prepare_data(config, trainer.teacher)  # rank 0 fills the embedding cache ...
+        _barrier()
+        if not main_process:
+            data = prepare_data(config, trainer.teacher)  # ... the others read it
+        if not trainer.components_initialized:
+            trainer.initialize_components(dim=data.train[0].shape[1])
+        if main_process:
+            config.save_yaml(out / "config.yaml")
+            write_metrics(out, trainer.history)
+            print(json.dumps({**trainer.get_info(), "processes": trainer.world_size}, default=str))
+            print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
+        return _train_and_report(trainer, data, out, args, main_process)
+
+
+def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process: bool) -> int:
+    config = trainer.config
+    saved = {"epoch": trainer.epoch if args.resume is not None else 0}
 
     def on_epoch_end(t: CubeTrainer, record) -> None:
         if main_process:
             append_metrics(out, record)
-            if t.epoch % config.checkpoint_every == 0:
+            if t.best_epoch == t.epoch:
+                t.save_checkpoint(out / "best.pt")
+            if t.epoch % config.checkpoint_every == 0 or t.finished:
                 t.save_checkpoint(out / "last.pt")
+                saved["epoch"] = t.epoch
 
     try:
         trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, progress=not args.quiet)
     except KeyboardInterrupt:
-        if trainer.epoch > 0 and main_process:
-            trainer.save_checkpoint(out / "last.pt")
-        print(f"\ninterrupted after epoch {trainer.epoch}; saved {out / 'last.pt'}; continue with --resume",
-              file=sys.stderr)
+        if main_process:
+            if saved["epoch"]:
+                print(f"\ninterrupted during epoch {trainer.epoch + 1}; {out / 'last.pt'} holds epoch "
+                      f"{saved['epoch']} (what came after it is not saved): continue with --resume "
+                      f"--output-dir {out}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted during epoch {trainer.epoch + 1}, before any checkpoint was saved: "
+                      f"nothing to resume", file=sys.stderr)
         return 130
     if trainer.distributed:  # every rank must end with the same weights
         digests = [None] * trainer.world_size
@@ -173,10 +244,14 @@ def _main(argv=None) -> int:
         examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
                                        data.val_answers)
     plot_curves(trainer.history, out / "curves.png")
-    (out / "report.md").write_text(markdown_report(results, trainer.get_info(), examples))
+    note = (f"Scored: the weights after the last epoch, {trainer.epoch} (last.pt). The lowest validation loss "
+            f"was at epoch {trainer.best_epoch} (best.pt).")
+    (out / "report.md").write_text(markdown_report(results, trainer.get_info(), examples, note=note))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(results_table(results))
-    print(f"wrote {out / 'last.pt'}, {out / 'curves.png'}, {out / 'report.md'}, {out / 'metrics.csv'}")
+    print(note)
+    print(f"wrote {out / 'last.pt'}, {out / 'best.pt'}, {out / 'curves.png'}, {out / 'report.md'}, "
+          f"{out / 'metrics.csv'}")
     return 0
 
 

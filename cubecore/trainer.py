@@ -4,32 +4,29 @@ Loss in float32 (cosine, MSE or the original's 0.7 cosine + 0.3 MSE), AdamW by d
 linear warm-up then cosine learning-rate schedule, early stop on ``convergence_threshold``/``patience`` and on
 ``target_similarity``.  The shuffling of epoch e depends only on (seed, e), and checkpoints carry model,
 optimizer, scheduler, RNG states, epoch, step, config and history, so a resumed run continues exactly where the
-killed one stopped.  Checkpoints are written to a temporary file and renamed into place.
+killed one stopped.  Checkpoints load weights-only and carry a checksum (``cubecore.checkpoint``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from .atomic import atomic_torch_save
+from .checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
 from .config import TrainingConfig
 from .data.datasets import check_embedding_pairs
 from .metrics import EmbeddingMetrics
 from .processor import EmbeddingProcessor
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]
-CHECKPOINT_FORMAT = "cubecore-checkpoint-1"
 
 
 def _as_pairs(data, name: str) -> Pairs:
@@ -55,8 +52,11 @@ class CubeTrainer:
         self.step = 0  # optimizer steps taken
         self.total_steps = 1
         self.history: List[Dict[str, float]] = []
-        self.best_val_loss = math.inf
+        self.best_val_loss = math.inf  # for early stopping: improved by at least convergence_threshold
         self.epochs_without_improvement = 0
+        self.best_loss = math.inf  # the lowest validation loss seen (training loss without validation) ...
+        self.best_epoch = 0  # ... and the epoch that reached it
+        self.finished: Optional[str] = None  # why training ended (early stop or all epochs), None while it goes on
         self._teacher = None
 
     @property
@@ -186,6 +186,9 @@ class CubeTrainer:
         model = self._require_model()
         if x.shape[1] != self.dim:
             raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
+        reshaper = model.reshaper
+        if reshaper.needs_fit and not reshaper.is_fitted:  # adaptive / semantic placement, from the training inputs
+            reshaper.fit(x)
         epochs = epochs if epochs is not None else cfg.epochs
         progress = progress and self.rank == 0
         # Each process takes its share of every epoch's permutation, which depends only on (seed, epoch); with
@@ -235,21 +238,32 @@ class CubeTrainer:
             self.epoch += 1
             self.history.append(record)
             stop = self._update_early_stop(record)
+            if stop is None and self.epoch >= epochs:
+                stop = f"trained all {epochs} epochs"
+            if stop:
+                record["stopped"] = stop
+                self.finished = stop
             if progress:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step", "stopped"))
                 tqdm.write(f"epoch {record['epoch']}/{epochs}: {shown}")
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
             if stop:
-                record["stopped"] = stop
                 if progress:
-                    tqdm.write(f"early stop: {stop}")
+                    tqdm.write(f"stopped: {stop}")
                 break
         return self.history
+
+    def reopen(self) -> None:
+        """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts."""
+        self.finished = None
+        self.epochs_without_improvement = 0
 
     def _update_early_stop(self, record: Dict[str, float]) -> Optional[str]:
         cfg = self.config
         loss = record.get("val_loss", record["train_loss"])
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, self.epoch
         if loss < self.best_val_loss - cfg.convergence_threshold:
             self.best_val_loss = loss
             self.epochs_without_improvement = 0
@@ -287,47 +301,42 @@ class CubeTrainer:
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
+        """Everything a resumed run needs to continue bit-exactly, as a checksummed weights-only file."""
         model = self._require_model()
         state = {
-            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "dim": self.dim,
+            "config": self.config.to_dict(), "dim": self.dim,
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
             "total_steps": self.total_steps, "history": self.history, "best_val_loss": self.best_val_loss,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "epochs_without_improvement": self.epochs_without_improvement, "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch, "finished": self.finished, "rng": rng_states(),
         }
-        return atomic_torch_save(state, path)
+        return save_checkpoint_file(state, path)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "CubeTrainer":
+        """A trainer in the state the checkpoint saved (a damaged, foreign or unsafe file is a ValueError)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+        state = load_checkpoint_file(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable cubecore checkpoint (corrupt or truncated: "
-                             f"{type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a cubecore checkpoint")
-        config = TrainingConfig.from_dict(state["config"])
-        if device is not None:
-            config = config.override(device=device)
-        trainer = cls(config)
-        trainer.initialize_components(dim=state["dim"])
-        try:
+            config = TrainingConfig.from_dict(state["config"])
+            if device is not None:
+                config = config.override(device=device)
+            trainer = cls(config)
+            trainer.initialize_components(dim=state["dim"])
             trainer.model.load_state_dict(state["model"])
             trainer.optimizer.load_state_dict(state["optimizer"])
             trainer.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path} does not match its own config ({exc})") from exc
-        trainer.epoch, trainer.step, trainer.total_steps = state["epoch"], state["step"], state["total_steps"]
-        trainer.history = list(state["history"])
-        trainer.best_val_loss = state["best_val_loss"]
-        trainer.epochs_without_improvement = state["epochs_without_improvement"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+            trainer.epoch, trainer.step, trainer.total_steps = state["epoch"], state["step"], state["total_steps"]
+            trainer.history = list(state["history"])
+            trainer.best_val_loss = state["best_val_loss"]
+            trainer.epochs_without_improvement = state["epochs_without_improvement"]
+            trainer.best_loss, trainer.best_epoch = state["best_loss"], state["best_epoch"]
+            trainer.finished = state["finished"]
+            set_rng_states(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path} does not hold a consistent cubecore training state "
+                             f"({type(exc).__name__}: {exc})") from exc
         return trainer
 
 
@@ -348,14 +357,15 @@ def prepare_data(config: TrainingConfig, encoder) -> TrainingData:
                   max_samples=config.max_samples, cache_dir=config.cache_dir)
     if config.mode == "autoencoder":
         ds = create_file_dataset(config.data, **common)
-        return TrainingData(ds.split_tensors(), ds.split_tensors(validation=True))
+        return _checked(TrainingData(*_splits(ds, config)), config)
     dialogue = create_dialogue_dataset(config.data, **common)
     vq, va = dialogue.texts(validation=True) if dialogue.questions is not None else (None, None)
+    train, val = _splits(dialogue, config)
     if config.mode == "dialogue":
-        return TrainingData(dialogue.split_tensors(), dialogue.split_tensors(validation=True), vq, va)
+        return _checked(TrainingData(train, val, vq, va), config)
     # mixed: dialogue pairs plus autoencoder pairs (each answer to itself), in the configured proportion;
     # validation stays dialogue, the harder task.
-    qx, qy = dialogue.split_tensors()
+    qx, qy = train
     f = config.mixed_dialogue_fraction
     n_auto = int(round(qx.shape[0] * (1 - f) / f)) if f > 0 else qx.shape[0]
     gen = torch.Generator().manual_seed(config.seed)
@@ -363,4 +373,22 @@ def prepare_data(config: TrainingConfig, encoder) -> TrainingData:
     auto = qy[pick]
     inputs = torch.cat([qx, auto]) if f > 0 else auto
     targets = torch.cat([qy, auto]) if f > 0 else auto
-    return TrainingData((inputs, targets), dialogue.split_tensors(validation=True), vq, va)
+    return _checked(TrainingData((inputs, targets), val, vq, va), config)
+
+
+def _splits(dataset, config: TrainingConfig) -> Tuple[Pairs, Pairs]:
+    """The training and validation pairs; an empty side is an error that says why, before any training."""
+    train, val = dataset.split_tensors(), dataset.split_tensors(validation=True)
+    if val[0].shape[0] == 0:
+        raise ValueError(
+            f"the validation split of data {config.data!r} is empty ({train[0].shape[0]} training pairs, "
+            f"validation_split={config.validation_split}; a dialogue split keeps every answer of one question on "
+            f"one side): give more data (or more distinct questions), or a larger validation_split")
+    return train, val
+
+
+def _checked(data: TrainingData, config: TrainingConfig) -> TrainingData:
+    n = data.train[0].shape[0]
+    if n < 2:
+        raise ValueError(f"data {config.data!r} leaves {n} training pair(s); training needs at least 2")
+    return data

@@ -157,3 +157,203 @@ def test_torchrun_two_cpu_processes(tmp_path, dialogue_file):
     assert (out / "last.pt").is_file() and (out / "report.md").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2, "only rank 0 writes metrics"
+
+
+# --- trustworthy runs: the command in-process, on a fake teacher ------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from cubecore import train as train_cli  # noqa: E402
+from cubecore import evaluate as evaluate_cli  # noqa: E402
+from cubecore.checkpoint import CheckpointError  # noqa: E402
+from cubecore.rundir import RunDirectory  # noqa: E402
+
+TINY = ["lattice_size=[2, 2, 3]", "state_size=4", "hidden_size=8", "steps=2", "batch_size=8", "device=cpu",
+        "learning_rate=1e-2", "--quiet"]
+
+
+@pytest.fixture
+def fake_teacher(monkeypatch):
+    teacher = FakeEncoder(dim=12)
+    monkeypatch.setattr(CubeTrainer, "teacher", property(lambda self: teacher))
+    return teacher
+
+
+def cli(tmp_path, data, out, *extra, epochs=None):
+    argv = ["--data", str(data), "--output-dir", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY, *extra]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
+    return train_cli.main(argv)
+
+
+def weights(path):
+    return CubeTrainer.from_checkpoint(path).model.state_dict()
+
+
+def assert_same_weights(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def epochs_in(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path, fake_teacher, dialogue_file, capsys):
+    marker = tmp_path / "pwned"
+    for name, payload in (("outer.pt", {"format": "cubecore-checkpoint-2", "payload": _Evil(marker)}),
+                          ("plain.pt", _Evil(marker))):
+        torch.save(payload, tmp_path / name)
+        with pytest.raises(CheckpointError, match="refused"):
+            CubeTrainer.from_checkpoint(tmp_path / name)
+        assert evaluate_cli.main([str(tmp_path / name)]) == 2
+        assert cli(tmp_path, dialogue_file, tmp_path / "r", "--resume", str(tmp_path / name)) == 2
+        assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_every_damaged_byte_of_a_checkpoint_is_an_error_naming_the_file(tmp_path):
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    good = trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes()
+    bad = tmp_path / "flipped.pt"
+    for offset in range(0, len(good), max(1, len(good) // 40)):
+        data = bytearray(good)
+        data[offset] ^= 0x10
+        bad.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="flipped.pt"):
+            CubeTrainer.from_checkpoint(bad)
+
+
+def _interrupt_at_step(monkeypatch, step):
+    original = CubeTrainer.loss
+
+    def loss(self, pred, target):
+        if torch.is_grad_enabled() and self.step == step:
+            raise KeyboardInterrupt
+        return original(self, pred, target)
+
+    monkeypatch.setattr(CubeTrainer, "loss", loss)
+    return original
+
+
+def test_ctrl_c_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, fake_teacher, dialogue_file,
+                                                                      monkeypatch, capsys):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert cli(tmp_path, dialogue_file, straight, epochs=4) == 0
+    steps_per_epoch = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    original = _interrupt_at_step(monkeypatch, 2 * steps_per_epoch + 2)  # inside epoch 3
+    assert cli(tmp_path, dialogue_file, cut, epochs=4) == 130
+    assert "holds epoch 2" in capsys.readouterr().err
+    assert CubeTrainer.from_checkpoint(cut / "last.pt").epoch == 2
+    monkeypatch.setattr(CubeTrainer, "loss", original)
+    assert train_cli.main(["--resume", "--output-dir", str(cut), "--quiet"]) == 0
+    assert_same_weights(straight / "last.pt", cut / "last.pt")
+    assert epochs_in(cut) == [1, 2, 3, 4], "each epoch once in the metrics after a resume"
+    assert CubeTrainer.from_checkpoint(cut / "last.pt").step == CubeTrainer.from_checkpoint(straight / "last.pt").step
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(tmp_path, fake_teacher, dialogue_file, monkeypatch,
+                                                          capsys):
+    _interrupt_at_step(monkeypatch, 1)
+    assert cli(tmp_path, dialogue_file, tmp_path / "run", epochs=3) == 130
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resume_writes_where_the_user_points_and_refuses_what_it_cannot_change(tmp_path, fake_teacher,
+                                                                            dialogue_file, capsys):
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert cli(tmp_path, dialogue_file, original, epochs=2) == 0
+    shutil.copytree(original, copy)
+    before = (original / "last.pt").read_bytes()
+    assert train_cli.main(["--resume", str(copy / "last.pt"), "--epochs", "3", "--quiet"]) == 0
+    assert (original / "last.pt").read_bytes() == before, "the original run is untouched"
+    assert CubeTrainer.from_checkpoint(copy / "last.pt").epoch == 3
+    assert CubeTrainer.from_checkpoint(copy / "last.pt").config.output_dir == str(copy)
+    capsys.readouterr()
+    assert train_cli.main(["--resume", "--output-dir", str(copy), "--epochs", "4", "learning_rate=0.5",
+                           "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "patience" in err, err
+    assert train_cli.main(["--resume", "--output-dir", str(copy), "--epochs", "4", "patience=3", "--quiet"]) == 0
+    assert CubeTrainer.from_checkpoint(copy / "last.pt").config.patience == 3
+
+
+def test_a_finished_run_is_not_trained_on_by_accident(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, "target_similarity=-1.0", epochs=5) == 0  # stops after epoch 1
+    before = (out / "last.pt").read_bytes()
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "finished" in said and "--epochs" in said
+    assert (out / "last.pt").read_bytes() == before
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--epochs", "3", "target_similarity=null",
+                           "--quiet"]) == 0
+    assert CubeTrainer.from_checkpoint(out / "last.pt").epoch == 3
+
+
+def test_a_run_directory_has_one_owner(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    with RunDirectory(out, "fresh"):  # another run holds it
+        assert cli(tmp_path, dialogue_file, out, epochs=1) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    config_before = (out / "config.yaml").read_text()
+    assert cli(tmp_path, dialogue_file, out, "hidden_size=6", epochs=1) == 2, "a fresh run into a used folder"
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == config_before
+    (out / "last.pt.x1y2.tmp").write_bytes(b"half")
+    assert cli(tmp_path, dialogue_file, out, "hidden_size=6", "--overwrite", epochs=1) == 0
+    assert epochs_in(out) == [1] and not list(out.glob("*.tmp"))
+    assert CubeTrainer.from_checkpoint(out / "last.pt").config.hidden_size == 6
+
+
+def test_best_weights_are_kept_beside_the_last(tmp_path, fake_teacher, dialogue_file):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, "learning_rate=0.3", epochs=4) == 0
+    history = CubeTrainer.from_checkpoint(out / "last.pt").history
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert CubeTrainer.from_checkpoint(out / "best.pt").epoch == best_epoch
+    assert f"lowest validation loss was at epoch {best_epoch} (best.pt)" in (out / "report.md").read_text()
+
+
+def test_everything_checkable_is_checked_before_work_or_writes(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, "lattice_size=[2, 2, 2]", epochs=1) == 2
+    assert "lattice_size" in capsys.readouterr().err
+    assert fake_teacher.calls == 0 and not out.exists()
+
+
+def test_an_empty_validation_side_is_said_before_training(tmp_path, fake_teacher, capsys):
+    data = tmp_path / "one_question.txt"
+    data.write_text("\n".join(f"the question\tanswer {i}" for i in range(30)) + "\n")
+    assert cli(tmp_path, data, tmp_path / "run", epochs=1) == 2
+    err = capsys.readouterr().err
+    assert "validation split" in err and "empty" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("setup,args,match", [
+    (lambda p: p.write_text(""), ["--config", "{}"], "is empty"),
+    (lambda p: p.write_text("cube_training:\n  epochs: [1\n"), ["--config", "{}"], "not valid YAML"),
+    (None, ["seed=123456789012345678901234567890"], "seed"),
+    (None, ["epochs=many"], "epochs"),
+])
+def test_user_mistakes_are_one_error_line(tmp_path, fake_teacher, capsys, setup, args, match):
+    path = tmp_path / "c.yaml"
+    if setup:
+        setup(path)
+    assert train_cli.main([a.replace("{}", str(path)) for a in args] + ["--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1, err

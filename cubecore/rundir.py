@@ -1,0 +1,77 @@
+"""The folder a training run writes into, owned by one run at a time.
+
+A run takes an exclusive lock on ``RUN_DIR/.lock`` for as long as it lives (released by the OS if the process
+dies), so a second run into the same folder stops at once instead of interleaving its epochs with the first.
+A fresh run wants a folder without a previous run's files; ``overwrite`` removes those files first, and a
+resumed run keeps them.  Temporary files that a killed write left behind are removed either way.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Optional
+
+RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "report.md",
+             "results.json")
+OPEN_MODES = ("fresh", "overwrite", "resume")
+LOCK_NAME = ".lock"
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory is in use by another run, or holds a run that this one would silently replace."""
+
+
+class RunDirectory:
+    """``with RunDirectory(path, mode):`` holds the lock on ``path`` for the block."""
+
+    def __init__(self, path: os.PathLike, mode: str = "fresh") -> None:
+        if mode not in OPEN_MODES:
+            raise ValueError(f"mode must be one of {OPEN_MODES}, got {mode!r}")
+        self.path = Path(path)
+        self.mode = mode
+        self._lock: Optional[int] = None
+
+    def __enter__(self) -> "RunDirectory":
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"output directory {self.path} is a file")
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunDirectoryError(f"output directory {self.path} is in use by another run"
+                                    f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose "
+                                    f"another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+        try:
+            self._prepare()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the lock
+            self._lock = None
+
+    def _prepare(self) -> None:
+        for stale in self.path.glob("*.tmp"):  # a write killed between creating and renaming its file
+            stale.unlink(missing_ok=True)
+        existing = sorted(name for name in RUN_FILES if (self.path / name).exists())
+        if self.mode == "fresh" and existing:
+            raise RunDirectoryError(
+                f"output directory {self.path} already holds a run ({', '.join(existing)}): continue it with "
+                f"--resume, replace it with --overwrite, or choose another --output-dir")
+        if self.mode == "overwrite":
+            for name in existing:
+                (self.path / name).unlink()
