@@ -3,6 +3,8 @@ calls) keeps most tests fast; the real default teacher is used where the texts' 
 
 import hashlib
 import json
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -81,6 +83,74 @@ def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, damage):
         warnings.simplefilter("error")
         create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path))
     assert enc.calls == 2
+
+
+def test_unwritable_cache_dir_warns_and_the_run_goes_on(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    cache_dir = tmp_path / "a_file" / "cache"  # cannot be created: even root cannot write here
+    enc = FakeEncoder()
+    with pytest.warns(RuntimeWarning, match="cannot write") as record:
+        ds = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    message = str(record[0].message)
+    assert str(cache_dir) in message and "without the cache" in message
+    assert "Error" in message, "the reason is given"
+    expected = torch.nn.functional.normalize(enc.encode(TEXTS), dim=-1)
+    assert torch.allclose(ds.inputs, expected)
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    assert enc.calls == 3  # (one of them above, by the test) nothing was cached
+
+
+def test_unreadable_cache_dir_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    real_is_file = Path.is_file
+
+    def is_file(self):  # what a directory without search permission does (root ignores permissions)
+        if cache_dir in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    enc = FakeEncoder()
+    with pytest.warns(RuntimeWarning, match="cannot read") as record:
+        ds = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    assert str(cache_dir) in str(record[0].message) and "PermissionError" in str(record[0].message)
+    assert enc.calls == 1 and len(ds) + len(ds.validation) == len(TEXTS)
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_unreadable_cache_file_is_reported_and_kept(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    enc = FakeEncoder()
+    first = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    (path,) = list(tmp_path.glob("*.pt"))
+    real_open = Path.open
+
+    def open_(self, *args, **kwargs):  # what a file without read permission does (root ignores permissions)
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.warns(RuntimeWarning, match="cannot read"):
+        again = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    assert enc.calls == 2 and torch.equal(first, again)
+    assert path.is_file(), "a file that merely cannot be read is not deleted"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_cache_files_respect_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        create_text_dataset(TEXTS, encoder=FakeEncoder(), cache_dir=str(tmp_path))
+    finally:
+        os.umask(old)
+    (path,) = list(tmp_path.glob("*.pt"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
 
 
 def test_default_cache_dir_is_a_user_cache(monkeypatch, tmp_path):
