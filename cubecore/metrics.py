@@ -13,6 +13,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int, check_number, check_tensor
+
 
 def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
     cos = F.cosine_similarity(pred.double(), target.double(), dim=-1)
@@ -47,15 +49,36 @@ def ridge_predict(weights: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 RIDGE_ALPHAS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
+DEFAULT_RIDGE_ALPHA = 1.0
+
+
+def _check_pairs(inputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:
+    check_tensor(f"{what} inputs", inputs, "[N, dim]", ndim=2)
+    check_tensor(f"{what} targets", targets, "[N, dim]", ndim=2)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"{what} inputs and targets must have as many rows, got {inputs.shape[0]} and "
+                         f"{targets.shape[0]}")
+
+
 def choose_ridge_alpha(inputs: torch.Tensor, targets: torch.Tensor, alphas=RIDGE_ALPHAS, folds: int = 5,
                        seed: int = 0) -> float:
     """The regularisation with the best mean cosine in k-fold cross-validation on the training pairs only, so
-    that the ridge floor is as strong as a careful user would make it without looking at validation."""
+    that the ridge floor is as strong as a careful user would make it without looking at validation.
+
+    Any number n >= 2 of pairs works: the pairs split into min(folds, n) folds whose sizes differ by at most one
+    (leave-one-out below ``folds`` pairs); a single pair leaves nothing to validate on and gets the default."""
+    _check_pairs(inputs, targets, "choose_ridge_alpha")
+    folds = check_int("folds", folds, minimum=2)
+    seed = check_int("seed", seed)
+    alphas = tuple(check_number("alphas", a, minimum=0.0, strict_minimum=True) for a in alphas)
+    if not alphas:
+        raise ValueError("alphas is empty")
     n = inputs.shape[0]
-    if n < 2 * folds:
-        return 1.0
+    folds = min(folds, n)
+    if folds < 2:
+        return DEFAULT_RIDGE_ALPHA
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    parts = order.chunk(folds)
+    parts = order.tensor_split(folds)  # exactly ``folds`` non-empty parts (chunk may give fewer)
     scores = []
     for alpha in alphas:
         total = 0.0
@@ -86,6 +109,11 @@ class EmbeddingMetrics:
 
     def __init__(self, train_inputs: torch.Tensor, train_targets: torch.Tensor,
                  ridge_alpha: Optional[float] = None) -> None:
+        _check_pairs(train_inputs, train_targets, "training")
+        if train_inputs.shape[0] < 1:
+            raise ValueError("EmbeddingMetrics needs at least one training pair")
+        if ridge_alpha is not None:
+            ridge_alpha = check_number("ridge_alpha", ridge_alpha, minimum=0.0, strict_minimum=True)
         train_inputs, train_targets = train_inputs.detach().cpu(), train_targets.detach().cpu()
         self.mean_target = train_targets.double().mean(0)
         self.ridge_alpha = ridge_alpha if ridge_alpha is not None else choose_ridge_alpha(train_inputs, train_targets)
@@ -94,6 +122,10 @@ class EmbeddingMetrics:
     @staticmethod
     def score(pred: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
               autoencoder: bool = False) -> Dict[str, float]:
+        check_tensor("pred", pred, "[N, dim]", ndim=2)
+        check_tensor("targets", targets, "[N, dim]", ndim=2)
+        if autoencoder:
+            check_tensor("inputs", inputs, "[N, dim]", ndim=2)
         pred, targets = pred.detach().float().cpu(), targets.detach().float().cpu()
         out = cosine_stats(pred, targets)
         out["mse"] = F.mse_loss(pred, targets).item()
@@ -104,6 +136,7 @@ class EmbeddingMetrics:
 
     def baselines(self, inputs: torch.Tensor, targets: torch.Tensor,
                   autoencoder: bool = False) -> Dict[str, Dict[str, float]]:
+        _check_pairs(inputs, targets, "baseline")
         inputs = inputs.detach().float().cpu()
         preds = {"identity": inputs,
                  "mean": self.mean_target.float().expand(inputs.shape[0], -1),

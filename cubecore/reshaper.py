@@ -10,7 +10,10 @@ The lattice only mixes neighbours, so where each dimension sits matters.  Strate
   along a path through the lattice whose consecutive cells are face-neighbours.
 - ``projection``: learned linear maps in and out, so any lattice serves any embedding size.
 
-Permutations are buffers, saved in ``state_dict`` and exactly invertible.
+``adaptive`` and ``semantic`` must be fit (``fit(embeddings)``, on training inputs) before use: an unfitted one
+raises instead of silently acting as the identity.  ``needs_fit`` says whether a strategy fits, ``is_fitted``
+whether this reshaper is ready.  The permutation and the ``fitted`` flag are buffers, saved in ``state_dict``, so
+a reshaper loaded from a fitted one's state is fitted too; the permutations are exactly invertible.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checks import check_choice, check_int, check_ints, check_tensor
+
+# The one list of strategy names (the training config takes its choices from here).
 STRATEGIES = ("simple", "adaptive", "semantic", "projection")
+# Strategies whose placement is learnt from data by ``fit``.
+FITTING_STRATEGIES = ("adaptive", "semantic")
 
 
 def fitting_lattices(dim: int, limit: int = 6, near: Optional[Sequence[int]] = None) -> List[Tuple[int, int, int, int]]:
@@ -78,13 +86,13 @@ class EmbeddingReshaper(nn.Module):
     def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), strategy: str = "simple",
                  channels: Optional[int] = None, output_channels: Optional[int] = None) -> None:
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be an int >= 1, got {input_dim!r}")
-        lattice = tuple(lattice_size)
-        if len(lattice) != 3 or any(not isinstance(v, int) or v < 1 for v in lattice):
-            raise ValueError(f"lattice_size must be three ints >= 1, got {lattice_size!r}")
+        strategy = check_choice("strategy", strategy, STRATEGIES)
+        input_dim = check_int("input_dim", input_dim, minimum=1)
+        lattice = check_ints("lattice_size", lattice_size, 3, minimum=1)
+        if channels is not None:
+            channels = check_int("channels", channels, minimum=1)
+        if output_channels is not None:
+            output_channels = check_int("output_channels", output_channels, minimum=1)
         self.input_dim, self.lattice_size, self.strategy = input_dim, lattice, strategy
         cells = lattice[0] * lattice[1] * lattice[2]
         if strategy == "projection":
@@ -108,7 +116,37 @@ class EmbeddingReshaper(nn.Module):
                 raise ValueError(f"output_channels must be {self.channels} with strategy={strategy!r}")
         self.register_buffer("permutation", torch.arange(input_dim))
         self.register_buffer("inverse", torch.arange(input_dim))
-        self.fitted = strategy in ("simple", "projection")
+        # The flag is a buffer so that it travels in state_dict; ``_fitted`` mirrors it on the host, so that
+        # checking it costs no device synchronisation.
+        self.register_buffer("fitted", torch.tensor(not self.needs_fit))
+        self._fitted = not self.needs_fit
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether this strategy learns its placement from data (``adaptive``, ``semantic``)."""
+        return self.strategy in FITTING_STRATEGIES
+
+    @property
+    def is_fitted(self) -> bool:
+        """Ready to use: a strategy that needs no fit, or one fit here or loaded from a fitted one's state."""
+        return self._fitted
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state saved before the ``fitted`` flag existed: its permutation is the one the model was trained
+        # with, so it counts as fitted.
+        key = prefix + "fitted"
+        if key not in state_dict and prefix + "permutation" in state_dict:
+            state_dict[key] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._fitted = bool(self.fitted.item())
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(
+                f"EmbeddingReshaper(strategy={self.strategy!r}) is not fitted: call fit(embeddings) with the training "
+                f"inputs first (or load the state_dict of a fitted reshaper)")
 
     # -- placement ------------------------------------------------------------------------------------------
 
@@ -118,39 +156,55 @@ class EmbeddingReshaper(nn.Module):
         return (cell_order[:, None] * E + torch.arange(E)[None, :]).flatten()
 
     def fit(self, embeddings: torch.Tensor) -> "EmbeddingReshaper":
-        """Learn the placement of dimensions from data (``adaptive`` and ``semantic``; a no-op otherwise)."""
-        emb = self._check_embeddings(embeddings).detach().double().cpu()
+        """Learn the placement of dimensions from ``embeddings`` [N, dim] (N >= 2, finite values) for ``adaptive``
+        and ``semantic``; a no-op for the others.  Deterministic: the same data gives the same placement.  Fitting
+        again replaces the placement (a model trained with the old one no longer matches it)."""
+        emb = self._check_embeddings(embeddings, "embeddings")
+        if not self.needs_fit:
+            return self
         if emb.shape[0] < 2:
-            raise ValueError("fit needs at least 2 embeddings")
+            raise ValueError(f"fit needs at least 2 embeddings, got {emb.shape[0]}")
+        emb = emb.detach().to("cpu", torch.float64)
+        if not torch.isfinite(emb).all():
+            raise ValueError("fit: embeddings hold NaN or inf values")
         X, Y, Z = self.lattice_size
         if self.strategy == "adaptive":
             dims = torch.argsort(emb.var(0), descending=True, stable=True)
             slots = self._slots(_centre_order(X, Y, Z))
-        elif self.strategy == "semantic":
-            corr = torch.nan_to_num(torch.corrcoef(emb.T)).abs()
-            laplacian = torch.diag(corr.sum(1)) - corr
-            _, vectors = torch.linalg.eigh(laplacian)
-            dims = torch.argsort(vectors[:, 1], stable=True)  # the Fiedler vector orders dimensions
+        else:  # semantic
+            if self.input_dim < 3:  # every order of one or two dimensions puts them next to each other
+                dims = torch.arange(self.input_dim)
+            else:
+                # Constant dimensions have no correlation (NaN): they correlate with nothing.
+                corr = torch.nan_to_num(torch.corrcoef(emb.T), nan=0.0).abs()
+                laplacian = torch.diag(corr.sum(1)) - corr
+                _, vectors = torch.linalg.eigh(laplacian)
+                fiedler = vectors[:, 1]
+                # An eigenvector's sign is arbitrary: fix it so that the placement does not depend on it.
+                if fiedler[torch.argmax(fiedler.abs())] < 0:
+                    fiedler = -fiedler
+                dims = torch.argsort(fiedler, stable=True)  # the Fiedler vector orders dimensions
             slots = self._slots(_snake_order(X, Y, Z))
-        else:
-            return self
         permutation = torch.empty(self.input_dim, dtype=torch.long)
         permutation[slots] = dims  # lattice position slots[i] holds dimension dims[i]
         self.permutation.copy_(permutation)
         self.inverse.copy_(torch.argsort(permutation))
-        self.fitted = True
+        self.fitted.fill_(True)
+        self._fitted = True
         return self
 
     # -- the maps -------------------------------------------------------------------------------------------
 
-    def _check_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[1] != self.input_dim:
-            got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ValueError(f"embeddings must have shape [B, {self.input_dim}], got {got}")
+    def _check_embeddings(self, emb: torch.Tensor, name: str = "emb") -> torch.Tensor:
+        shape = f"[B, {self.input_dim}]"
+        check_tensor(name, emb, shape, ndim=2)
+        if emb.shape[1] != self.input_dim:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(emb.shape)}")
         return emb
 
     def to_lattice(self, emb: torch.Tensor) -> torch.Tensor:
         emb = self._check_embeddings(emb)
+        self._require_fitted()
         X, Y, Z = self.lattice_size
         if self.strategy == "projection":
             return self.project_in(emb).view(emb.shape[0], X, Y, Z, self.channels)
@@ -158,9 +212,11 @@ class EmbeddingReshaper(nn.Module):
 
     def from_lattice(self, lattice: torch.Tensor) -> torch.Tensor:
         expected = (*self.lattice_size, self.output_channels)
-        if not isinstance(lattice, torch.Tensor) or lattice.dim() != 5 or tuple(lattice.shape[1:]) != expected:
-            got = tuple(lattice.shape) if isinstance(lattice, torch.Tensor) else type(lattice).__name__
-            raise ValueError(f"lattice must have shape [B, {', '.join(map(str, expected))}], got {got}")
+        shape = f"[B, {', '.join(map(str, expected))}]"
+        check_tensor("lattice", lattice, shape, ndim=5)
+        if tuple(lattice.shape[1:]) != expected:
+            raise ValueError(f"lattice must have shape {shape}, got {tuple(lattice.shape)}")
+        self._require_fitted()
         flat = lattice.reshape(lattice.shape[0], -1)
         if self.strategy == "projection":
             return self.project_out(flat)
@@ -168,4 +224,4 @@ class EmbeddingReshaper(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, lattice_size={self.lattice_size}, strategy={self.strategy!r}, "
-                f"channels={self.channels}")
+                f"channels={self.channels}" + (f", fitted={self.is_fitted}" if self.needs_fit else ""))

@@ -3,6 +3,8 @@ calls) keeps most tests fast; the real default teacher is used where the texts' 
 
 import hashlib
 import json
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from cubecore import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
                       create_dialogue_dataset, create_file_dataset, create_text_dataset)
+from cubecore.checks import UnknownKeyError
 from cubecore.data import conversations_to_pairs, filter_pairs, load_conversations, read_dialogue, split_indices
 
 
@@ -83,6 +86,74 @@ def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, damage):
     assert enc.calls == 2
 
 
+def test_unwritable_cache_dir_warns_and_the_run_goes_on(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    cache_dir = tmp_path / "a_file" / "cache"  # cannot be created: even root cannot write here
+    enc = FakeEncoder()
+    with pytest.warns(RuntimeWarning, match="cannot write") as record:
+        ds = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    message = str(record[0].message)
+    assert str(cache_dir) in message and "without the cache" in message
+    assert "Error" in message, "the reason is given"
+    expected = torch.nn.functional.normalize(enc.encode(TEXTS), dim=-1)
+    assert torch.allclose(ds.inputs, expected)
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    assert enc.calls == 3  # (one of them above, by the test) nothing was cached
+
+
+def test_unreadable_cache_dir_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    real_is_file = Path.is_file
+
+    def is_file(self):  # what a directory without search permission does (root ignores permissions)
+        if cache_dir in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    enc = FakeEncoder()
+    with pytest.warns(RuntimeWarning, match="cannot read") as record:
+        ds = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(cache_dir))
+    assert str(cache_dir) in str(record[0].message) and "PermissionError" in str(record[0].message)
+    assert enc.calls == 1 and len(ds) + len(ds.validation) == len(TEXTS)
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_unreadable_cache_file_is_reported_and_kept(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    enc = FakeEncoder()
+    first = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    (path,) = list(tmp_path.glob("*.pt"))
+    real_open = Path.open
+
+    def open_(self, *args, **kwargs):  # what a file without read permission does (root ignores permissions)
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.warns(RuntimeWarning, match="cannot read"):
+        again = create_text_dataset(TEXTS, encoder=enc, cache_dir=str(tmp_path)).inputs
+    assert enc.calls == 2 and torch.equal(first, again)
+    assert path.is_file(), "a file that merely cannot be read is not deleted"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_cache_files_respect_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        create_text_dataset(TEXTS, encoder=FakeEncoder(), cache_dir=str(tmp_path))
+    finally:
+        os.umask(old)
+    (path,) = list(tmp_path.glob("*.pt"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
 def test_default_cache_dir_is_a_user_cache(monkeypatch, tmp_path):
     from cubecore.data import default_cache_dir
 
@@ -135,7 +206,7 @@ def test_max_samples_and_bad_configs():
     assert len(ds) + len(ds.validation) == 10
     with pytest.raises(ValueError, match="validation_split"):
         DatasetConfig(validation_split=1.5)
-    with pytest.raises(TypeError, match="unknown DatasetConfig keys"):
+    with pytest.raises(UnknownKeyError, match=r"unknown DatasetConfig key\(s\) \['validaton_split'\]"):
         create_text_dataset(TEXTS, encoder=FakeEncoder(), validaton_split=0.1)
     with pytest.raises(ValueError, match="NaN"):
         AutoencoderDataset(embeddings=torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
@@ -185,6 +256,73 @@ def test_bad_files_raise_clear_errors(tmp_path):
         create_file_dataset(tmp_path / "b.xml", encoder=enc)
 
 
+def test_missing_texts_are_skipped_not_the_text_none(tmp_path):
+    enc = FakeEncoder()
+    (tmp_path / "t.csv").write_text("id,text\n1,first\n2\n3,\n4,second\n")  # row 2 has no cell, row 3 an empty one
+    (tmp_path / "t.jsonl").write_text('{"text": "third"}\n{"text": null}\n')
+    for name, expected in (("t.csv", ["first", "second"]), ("t.jsonl", ["third"])):
+        with pytest.warns(RuntimeWarning, match=r"skipped \d+ empty or missing") as record:
+            ds = create_file_dataset(tmp_path / name, encoder=enc, use_cache=False, validation_split=0.0)
+        assert ds.texts == expected
+        assert str(tmp_path / name) in str(record[0].message)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "json"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, fmt):
+    enc = FakeEncoder()
+    texts = {"txt": "first\nsecond\n", "csv": "text,id\nfirst,1\nsecond,2\n",
+             "jsonl": '{"text": "first"}\n{"text": "second"}\n', "json": '[{"text": "first"}, "second"]'}
+    path = tmp_path / f"t.{fmt}"
+    path.write_bytes(b"\xef\xbb\xbf" + texts[fmt].encode("utf-8"))
+    ds = create_file_dataset(path, encoder=enc, use_cache=False, validation_split=0.0)
+    assert ds.texts == ["first", "second"]
+    dialogue = {"txt": "hi\thello\n", "csv": "question,answer\nhi,hello\n", "jsonl": '{"question": "hi", "answer": "hello"}\n',
+                "json": '[{"question": "hi", "answer": "hello"}]'}
+    path.write_bytes(b"\xef\xbb\xbf" + dialogue[fmt].encode("utf-8"))
+    assert read_dialogue(path) == ([("hi", "hello")], [])
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "json"])
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path, fmt):
+    path = tmp_path / f"latin1.{fmt}"
+    body = {"txt": "caf\u00e9\n", "csv": "text\ncaf\u00e9\n", "jsonl": '{"text": "caf\u00e9"}\n',
+            "json": '["caf\u00e9"]'}[fmt]
+    path.write_bytes(("ok\n" if fmt == "txt" else "") .encode() + body.encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        create_file_dataset(path, encoder=FakeEncoder(), use_cache=False)
+    assert not isinstance(info.value, UnicodeDecodeError)
+    assert str(path) in str(info.value)
+    line = {"txt": 2, "csv": 2, "jsonl": 1, "json": 1}[fmt]
+    assert f"{path}:{line}:" in str(info.value)
+
+
+def test_dataset_argument_checks_use_the_package_conventions():
+    emb = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="max_samples"):
+        DatasetConfig(max_samples=2.5)
+    with pytest.raises(ValueError, match="max_samples"):
+        DatasetConfig(max_samples=0)
+    assert DatasetConfig(max_samples=np.int64(5), random_seed=np.int32(3)).max_samples == 5
+    with pytest.raises(TypeError, match="validation_split"):
+        DatasetConfig(validation_split="0.2")
+    with pytest.raises(ValueError, match="noise_std"):
+        DatasetConfig(noise_std=float("inf"))
+    with pytest.raises(TypeError, match="context_window"):
+        DialogueConfig(context_window=1.0)
+    with pytest.raises(ValueError, match="min_length"):
+        DialogueConfig(min_length=5, max_length=2)
+    with pytest.raises(UnknownKeyError, match="DialogueConfig"):
+        create_dialogue_dataset([("a", "b")], encoder=FakeEncoder(), context_windw=2)
+    with pytest.raises(TypeError, match="embeddings"):
+        AutoencoderDataset(embeddings=emb.tolist())
+    with pytest.raises(TypeError, match="question_embeddings"):
+        DialogueDataset(question_embeddings=emb.numpy(), answer_embeddings=emb)
+    with pytest.raises(TypeError, match="batch_size"):
+        AutoencoderDataset(embeddings=emb).get_dataloader(batch_size=4.0)
+    with pytest.raises(TypeError, match="pairs"):
+        DialogueDataset(pairs=["ab"], encoder=FakeEncoder())
+
+
 # --- dialogue --------------------------------------------------------------------------------------------------
 
 
@@ -213,6 +351,27 @@ def test_quality_filter_counts_what_it_drops():
     kept, report = filter_pairs(pairs, cfg)
     assert kept == [("hi", "hello"), ("why?", "because")]
     assert report == {"empty": 1, "length": 2, "duplicate": 1}
+
+
+def test_missing_answers_are_dropped_and_counted_not_the_text_none(tmp_path):
+    enc = FakeEncoder()
+    (tmp_path / "d.csv").write_text("question,answer\nhi,hello\nwhat?\nbye,see you\nand?,\n")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"question": "hi", "answer": "hello"}, {"question": "what?", "answer": None},
+        {"question": None, "answer": "x"}, ["t1", None, "t3"]]) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"question": "hi", "answer": "hello"},
+                                                 {"question": "what?", "answer": None}]))
+    expected = {"d.csv": (2, 2), "d.jsonl": (1, 4), "d.json": (1, 1)}
+    for name, (kept, empty) in expected.items():
+        ds = create_dialogue_dataset(tmp_path / name, encoder=enc, use_cache=False, validation_split=0.0)
+        questions, answers = ds.texts()
+        assert "None" not in questions + answers
+        assert all(q and a for q, a in zip(questions, answers))
+        assert len(ds) == kept, name
+        assert ds.filter_report["empty"] == empty, name
+        assert ds.get_statistics()["dropped"]["empty"] == empty, name
+    kept, report = filter_pairs([("q", None), (None, "a"), ("q", "a")], DialogueConfig())
+    assert kept == [("q", "a")] and report["empty"] == 2
 
 
 def test_conversations_become_pairs_with_context():

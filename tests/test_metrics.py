@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from cubecore import EmbeddingMetrics
-from cubecore.metrics import cosine_stats, retrieval, ridge_fit, ridge_predict, semantic_preservation
+from cubecore.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, ridge_fit, ridge_predict, semantic_preservation
 
 
 def test_cosine_by_hand():
@@ -69,3 +70,61 @@ def test_ridge_alpha_is_chosen_on_training_data():
     assert choose_ridge_alpha(x, noisy) >= 10.0
     exact = x[:, :3] * 2.0
     assert choose_ridge_alpha(x, exact) <= 0.1
+
+
+@pytest.mark.parametrize("n", list(range(1, 21)) + [23, 31, 47, 64])
+def test_metrics_work_for_any_number_of_training_pairs(n):
+    """k-fold cross-validation of the ridge floor on n pairs (it used to raise IndexError for 11, 12 or 16)."""
+    torch.manual_seed(n)
+    W = torch.randn(6, 6)
+    x = torch.randn(n, 6)
+    m = EmbeddingMetrics(x, x @ W)
+    assert m.ridge_alpha in RIDGE_ALPHAS or (n == 1 and m.ridge_alpha == 1.0)
+    assert m.ridge.shape == (7, 6) and torch.isfinite(m.ridge).all()
+    vx = torch.randn(5, 6)
+    base = m.baselines(vx, vx @ W, autoencoder=True)
+    assert set(base) == {"identity", "mean", "ridge"}
+    assert all(math.isfinite(base[k]["cosine"]) for k in base)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 11, 12, 16, 17])
+def test_cross_validation_uses_every_pair_once_as_held_out(n, monkeypatch):
+    """Every fold is non-empty and the folds cover the n training pairs exactly once."""
+    import cubecore.metrics as metrics
+
+    held_out = []
+    real_predict = metrics.ridge_predict
+
+    def spy(weights, inputs):
+        held_out.append(inputs.clone())
+        return real_predict(weights, inputs)
+
+    monkeypatch.setattr(metrics, "ridge_predict", spy)
+    x = torch.arange(n, dtype=torch.float64).unsqueeze(1) * torch.ones(1, 3)
+    metrics.choose_ridge_alpha(x, x, alphas=(1.0,), folds=5)
+    assert len(held_out) == min(5, n)
+    assert all(h.shape[0] >= 1 for h in held_out)
+    assert sorted(torch.cat(held_out)[:, 0].tolist()) == list(range(n))
+
+
+def test_metrics_argument_checks():
+    x = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="training inputs"):
+        EmbeddingMetrics(x.tolist(), x)
+    with pytest.raises(ValueError, match="rows"):
+        EmbeddingMetrics(x, x[:5])
+    with pytest.raises(ValueError, match="at least one"):
+        EmbeddingMetrics(x[:0], x[:0])
+    with pytest.raises(ValueError, match="ridge_alpha"):
+        EmbeddingMetrics(x, x, ridge_alpha=0.0)
+    with pytest.raises(TypeError, match="ridge_alpha"):
+        EmbeddingMetrics(x, x, ridge_alpha="1")
+    from cubecore.metrics import choose_ridge_alpha
+
+    with pytest.raises(TypeError, match="folds"):
+        choose_ridge_alpha(x, x, folds=2.5)
+    with pytest.raises(ValueError, match="folds"):
+        choose_ridge_alpha(x, x, folds=1)
+    assert choose_ridge_alpha(x, x, folds=np.int64(3)) in RIDGE_ALPHAS
+    with pytest.raises(TypeError, match="pred"):
+        EmbeddingMetrics.score(None, x, x)

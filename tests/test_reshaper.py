@@ -1,10 +1,11 @@
 """EmbeddingReshaper: exact round trips, fitted placements, projection, clear size errors."""
 
+import numpy as np
 import pytest
 import torch
 
 from cubecore import EmbeddingReshaper
-from cubecore.reshaper import _snake_order, fitting_lattices
+from cubecore.reshaper import STRATEGIES, _snake_order, fitting_lattices
 
 
 @pytest.mark.parametrize("dim,lattice", [(384, (8, 8, 6)), (768, (8, 8, 12)), (768, (4, 4, 4))])
@@ -89,3 +90,93 @@ def test_mismatch_error_names_sizes_that_fit():
         r.from_lattice(torch.randn(2, 8, 8, 6, 2))
     with pytest.raises(ValueError, match="strategy"):
         EmbeddingReshaper(384, (8, 8, 6), strategy="spiral")
+
+
+# --- fitting strategies must be fit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_needs_fit_and_is_fitted(strategy):
+    r = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
+    assert r.needs_fit == (strategy in ("adaptive", "semantic"))
+    assert r.is_fitted == (not r.needs_fit)
+    r.fit(torch.randn(10, 12))
+    assert r.is_fitted
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "semantic"])
+def test_unfitted_fitting_strategy_is_an_error_not_the_identity(strategy):
+    r = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
+    with pytest.raises(RuntimeError, match=r"fit\(embeddings\)"):
+        r.to_lattice(torch.randn(2, 12))
+    with pytest.raises(RuntimeError, match=r"fit\(embeddings\)"):
+        r.from_lattice(torch.randn(2, 2, 2, 3, 1))
+    # A state saved before fitting is still unfitted once loaded.
+    other = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
+    other.load_state_dict(r.state_dict())
+    assert not other.is_fitted
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "semantic"])
+def test_a_reshaper_loaded_from_a_fitted_state_is_fitted(strategy):
+    data = torch.randn(50, 12) * torch.linspace(0.1, 2.0, 12)
+    r = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy).fit(data)
+    state = r.state_dict()
+    assert bool(state["fitted"])
+    other = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
+    other.load_state_dict(state)
+    assert other.is_fitted
+    emb = torch.randn(3, 12)
+    assert torch.equal(other.to_lattice(emb), r.to_lattice(emb))
+    # A state saved before the flag existed holds the permutation the model was trained with: it loads
+    # (strictly) and counts as fitted.
+    old = {k: v for k, v in state.items() if k != "fitted"}
+    legacy = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
+    legacy.load_state_dict(old)
+    assert legacy.is_fitted and torch.equal(legacy.permutation, r.permutation)
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "semantic"])
+def test_fit_is_robust(strategy):
+    dim, lattice = 12, (2, 2, 3)
+    data = torch.randn(40, dim)
+    data[:, 3] = 1.0  # a constant dimension: no variance, no correlation
+    r = EmbeddingReshaper(dim, lattice, strategy=strategy).fit(data)
+    assert sorted(r.permutation.tolist()) == list(range(dim))
+    assert torch.equal(r.inverse, torch.argsort(r.permutation))
+    again = EmbeddingReshaper(dim, lattice, strategy=strategy).fit(data.clone().requires_grad_())
+    assert torch.equal(again.permutation, r.permutation), "the same data gives the same placement"
+    assert EmbeddingReshaper(dim, lattice, strategy=strategy).fit(data.to(torch.float16)).is_fitted
+    tiny = EmbeddingReshaper(1, (1, 1, 1), strategy=strategy).fit(torch.randn(4, 1))
+    assert tiny.is_fitted and tiny.permutation.tolist() == [0]
+    fresh = EmbeddingReshaper(dim, lattice, strategy=strategy)
+    with pytest.raises(ValueError, match="at least 2"):
+        fresh.fit(torch.randn(1, dim))
+    bad = torch.randn(10, dim)
+    bad[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fresh.fit(bad)
+    with pytest.raises(ValueError, match=r"\[B, 12\]"):
+        fresh.fit(torch.randn(10, 11))
+    with pytest.raises(TypeError, match="embeddings"):
+        fresh.fit(bad.tolist())
+    assert not fresh.is_fitted, "a failed fit leaves the reshaper unfitted"
+
+
+def test_argument_checks_use_the_package_conventions():
+    assert EmbeddingReshaper(np.int64(12), (np.int64(2), 2, 3)).input_dim == 12
+    with pytest.raises(TypeError, match="input_dim"):
+        EmbeddingReshaper(12.0, (2, 2, 3))
+    with pytest.raises(ValueError, match="input_dim"):
+        EmbeddingReshaper(0, (2, 2, 3))
+    with pytest.raises(TypeError, match="lattice_size"):
+        EmbeddingReshaper(12, (2, 2, 3.0))
+    with pytest.raises(ValueError, match="lattice_size"):
+        EmbeddingReshaper(12, (2, 6))
+    with pytest.raises(ValueError, match="channels"):
+        EmbeddingReshaper(12, (3, 3, 3), strategy="projection", channels=0)
+    r = EmbeddingReshaper(12, (2, 2, 3))
+    with pytest.raises(TypeError, match="emb"):
+        r.to_lattice([[0.0] * 12])
+    with pytest.raises(TypeError, match="lattice"):
+        r.from_lattice(np.zeros((1, 2, 2, 3, 1)))

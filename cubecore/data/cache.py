@@ -4,7 +4,8 @@ One file per (teacher fingerprint, list of texts).  The key covers everything th
 and its weights, pooling, normalisation, max length, encoder code version) and the texts themselves, so one
 model never gets another's embeddings.  Files are written to a temporary name and renamed into place, and carry
 a checksum: a killed run leaves nothing a later run would trust, and a corrupt or truncated file is reported,
-deleted and rebuilt.
+deleted and rebuilt.  A cache directory that cannot be read or written is reported and the run goes on without
+the cache; files get the usual mode (0o666 less the umask).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _tensor_checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 class EmbeddingCache:
     """Maps (encoder fingerprint, texts) to an embedding tensor stored under ``cache_dir``."""
 
@@ -56,13 +61,22 @@ class EmbeddingCache:
         ).hexdigest()[:32]
         return self.cache_dir / f"{key}.pt"
 
+    def _warn_unusable(self, action: str, exc: BaseException) -> None:
+        warnings.warn(f"cubecore: cannot {action} the embedding cache directory {self.cache_dir} ({_reason(exc)}); "
+                      f"continuing without the cache", RuntimeWarning, stacklevel=4)
+
     def load(self, fingerprint: Dict[str, object], texts: List[str]) -> Optional[torch.Tensor]:
-        """The cached embeddings, or None when absent; a damaged or mismatched file is reported and removed."""
+        """The cached embeddings, or None when absent; a damaged or mismatched file is reported and removed.
+        A file or directory that cannot be read raises OSError (``get_or_compute`` warns and goes on)."""
         path = self.path_for(fingerprint, texts)
         if not path.is_file():
             return None
+        with path.open("rb") as f:
+            return self._read(f, path, fingerprint, texts)
+
+    def _read(self, f, path: Path, fingerprint: Dict[str, object], texts: List[str]) -> Optional[torch.Tensor]:
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
+            entry = torch.load(f, map_location="cpu", weights_only=True)
             emb = entry["embeddings"]
             problem = None
             if entry.get("format") != CACHE_FORMAT:
@@ -77,8 +91,11 @@ class EmbeddingCache:
             problem = f"an unreadable file ({type(exc).__name__}: {exc})"
         if problem is not None:
             warnings.warn(f"cubecore: embedding cache file {path} holds {problem}; rebuilding it", RuntimeWarning,
-                          stacklevel=3)
-            path.unlink(missing_ok=True)
+                          stacklevel=5)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # the rebuilt file replaces it, or writing it fails and says why
+                pass
             return None
         return emb
 
@@ -90,11 +107,20 @@ class EmbeddingCache:
 
     def get_or_compute(self, fingerprint: Dict[str, object], texts: List[str],
                        compute: Callable[[List[str]], torch.Tensor]) -> torch.Tensor:
-        cached = self.load(fingerprint, texts)
+        """The cached embeddings, else ``compute(texts)``, stored for next time.  A cache that cannot be read or
+        written costs a warning naming the directory and the reason, never the run."""
+        try:
+            cached = self.load(fingerprint, texts)
+        except OSError as exc:
+            self._warn_unusable("read", exc)
+            return compute(texts)  # a file this process cannot read back is not worth writing
         if cached is not None:
             return cached
         embeddings = compute(texts)
-        self.store(fingerprint, texts, embeddings)
+        try:
+            self.store(fingerprint, texts, embeddings)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
+            self._warn_unusable("write to", exc)
         return embeddings
 
 

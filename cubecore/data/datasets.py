@@ -8,7 +8,6 @@ Indexing and ``len`` cover the training split; ``get_dataloader(validation=True)
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import check_int, check_keys, check_number, check_str, check_tensor
 from ..encoder import DEFAULT_TEACHER, TeacherEncoder, check_texts
 from .cache import encode_cached
 from .readers import EMBEDDING_SUFFIXES, read_dialogue, read_embeddings, read_texts
@@ -45,19 +45,21 @@ class DatasetConfig:
     text_field: str = "text"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.validation_split, (int, float)) or not 0.0 <= self.validation_split < 1.0:
-            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split!r}")
-        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
-            raise ValueError(f"max_samples must be None or an int >= 1, got {self.max_samples!r}")
-        if not isinstance(self.noise_std, (int, float)) or self.noise_std < 0 or not math.isfinite(self.noise_std):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        self.validation_split = check_validation_split(self.validation_split)
+        self.random_seed = check_int("random_seed", self.random_seed)
+        if self.max_samples is not None:
+            self.max_samples = check_int("max_samples", self.max_samples, minimum=1)
+        self.noise_std = check_number("noise_std", self.noise_std, minimum=0.0)
+        if not isinstance(self.llm_model, (str, os.PathLike)):
+            raise TypeError(f"llm_model must be a model name or a directory, got {self.llm_model!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be None or a directory, got {self.cache_dir!r}")
+        check_str("text_field", self.text_field)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "DatasetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+        """The config from keyword options; an unknown one raises ``checks.UnknownKeyError`` naming it."""
+        check_keys(cls.__name__, kwargs, [f.name for f in fields(cls)])
         return cls(**kwargs)
 
 
@@ -75,15 +77,33 @@ class DialogueConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.context_window, int) or self.context_window < 1:
-            raise ValueError(f"context_window must be an int >= 1, got {self.context_window!r}")
-        if not 0 <= self.min_length <= self.max_length:
-            raise ValueError(f"need 0 <= min_length <= max_length, got {self.min_length}, {self.max_length}")
+        self.context_window = check_int("context_window", self.context_window, minimum=1)
+        self.min_length = check_int("min_length", self.min_length, minimum=0)
+        self.max_length = check_int("max_length", self.max_length, minimum=0)
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length must be <= max_length, got {self.min_length} > {self.max_length}")
+        check_str("question_field", self.question_field)
+        check_str("answer_field", self.answer_field)
+        if not check_str("separator", self.separator):
+            raise ValueError("separator must not be empty")
+
+
+def check_validation_split(value: object) -> float:
+    """A fraction in [0, 1)."""
+    value = check_number("validation_split", value, minimum=0.0)
+    if value >= 1.0:
+        raise ValueError(f"validation_split must be < 1, got {value!r}")
+    return value
 
 
 def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
                   groups: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Train and validation indices; with ``groups``, all items of one group land on the same side."""
+    n = check_int("n", n, minimum=0)
+    validation_split = check_validation_split(validation_split)
+    seed = check_int("seed", seed)
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups must have n={n} items, got {len(groups)}")
     keys = list(groups) if groups is not None else list(range(n))
     unique = list(dict.fromkeys(keys))
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)) if shuffle \
@@ -101,6 +121,8 @@ def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
 
 def check_embedding_pairs(inputs: torch.Tensor, targets: torch.Tensor, name: str = "embeddings") -> None:
     """Inputs and targets are matching [N, dim] tensors of finite values."""
+    check_tensor(f"{name} inputs", inputs, "[N, dim]")
+    check_tensor(f"{name} targets", targets, "[N, dim]")
     if inputs.dim() != 2 or inputs.shape != targets.shape:
         raise ValueError(f"{name}: inputs and targets must be matching [N, dim] tensors, got {tuple(inputs.shape)} "
                          f"and {tuple(targets.shape)}")
@@ -163,6 +185,7 @@ class _EmbeddingPairs(Dataset):
     def get_dataloader(self, batch_size: int = 32, validation: bool = False, shuffle: Optional[bool] = None,
                        **kwargs) -> DataLoader:
         """Batches of ``(input_emb, target_emb)``; the training side is shuffled unless told otherwise."""
+        batch_size = check_int("batch_size", batch_size, minimum=1)
         part = self._val if validation else self._train
         if len(part) == 0:
             raise ValueError("the validation split is empty (validation_split=0)" if validation else "no data")
@@ -211,8 +234,9 @@ class AutoencoderDataset(_EmbeddingPairs):
             embeddings, self.encoder = _encode(texts, config, encoder)
             self.texts = texts
         else:
-            if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] == 0:
-                raise ValueError("embeddings must be a non-empty [N, dim] tensor")
+            check_tensor("embeddings", embeddings, "[N, dim]", ndim=2)
+            if embeddings.shape[0] == 0:
+                raise ValueError("embeddings must be a non-empty [N, dim] tensor, got 0 rows")
             if config.max_samples:
                 embeddings = embeddings[: config.max_samples]
         self._build(embeddings, embeddings, config)
@@ -241,22 +265,31 @@ class AutoencoderDataset(_EmbeddingPairs):
 
 
 def conversations_to_pairs(conversations: Iterable[Sequence[str]], context_window: int = 1) -> List[Pair]:
-    """Consecutive turns become (question, answer); the question joins up to ``context_window`` turns."""
+    """Consecutive turns become (question, answer); the question joins up to ``context_window`` turns (empty or
+    missing ones left out).  A missing answer stays empty, for the quality filter to drop and count."""
+    context_window = check_int("context_window", context_window, minimum=1)
     pairs = []
     for turns in conversations:
+        turns = [_text(t) for t in turns]
         for i in range(1, len(turns)):
-            question = " ".join(turns[max(0, i - context_window):i])
+            question = " ".join(t for t in turns[max(0, i - context_window):i] if t)
             pairs.append((question, turns[i]))
     return pairs
 
 
+def _text(value: object) -> str:
+    """A question or answer as stripped text; a missing one (None) is empty, never the text "None"."""
+    return "" if value is None else str(value).strip()
+
+
 def filter_pairs(pairs: Iterable[Pair], config: DialogueConfig) -> Tuple[List[Pair], Dict[str, int]]:
-    """Drop empty, too short or too long, and duplicate pairs; count what was dropped and why."""
+    """Drop empty or missing (``empty``), too short or too long (``length``), and duplicate (``duplicate``)
+    pairs; count what was dropped and why."""
     kept: List[Pair] = []
     dropped = Counter()
     seen = set()
     for q, a in pairs:
-        q, a = str(q).strip(), str(a).strip()
+        q, a = _text(q), _text(a)
         if not q or not a:
             dropped["empty"] += 1
         elif min(len(q), len(a)) < config.min_length or max(len(q), len(a)) > config.max_length:
@@ -283,12 +316,15 @@ class DialogueDataset(_EmbeddingPairs):
                 raise ValueError("give texts (pairs/conversations) or embeddings, not both")
             if question_embeddings is None or answer_embeddings is None:
                 raise ValueError("give both question_embeddings and answer_embeddings")
-            q, a = question_embeddings, answer_embeddings
+            q = check_tensor("question_embeddings", question_embeddings, "[N, dim]", ndim=2)
+            a = check_tensor("answer_embeddings", answer_embeddings, "[N, dim]", ndim=2)
             if config.max_samples:
                 q, a = q[: config.max_samples], a[: config.max_samples]
             self.questions = self.answers = None
             self._build(q, a, config)
             return
+        if isinstance(pairs, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in (pairs or [])):
+            raise TypeError("pairs must be a list of (question, answer) tuples, not strings")
         all_pairs = [tuple(p) for p in (pairs or [])]
         if any(len(p) != 2 for p in all_pairs):
             raise ValueError("pairs must be (question, answer) tuples")

@@ -1,14 +1,23 @@
 """File readers: texts for the autoencoder, (question, answer) pairs or conversations for dialogue, or ready
-embeddings.  Formats: .txt, .jsonl, .json, .csv, and .pt / .npy (embeddings)."""
+embeddings.  Formats: .txt, .jsonl, .json, .csv, and .pt / .npy (embeddings).
+
+Text files are UTF-8, with or without a byte-order mark; anything else is an error naming the file and the line.
+A missing value (a CSV row without the column's cell, a JSON ``null``) is an empty text, never the text "None":
+the dialogue quality filter drops and counts such pairs (``empty``), ``read_texts`` skips such texts and warns.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import warnings
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
 import torch
+
+from ..checks import check_str
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 EMBEDDING_SUFFIXES = (".pt", ".npy")
@@ -24,61 +33,104 @@ def _existing(path: PathLike) -> Path:
     return p
 
 
-def _records(path: Path) -> List[object]:
-    """The items of a .jsonl (one JSON value a line) or .json (a list) file."""
-    text = path.read_text(encoding="utf-8")
+def read_text_file(path: Path) -> str:
+    """The whole of a UTF-8 text file, without its byte-order mark if it has one, newlines as they are."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[start:start + 1]!r} at offset {start}: "
+                         f"{exc.reason}); save the file as UTF-8") from None
+
+
+def _lines(path: Path) -> List[str]:
+    return read_text_file(path).splitlines()
+
+
+def _records(path: Path) -> List[Tuple[str, object]]:
+    """(where, item) for the items of a .jsonl (one JSON value a line) or .json (a list) file; ``where`` is
+    ``path:line`` or ``path: item i`` for messages."""
+    text = read_text_file(path)
     if path.suffix.lower() == ".jsonl":
         out = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    out.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
         return out
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from exc
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
     if isinstance(data, dict):
         for key in ("data", "conversations", "pairs", "texts"):
             if isinstance(data.get(key), list):
-                return data[key]
+                data = data[key]
+                break
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list (or an object with a 'data' list)")
-    return data
+    return [(f"{path}: item {i}", item) for i, item in enumerate(data)]
 
 
-def _field(record: object, field: str, path: Path, index: int) -> str:
-    if isinstance(record, str):
-        return record
+def _value(value: object, where: str, what: str) -> str:
+    """A JSON value as text: None (null) is missing, i.e. empty; numbers and booleans as written."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return json.dumps(value)
+    raise ValueError(f"{where}: {what} must be text, got a JSON {type(value).__name__}")
+
+
+def _field(record: object, field: str, where: str) -> str:
+    if record is None or isinstance(record, str):
+        return _value(record, where, "an item")
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise KeyError(f"{path}: item {index} has no field {field!r} (it has {keys})")
-    return str(record[field])
+        raise KeyError(f"{where} has no field {field!r} (it has {keys})")
+    return _value(record[field], where, f"field {field!r}")
 
 
-def _csv_rows(path: Path, columns: Sequence[str]) -> List[dict]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise KeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
-        return list(reader)
+def _csv_rows(path: Path, columns: Sequence[str]) -> List[Tuple[str, dict]]:
+    """(where, row) for the rows of a CSV file; a cell that a short row lacks is empty."""
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), restval="")
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise KeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+    rows = []
+    for row in reader:
+        rows.append((f"{path}:{reader.line_num}", {k: ("" if v is None else v) for k, v in row.items()}))
+    return rows
 
 
 def read_texts(path: PathLike, text_field: str = "text") -> List[str]:
-    """Texts of a .txt (one a line), .jsonl/.json (field ``text_field``, or plain strings) or .csv (column)."""
+    """Texts of a .txt (one a line), .jsonl/.json (field ``text_field``, or plain strings) or .csv (column).
+    Blank lines of a .txt are skipped; empty or missing texts of the other formats too, with a warning."""
+    text_field = check_str("text_field", text_field)
     p = _existing(path)
     suffix = p.suffix.lower()
     if suffix in EMBEDDING_SUFFIXES:
         raise ValueError(f"{p} holds embeddings, not texts: use read_embeddings")
     if suffix == ".txt":
-        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix == ".csv":
-        texts = [row[text_field] for row in _csv_rows(p, [text_field])]
+        return _nonempty(p, [line.strip() for line in _lines(p) if line.strip()])
+    if suffix == ".csv":
+        found = [(where, row[text_field]) for where, row in _csv_rows(p, [text_field])]
     else:
-        texts = [_field(r, text_field, p, i) for i, r in enumerate(_records(p))]
+        found = [(where, _field(r, text_field, where)) for where, r in _records(p)]
+    texts = [t for _, t in found if t.strip()]
+    skipped = [where for where, t in found if not t.strip()]
+    if skipped:
+        warnings.warn(f"cubecore: {p}: skipped {len(skipped)} empty or missing text(s) (first at "
+                      f"{skipped[0]})", RuntimeWarning, stacklevel=2)
+    return _nonempty(p, texts)
+
+
+def _nonempty(p: Path, texts: List[str]) -> List[str]:
     if not texts:
         raise ValueError(f"{p} holds no texts")
     return texts
@@ -104,13 +156,19 @@ def read_embeddings(path: PathLike) -> torch.Tensor:
 def read_dialogue(path: PathLike, question_field: str = "question", answer_field: str = "answer",
                   separator: str = "\t") -> Tuple[List[Tuple[str, str]], List[List[str]]]:
     """(pairs, conversations) from a dialogue file: .txt lines ``question<separator>answer``; .jsonl/.json
-    items with question/answer fields, or lists of turns (conversations); .csv question/answer columns."""
+    items with question/answer fields, or lists of turns (conversations); .csv question/answer columns.
+    A missing question, answer or turn is an empty text, which the quality filter drops and counts."""
+    question_field = check_str("question_field", question_field)
+    answer_field = check_str("answer_field", answer_field)
+    separator = check_str("separator", separator)
+    if not separator:
+        raise ValueError("separator must not be empty")
     p = _existing(path)
     suffix = p.suffix.lower()
     pairs: List[Tuple[str, str]] = []
     conversations: List[List[str]] = []
     if suffix == ".txt":
-        for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_lines(p), 1):
             if not line.strip():
                 continue
             if separator not in line:
@@ -118,15 +176,16 @@ def read_dialogue(path: PathLike, question_field: str = "question", answer_field
             q, a = line.split(separator, 1)
             pairs.append((q.strip(), a.strip()))
     elif suffix == ".csv":
-        pairs = [(row[question_field], row[answer_field]) for row in _csv_rows(p, [question_field, answer_field])]
+        pairs = [(row[question_field], row[answer_field])
+                 for _, row in _csv_rows(p, [question_field, answer_field])]
     elif suffix in (".json", ".jsonl"):
-        for i, record in enumerate(_records(p)):
-            if isinstance(record, list):
-                conversations.append([str(t) for t in record])
-            elif isinstance(record, dict) and isinstance(record.get("turns") or record.get("conversation"), list):
-                conversations.append([str(t) for t in (record.get("turns") or record.get("conversation"))])
+        for where, record in _records(p):
+            turns = record if isinstance(record, list) else (
+                record.get("turns") or record.get("conversation") if isinstance(record, dict) else None)
+            if isinstance(turns, list):
+                conversations.append([_value(t, where, "a turn") for t in turns])
             else:
-                pairs.append((_field(record, question_field, p, i), _field(record, answer_field, p, i)))
+                pairs.append((_field(record, question_field, where), _field(record, answer_field, where)))
     else:
         raise ValueError(f"{p} holds embeddings: pass question and answer embeddings directly")
     if not pairs and not conversations:

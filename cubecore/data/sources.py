@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+from ..checks import check_str
+
 Pair = Tuple[str, str]
 
 
@@ -26,7 +28,7 @@ def chatterbot_conversations(language: str = "english") -> List[List[str]]:
         raise FileNotFoundError(f"chatterbot-corpus has no language {language!r} under {DATA_DIRECTORY}")
     conversations = []
     for path in sorted(folder.glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
         for conv in data.get("conversations", []):
             if not isinstance(conv, list):  # a few files hold stray strings among the conversations
                 continue
@@ -56,6 +58,7 @@ def is_named_source(name: object) -> bool:
 
 
 def load_conversations(name: str) -> List[List[str]]:
+    check_str("name", name)
     if not is_named_source(name):
         raise ValueError(f"unknown data source {name!r}; named sources: {sorted(SOURCES)}")
     return SOURCES[name.lower()]()
