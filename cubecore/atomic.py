@@ -6,7 +6,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Callable, Union
 
 import torch
 
@@ -28,8 +28,8 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``:
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> Path:
+    """``write(file)`` into a temporary file in the same folder, flushed to disk, then renamed over ``path``:
     readers see the old file or the whole new one.  The file gets the mode an ordinary ``open(path, "w")``
     would give it (0o666 less the umask), not the private 0o600 of the temporary file."""
     path = Path(path)
@@ -38,7 +38,7 @@ def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             os.chmod(tmp, 0o666 & ~current_umask())
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,3 +46,8 @@ def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
+    """``torch.save`` through ``atomic_write``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,10 +1,11 @@
 """Checkpoint files that can be trusted: loading runs no code, and a damaged file is an error, never a model.
 
-A checkpoint is a dict of tensors and plain data (numbers, strings, lists, dicts), so it loads with
-``torch.load(weights_only=True)``, which refuses anything else: a pickle that would run code is rejected,
-not executed.  The random-number states that training needs to resume exactly are stored as tensors for
-that reason.  The payload is serialised once, its SHA-256 stored beside it, and checked on load, as the
-embedding cache does, so a flipped bit is reported with the file's name.  Writes are atomic.
+A checkpoint is a dict of tensors and plain data (numbers, strings, lists, dicts), serialised by ``torch.save``
+and loaded with ``torch.load(weights_only=True)``, which refuses anything else: a pickle that would run code is
+rejected, not executed.  The random-number states that training needs to resume exactly are stored as tensors
+for that reason.  The file is a header line, the SHA-256 of the serialised state, then the state itself, so that
+every byte is covered: a flipped bit anywhere is reported with the file's name (the embedding cache carries a
+checksum the same way).  Read one with ``load_checkpoint_file``.  Writes are atomic.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-from .atomic import atomic_torch_save
+from .atomic import atomic_write
 
-CHECKPOINT_FORMAT = "cubecore-checkpoint-2"
+MAGIC = b"CUBECORE-CHECKPOINT 2\n"
+DIGEST_HEX = 64
 
 
 class CheckpointError(ValueError):
@@ -30,26 +32,23 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint_file(state: Dict[str, Any], path: Union[str, os.PathLike]) -> Path:
-    """Write ``state`` (tensors and plain data only) with its checksum, atomically."""
+    """Write ``state`` (tensors and plain data only) after its checksum, atomically."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
-    return atomic_torch_save(wrapper, path)
+    digest = hashlib.sha256(payload).hexdigest().encode()
+
+    def write(f) -> None:
+        f.write(MAGIC + digest + b"\n")
+        f.write(payload)
+
+    return atomic_write(path, write)
 
 
-def _load_weights_only(source, path: Path) -> Any:
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} was refused: it holds objects other than tensors and plain data, which could run code when "
-            f"loaded (or it is not a checkpoint at all). Only checkpoints written by cubecore load. "
-            f"({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # truncated, or not a torch file at all
-        raise CheckpointError(f"{path} is not a readable cubecore checkpoint (corrupt or truncated: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+def _refused(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} was refused: it holds objects other than tensors and plain data, which could run code when "
+        f"loaded. Only checkpoints written by cubecore load. ({str(exc).splitlines()[0]})")
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -57,20 +56,24 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    wrapper = _load_weights_only(path, path)
-    if not isinstance(wrapper, dict) or not str(wrapper.get("format", "")).startswith("cubecore-checkpoint"):
-        raise CheckpointError(f"{path} is not a cubecore checkpoint")
-    if wrapper["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is a cubecore checkpoint of another format ({wrapper['format']!r}; this "
-                              f"version reads {CHECKPOINT_FORMAT!r})")
-    payload = wrapper.get("payload")
-    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
-        raise CheckpointError(f"{path} is damaged: its payload is missing")
-    data = payload.contiguous().numpy().tobytes()
-    if hashlib.sha256(data).hexdigest() != wrapper.get("sha256"):
-        raise CheckpointError(f"{path} is damaged: its checksum does not match its contents (a changed or "
-                              f"corrupt file); use another checkpoint (best.pt or an earlier copy)")
-    state = _load_weights_only(io.BytesIO(data), path)
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        try:  # say whether it is a pickle that would run code, without running it
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refused(path, exc) from None
+        except Exception:
+            pass
+        raise CheckpointError(f"{path} is not a cubecore checkpoint (or one of an older format)")
+    start = len(MAGIC) + DIGEST_HEX + 1
+    digest, payload = data[len(MAGIC):start - 1], data[start:]
+    if data[start - 1:start] != b"\n" or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"{path} is damaged: its checksum does not match its contents (a changed, corrupt "
+                              f"or truncated file); use another checkpoint (best.pt or an earlier copy)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused(path, exc) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a cubecore checkpoint")
     return state

@@ -119,7 +119,7 @@ def _barrier() -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between flags
 
     def body() -> int:
         with distributed_session():
