@@ -112,3 +112,13 @@ def test_bad_device_fails_at_construction_naming_it(device, error):
     with pytest.raises(error, match="device"):
         TeacherEncoder(device=device)
     assert TeacherEncoder(device="cpu").device == torch.device("cpu")
+
+
+def test_a_cuda_index_beyond_the_devices_fails(monkeypatch):
+    from cubecore.encoder import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"device='cuda:3', but there are only 1 CUDA device"):
+        check_device("cuda:3")
