@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .checks import check_choice, check_int
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -83,22 +86,22 @@ class TeacherEncoder:
         max_length: int = 256,
         show_progress: Optional[bool] = None,
     ) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.pooling = check_choice("pooling", pooling, POOLINGS)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.max_length = check_int("max_length", max_length, minimum=1)
+        self.device = check_device(device)
         self.name, self.location = resolve_model(model)
-        self.pooling = pooling
         self.normalize = normalize
-        self.batch_size = batch_size
-        self.max_length = max_length
         self.show_progress = show_progress
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
         # The weights load on first use, so that a run served entirely from the embedding cache never loads
         # them; a model that is nowhere to be found still fails here, at construction.
         self._tokenizer = self._model = None
         self.config = self._load(config_only=True)
         self.dim = int(self.config.hidden_size)
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0 and self.max_length > positions:
+            raise ValueError(f"max_length must be <= {positions} for {self.name} (its max_position_embeddings), "
+                             f"got {self.max_length}")
         self.calls = 0  # how many times the model ran: lets callers (and tests) see cache hits
 
     @property
@@ -176,6 +179,36 @@ class TeacherEncoder:
 
     def __repr__(self) -> str:
         return f"TeacherEncoder({self.name!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize})"
+
+
+def check_device(device: Optional[Union[str, int, torch.device]], name: str = "device") -> torch.device:
+    """A torch device that exists here (None: the CPU); otherwise an error now rather than deep in torch."""
+    if device is None:
+        return torch.device("cpu")
+    is_index = isinstance(device, numbers.Integral) and not isinstance(device, bool)
+    if not (is_index or isinstance(device, (str, torch.device))):
+        raise TypeError(f"{name} must be a string such as 'cpu' or 'cuda:0', a torch.device or None, got {device!r}")
+    try:
+        dev = torch.device(check_int(name, device, minimum=0) if is_index else device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}={device!r} is not a device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r}, but CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"{name}={device!r}, but MPS is not available here; use device='cpu'")
+    elif dev.type == "meta":
+        raise ValueError(f"{name}={device!r}: the meta device holds no data; use device='cpu'")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"{name}={device!r} is not usable here ({exc})") from None
+    return dev
 
 
 def check_texts(texts: Sequence[str], name: str = "texts") -> List[str]:

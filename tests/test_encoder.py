@@ -1,5 +1,8 @@
 """TeacherEncoder: the shipped default loads offline and gives sensible sentence embeddings."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +80,45 @@ def test_bad_settings_raise():
         TeacherEncoder(pooling="max")
     with pytest.raises(ValueError, match="batch_size"):
         TeacherEncoder(batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        TeacherEncoder(batch_size=8.0)
+
+
+@pytest.mark.parametrize("value,error", [("256", TypeError), (128.0, TypeError), (True, TypeError),
+                                         (0, ValueError), (-5, ValueError), (100_000, ValueError)])
+def test_bad_max_length_fails_at_construction_naming_it(value, error):
+    with pytest.raises(error, match="max_length"):
+        TeacherEncoder(max_length=value)
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    enc = TeacherEncoder(batch_size=np.int64(8), max_length=np.int32(128))
+    assert enc.batch_size == 8 and type(enc.batch_size) is int
+    assert enc.max_length == 128 and type(enc.max_length) is int
+    json.dumps(enc.fingerprint())  # the cache key serialises
+    assert enc.fingerprint()["max_length"] == 128
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_cuda_without_cuda_fails_at_construction(device):
+    with pytest.raises(ValueError, match=r"device=.*CUDA is not available"):
+        TeacherEncoder(device=device)
+
+
+@pytest.mark.parametrize("device,error", [("gpu", ValueError), ("meta", ValueError), (1.5, TypeError),
+                                          (-1, ValueError)])
+def test_bad_device_fails_at_construction_naming_it(device, error):
+    with pytest.raises(error, match="device"):
+        TeacherEncoder(device=device)
+    assert TeacherEncoder(device="cpu").device == torch.device("cpu")
+
+
+def test_a_cuda_index_beyond_the_devices_fails(monkeypatch):
+    from cubecore.encoder import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"device='cuda:3', but there are only 1 CUDA device"):
+        check_device("cuda:3")

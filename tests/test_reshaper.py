@@ -134,6 +134,10 @@ def test_a_reshaper_loaded_from_a_fitted_state_is_fitted(strategy):
     legacy = EmbeddingReshaper(12, (2, 2, 3), strategy=strategy)
     legacy.load_state_dict(old)
     assert legacy.is_fitted and torch.equal(legacy.permutation, r.permutation)
+    # The same inside a model (a prefixed key), as in a checkpoint of the whole processor.
+    outer = torch.nn.Sequential(EmbeddingReshaper(12, (2, 2, 3), strategy=strategy))
+    outer.load_state_dict({f"0.{k}": v for k, v in old.items()})
+    assert outer[0].is_fitted
 
 
 @pytest.mark.parametrize("strategy", ["adaptive", "semantic"])

@@ -50,10 +50,6 @@ class DatasetConfig:
         if self.max_samples is not None:
             self.max_samples = check_int("max_samples", self.max_samples, minimum=1)
         self.noise_std = check_number("noise_std", self.noise_std, minimum=0.0)
-        if not isinstance(self.llm_model, (str, os.PathLike)):
-            raise TypeError(f"llm_model must be a model name or a directory, got {self.llm_model!r}")
-        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise TypeError(f"cache_dir must be None or a directory, got {self.cache_dir!r}")
         check_str("text_field", self.text_field)
 
     @classmethod
