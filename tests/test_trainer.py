@@ -362,3 +362,20 @@ def test_user_mistakes_are_one_error_line(tmp_path, fake_teacher, capsys, setup,
     assert train_cli.main([a.replace("{}", str(path)) for a in args] + ["--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("method", ["adaptive", "semantic"])
+def test_fitting_reshapers_are_fit_on_the_training_inputs_and_saved(tmp_path, method):
+    """adaptive / semantic place embedding dimensions by a fit on the training inputs; the fit travels with the
+    checkpoint (not the identity permutation of an unfitted reshaper)."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.1, 3.0, 12)[torch.randperm(12, generator=gen)]
+    x = torch.randn(40, 12, generator=gen) * scale
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1, reshaping_method=method))
+    trainer.fit((x, x), progress=False)
+    reshaper = trainer.model.reshaper
+    assert reshaper.is_fitted
+    assert not torch.equal(reshaper.permutation, torch.arange(12)), "the fit placed the dimensions"
+    loaded = CubeTrainer.from_checkpoint(trainer.save_checkpoint(tmp_path / "ck.pt"))
+    assert loaded.model.reshaper.is_fitted
+    assert torch.equal(loaded.predict(x), trainer.predict(x))
