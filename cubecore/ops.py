@@ -80,7 +80,15 @@ def info() -> Dict[str, object]:
         "cuda_kernel_reason": cuda_reason,
         "cuda_device_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
+        "kernel_limits": {dev: _limits_text(dev) for dev in _KERNEL_DTYPES},
     }
+
+
+def _limits_text(device_type: str) -> str:
+    """Every limit of a device type's kernels, in words (``kernel_limit_reason`` checks them)."""
+    names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
+    state = f"; state_size <= {CUDA_MAX_STATE}" if device_type == "cuda" else ""
+    return f"{names}{state}; any lattice, batch, hidden and external size"
 
 
 _WARNED: set = set()

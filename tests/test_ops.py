@@ -187,6 +187,14 @@ def test_info_reports_backends():
     assert info["cpu_kernel"] == (info["cpu_kernel_reason"] is None)
     if not info["cuda_kernel"]:
         assert isinstance(info["cuda_kernel_reason"], str) and info["cuda_kernel_reason"]
+    assert "state_size <= 64" in info["kernel_limits"]["cuda"]
+
+
+def test_limit_reasons_name_the_limit():
+    assert ops.kernel_limit_reason("cuda", torch.float32, 64) is None
+    assert "state_size <= 64" in ops.kernel_limit_reason("cuda", torch.float32, 65)
+    assert "bfloat16" in ops.kernel_limit_reason("cuda", torch.bfloat16, 8)
+    assert ops.kernel_limit_reason("cpu", torch.float64, 1000) is None
 
 
 # --- bad input: every error names the argument ----------------------------------------------------------------
