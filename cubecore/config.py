@@ -19,7 +19,8 @@ from .reshaper import STRATEGIES
 
 MODES = ("autoencoder", "dialogue", "mixed")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LOSSES = ("cosine", "mse", "combined")
+LOSSES = ("cosine", "mse", "infonce", "combined")
+SELECT_BY = ("val_loss", "val_cosine", "val_mrr")  # how the best epoch is chosen (lowest loss, highest others)
 PRECISIONS = ("fp32", "bf16")
 SECTION = "cube_training"
 MAX_SEED = 2**32 - 1  # numpy's limit; torch takes any of these
@@ -53,9 +54,12 @@ class TrainingConfig:
     batch_size: int = 32
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
-    loss_function: str = "combined"
+    loss_function: str = "combined"  # cosine | mse | infonce | combined (the weighted sum below)
     cosine_weight: float = 0.7
     mse_weight: float = 0.3
+    infonce_weight: float = 0.0
+    temperature: float = 0.1  # of the InfoNCE loss (in-batch negatives)
+    select_by: str = "val_loss"  # the best epoch, whose weights reports score and best.pt holds
     convergence_threshold: float = 1e-4  # minimum improvement of validation loss ...
     patience: int = 8  # ... within this many epochs, else stop
     target_similarity: Optional[float] = None  # stop once validation cosine reaches it
@@ -97,18 +101,21 @@ class TrainingConfig:
     def _check_values(self) -> None:
         choices = {"mode": MODES, "boundary": BOUNDARIES, "activation": ACTIVATIONS, "update": UPDATES,
                    "optimizer": OPTIMIZERS, "loss_function": LOSSES, "reshaping_method": STRATEGIES,
-                   "precision": PRECISIONS, "backend": BACKENDS}
+                   "precision": PRECISIONS, "backend": BACKENDS, "select_by": SELECT_BY}
         for key, allowed in choices.items():
             check_choice(f"config key {key!r}", getattr(self, key), allowed)
         for key in ("state_size", "hidden_size", "steps", "epochs", "batch_size", "checkpoint_every", "patience"):
             check_int(f"config key {key!r}", getattr(self, key), minimum=1)
         check_ints("config key 'lattice_size'", self.lattice_size, 3, minimum=1)
         check_int("config key 'seed'", self.seed, minimum=0, maximum=MAX_SEED)
-        for key in ("learning_rate", "step_size"):
+        for key in ("learning_rate", "step_size", "temperature"):
             check_number(f"config key {key!r}", getattr(self, key), minimum=0.0, strict_minimum=True)
-        for key in ("weight_decay", "warmup_epochs", "grad_clip", "cosine_weight", "mse_weight",
+        for key in ("weight_decay", "warmup_epochs", "grad_clip", "cosine_weight", "mse_weight", "infonce_weight",
                     "convergence_threshold"):
             check_number(f"config key {key!r}", getattr(self, key), minimum=0.0)
+        if self.loss_function == "combined" and self.cosine_weight + self.mse_weight + self.infonce_weight == 0:
+            raise ValueError("loss_function 'combined' needs a positive config key 'cosine_weight', 'mse_weight' or "
+                             "'infonce_weight'")
         if not 0.0 < self.validation_split < 1.0:
             raise ValueError(f"config key 'validation_split' must be in (0, 1), got {self.validation_split}")
         check_number("config key 'mixed_dialogue_fraction'", self.mixed_dialogue_fraction, 0.0, 1.0)

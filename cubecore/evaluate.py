@@ -1,5 +1,6 @@
 """`python -m cubecore.evaluate CHECKPOINT [--data ...]`: the report table of a saved model on the validation
-split of its data (or of --data), next to the identity / mean / ridge floors."""
+split of its data (or of --data), next to the identity / mean / offset / ridge / mlp floors, with the weights of
+its best epoch (``--weights last`` for the last)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", choices=("best", "last"), default="best",
+                   help="the checkpoint's best epoch (by its select_by, the default) or its last one")
     args = p.parse_args(argv)
 
     def body() -> int:
         trainer = CubeTrainer.from_checkpoint(args.checkpoint, device=args.device)
         config = trainer.config.override(data=args.data) if args.data else trainer.config
         data = prepare_data(config, trainer.teacher)
-        print(results_table(trainer.evaluate(data.val, train_data=data.train)))
-        print(f"Scored: the weights of {args.checkpoint}, after epoch {trainer.epoch}.")
+        print(results_table(trainer.evaluate(data.val, train_data=data.train, weights=args.weights)))
+        print(f"Scored: the weights of epoch {trainer.scored_epoch(args.weights)} of {args.checkpoint} "
+              f"({args.weights}{', by ' + trainer.config.select_by if args.weights == 'best' else ''}).")
         return 0
 
     return run_command(body)

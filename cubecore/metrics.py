@@ -1,8 +1,9 @@
 """``EmbeddingMetrics``: how close predicted embeddings are to their targets, next to honest floors.
 
 Raw cosine between unrelated sentence embeddings is high, so every report carries baselines computed on the
-same split: ``identity`` (predict the input), ``mean`` (predict the mean training target) and ``ridge`` (a
-closed-form linear map fit on the training pairs); and retrieval: the rank of the true target among all
+same split: ``identity`` (predict the input), ``mean`` (predict the mean training target), ``offset`` (the
+input plus a fitted multiple of the mean training target) and ``ridge`` (a closed-form linear map fit on the
+training pairs); the trainer adds ``mlp`` (``cubecore.floors``); and retrieval: the rank of the true target among all
 validation targets (R@1, R@5, R@10, MRR).
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_int, check_number, check_tensor
+from .floors import offset_fit
 
 
 def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
@@ -116,6 +118,7 @@ class EmbeddingMetrics:
             ridge_alpha = check_number("ridge_alpha", ridge_alpha, minimum=0.0, strict_minimum=True)
         train_inputs, train_targets = train_inputs.detach().cpu(), train_targets.detach().cpu()
         self.mean_target = train_targets.double().mean(0)
+        self.offset = offset_fit(train_inputs, train_targets)
         self.ridge_alpha = ridge_alpha if ridge_alpha is not None else choose_ridge_alpha(train_inputs, train_targets)
         self.ridge = ridge_fit(train_inputs, train_targets, self.ridge_alpha)
 
@@ -140,5 +143,6 @@ class EmbeddingMetrics:
         inputs = inputs.detach().float().cpu()
         preds = {"identity": inputs,
                  "mean": self.mean_target.float().expand(inputs.shape[0], -1),
+                 "offset": inputs + self.offset,
                  "ridge": ridge_predict(self.ridge, inputs)}
         return {name: self.score(p, inputs, targets, autoencoder) for name, p in preds.items()}

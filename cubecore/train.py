@@ -240,12 +240,13 @@ def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process:
     trainer.save_checkpoint(out / "last.pt")
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None
-    if data.val_questions:
-        examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
-                                       data.val_answers)
+    with trainer.weights_of("best") as scored:
+        if data.val_questions:
+            examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
+                                           data.val_answers)
     plot_curves(trainer.history, out / "curves.png")
-    note = (f"Scored: the weights after the last epoch, {trainer.epoch} (last.pt). The lowest validation loss "
-            f"was at epoch {trainer.best_epoch} (best.pt).")
+    note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} (best.pt); training ran "
+            f"{trainer.epoch} epochs (last.pt).")
     (out / "report.md").write_text(markdown_report(results, trainer.get_info(), examples, note=note))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(results_table(results))

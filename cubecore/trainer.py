@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
 from .config import TrainingConfig
 from .data.datasets import check_embedding_pairs
-from .metrics import EmbeddingMetrics
+from .floors import SkipMLP
+from .losses import training_loss
+from .metrics import EmbeddingMetrics, retrieval
 from .processor import EmbeddingProcessor
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]
@@ -41,8 +45,12 @@ def _as_pairs(data, name: str) -> Pairs:
 
 
 class CubeTrainer:
-    def __init__(self, config: Optional[TrainingConfig] = None) -> None:
+    def __init__(self, config: Optional[TrainingConfig] = None, model_factory: Optional[Callable[[int], nn.Module]] = None
+                 ) -> None:
+        """``model_factory(dim)`` builds another model to train the same way (the ``mlp`` floor); by default an
+        ``EmbeddingProcessor`` as the config describes."""
         self.config = config or TrainingConfig()
+        self.model_factory = model_factory
         self.device = self._resolve_device(self.config.device)
         self.model: Optional[EmbeddingProcessor] = None
         self.optimizer = None
@@ -54,14 +62,18 @@ class CubeTrainer:
         self.history: List[Dict[str, float]] = []
         self.best_val_loss = math.inf  # for early stopping: improved by at least convergence_threshold
         self.epochs_without_improvement = 0
-        self.best_loss = math.inf  # the lowest validation loss seen (training loss without validation) ...
-        self.best_epoch = 0  # ... and the epoch that reached it
+        self.best_score = math.inf  # the best epoch by config.select_by (as a loss: lower is better) ...
+        self.best_epoch = 0  # ... which epoch it was ...
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None  # ... and its weights (CPU copies)
         self.finished: Optional[str] = None  # why training ended (early stop or all epochs), None while it goes on
         self._teacher = None
 
+    local_only = False  # True: train in this process alone, even under torchrun
+
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return (not self.local_only and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
 
     @property
     def rank(self) -> int:
@@ -101,11 +113,15 @@ class CubeTrainer:
     def initialize_components(self, dim: Optional[int] = None) -> None:
         cfg = self.config
         self.dim = dim if dim is not None else self.teacher.dim
-        cfg.check_fits(self.dim)
+        if self.model_factory is None:
+            cfg.check_fits(self.dim)
         torch.manual_seed(cfg.seed)
-        self.model = EmbeddingProcessor(
-            self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
-            cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend).to(self.device)
+        if self.model_factory is not None:
+            self.model = self.model_factory(self.dim).to(self.device)
+        else:
+            self.model = EmbeddingProcessor(
+                self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
+                cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend).to(self.device)
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -160,15 +176,8 @@ class CubeTrainer:
         return out
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Always in float32, whatever autocast did to the forward."""
-        pred, target = pred.float(), target.float()
-        cos = 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
-        mse = F.mse_loss(pred, target)
-        if self.config.loss_function == "cosine":
-            return cos
-        if self.config.loss_function == "mse":
-            return mse
-        return self.config.cosine_weight * cos + self.config.mse_weight * mse
+        """The configured loss, always in float32, whatever autocast did to the forward."""
+        return training_loss(pred, target, self.config)
 
     # -- training -------------------------------------------------------------------------------------------------
 
@@ -186,9 +195,9 @@ class CubeTrainer:
         model = self._require_model()
         if x.shape[1] != self.dim:
             raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
-        reshaper = model.reshaper
-        if reshaper.needs_fit and not reshaper.is_fitted:  # adaptive / semantic placement, from the training inputs
-            reshaper.fit(x)
+        reshaper = getattr(model, "reshaper", None)
+        if reshaper is not None and reshaper.needs_fit and not reshaper.is_fitted:  # adaptive / semantic placement
+            reshaper.fit(x)  # from the training inputs
         epochs = epochs if epochs is not None else cfg.epochs
         progress = progress and self.rank == 0
         # Each process takes its share of every epoch's permutation, which depends only on (seed, epoch); with
@@ -234,6 +243,7 @@ class CubeTrainer:
                 pred = self.predict(val[0])
                 record["val_loss"] = self.loss(pred, val[1]).item()
                 record["val_cosine"] = F.cosine_similarity(pred, val[1].float(), dim=-1).mean().item()
+                record["val_mrr"] = retrieval(pred, val[1])["mrr"]
             bar.close()
             self.epoch += 1
             self.history.append(record)
@@ -262,8 +272,11 @@ class CubeTrainer:
     def _update_early_stop(self, record: Dict[str, float]) -> Optional[str]:
         cfg = self.config
         loss = record.get("val_loss", record["train_loss"])
-        if loss < self.best_loss:
-            self.best_loss, self.best_epoch = loss, self.epoch
+        key = cfg.select_by if cfg.select_by in record else "train_loss"
+        score = record[key] if key.endswith("loss") else -record[key]
+        if score < self.best_score:
+            self.best_score, self.best_epoch = score, self.epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self._require_model().state_dict().items()}
         if loss < self.best_val_loss - cfg.convergence_threshold:
             self.best_val_loss = loss
             self.epochs_without_improvement = 0
@@ -288,15 +301,57 @@ class CubeTrainer:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def evaluate(self, data, train_data=None, baselines: bool = True) -> Dict[str, Dict[str, float]]:
-        """Metrics of the cube on ``data`` and, given the training pairs, of the identity/mean/ridge floors."""
+    def evaluate(self, data, train_data=None, baselines: bool = True, weights: str = "best"
+                 ) -> Dict[str, Dict[str, float]]:
+        """Metrics of the model on ``data`` with the weights of the best epoch (``weights="best"``, by
+        ``select_by``) or of the last one, and, given the training pairs, of the floors: identity, mean, offset,
+        ridge, and ``mlp`` (trained like the model, on ``train_data`` with ``data`` as validation)."""
+        if weights not in ("best", "last"):
+            raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
         x, y = _as_pairs(data, "data")
         autoencoder = self.config.mode == "autoencoder"
-        results = {"cube": EmbeddingMetrics.score(self.predict(x), x, y, autoencoder)}
+        with self.weights_of(weights):
+            results = {"cube": EmbeddingMetrics.score(self.predict(x), x, y, autoencoder)}
         if baselines and train_data is not None:
             tx, ty = _as_pairs(train_data, "train_data")
             results.update(EmbeddingMetrics(tx, ty).baselines(x, y, autoencoder))
+            if self.model_factory is None:
+                results["mlp"] = self.mlp_floor((tx, ty), (x, y))
         return results
+
+    @contextmanager
+    def weights_of(self, which: str):
+        """The model holds the ``best`` epoch's weights (if one was recorded) or the ``last`` inside the block."""
+        model = self._require_model()
+        if which == "last" or self.best_state is None:
+            yield self.epoch
+            return
+        if self.best_epoch == self.epoch:
+            yield self.epoch
+            return
+        last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.best_state)
+        try:
+            yield self.best_epoch
+        finally:
+            model.load_state_dict(last)
+
+    def scored_epoch(self, which: str = "best") -> int:
+        with self.weights_of(which) as epoch:
+            return epoch
+
+    def mlp_floor(self, train: Pairs, val: Pairs) -> Dict[str, float]:
+        """A skip-path MLP with as many parameters as this model, trained with the same settings (loss,
+        optimiser, epochs, early stop, best-epoch rule) and scored on ``val`` at its best epoch."""
+        parameters = sum(p.numel() for p in self._require_model().parameters())
+        hidden = SkipMLP.hidden_for(self.dim, parameters)
+        floor = CubeTrainer(self.config, model_factory=lambda dim: SkipMLP(dim, hidden))
+        floor.local_only = True  # trained by this process alone, also inside a distributed run
+        floor.fit(train, val, progress=False)
+        result = floor.evaluate(val, baselines=False)["cube"]
+        result.update(parameters=float(sum(p.numel() for p in floor.model.parameters())), hidden=float(hidden),
+                      epoch=float(floor.scored_epoch()))
+        return result
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -308,8 +363,9 @@ class CubeTrainer:
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
             "total_steps": self.total_steps, "history": self.history, "best_val_loss": self.best_val_loss,
-            "epochs_without_improvement": self.epochs_without_improvement, "best_loss": self.best_loss,
-            "best_epoch": self.best_epoch, "finished": self.finished, "rng": rng_states(),
+            "epochs_without_improvement": self.epochs_without_improvement, "best_score": self.best_score,
+            "best_epoch": self.best_epoch, "best_model": self.best_state, "finished": self.finished,
+            "rng": rng_states(),
         }
         return save_checkpoint_file(state, path)
 
@@ -331,7 +387,8 @@ class CubeTrainer:
             trainer.history = list(state["history"])
             trainer.best_val_loss = state["best_val_loss"]
             trainer.epochs_without_improvement = state["epochs_without_improvement"]
-            trainer.best_loss, trainer.best_epoch = state["best_loss"], state["best_epoch"]
+            trainer.best_score, trainer.best_epoch = state["best_score"], state["best_epoch"]
+            trainer.best_state = state["best_model"]
             trainer.finished = state["finished"]
             set_rng_states(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:

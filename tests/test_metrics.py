@@ -83,7 +83,7 @@ def test_metrics_work_for_any_number_of_training_pairs(n):
     assert m.ridge.shape == (7, 6) and torch.isfinite(m.ridge).all()
     vx = torch.randn(5, 6)
     base = m.baselines(vx, vx @ W, autoencoder=True)
-    assert set(base) == {"identity", "mean", "ridge"}
+    assert set(base) == {"identity", "mean", "offset", "ridge"}
     assert all(math.isfinite(base[k]["cosine"]) for k in base)
 
 

@@ -39,7 +39,7 @@ def test_a_few_epochs_reduce_the_loss_in_each_mode(tmp_path, dialogue_file, mode
     history = trainer.fit(data.train, data.val, progress=False)
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"], history
     results = trainer.evaluate(data.val, train_data=data.train)
-    assert set(results) == {"cube", "identity", "mean", "ridge"}
+    assert set(results) == {"cube", "identity", "mean", "offset", "ridge", "mlp"}
     assert ("semantic_preservation" in results["cube"]) == (mode == "autoencoder")
 
 
@@ -331,7 +331,7 @@ def test_best_weights_are_kept_beside_the_last(tmp_path, fake_teacher, dialogue_
     history = CubeTrainer.from_checkpoint(out / "last.pt").history
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
     assert CubeTrainer.from_checkpoint(out / "best.pt").epoch == best_epoch
-    assert f"lowest validation loss was at epoch {best_epoch} (best.pt)" in (out / "report.md").read_text()
+    assert f"weights of epoch {best_epoch}, the best by val_loss (best.pt)" in (out / "report.md").read_text()
 
 
 def test_everything_checkable_is_checked_before_work_or_writes(tmp_path, fake_teacher, dialogue_file, capsys):

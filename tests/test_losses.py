@@ -1,0 +1,105 @@
+"""The training losses and the floors beside the cube: InfoNCE, the offset and mlp floors, best-epoch choice."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cubecore import CubeTrainer, TrainingConfig
+from cubecore.floors import SkipMLP, offset_fit
+from cubecore.losses import info_nce, training_loss
+from cubecore.metrics import retrieval
+
+
+def test_info_nce_masks_duplicate_targets():
+    """Two questions with the same answer: the perfect prediction is not penalised for the duplicate."""
+    t = F.normalize(torch.randn(6, 16), dim=-1)
+    t[3] = t[1]
+    assert info_nce(t, t, temperature=0.01).item() < 1e-3
+    unmasked = F.cross_entropy(t @ t.T / 0.01, torch.arange(6))
+    assert unmasked.item() > 0.2, "without the mask the duplicate would cost log 2 / 6 or so"
+
+
+def test_info_nce_is_lower_for_the_right_pairing():
+    t = F.normalize(torch.randn(8, 16), dim=-1)
+    assert info_nce(t, t).item() < info_nce(t.roll(1, 0), t).item()
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(t, t, temperature=0.0)
+
+
+def test_combined_loss_is_the_weighted_sum():
+    p, t = torch.randn(5, 8), torch.randn(5, 8)
+    cfg = TrainingConfig(loss_function="combined", cosine_weight=0.5, mse_weight=0.25, infonce_weight=2.0,
+                         temperature=0.2)
+    want = 0.5 * (1 - F.cosine_similarity(p, t).mean()) + 0.25 * F.mse_loss(p, t) + 2.0 * info_nce(p, t, 0.2)
+    torch.testing.assert_close(training_loss(p, t, cfg), want)
+    with pytest.raises(ValueError, match="weight"):
+        TrainingConfig(loss_function="combined", cosine_weight=0.0, mse_weight=0.0)
+
+
+def _planted(n, dim=16, seed=0):
+    """Targets share one large common direction; what tells them apart is a small, input-dependent part."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    common = F.normalize(torch.randn(dim, generator=gen), dim=0)
+    mix = torch.randn(dim, dim, generator=gen) / dim ** 0.5
+    y = F.normalize(4.0 * common + F.normalize(torch.tanh(x @ mix) @ mix, dim=-1), dim=-1)
+    return x, y
+
+
+def test_info_nce_beats_cosine_on_retrieval_on_a_planted_problem(tmp_path):
+    x, y = _planted(400)
+    train, val = (x[:300], y[:300]), (x[300:], y[300:])
+    mrr = {}
+    for loss in ("cosine", "infonce"):
+        cfg = TrainingConfig(loss_function=loss, epochs=15, batch_size=32, learning_rate=1e-2, patience=100,
+                             device="cpu", output_dir=str(tmp_path), seed=0)
+        trainer = CubeTrainer(cfg, model_factory=lambda dim: SkipMLP(dim, 32))
+        trainer.fit(train, val, progress=False)
+        mrr[loss] = trainer.evaluate(val, baselines=False)["cube"]["mrr"]
+    assert mrr["infonce"] > mrr["cosine"] + 0.05, mrr
+
+
+def test_offset_floor_is_the_least_squares_multiple_of_the_mean_target():
+    x, y = torch.randn(50, 6), torch.randn(50, 6) + 2.0
+    offset = offset_fit(x, y)
+    m = y.mean(0)
+    c = (offset / m).mean()
+    torch.testing.assert_close(offset, c * m)
+    for eps in (1e-2, -1e-2):  # a minimum: moving c either way costs more
+        assert ((y - x - offset) ** 2).sum() < ((y - x - (c + eps) * m) ** 2).sum()
+
+
+def _tiny(tmp_path, **kw):
+    base = dict(lattice_size=(2, 2, 3), state_size=4, hidden_size=8, steps=2, epochs=5, batch_size=8,
+                learning_rate=5e-2, device="cpu", output_dir=str(tmp_path), patience=100)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def test_mlp_floor_matches_the_cube_parameter_budget(tmp_path):
+    x, y = _planted(60, dim=12)
+    trainer = CubeTrainer(_tiny(tmp_path, epochs=2))
+    trainer.fit((x[:40], y[:40]), (x[40:], y[40:]), progress=False)
+    results = trainer.evaluate((x[40:], y[40:]), train_data=(x[:40], y[:40]))
+    cube_params = sum(p.numel() for p in trainer.model.parameters())
+    assert abs(results["mlp"]["parameters"] - cube_params) <= 2 * 12 + 1
+    assert {"identity", "mean", "offset", "ridge", "mlp"} <= set(results)
+
+
+@pytest.mark.parametrize("select_by", ["val_loss", "val_cosine", "val_mrr"])
+def test_best_epoch_is_chosen_by_select_by_and_its_weights_are_scored(tmp_path, select_by):
+    x, y = _planted(80, dim=12, seed=3)
+    train, val = (x[:60], y[:60]), (x[60:], y[60:])
+    trainer = CubeTrainer(_tiny(tmp_path, select_by=select_by, learning_rate=0.3, epochs=6))
+    trainer.fit(train, val, progress=False)
+    pick = min if select_by == "val_loss" else max
+    best = pick(trainer.history, key=lambda h: h[select_by])["epoch"]
+    assert trainer.best_epoch == best and trainer.scored_epoch() == best
+    scored = trainer.evaluate(val, baselines=False)["cube"]
+    key = {"val_loss": None, "val_cosine": "cosine", "val_mrr": "mrr"}[select_by]
+    if key is not None:  # the scored weights are the best epoch's: they reproduce its validation figure
+        assert scored[key] == pytest.approx(trainer.history[best - 1][select_by], abs=1e-5)
+    loaded = CubeTrainer.from_checkpoint(trainer.save_checkpoint(tmp_path / "ck.pt"))
+    assert loaded.evaluate(val, baselines=False)["cube"] == scored
+    last = trainer.evaluate(val, baselines=False, weights="last")["cube"]
+    assert (last == scored) == (best == trainer.epoch)
