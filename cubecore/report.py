@@ -41,6 +41,28 @@ def append_metrics(output_dir: Path, record: Dict[str, object]) -> None:
         writer.writerow(record)
 
 
+def seed_summary(runs: Dict[int, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
+    """{model: {metric: [mean, standard deviation over the seeds]}} from each seed's results."""
+    first = next(iter(runs.values()))
+    summary = {}
+    for model in first:
+        summary[model] = {}
+        for metric in COLUMNS:
+            values = torch.tensor([runs[s][model][metric] for s in runs], dtype=torch.float64)
+            spread = values.std(unbiased=True).item() if len(values) > 1 else 0.0
+            summary[model][metric] = [values.mean().item(), spread]
+    return summary
+
+
+def seed_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
+    lines = [f"Mean and standard deviation over seeds {', '.join(map(str, seeds))}.", "",
+             "| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for model, metrics in summary.items():
+        lines.append(f"| {model} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in (metrics[c] for c in COLUMNS))
+                     + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
     """Training and validation loss, and validation cosine, against epoch."""
     if not history:

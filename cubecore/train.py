@@ -35,7 +35,8 @@ import torch.distributed as dist
 from .cli import run_command
 from .config import MODES, TrainingConfig, parse_override
 from .ops import BACKENDS
-from .report import append_metrics, example_predictions, markdown_report, plot_curves, results_table, write_metrics
+from .report import (append_metrics, example_predictions, markdown_report, plot_curves, results_table, seed_summary,
+                     seed_table, write_metrics)
 from .rundir import RunDirectory
 from .trainer import CubeTrainer, prepare_data
 
@@ -49,6 +50,16 @@ def _lattice(text: str):
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"lattice size must be XxYxZ (e.g. 8x8x6), got {text!r}")
     return [int(p) for p in parts]
+
+
+def _seeds(text: str):
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated ints (e.g. 42,1,2), got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct comma-separated ints, got {text!r}")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
+                                                "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. learning_rate=1e-3")
     return p
@@ -161,6 +174,8 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
 
 
 def _main(args) -> int:
+    if args.seeds:
+        return _main_seeds(args)
     main_process = _rank() == 0
     resume = args.resume is not None
     if resume and args.overwrite:
@@ -199,6 +214,28 @@ def _main(args) -> int:
             print(json.dumps({**trainer.get_info(), "processes": trainer.world_size}, default=str))
             print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
         return _train_and_report(trainer, data, out, args, main_process)
+
+
+def _main_seeds(args) -> int:
+    """One run per seed, each in its own folder, then the mean and spread of every metric over the seeds."""
+    if args.resume is not None:
+        raise ValueError("--seeds cannot be combined with --resume: resume each seed's folder on its own")
+    out = Path(args.output_dir or config_from_args(args).output_dir)
+    for seed in args.seeds:
+        run = argparse.Namespace(**{**vars(args), "seeds": None, "output_dir": str(out / f"seed-{seed}"),
+                                    "overrides": [*args.overrides, f"seed={seed}"]})
+        if _rank() == 0:
+            print(f"== seed {seed}: {run.output_dir}")
+        status = _main(run)
+        if status != 0:
+            return status
+    if _rank() == 0:
+        runs = {seed: json.loads((out / f"seed-{seed}" / "results.json").read_text()) for seed in args.seeds}
+        summary = seed_summary(runs)
+        (out / "seeds.json").write_text(json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
+        (out / "seeds.md").write_text(seed_table(summary, args.seeds) + "\n")
+        print(seed_table(summary, args.seeds))
+    return 0
 
 
 def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process: bool) -> int:

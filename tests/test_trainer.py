@@ -379,3 +379,15 @@ def test_fitting_reshapers_are_fit_on_the_training_inputs_and_saved(tmp_path, me
     loaded = CubeTrainer.from_checkpoint(trainer.save_checkpoint(tmp_path / "ck.pt"))
     assert loaded.model.reshaper.is_fitted
     assert torch.equal(loaded.predict(x), trainer.predict(x))
+
+
+def test_seeds_train_one_run_each_and_report_mean_and_spread(tmp_path, fake_teacher, dialogue_file):
+    out = tmp_path / "study"
+    assert cli(tmp_path, dialogue_file, out, "--seeds", "3,4", epochs=2) == 0
+    runs = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (3, 4)}
+    assert CubeTrainer.from_checkpoint(out / "seed-4" / "last.pt").config.seed == 4
+    summary = json.loads((out / "seeds.json").read_text())["summary"]
+    values = [runs[3]["cube"]["mrr"], runs[4]["cube"]["mrr"]]
+    assert summary["cube"]["mrr"][0] == pytest.approx(sum(values) / 2)
+    assert summary["cube"]["mrr"][1] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item())
+    assert "± " in (out / "seeds.md").read_text() and "| mlp |" in (out / "seeds.md").read_text()
