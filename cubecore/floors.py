@@ -1,6 +1,6 @@
 """Floors that a learned map must beat to have learned anything, beside ``EmbeddingMetrics``' identity, mean
-and ridge: ``offset`` (the input plus a fitted multiple of the mean training target: what a model that learned
-"identity plus a constant" scores) and ``mlp`` (a one-hidden-layer MLP with a skip path, as many parameters as
+and ridge: ``offset`` (the input plus the multiple of the mean training target that maximises the training
+pairs' mean cosine: what a model that learned "identity plus a constant" scores) and ``mlp`` (a one-hidden-layer MLP with a skip path, as many parameters as
 the cube, trained the same way).
 """
 
@@ -12,13 +12,30 @@ from torch import nn
 from .checks import check_int, check_tensor
 
 
-def offset_fit(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The vector c * mean(targets), c minimising |targets - inputs - c * mean(targets)|^2 over the pairs."""
+def offset_fit(inputs: torch.Tensor, targets: torch.Tensor, grid: int = 4001) -> torch.Tensor:
+    """The vector c * mean(targets), with c >= 0 the value that maximises the mean cosine between
+    ``inputs + c * mean(targets)`` and ``targets`` over the pairs (a grid, then a finer one around the best)."""
     check_tensor("inputs", inputs, "[N, dim]", ndim=2)
     check_tensor("targets", targets, "[N, dim]", ndim=2)
-    m = targets.double().mean(0)
-    denom = inputs.shape[0] * m.dot(m)
-    c = (targets.double() - inputs.double()).sum(0).dot(m) / denom if denom > 0 else torch.tensor(0.0)
+    x, y = inputs.double(), targets.double()
+    m = y.mean(0)
+    r = m.dot(m)
+    if r == 0:
+        return torch.zeros_like(m).float()
+    # cos(x + c m, y) = (x.y + c m.y) / (|x + c m| |y|), with |x + c m|^2 = |x|^2 + 2 c x.m + c^2 |m|^2
+    a, b, p, q = (x * y).sum(1), y @ m, (x * x).sum(1), x @ m
+    ny = y.norm(dim=1).clamp_min(1e-12)
+
+    def mean_cosine(c: torch.Tensor) -> torch.Tensor:
+        c = c[:, None]
+        return ((a + c * b) / ((p + 2 * c * q + c * c * r).clamp_min(1e-24).sqrt() * ny)).mean(1)
+
+    top = 50.0 * (p.mean().sqrt() / r.sqrt()).item()  # far past where the mean dominates the input
+    cs = torch.linspace(0.0, top, grid, dtype=torch.float64)
+    best = cs[mean_cosine(cs).argmax()]
+    step = top / (grid - 1)
+    fine = torch.linspace(max(0.0, best.item() - step), best.item() + step, grid, dtype=torch.float64)
+    c = fine[mean_cosine(fine).argmax()]
     return (c * m).float()
 
 

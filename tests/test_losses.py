@@ -59,14 +59,22 @@ def test_info_nce_beats_cosine_on_retrieval_on_a_planted_problem(tmp_path):
     assert mrr["infonce"] > mrr["cosine"] + 0.05, mrr
 
 
-def test_offset_floor_is_the_least_squares_multiple_of_the_mean_target():
-    x, y = torch.randn(50, 6), torch.randn(50, 6) + 2.0
-    offset = offset_fit(x, y)
+def test_offset_floor_maximises_the_training_mean_cosine():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    y = x + 0.7 * torch.randn(50, 6, generator=gen, dtype=torch.float64) + torch.linspace(0.2, 1.0, 6)
+    offset = offset_fit(x, y).double()
     m = y.mean(0)
     c = (offset / m).mean()
-    torch.testing.assert_close(offset, c * m)
-    for eps in (1e-2, -1e-2):  # a minimum: moving c either way costs more
-        assert ((y - x - offset) ** 2).sum() < ((y - x - (c + eps) * m) ** 2).sum()
+    torch.testing.assert_close(offset, c * m, rtol=1e-6, atol=1e-6)
+
+    def mean_cos(cc):
+        return F.cosine_similarity(x + cc * m, y).mean().item()
+
+    assert c > 0
+    for eps in (1e-2, -1e-2, 0.3, -0.3):  # a maximum: moving c either way scores less
+        assert mean_cos(c) >= mean_cos(c + eps) - 1e-7
+    assert mean_cos(c) > F.cosine_similarity(x, y).mean().item()  # better than the identity
 
 
 def _tiny(tmp_path, **kw):
