@@ -46,25 +46,30 @@ def save_checkpoint_file(state: Dict[str, Any], path: Union[str, os.PathLike]) -
 
 
 def _refused(path: Path, exc: BaseException) -> CheckpointError:
+    found = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
     return CheckpointError(
         f"{path} was refused: it holds objects other than tensors and plain data, which could run code when "
-        f"loaded. Only checkpoints written by cubecore load. ({str(exc).splitlines()[0]})")
+        f"loaded; only checkpoints written by cubecore load{' (' + found[0] + ')' if found else ''}")
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The state dict of a checkpoint written by ``save_checkpoint_file``, its checksum verified."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (the run's is {path / 'last.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     data = path.read_bytes()
     if not data.startswith(MAGIC):
-        try:  # say whether it is a pickle that would run code, without running it
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise _refused(path, exc) from None
-        except Exception:
-            pass
-        raise CheckpointError(f"{path} is not a cubecore checkpoint (or one of an older format)")
+        if data[:2] == b"PK" or data[:1] == b"\x80":  # a torch file or a pickle: say whether it would run code
+            try:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise _refused(path, exc) from None
+            except Exception:
+                pass
+        raise CheckpointError(f"{path} is not a cubecore checkpoint (or its header is damaged, or it is of an "
+                              f"older format)")
     start = len(MAGIC) + DIGEST_HEX + 1
     digest, payload = data[len(MAGIC):start - 1], data[start:]
     if data[start - 1:start] != b"\n" or hashlib.sha256(payload).hexdigest().encode() != digest:

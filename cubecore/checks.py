@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -96,3 +96,33 @@ def check_keys(where: str, given: Iterable[str], known: Iterable[str]) -> None:
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise UnknownKeyError(f"unknown {where} key(s) {unknown}; known keys: {known}")
+
+
+def check_device(device: Optional[Union[str, int, torch.device]], name: str = "device") -> torch.device:
+    """A torch device that exists here (None: the CPU); otherwise an error now rather than deep in torch."""
+    if device is None:
+        return torch.device("cpu")
+    is_index = isinstance(device, numbers.Integral) and not isinstance(device, bool)
+    if not (is_index or isinstance(device, (str, torch.device))):
+        raise TypeError(f"{name} must be a string such as 'cpu' or 'cuda:0', a torch.device or None, got {device!r}")
+    try:
+        dev = torch.device(check_int(name, device, minimum=0) if is_index else device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}={device!r} is not a device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r}, but CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"{name}={device!r}, but MPS is not available here; use device='cpu'")
+    elif dev.type == "meta":
+        raise ValueError(f"{name}={device!r}: the meta device holds no data; use device='cpu'")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"{name}={device!r} is not usable here ({exc})") from None
+    return dev

@@ -7,6 +7,7 @@ line.  ``CUBECORE_DEBUG=1`` lets them through with their traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -15,9 +16,23 @@ USER_ERRORS = (KeyError, TypeError, ValueError, OSError, RuntimeError, Arithmeti
 USAGE_ERROR = 2
 
 
+INTERRUPTED = 130
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line too (with a pointer to --help)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
+
+
 def run_command(body: Callable[[], int]) -> int:
     try:
         return body()
+    except KeyboardInterrupt:  # outside training (which says what it saved), e.g. while encoding
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
     except USER_ERRORS as exc:
         if os.environ.get("CUBECORE_DEBUG", "0") not in ("", "0"):
             raise

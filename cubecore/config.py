@@ -166,7 +166,10 @@ class TrainingConfig:
         section = data.get(SECTION, data)
         if not isinstance(section, dict):
             raise ValueError(f"{path}: '{SECTION}' must be a mapping of config keys, got {section!r}")
-        return cls.from_dict(section)
+        try:
+            return cls.from_dict(section)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None
 
     def save_yaml(self, path: Union[str, Path]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -17,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_int
+from .checks import check_choice, check_device, check_int
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -179,36 +178,6 @@ class TeacherEncoder:
 
     def __repr__(self) -> str:
         return f"TeacherEncoder({self.name!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize})"
-
-
-def check_device(device: Optional[Union[str, int, torch.device]], name: str = "device") -> torch.device:
-    """A torch device that exists here (None: the CPU); otherwise an error now rather than deep in torch."""
-    if device is None:
-        return torch.device("cpu")
-    is_index = isinstance(device, numbers.Integral) and not isinstance(device, bool)
-    if not (is_index or isinstance(device, (str, torch.device))):
-        raise TypeError(f"{name} must be a string such as 'cpu' or 'cuda:0', a torch.device or None, got {device!r}")
-    try:
-        dev = torch.device(check_int(name, device, minimum=0) if is_index else device)
-    except RuntimeError as exc:
-        raise ValueError(f"{name}={device!r} is not a device ({exc})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{name}={device!r}, but CUDA is not available here (torch {torch.__version__}, "
-                             f"CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name}={device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"{name}={device!r}, but MPS is not available here; use device='cpu'")
-    elif dev.type == "meta":
-        raise ValueError(f"{name}={device!r}: the meta device holds no data; use device='cpu'")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except (RuntimeError, AssertionError) as exc:
-            raise ValueError(f"{name}={device!r} is not usable here ({exc})") from None
-    return dev
 
 
 def check_texts(texts: Sequence[str], name: str = "texts") -> List[str]:

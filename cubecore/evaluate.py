@@ -4,16 +4,15 @@ its best epoch (``--weights last`` for the last)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .cli import run_command
+from .cli import CommandParser, run_command
 from .report import results_table
 from .trainer import CubeTrainer, prepare_data
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cubecore.evaluate", description=__doc__)
+    p = CommandParser(prog="python -m cubecore.evaluate", description=__doc__)
     p.add_argument("checkpoint")
     p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
     p.add_argument("--device", default="cpu")

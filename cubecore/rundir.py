@@ -2,8 +2,10 @@
 
 A run takes an exclusive lock on ``RUN_DIR/.lock`` for as long as it lives (released by the OS if the process
 dies), so a second run into the same folder stops at once instead of interleaving its epochs with the first.
-A fresh run wants a folder without a previous run's files; ``overwrite`` removes those files first, and a
-resumed run keeps them.  Temporary files that a killed write left behind are removed either way.
+A fresh run wants a folder without a previous run's files; ``overwrite`` removes those files once the run is
+ready to write (``clear``, after its data loaded), and a resumed run keeps them.  Temporary files that a
+killed write of a run file left behind are removed either way.  A folder that the run created and left
+empty is removed again if the run fails before writing.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ class RunDirectory:
         self.path = Path(path)
         self.mode = mode
         self._lock: Optional[int] = None
+        self._created = False
 
     def __enter__(self) -> "RunDirectory":
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"output directory {self.path} is a file")
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -56,8 +60,19 @@ class RunDirectory:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._created and [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            self.release()
+            self.path.rmdir()
+            return
         self.release()
+
+    def clear(self) -> None:
+        """With mode ``overwrite``: remove the previous run's files (call once the new run is ready to write)."""
+        if self.mode == "overwrite":
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock is not None:
@@ -65,13 +80,11 @@ class RunDirectory:
             self._lock = None
 
     def _prepare(self) -> None:
-        for stale in self.path.glob("*.tmp"):  # a write killed between creating and renaming its file
-            stale.unlink(missing_ok=True)
+        for name in RUN_FILES:  # a write killed between creating and renaming its file (cubecore.atomic)
+            for stale in self.path.glob(f"{name}*.tmp"):
+                stale.unlink(missing_ok=True)
         existing = sorted(name for name in RUN_FILES if (self.path / name).exists())
         if self.mode == "fresh" and existing:
             raise RunDirectoryError(
                 f"output directory {self.path} already holds a run ({', '.join(existing)}): continue it with "
                 f"--resume, replace it with --overwrite, or choose another --output-dir")
-        if self.mode == "overwrite":
-            for name in existing:
-                (self.path / name).unlink()

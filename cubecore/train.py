@@ -1,9 +1,9 @@
 """`python -m cubecore.train`: train the cubic core on teacher embeddings.
 
 With no arguments: dialogue mode on the shipped chatterbot Q->A data, the shipped default teacher
-(all-MiniLM-L6-v2), an 8x8x6 lattice; offline, a few minutes on a 2-core CPU.  Writes to --output-dir:
+(all-MiniLM-L6-v2), an 8x8x6 lattice; offline, under a minute on a 2-core CPU.  Writes to --output-dir:
 config.yaml, metrics.csv / metrics.jsonl (per epoch), last.pt (checkpoint after the latest epoch), best.pt (the
-epoch with the lowest validation loss), curves.png and report.md.  A run owns its output directory while it
+best epoch by select_by), curves.png and report.md.  A run owns its output directory while it
 lives; a fresh run refuses a directory that holds another run unless --overwrite.  Interrupt with Ctrl-C:
 last.pt keeps the last saved epoch, and --resume continues from it exactly as if never interrupted.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from contextlib import ExitStack, contextmanager
@@ -32,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .cli import run_command
+from .cli import CommandParser, run_command
 from .config import MODES, TrainingConfig, parse_override
 from .ops import BACKENDS
 from .report import (append_metrics, example_predictions, markdown_report, plot_curves, results_table, seed_summary,
@@ -63,7 +64,7 @@ def _seeds(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cubecore.train", description=__doc__,
+    p = CommandParser(prog="python -m cubecore.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with a 'cube_training:' section (default: built-in defaults, "
                                     "the same as config/cube_training.yaml)")
@@ -103,7 +104,10 @@ def given_values(args) -> dict:
 def config_from_args(args) -> TrainingConfig:
     config = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig()
     values = given_values(args)
-    return config.override(**values) if values else config
+    config = config.override(**values) if values else config
+    if Path(config.data).is_file():  # a data file by its absolute path, so the run resumes from any folder
+        config = config.override(data=str(Path(config.data).resolve()))
+    return config
 
 
 @contextmanager
@@ -151,6 +155,7 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
     out = Path(args.output_dir) if args.output_dir else (checkpoint.parent if args.resume else default_dir)
     trainer = CubeTrainer.from_checkpoint(checkpoint, device=args.device)
     values = {**given_values(args), "output_dir": str(out)}
+    epochs = values.get("epochs")
     current = trainer.config.to_dict()
     trainer.config.override(**values)  # unknown keys and bad values are errors here, as on a fresh run
     refused = sorted(k for k, v in values.items()
@@ -159,17 +164,15 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
         raise ValueError(f"cannot change {refused} when resuming {checkpoint} (the run's results depend on them); "
                          f"keys that may change on resume: {list(RESUMABLE_KEYS)}")
     trainer.config = trainer.config.override(**{k: v for k, v in values.items() if k in RESUMABLE_KEYS})
-    if _rank() == 0:
-        print(f"resuming {checkpoint} after epoch {trainer.epoch} (step {trainer.step}), writing to {out}")
+    if trainer.finished is not None and epochs is None:
+        return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}); "
+                              f"nothing to do. To train it further on purpose, add --epochs N with N > "
+                              f"{trainer.epoch} (and target_similarity=null if that is what stopped it).")
+    if epochs is not None and epochs <= trainer.epoch:
+        raise ValueError(f"epochs {epochs} is not more than the {trainer.epoch} epochs {checkpoint} has trained; "
+                         f"with --resume, --epochs is the new total")
     if trainer.finished is not None:
-        if args.epochs is None:
-            return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}); "
-                                  f"nothing to do. To train it further on purpose, add --epochs N with "
-                                  f"N > {trainer.epoch}.")
         trainer.reopen()
-    if args.epochs is not None and args.epochs <= trainer.epoch:
-        raise ValueError(f"--epochs {args.epochs} is not more than the {trainer.epoch} epochs {checkpoint} has "
-                         f"trained; with --resume, --epochs is the new total")
     return trainer, out, None
 
 
@@ -185,8 +188,13 @@ def _main(args) -> int:
         if finished:
             print(finished)
             return 0
+        source = Path(args.resume) if args.resume else out / "last.pt"
+        # Resuming into the checkpoint's own folder continues that run; into another folder starts a copy there,
+        # which must not replace a run already in it.
+        mode = "resume" if source.parent.resolve() == out.resolve() else "fresh"
     else:
         trainer = CubeTrainer(config_from_args(args))
+        source, mode = None, "overwrite" if args.overwrite else "fresh"
         out = Path(trainer.config.output_dir)
     config = trainer.config
     # Everything that can be checked is checked before any work or write.
@@ -201,8 +209,11 @@ def _main(args) -> int:
         hf_logging.disable_progress_bar()
     with ExitStack() as stack:
         if main_process:  # only rank 0 writes, so only it owns the folder
-            stack.enter_context(RunDirectory(out, "resume" if resume else "overwrite" if args.overwrite else "fresh"))
+            rundir = stack.enter_context(RunDirectory(out, mode))
+            if resume:
+                print(f"resuming {source} after epoch {trainer.epoch} (step {trainer.step}), writing to {out}")
             data = prepare_data(config, trainer.teacher)  # rank 0 fills the embedding cache ...
+            rundir.clear()  # --overwrite: the previous run's files go only now that this run can start
         _barrier()
         if not main_process:
             data = prepare_data(config, trainer.teacher)  # ... the others read it
@@ -213,7 +224,7 @@ def _main(args) -> int:
             write_metrics(out, trainer.history)
             print(json.dumps({**trainer.get_info(), "processes": trainer.world_size}, default=str))
             print(f"training pairs: {data.train[0].shape[0]}, validation pairs: {data.val[0].shape[0]}")
-        return _train_and_report(trainer, data, out, args, main_process)
+        return _train_and_report(trainer, data, out, source, main_process, args.quiet)
 
 
 def _main_seeds(args) -> int:
@@ -238,9 +249,25 @@ def _main_seeds(args) -> int:
     return 0
 
 
-def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process: bool) -> int:
+def interrupted_message(out: Path, epoch: int, source: Optional[Path]) -> str:
+    """What a Ctrl-C during ``epoch`` left to resume from, read off the disk."""
+    head = f"interrupted during epoch {epoch}"
+    last, best = out / "last.pt", out / "best.pt"
+    if last.is_file():
+        saved = CubeTrainer.from_checkpoint(last).epoch
+        return (f"{head}; {last} holds epoch {saved} (what came after it is not saved): continue with "
+                f"--resume {last}")
+    if source is not None:
+        return f"{head}; nothing was saved in {out}: resume again from {source}, which is unchanged"
+    if best.is_file():
+        return f"{head}; {out} holds no last.pt yet, but {best} does (epoch {CubeTrainer.from_checkpoint(best).epoch}): " \
+               f"continue with --resume {best}"
+    return f"{head}, before any checkpoint was saved: nothing to resume; start again with --overwrite"
+
+
+def _train_and_report(trainer: CubeTrainer, data, out: Path, source: Optional[Path], main_process: bool,
+                      quiet: bool) -> int:
     config = trainer.config
-    saved = {"epoch": trainer.epoch if args.resume is not None else 0}
 
     def on_epoch_end(t: CubeTrainer, record) -> None:
         if main_process:
@@ -249,19 +276,12 @@ def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process:
                 t.save_checkpoint(out / "best.pt")
             if t.epoch % config.checkpoint_every == 0 or t.finished:
                 t.save_checkpoint(out / "last.pt")
-                saved["epoch"] = t.epoch
 
     try:
-        trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, progress=not args.quiet)
+        trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, progress=not quiet)
     except KeyboardInterrupt:
         if main_process:
-            if saved["epoch"]:
-                print(f"\ninterrupted during epoch {trainer.epoch + 1}; {out / 'last.pt'} holds epoch "
-                      f"{saved['epoch']} (what came after it is not saved): continue with --resume "
-                      f"--output-dir {out}", file=sys.stderr)
-            else:
-                print(f"\ninterrupted during epoch {trainer.epoch + 1}, before any checkpoint was saved: "
-                      f"nothing to resume", file=sys.stderr)
+            print("\n" + interrupted_message(out, trainer.epoch + 1, source), file=sys.stderr)
         return 130
     if trainer.distributed:  # every rank must end with the same weights
         digests = [None] * trainer.world_size
@@ -282,14 +302,16 @@ def _train_and_report(trainer: CubeTrainer, data, out: Path, args, main_process:
             examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
                                            data.val_answers)
     plot_curves(trainer.history, out / "curves.png")
-    note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} (best.pt); training ran "
+    where = "best.pt" if (out / "best.pt").is_file() else "kept in last.pt"
+    note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
             f"{trainer.epoch} epochs (last.pt).")
     (out / "report.md").write_text(markdown_report(results, trainer.get_info(), examples, note=note))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    finite = {m: {k: (v if math.isfinite(v) else None) for k, v in r.items()} for m, r in results.items()}
+    (out / "results.json").write_text(json.dumps(finite, indent=2))  # NaN (too few pairs) as null: valid JSON
     print(results_table(results))
     print(note)
-    print(f"wrote {out / 'last.pt'}, {out / 'best.pt'}, {out / 'curves.png'}, {out / 'report.md'}, "
-          f"{out / 'metrics.csv'}")
+    written = [out / n for n in ("last.pt", "best.pt", "curves.png", "report.md", "metrics.csv")]
+    print("wrote " + ", ".join(str(p) for p in written if p.is_file()))
     return 0
 
 

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
+from .checks import check_device, check_int
 from .config import TrainingConfig
 from .data.datasets import check_embedding_pairs
 from .floors import SkipMLP
@@ -90,10 +91,7 @@ class CubeTrainer:
                 local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under torchrun
                 return torch.device(f"cuda:{local % torch.cuda.device_count()}")
             return torch.device("cpu")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"config key 'device' is {device!r} but no CUDA device is available")
-        return dev
+        return check_device(device, "config key 'device'")
 
     # -- components ---------------------------------------------------------------------------------------------
 
@@ -376,9 +374,14 @@ class CubeTrainer:
         state = load_checkpoint_file(path)
         try:
             config = TrainingConfig.from_dict(state["config"])
-            if device is not None:
-                config = config.override(device=device)
-            trainer = cls(config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
+        if device is not None:
+            config = config.override(device=device)  # a device that is not here is the caller's error
+        trainer = cls(config)
+        try:
+            check_int("epoch", state["epoch"], minimum=0)
+            check_int("step", state["step"], minimum=0)
             trainer.initialize_components(dim=state["dim"])
             trainer.model.load_state_dict(state["model"])
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -391,7 +394,7 @@ class CubeTrainer:
             trainer.best_state = state["best_model"]
             trainer.finished = state["finished"]
             set_rng_states(state["rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise ValueError(f"{path} does not hold a consistent cubecore training state "
                              f"({type(exc).__name__}: {exc})") from exc
         return trainer
@@ -437,10 +440,12 @@ def _splits(dataset, config: TrainingConfig) -> Tuple[Pairs, Pairs]:
     """The training and validation pairs; an empty side is an error that says why, before any training."""
     train, val = dataset.split_tensors(), dataset.split_tensors(validation=True)
     if val[0].shape[0] == 0:
+        why = ("; a dialogue split keeps every answer of one question on one side" if config.mode != "autoencoder"
+               else "")
         raise ValueError(
-            f"the validation split of data {config.data!r} is empty ({train[0].shape[0]} training pairs, "
-            f"validation_split={config.validation_split}; a dialogue split keeps every answer of one question on "
-            f"one side): give more data (or more distinct questions), or a larger validation_split")
+            f"the validation split of data {config.data!r} is empty ({train[0].shape[0]} training pair(s), "
+            f"validation_split={config.validation_split}{why}): give more data"
+            f"{' (or more distinct questions)' if why else ''}, or a larger validation_split")
     return train, val
 
 

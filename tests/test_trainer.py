@@ -391,3 +391,92 @@ def test_seeds_train_one_run_each_and_report_mean_and_spread(tmp_path, fake_teac
     assert summary["cube"]["mrr"][0] == pytest.approx(sum(values) / 2)
     assert summary["cube"]["mrr"][1] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item())
     assert "± " in (out / "seeds.md").read_text() and "| mlp |" in (out / "seeds.md").read_text()
+
+
+# --- found by a hostile run of the above ------------------------------------------------------------------------
+
+
+def test_a_damaged_header_or_a_directory_is_named_as_such_not_as_malicious(tmp_path):
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    data = bytearray(trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes())
+    data[5] ^= 1
+    (tmp_path / "header.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header is damaged"):
+        CubeTrainer.from_checkpoint(tmp_path / "header.pt")
+    (tmp_path / "adir.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        CubeTrainer.from_checkpoint(tmp_path / "adir.pt")
+
+
+def test_resume_into_another_folder_neither_replaces_a_run_nor_misreports_a_ctrl_c(
+        tmp_path, fake_teacher, dialogue_file, monkeypatch, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert cli(tmp_path, dialogue_file, a, epochs=1) == 0
+    assert cli(tmp_path, dialogue_file, b, "hidden_size=6", epochs=1) == 0
+    before = (b / "last.pt").read_bytes()
+    assert train_cli.main(["--resume", str(a / "last.pt"), "--output-dir", str(b), "--epochs", "2", "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (b / "last.pt").read_bytes() == before
+    _interrupt_at_step(monkeypatch, CubeTrainer.from_checkpoint(a / "last.pt").step + 1)
+    assert train_cli.main(["--resume", str(a / "last.pt"), "--output-dir", str(c), "--epochs", "3", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"nothing was saved in {c}" in err and f"resume again from {a / 'last.pt'}" in err, err
+
+
+def test_epochs_as_an_override_is_checked_on_resume_like_the_flag(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=2) == 0
+    assert train_cli.main(["--resume", "--output-dir", str(out), "epochs=1", "--quiet"]) == 2
+    assert "is not more than the 2 epochs" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    (out / "my_notes.tmp").write_text("mine")
+    before = (out / "last.pt").read_bytes()
+    assert cli(tmp_path, tmp_path / "missing.txt", out, "--overwrite", epochs=1) == 2
+    assert (out / "last.pt").read_bytes() == before and (out / "my_notes.tmp").read_text() == "mine"
+    assert cli(tmp_path, tmp_path / "missing.txt", tmp_path / "new", epochs=1) == 2
+    assert not (tmp_path / "new").exists(), "a folder made for a run that could not start is removed"
+
+
+def test_a_resumed_copy_without_a_new_best_says_where_the_best_weights_are(tmp_path, fake_teacher, dialogue_file):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(tmp_path, dialogue_file, a, "learning_rate=0.001", "warmup_epochs=0", epochs=1) == 0
+    assert train_cli.main(["--resume", str(a / "last.pt"), "--output-dir", str(b), "--epochs", "2", "--quiet",
+                           "patience=100"]) == 0
+    report = (b / "report.md").read_text()
+    assert ("(best.pt)" in report) == (b / "best.pt").is_file()
+
+
+def test_results_json_is_valid_json_when_a_metric_is_undefined(tmp_path, fake_teacher):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence {i}" for i in range(10)) + "\n")  # 2 validation rows
+    out = tmp_path / "run"
+    assert cli(tmp_path, texts, out, "--mode", "autoencoder", epochs=1) == 0
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and json.loads(text)["cube"]["semantic_preservation"] is None
+
+
+def test_more_mistakes_are_one_error_line(tmp_path, fake_teacher, dialogue_file, capsys):
+    (tmp_path / "c.yaml").write_text("cube_training:\n  epochs: 0\n")
+    for argv, match in ((["--config", str(tmp_path / "c.yaml")], "c.yaml"), (["device=meta"], "meta"),
+                        (["device=foo"], "device"), (["--epochs", "abc"], "--epochs")):
+        try:
+            status = cli(tmp_path, dialogue_file, tmp_path / "r", *argv)
+        except SystemExit as exc:  # argparse's own errors exit from the parser
+            status = exc.code
+        assert status == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_data_path_is_kept_absolute_so_the_run_resumes_from_anywhere(tmp_path, fake_teacher,
+                                                                             dialogue_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert cli(tmp_path, os.path.relpath(dialogue_file, tmp_path), out, epochs=1) == 0
+    monkeypatch.chdir(tmp_path / "run")
+    assert train_cli.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--quiet"]) == 0
