@@ -25,6 +25,13 @@ VARIANTS: Dict[str, List[str]] = {
     "cosine+infonce": ["infonce_weight=0.3", "select_by=val_mrr"],
     "steps=1": ["steps=1"],
     "steps=8": ["steps=8"],
+    "skip": ["readout_skip=true"],
+    "skip+pos4": ["readout_skip=true", "position_channels=4"],
+    "skip+cosine+infonce": ["readout_skip=true", "infonce_weight=0.3", "select_by=val_mrr"],
+    "skip steps=1": ["readout_skip=true", "steps=1"],
+    "skip steps=2": ["readout_skip=true", "steps=2"],
+    "skip steps=8": ["readout_skip=true", "steps=8"],
+    "skip steps=16": ["readout_skip=true", "steps=16"],
 }
 METRICS = ("cosine", "r@1", "r@10", "mrr")
 

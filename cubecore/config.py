@@ -45,6 +45,8 @@ class TrainingConfig:
     update: str = "residual"
     step_size: float = 0.5
     reshaping_method: str = "simple"
+    position_channels: int = 0  # learned channels per cell added to the external input
+    readout_skip: bool = False  # output = input + readout (zero-initialised): start as the identity
     backend: str = "auto"
     # optimisation
     optimizer: str = "adamw"
@@ -97,6 +99,8 @@ class TrainingConfig:
                 setattr(self, f.name, check_int(name, value))
             elif base is str:
                 check_str(name, value)
+            elif base is bool and not isinstance(value, bool):
+                raise TypeError(f"{name} must be true or false, got {value!r}")
 
     def _check_values(self) -> None:
         choices = {"mode": MODES, "boundary": BOUNDARIES, "activation": ACTIVATIONS, "update": UPDATES,
@@ -121,6 +125,7 @@ class TrainingConfig:
         check_number("config key 'mixed_dialogue_fraction'", self.mixed_dialogue_fraction, 0.0, 1.0)
         if self.target_similarity is not None:
             check_number("config key 'target_similarity'", self.target_similarity, -1.0, 1.0)
+        check_int("config key 'position_channels'", self.position_channels, minimum=0)
         if self.max_samples is not None:
             check_int("config key 'max_samples'", self.max_samples, minimum=2)
 

@@ -19,23 +19,38 @@ class EmbeddingProcessor(nn.Module):
     learned per-cell readout (each cell its own map from state to output channels, and its own bias) gives the
     lattice that the reshaper reads back.  The cell rule is shared and sees only neighbours; the per-cell
     readout is what lets each embedding dimension have its own scale and offset.
+
+    Two options give the shared rule what it lacks on small data: ``position_channels`` learned channels per
+    cell, appended to the external input, let the one rule act differently at each place; ``readout_skip``
+    adds the input embedding to the output and zero-initialises the readout, so that the model starts as the
+    identity and learns the difference (as the skip-path ``mlp`` floor does).
     """
 
     def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), state_size: int = 8,
                  hidden_size: int = 16, steps: int = 10, boundary: str = "wall", activation: str = "tanh",
                  update: str = "replace", step_size: float = 1.0, reshaping_method: str = "simple",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", position_channels: int = 0, readout_skip: bool = False) -> None:
         super().__init__()
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
+        self.position_channels = check_int("position_channels", position_channels, minimum=0)
+        if not isinstance(readout_skip, bool):
+            raise TypeError(f"readout_skip must be a bool, got {readout_skip!r}")
+        self.readout_skip = readout_skip
         self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
-        self.core = CubicCore(lattice_size, state_size, hidden_size, input_size=self.reshaper.channels, steps=steps,
+        self.core = CubicCore(lattice_size, state_size, hidden_size,
+                              input_size=self.reshaper.channels + self.position_channels, steps=steps,
                               boundary=boundary, activation=activation, update=update, step_size=step_size,
                               backend=backend)
         X, Y, Z = self.core.lattice_size
         out = self.reshaper.output_channels
+        if self.position_channels:
+            self.position = nn.Parameter(0.1 * torch.randn(X, Y, Z, self.position_channels))
         self.readout_weight = nn.Parameter(torch.empty(X, Y, Z, state_size, out))
         self.readout_bias = nn.Parameter(torch.zeros(X, Y, Z, out))
-        nn.init.uniform_(self.readout_weight, -state_size ** -0.5, state_size ** -0.5)
+        if readout_skip:
+            nn.init.zeros_(self.readout_weight)
+        else:
+            nn.init.uniform_(self.readout_weight, -state_size ** -0.5, state_size ** -0.5)
 
     def readout(self, state: torch.Tensor) -> torch.Tensor:
         """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
@@ -46,11 +61,16 @@ class EmbeddingProcessor(nn.Module):
         if embedding.shape[1] != self.input_dim:
             raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
         external = self.reshaper.to_lattice(embedding)
+        if self.position_channels:
+            position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
+            external = torch.cat([external, position], dim=-1)
         state = self.core(external)
-        return self.reshaper.from_lattice(self.readout(state))
+        out = self.reshaper.from_lattice(self.readout(state))
+        return embedding + out if self.readout_skip else out
 
     def get_info(self) -> Dict[str, Any]:
         info = dict(self.core.get_info())
         info.update(input_dim=self.input_dim, reshaping_method=self.reshaper.strategy,
+                    position_channels=self.position_channels, readout_skip=self.readout_skip,
                     parameters=sum(p.numel() for p in self.parameters()))
         return info

@@ -119,7 +119,8 @@ class CubeTrainer:
         else:
             self.model = EmbeddingProcessor(
                 self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
-                cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend).to(self.device)
+                cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend, cfg.position_channels,
+                cfg.readout_skip).to(self.device)
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

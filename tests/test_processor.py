@@ -38,3 +38,26 @@ def test_bad_input_raises():
         proc(torch.randn(3, 11))
     with pytest.raises(ValueError, match="does not fit"):
         EmbeddingProcessor(12, (2, 2, 2))
+
+
+def test_readout_skip_starts_as_the_identity_and_learns():
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, readout_skip=True)
+    x = torch.randn(5, 24)
+    assert torch.equal(proc(x), x), "a zero-initialised readout adds nothing at first"
+    proc(x).square().sum().backward()
+    assert proc.readout_weight.grad.abs().sum() > 0
+
+
+def test_position_channels_widen_the_external_input_and_get_gradients():
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=2)
+    assert proc.core.input_size == 1 + 2 and proc.position.shape == (2, 3, 4, 2)
+    proc(torch.randn(5, 24)).square().sum().backward()
+    assert proc.position.grad.abs().sum() > 0
+    info = proc.get_info()
+    assert info["position_channels"] == 2 and info["readout_skip"] is False
+    with pytest.raises(ValueError, match="position_channels"):
+        EmbeddingProcessor(24, (2, 3, 4), position_channels=-1)
+    with pytest.raises(TypeError, match="readout_skip"):
+        EmbeddingProcessor(24, (2, 3, 4), readout_skip="yes")
