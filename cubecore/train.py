@@ -65,7 +65,7 @@ def _seeds(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m cubecore.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with a 'cube_training:' section (default: built-in defaults, "
                                     "the same as config/cube_training.yaml)")
     p.add_argument("--mode", choices=MODES, help="what to learn")
