@@ -46,7 +46,7 @@ class TrainingConfig:
     step_size: float = 0.5
     reshaping_method: str = "simple"
     position_channels: int = 0  # learned channels per cell added to the external input
-    readout_skip: bool = False  # output = input + readout (zero-initialised): start as the identity
+    readout_skip: bool = True  # output = input + readout (zero-initialised): start as the identity
     backend: str = "auto"
     # optimisation
     optimizer: str = "adamw"
