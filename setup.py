@@ -7,11 +7,23 @@ Environment switches:
   MAX_JOBS                  parallel compile jobs (torch.utils.cpp_extension)
 """
 
+import json
 import os
+import sys
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "cubecore builds its kernels against the torch that will run them, so torch must be installed first and "
+        "the build must see it:\n"
+        "    pip install torch            # or the CPU build: pip install torch==2.13.0 (see the README)\n"
+        "    pip install setuptools wheel ninja\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(a plain `pip install .` builds in an isolated environment without torch)")
 
 
 def cuda_wanted() -> bool:
@@ -34,8 +46,21 @@ def extension():
     return CppExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+class BuildWithInfo(BuildExtension):
+    """Builds the extension and writes cubecore/_build_info.json beside it: the torch it was built against, so
+    that cubecore.info() can say so in words when another torch is installed later."""
+
+    def run(self):
+        super().run()
+        info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_kernels": cuda_wanted()}
+        folder = os.path.dirname(self.get_ext_fullpath("cubecore._C"))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "_build_info.json"), "w") as f:
+            json.dump(info, f)
+
+
 setup(
     packages=find_packages(include=["cubecore", "cubecore.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildWithInfo},
 )

@@ -8,6 +8,8 @@ one is built for the tensors' device and dtype and otherwise the reference, warn
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -18,12 +20,38 @@ from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference
 
 BACKENDS = ("auto", "kernel", "reference")
 
+REBUILD = "pip install --no-build-isolation -e . (or without -e for a plain install)"
+
+
+def _build_info() -> Dict[str, object]:
+    """What setup.py recorded when it built cubecore._C: the torch (and CUDA) it was built against."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def extension_error(exc: BaseException, built: Dict[str, object], running: str) -> str:
+    """Why cubecore._C did not load, in words: above all, a build against another torch than this one."""
+    built_with = built.get("torch")
+    if built_with and built_with != running:
+        return (f"cubecore._C was built against torch {built_with}, but torch {running} is installed, and a "
+                f"compiled extension only loads with the torch it was built against; rebuild it: {REBUILD}")
+    if "undefined symbol" in str(exc) or "symbol not found" in str(exc):
+        return (f"cubecore._C does not match the installed torch {running} (it was built against another "
+                f"version: {str(exc).splitlines()[0][:200]}); rebuild it: {REBUILD}")
+    return f"the compiled extension cubecore._C could not be loaded ({exc}); build it: {REBUILD}"
+
+
+BUILD_INFO = _build_info()
 try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define torch.ops.cubecore.
     from . import _C  # noqa: F401
 
     EXTENSION_ERROR: Optional[str] = None
-except ImportError as exc:  # A source checkout that was never built, or a broken build.
-    EXTENSION_ERROR = f"the compiled extension cubecore._C could not be loaded ({exc}); reinstall with `pip install .`"
+except ImportError as exc:  # A source checkout that was never built, a build for another torch, a broken build.
+    EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
 
 CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in a per-thread array (kMaxState)
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
@@ -73,6 +101,7 @@ def info() -> Dict[str, object]:
     cuda_reason = kernel_unavailable_reason(torch.device("cuda"), torch.float32)
     return {
         "torch": torch.__version__,
+        "built_with_torch": BUILD_INFO.get("torch"),
         "extension_loaded": EXTENSION_ERROR is None,
         "cpu_kernel": cpu_reason is None,
         "cpu_kernel_reason": cpu_reason,

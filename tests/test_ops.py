@@ -356,3 +356,17 @@ def test_autocast_computes_in_float32_on_both_backends():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's own autocast rule, called directly
         final, _ = torch.ops.cubecore.propagate_forward(*[a.bfloat16() for a in args], 3, 1, 1, 0, 1.0, False)
     assert final.dtype == torch.float32
+
+
+def test_an_extension_built_for_another_torch_is_said_in_words():
+    exc = ImportError("/x/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+    said = ops.extension_error(exc, {"torch": "2.11.0+cu130"}, "2.13.0+cpu")
+    assert "built against torch 2.11.0+cu130" in said and "2.13.0+cpu" in said and "--no-build-isolation" in said
+    said = ops.extension_error(exc, {}, "2.13.0+cpu")
+    assert "does not match the installed torch 2.13.0+cpu" in said and "--no-build-isolation" in said
+    said = ops.extension_error(ImportError("No module named 'cubecore._C'"), {}, "2.13.0+cpu")
+    assert "could not be loaded" in said and "--no-build-isolation" in said
+
+
+def test_info_says_which_torch_the_extension_was_built_against():
+    assert cubecore.info()["built_with_torch"] == torch.__version__
