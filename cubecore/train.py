@@ -285,15 +285,26 @@ def _train_and_report(trainer: CubeTrainer, data, out: Path, source: Optional[Pa
         return 130
     if trainer.distributed:  # every rank must end with the same weights
         digests = [None] * trainer.world_size
-        dist.all_gather_object(digests, trainer.weights_digest())
+        dist.all_gather_object(digests, trainer.weights_digest())  # every rank sees every digest
+        same = len(set(digests)) == 1
         if main_process:
-            same = len(set(digests)) == 1
             print(f"weights identical across {trainer.world_size} processes: {same}")
             if not same:
                 print("error: distributed processes diverged", file=sys.stderr)
-                return 1
+        if not same:
+            return 1
     if not main_process:
+        _barrier()  # stay in the process group until rank 0 has written its report: all ranks leave together
         return 0
+    try:
+        return _report(trainer, data, out)
+    finally:
+        _barrier()
+
+
+def _report(trainer: CubeTrainer, data, out: Path) -> int:
+    """Rank 0, after training: the last checkpoint, the evaluation against the floors, curves and report."""
+    config = trainer.config
     trainer.save_checkpoint(out / "last.pt")
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None
