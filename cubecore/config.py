@@ -16,6 +16,7 @@ from .checks import check_choice, check_int, check_ints, check_keys, check_numbe
 from .ops import BACKENDS
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
 from .reshaper import STRATEGIES
+from .tracking import LOGGERS
 
 MODES = ("autoencoder", "dialogue", "mixed")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -71,6 +72,7 @@ class TrainingConfig:
     precision: str = "fp32"
     output_dir: str = "runs/cube"
     checkpoint_every: int = 1
+    logger: str = "csv"  # csv: metrics.csv / metrics.jsonl; tensorboard: those and TensorBoard event files
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ class TrainingConfig:
     def _check_values(self) -> None:
         choices = {"mode": MODES, "boundary": BOUNDARIES, "activation": ACTIVATIONS, "update": UPDATES,
                    "optimizer": OPTIMIZERS, "loss_function": LOSSES, "reshaping_method": STRATEGIES,
-                   "precision": PRECISIONS, "backend": BACKENDS, "select_by": SELECT_BY}
+                   "precision": PRECISIONS, "backend": BACKENDS, "select_by": SELECT_BY, "logger": LOGGERS}
         for key, allowed in choices.items():
             check_choice(f"config key {key!r}", getattr(self, key), allowed)
         for key in ("state_size", "hidden_size", "steps", "epochs", "batch_size", "checkpoint_every", "patience"):

@@ -7,12 +7,35 @@ from typing import Any, Dict, Sequence
 import torch
 from torch import nn
 
+from huggingface_hub import PyTorchModelHubMixin
+
 from .checks import check_int, check_tensor
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
 
 
-class EmbeddingProcessor(nn.Module):
+MODEL_CARD = """
+---
+{{ card_data }}
+---
+
+# cubecore EmbeddingProcessor
+
+A cubic core ({{ lattice }} lattice of cells sharing one network, {{ steps }} steps) that maps a teacher
+embedding to an embedding, trained with cubecore.
+
+```python
+from cubecore import EmbeddingProcessor
+model = EmbeddingProcessor.from_pretrained("path/to/this/folder")
+```
+
+{{ results | default("", true) }}
+"""
+
+
+class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license="mit",
+                         tags=["cubecore", "neural-cellular-automaton", "embedding-adapter"],
+                         model_card_template=MODEL_CARD):
     """Maps an embedding [B, dim] to an embedding [B, dim] through the cubic core.
 
     The reshaper lays the embedding onto the lattice as the core's external input; after ``steps`` steps a
@@ -24,6 +47,10 @@ class EmbeddingProcessor(nn.Module):
     cell, appended to the external input, let the one rule act differently at each place; ``readout_skip``
     adds the input embedding to the output and zero-initialises the readout, so that the model starts as the
     identity and learns the difference (as the skip-path ``mlp`` floor does).
+
+    ``save_pretrained(folder)`` / ``from_pretrained(folder)`` (huggingface_hub's mixin) store the weights as
+    safetensors beside a JSON config of the constructor's arguments and a model card; ``push_to_hub`` works too.
+    Loading is strict: every weight must be in the file.
     """
 
     def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), state_size: int = 8,
@@ -67,6 +94,14 @@ class EmbeddingProcessor(nn.Module):
         state = self.core(external)
         out = self.reshaper.from_lattice(self.readout(state))
         return embedding + out if self.readout_skip else out
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        return super()._from_pretrained(strict=strict, **kwargs)  # the mixin's default is not strict
+
+    def generate_model_card(self, *args, **kwargs):
+        X, Y, Z = self.core.lattice_size
+        return super().generate_model_card(*args, lattice=f"{X}x{Y}x{Z}", steps=self.core.steps, **kwargs)
 
     def get_info(self) -> Dict[str, Any]:
         info = dict(self.core.get_info())

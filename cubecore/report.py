@@ -14,7 +14,7 @@ import torch.nn.functional as F
 COLUMNS = ("cosine", "mse", "r@1", "r@5", "r@10", "mrr")
 
 
-METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_cosine", "lr")
+METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_cosine", "val_r@1", "val_mrr", "lr")
 
 
 def write_metrics(output_dir: Path, history: List[Dict[str, object]]) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "report.md",
-             "results.json")
+             "results.json", "model", "tensorboard")
 OPEN_MODES = ("fresh", "overwrite", "resume")
 LOCK_NAME = ".lock"
 
@@ -72,7 +73,11 @@ class RunDirectory:
         """With mode ``overwrite``: remove the previous run's files (call once the new run is ready to write)."""
         if self.mode == "overwrite":
             for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
+                path = self.path / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock is not None:

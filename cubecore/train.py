@@ -39,11 +39,12 @@ from .ops import BACKENDS
 from .report import (append_metrics, example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                      seed_table, write_metrics)
 from .rundir import RunDirectory
+from .tracking import TensorBoardTracker
 from .trainer import CubeTrainer, prepare_data
 
 # Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
 RESUMABLE_KEYS = ("epochs", "output_dir", "device", "backend", "cache_dir", "checkpoint_every", "patience",
-                  "convergence_threshold", "target_similarity")
+                  "convergence_threshold", "target_similarity", "logger")
 
 
 def _lattice(text: str):
@@ -268,17 +269,34 @@ def interrupted_message(out: Path, epoch: int, source: Optional[Path]) -> str:
 def _train_and_report(trainer: CubeTrainer, data, out: Path, source: Optional[Path], main_process: bool,
                       quiet: bool) -> int:
     config = trainer.config
+    tracker = TensorBoardTracker(out / "tensorboard") if main_process and config.logger == "tensorboard" else None
+    try:
+        return _train_and_report_to(trainer, data, out, source, main_process, quiet, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _train_and_report_to(trainer: CubeTrainer, data, out: Path, source: Optional[Path], main_process: bool,
+                         quiet: bool, tracker: Optional[TensorBoardTracker]) -> int:
+    config = trainer.config
+
+    def on_step_end(t: CubeTrainer, loss: float) -> None:
+        if tracker is not None:
+            tracker.step(t.step, loss, t.optimizer.param_groups[0]["lr"])
 
     def on_epoch_end(t: CubeTrainer, record) -> None:
         if main_process:
             append_metrics(out, record)
+            if tracker is not None:
+                tracker.epoch(record)
             if t.best_epoch == t.epoch:
                 t.save_checkpoint(out / "best.pt")
             if t.epoch % config.checkpoint_every == 0 or t.finished:
                 t.save_checkpoint(out / "last.pt")
 
     try:
-        trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, progress=not quiet)
+        trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, on_step_end=on_step_end, progress=not quiet)
     except KeyboardInterrupt:
         if main_process:
             print("\n" + interrupted_message(out, trainer.epoch + 1, source), file=sys.stderr)
@@ -297,12 +315,12 @@ def _train_and_report(trainer: CubeTrainer, data, out: Path, source: Optional[Pa
         _barrier()  # stay in the process group until rank 0 has written its report: all ranks leave together
         return 0
     try:
-        return _report(trainer, data, out)
+        return _report(trainer, data, out, tracker)
     finally:
         _barrier()
 
 
-def _report(trainer: CubeTrainer, data, out: Path) -> int:
+def _report(trainer: CubeTrainer, data, out: Path, tracker: Optional[TensorBoardTracker] = None) -> int:
     """Rank 0, after training: the last checkpoint, the evaluation against the floors, curves and report."""
     config = trainer.config
     trainer.save_checkpoint(out / "last.pt")
@@ -317,11 +335,14 @@ def _report(trainer: CubeTrainer, data, out: Path) -> int:
     note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
             f"{trainer.epoch} epochs (last.pt).")
     (out / "report.md").write_text(markdown_report(results, trainer.get_info(), examples, note=note))
+    trainer.save_pretrained(out / "model", results)  # EmbeddingProcessor.from_pretrained(out / "model")
+    if tracker is not None:
+        tracker.finish(config.to_dict(), results)
     finite = {m: {k: (v if math.isfinite(v) else None) for k, v in r.items()} for m, r in results.items()}
     (out / "results.json").write_text(json.dumps(finite, indent=2))  # NaN (too few pairs) as null: valid JSON
     print(results_table(results))
     print(note)
-    written = [out / n for n in ("last.pt", "best.pt", "curves.png", "report.md", "metrics.csv")]
+    written = [out / n for n in ("last.pt", "best.pt", "model", "curves.png", "report.md", "metrics.csv")]
     print("wrote " + ", ".join(str(p) for p in written if p.is_file()))
     return 0
 

@@ -182,6 +182,7 @@ class CubeTrainer:
 
     def fit(self, train_data, val_data=None, epochs: Optional[int] = None,
             on_epoch_end: Optional[Callable[["CubeTrainer", Dict[str, float]], None]] = None,
+            on_step_end: Optional[Callable[["CubeTrainer", float], None]] = None,
             progress: bool = True) -> List[Dict[str, float]]:
         """Train until ``epochs`` (config default) or an early stop; returns the per-epoch history."""
         from tqdm.auto import tqdm
@@ -230,6 +231,8 @@ class CubeTrainer:
                 self.scheduler.step()
                 self.step += 1
                 running += loss.item() * idx.numel()
+                if on_step_end is not None:
+                    on_step_end(self, loss.item())
                 seen += idx.numel()
                 bar.set_postfix(loss=f"{running / seen:.4f}")
             if self.distributed:  # the epoch's loss over all processes
@@ -242,7 +245,8 @@ class CubeTrainer:
                 pred = self.predict(val[0])
                 record["val_loss"] = self.loss(pred, val[1]).item()
                 record["val_cosine"] = F.cosine_similarity(pred, val[1].float(), dim=-1).mean().item()
-                record["val_mrr"] = retrieval(pred, val[1])["mrr"]
+                ranks = retrieval(pred, val[1])
+                record["val_r@1"], record["val_mrr"] = ranks["r@1"], ranks["mrr"]
             bar.close()
             self.epoch += 1
             self.history.append(record)
@@ -334,6 +338,23 @@ class CubeTrainer:
             yield self.best_epoch
         finally:
             model.load_state_dict(last)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike], results: Optional[Dict[str, Dict[str, float]]] = None,
+                        weights: str = "best") -> Path:
+        """The model (the best epoch's weights by default) as a Hub-style folder: safetensors weights, the
+        constructor's config as JSON, and a model card with the results table against the floors."""
+        from .report import results_table
+
+        model = self._require_model()
+        if not isinstance(model, EmbeddingProcessor):
+            raise TypeError(f"save_pretrained saves an EmbeddingProcessor, not a {type(model).__name__}")
+        with self.weights_of(weights) as epoch:
+            card = (f"Weights of epoch {epoch} ({weights}, by {self.config.select_by}); teacher "
+                    f"{self.config.teacher}, mode {self.config.mode}, data {self.config.data}.")
+            if results:
+                card += "\n\nValidation split, against the floors:\n\n" + results_table(results)
+            model.save_pretrained(folder, model_card_kwargs={"results": card})
+        return Path(folder)
 
     def scored_epoch(self, which: str = "best") -> int:
         with self.weights_of(which) as epoch:

@@ -61,3 +61,25 @@ def test_position_channels_widen_the_external_input_and_get_gradients():
         EmbeddingProcessor(24, (2, 3, 4), position_channels=-1)
     with pytest.raises(TypeError, match="readout_skip"):
         EmbeddingProcessor(24, (2, 3, 4), readout_skip="yes")
+
+
+def test_save_pretrained_round_trip_is_exact_and_loading_is_strict(tmp_path):
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, reshaping_method="adaptive",
+                              position_channels=2, readout_skip=True)
+    proc.reshaper.fit(torch.randn(12, 24))
+    with torch.no_grad():
+        proc.readout_weight.normal_()
+    proc.save_pretrained(tmp_path / "m", model_card_kwargs={"results": "| cube | 0.5 |"})
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.safetensors", "config.json", "README.md"}
+    loaded = EmbeddingProcessor.from_pretrained(tmp_path / "m")
+    x = torch.randn(4, 24)
+    assert torch.equal(loaded(x), proc(x)) and loaded.reshaper.is_fitted
+    assert "| cube | 0.5 |" in (tmp_path / "m" / "README.md").read_text()
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights.pop("readout_bias")
+    save_file(weights, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="readout_bias"):
+        EmbeddingProcessor.from_pretrained(tmp_path / "m")

@@ -492,3 +492,35 @@ def test_a_relative_data_path_is_kept_absolute_so_the_run_resumes_from_anywhere(
     assert cli(tmp_path, os.path.relpath(dialogue_file, tmp_path), out, epochs=1) == 0
     monkeypatch.chdir(tmp_path / "run")
     assert train_cli.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teacher, dialogue_file):
+    from cubecore import EmbeddingProcessor
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=3) == 0
+    trainer = CubeTrainer.from_checkpoint(out / "last.pt")
+    model = EmbeddingProcessor.from_pretrained(out / "model")
+    x = torch.randn(5, 12)
+    with trainer.weights_of("best"):
+        assert torch.equal(model(x), trainer.model(x))
+    card = (out / "model" / "README.md").read_text()
+    assert "| ridge |" in card and "| mlp |" in card and f"epoch {trainer.best_epoch}" in card
+
+
+def test_tensorboard_logger_writes_steps_epochs_and_hparams(tmp_path, fake_teacher, dialogue_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, "logger=tensorboard", epochs=2) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/val_loss", "epoch/val_r@1", "epoch/val_mrr"} <= scalars, scalars
+    history = CubeTrainer.from_checkpoint(out / "last.pt").history
+    steps = events.Scalars("train/loss")
+    assert [s.step for s in steps] == list(range(1, history[-1]["step"] + 1))
+    mrr = [e.value for e in events.Scalars("epoch/val_mrr")]
+    assert mrr == pytest.approx([h["val_mrr"] for h in history], rel=1e-6)
+    assert "final/cosine" in scalars and events.PluginTagToContent("hparams"), "the config as hyperparameters"
+    assert epochs_in(out) == [1, 2], "the metrics files are written with any logger"
