@@ -56,7 +56,8 @@ class EmbeddingProcessor(nn.Module):
         """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
         return torch.einsum("bxyzs,xyzse->bxyze", state, self.readout_weight) + self.readout_bias
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+    def external(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The core's external input for an embedding [B, dim]: [B, X, Y, Z, channels + position_channels]."""
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
             raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
@@ -64,9 +65,17 @@ class EmbeddingProcessor(nn.Module):
         if self.position_channels:
             position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
             external = torch.cat([external, position], dim=-1)
-        state = self.core(external)
+        return external
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        state = self.core(self.external(embedding))
         out = self.reshaper.from_lattice(self.readout(state))
         return embedding + out if self.readout_skip else out
+
+    def trajectory(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The lattice states of every step for an embedding [B, dim]: [steps + 1, B, X, Y, Z, state_size]
+        (entry 0 the initial zero state), for inspection: ``cubecore.viz.rollout_gif(traj[:, 0], path)``."""
+        return self.core(self.external(embedding), return_trajectory=True)
 
     def get_info(self) -> Dict[str, Any]:
         info = dict(self.core.get_info())
