@@ -12,7 +12,7 @@ import re
 
 import yaml
 
-from .checks import check_choice, check_int, check_ints, check_keys, check_number, check_str
+from .checks import check_bool, check_choice, check_int, check_ints, check_keys, check_number, check_str
 from .ops import BACKENDS
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
 from .reshaper import STRATEGIES
@@ -101,8 +101,8 @@ class TrainingConfig:
                 setattr(self, f.name, check_int(name, value))
             elif base is str:
                 check_str(name, value)
-            elif base is bool and not isinstance(value, bool):
-                raise TypeError(f"{name} must be true or false, got {value!r}")
+            elif base is bool:
+                check_bool(name, value)
 
     def _check_values(self) -> None:
         choices = {"mode": MODES, "boundary": BOUNDARIES, "activation": ACTIVATIONS, "update": UPDATES,

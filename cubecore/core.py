@@ -17,6 +17,9 @@ class CubicCore(nn.Module):
 
     ``forward(external, state=None)`` maps ``external`` [B, X, Y, Z, input_size] (None when input_size is 0)
     to the final state [B, X, Y, Z, state_size].  The initial state is zeros unless given.
+    ``forward(..., return_trajectory=True)`` returns the state of every step instead, [steps + 1, B, X, Y, Z,
+    state_size] (entry 0 the initial state, the last the final state), for inspection (:mod:`cubecore.viz`);
+    gradients flow through its last entry on every backend (see :func:`cubecore.propagate`).
     Weights: ``w1`` [hidden, 7*state+input], ``b1`` [hidden], ``w2`` [state, hidden], ``b2`` [state].
     """
 
@@ -57,7 +60,8 @@ class CubicCore(nn.Module):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 
-    def forward(self, external: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, external: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None,
+                return_trajectory: bool = False) -> torch.Tensor:
         X, Y, Z = self.lattice_size
         if external is None and self.input_size > 0:
             raise ValueError(f"external [B, {X}, {Y}, {Z}, {self.input_size}] is required (input_size > 0)")
@@ -78,6 +82,7 @@ class CubicCore(nn.Module):
         return propagate(
             state, external, self.w1, self.b1, self.w2, self.b2, steps=self.steps, boundary=self.boundary,
             activation=self.activation, update=self.update, step_size=self.step_size, backend=self.backend,
+            return_trajectory=return_trajectory,
         )
 
     def active_backend(self) -> str:

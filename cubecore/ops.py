@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .checks import check_choice, check_int, check_number, check_tensor
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference
+from .checks import check_bool, check_choice, check_int, check_number, check_tensor
+from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
 
 BACKENDS = ("auto", "kernel", "reference")
 
@@ -204,12 +204,20 @@ def propagate(
     update: str = "replace",
     step_size: float = 1.0,
     backend: str = "auto",
+    return_trajectory: bool = False,
 ) -> torch.Tensor:
     """Run ``steps`` synchronous steps of the cell rule and return the final state [B, X, Y, Z, S].
 
     Differentiable in state, external, w1, b1, w2, b2.  ``external`` [B, X, Y, Z, E] may be None (E = 0).
     Under autocast the rule computes in float32, whatever the inputs' lower precision (the op's autocast rule).
+
+    ``return_trajectory=True`` returns instead the state of every step, [steps + 1, B, X, Y, Z, S]: entry 0 is
+    the initial ``state``, entry ``t`` the state after ``t`` steps, the last entry the final state.  It is for
+    inspection (:mod:`cubecore.viz` draws it).  Its last entry is the differentiable final state on both
+    backends; the earlier entries are differentiable on the reference backend only (the kernel's saved
+    trajectory is detached, since its backward recomputes from it rather than differentiating it).
     """
+    check_bool("return_trajectory", return_trajectory)
     if (isinstance(state, torch.Tensor) and state.device.type in AUTOCAST_DEVICE_TYPES
             and torch.is_autocast_enabled(state.device.type)):
         # The same rule as the op's registered autocast kernel, applied before the argument checks so that
@@ -218,7 +226,7 @@ def propagate(
         tensors = [_autocast_to_float32(t) for t in (state, external, w1, b1, w2, b2)]
         with torch.autocast(state.device.type, enabled=False):
             return propagate(*tensors, steps=steps, boundary=boundary, activation=activation, update=update,
-                             step_size=step_size, backend=backend)
+                             step_size=step_size, backend=backend, return_trajectory=return_trajectory)
     external = check_propagate_args(state, external, w1, b1, w2, b2, steps)
     codes = (
         _code("boundary", boundary, BOUNDARIES),
@@ -229,14 +237,35 @@ def propagate(
     steps = int(steps)
     chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1])
     if chosen == "reference":
+        if return_trajectory:
+            return trajectory_reference(state, external, w1, b1, w2, b2, steps=steps, boundary=boundary,
+                                        activation=activation, update=update, step_size=float(step_size))
         return propagate_reference(
             state, external, w1, b1, w2, b2, steps=steps, boundary=boundary, activation=activation,
             update=update, step_size=float(step_size),
         )
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (state, external, w1, b1, w2, b2))
-    final, _ = torch.ops.cubecore.propagate_forward(state, external, w1, b1, w2, b2, steps, *codes,
-                                                    float(step_size), keep)
+    keep = return_trajectory or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (state, external, w1, b1, w2, b2)))
+    final, trajectory = torch.ops.cubecore.propagate_forward(state, external, w1, b1, w2, b2, steps, *codes,
+                                                             float(step_size), keep)
+    if return_trajectory:
+        # The op's trajectory is non-differentiable; its last entry is replaced by the differentiable final
+        # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
+        return torch.cat([trajectory[:-1], final.unsqueeze(0)])
     return final
+
+
+def trajectory_reference(state, external, w1, b1, w2, b2, *, steps: int, boundary: str = "wall",
+                         activation: str = "tanh", update: str = "replace", step_size: float = 1.0) -> torch.Tensor:
+    """The reference rule's states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state),
+    differentiable throughout."""
+    if external is None:
+        external = state.new_zeros(state.shape[:-1] + (0,))
+    states = [state]
+    for _ in range(steps):
+        states.append(step_reference(states[-1], external, w1, b1, w2, b2, boundary, activation, update,
+                                     step_size))
+    return torch.stack(states)
 
 
 # --- registration of the op's fake (meta) kernels, autograd formula and autocast rule ----------------------

@@ -9,7 +9,7 @@ from torch import nn
 
 from huggingface_hub import PyTorchModelHubMixin
 
-from .checks import check_int, check_tensor
+from .checks import check_bool, check_int, check_tensor
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
 
@@ -60,9 +60,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         super().__init__()
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.position_channels = check_int("position_channels", position_channels, minimum=0)
-        if not isinstance(readout_skip, bool):
-            raise TypeError(f"readout_skip must be a bool, got {readout_skip!r}")
-        self.readout_skip = readout_skip
+        self.readout_skip = check_bool("readout_skip", readout_skip)
         self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
         self.core = CubicCore(lattice_size, state_size, hidden_size,
                               input_size=self.reshaper.channels + self.position_channels, steps=steps,
@@ -83,7 +81,8 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
         return torch.einsum("bxyzs,xyzse->bxyze", state, self.readout_weight) + self.readout_bias
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+    def external(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The core's external input for an embedding [B, dim]: [B, X, Y, Z, channels + position_channels]."""
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
             raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
@@ -91,9 +90,17 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         if self.position_channels:
             position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
             external = torch.cat([external, position], dim=-1)
-        state = self.core(external)
+        return external
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        state = self.core(self.external(embedding))
         out = self.reshaper.from_lattice(self.readout(state))
         return embedding + out if self.readout_skip else out
+
+    def trajectory(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The lattice states of every step for an embedding [B, dim]: [steps + 1, B, X, Y, Z, state_size]
+        (entry 0 the initial zero state), for inspection: ``cubecore.viz.rollout_gif(traj[:, 0], path)``."""
+        return self.core(self.external(embedding), return_trajectory=True)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

@@ -152,6 +152,8 @@ def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object
     if note:
         lines += [note, ""]
     lines += standing(results)
+    lines += ["", "![The lattice state (L2 norm over channels, one panel per z-slice) at each step, for the first "
+              "validation example](rollout.gif)"]
     if examples:
         lines += ["", "## Example predictions", "", "| question | true answer | nearest answer to the cube's output |",
                   "|---|---|---|"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "report.md",
-             "results.json", "model", "tensorboard")
+             "results.json", "model", "tensorboard", "rollout.gif")
 OPEN_MODES = ("fresh", "overwrite", "resume")
 LOCK_NAME = ".lock"
 

@@ -40,6 +40,7 @@ from .report import (append_metrics, example_predictions, markdown_report, plot_
                      seed_table, write_metrics)
 from .rundir import RunDirectory
 from .tracking import TensorBoardTracker
+from .viz import rollout_gif
 from .trainer import CubeTrainer, prepare_data
 
 # Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
@@ -331,6 +332,9 @@ def _report(trainer: CubeTrainer, data, out: Path, tracker: Optional[TensorBoard
             examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
                                            data.val_answers)
     plot_curves(trainer.history, out / "curves.png")
+    with trainer.weights_of("best"), torch.no_grad():  # the first validation example, step by step
+        rollout = trainer.model.trajectory(data.val[0][:1].to(trainer.device)).float().cpu()
+    rollout_gif(rollout[:, 0], out / "rollout.gif")
     where = "best.pt" if (out / "best.pt").is_file() else "kept in last.pt"
     note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
             f"{trainer.epoch} epochs (last.pt).")
@@ -342,7 +346,8 @@ def _report(trainer: CubeTrainer, data, out: Path, tracker: Optional[TensorBoard
     (out / "results.json").write_text(json.dumps(finite, indent=2))  # NaN (too few pairs) as null: valid JSON
     print(results_table(results))
     print(note)
-    written = [out / n for n in ("last.pt", "best.pt", "model", "curves.png", "report.md", "metrics.csv")]
+    written = [out / n for n in ("last.pt", "best.pt", "model", "curves.png", "rollout.gif", "report.md",
+                                 "metrics.csv")]
     print("wrote " + ", ".join(str(p) for p in written if p.is_file()))
     return 0
 

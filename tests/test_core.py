@@ -130,3 +130,40 @@ def test_bad_forward_inputs_raise():
 def test_top_level_exports():
     for name in cubecore.__all__:
         assert hasattr(cubecore, name), name
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "reference"])
+@pytest.mark.parametrize("lattice,batch,given_state", [((3, 4, 5), 2, True), ((1, 5, 3), 1, False),
+                                                       ((2, 1, 7), 3, True)])
+def test_core_returns_the_trajectory(backend, lattice, batch, given_state):
+    """[steps + 1, B, X, Y, Z, S]: entry 0 the initial state, each next entry one more step of the float64
+    reference, the last entry core(external) and carrying the same gradient."""
+    torch.manual_seed(1)
+    core = CubicCore(lattice_size=lattice, state_size=3, hidden_size=5, input_size=2, steps=4, update="residual",
+                     step_size=0.5, boundary="periodic", backend=backend).double()
+    u = torch.randn(batch, *lattice, 2, dtype=torch.float64)
+    s0 = torch.randn(batch, *lattice, 3, dtype=torch.float64) if given_state else None
+    traj = core(u, s0, return_trajectory=True)
+    assert traj.shape == (5, batch, *lattice, 3)
+    torch.testing.assert_close(traj[0], s0 if given_state else torch.zeros_like(traj[0]), atol=0, rtol=0)
+    start = traj[0]
+    for t in range(1, 5):
+        want = cubecore.propagate_reference(start, u, core.w1, core.b1, core.w2, core.b2, steps=t,
+                                            boundary="periodic", update="residual", step_size=0.5)
+        torch.testing.assert_close(traj[t], want, atol=1e-12, rtol=0)
+    final = core(u, s0)
+    torch.testing.assert_close(traj[-1], final, atol=0, rtol=0)
+    up = torch.randn_like(final)
+    got = torch.autograd.grad(traj[-1], list(core.parameters()), up)
+    want = torch.autograd.grad(final, list(core.parameters()), up)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_core_default_returns_the_final_state_only():
+    core = CubicCore(lattice_size=(2, 3, 2), state_size=2, hidden_size=3, steps=3, backend="reference")
+    u = torch.randn(1, 2, 3, 2, 1)
+    assert core(u).shape == (1, 2, 3, 2, 2)
+    assert core(u, return_trajectory=True).shape == (4, 1, 2, 3, 2, 2)
+    with pytest.raises(TypeError, match="return_trajectory"):
+        core(u, return_trajectory="yes")

@@ -370,3 +370,75 @@ def test_an_extension_built_for_another_torch_is_said_in_words():
 
 def test_info_says_which_torch_the_extension_was_built_against():
     assert cubecore.info()["built_with_torch"] == torch.__version__
+
+
+# --- the trajectory: every step's state ------------------------------------------------------------------------
+
+
+def _stepwise(args, **kw):
+    """The float64 reference's state after t steps, for every t: an oracle independent of return_trajectory."""
+    steps = kw.pop("steps")
+    return torch.stack([args[0]] + [propagate_reference(*args, steps=t, **kw) for t in range(1, steps + 1)])
+
+
+@pytest.mark.parametrize("backend,dtype,atol", [("kernel", torch.float64, 1e-12), ("kernel", torch.float32, 1e-5),
+                                                ("reference", torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[5]], ids=lambda s: "x".join(map(str, s)))
+def test_trajectory_matches_the_float64_reference_step_by_step(backend, dtype, atol, shape):
+    if backend == "kernel" and cubecore.kernel_unavailable_reason("cpu", dtype) is not None:
+        pytest.skip("CPU kernel not built")
+    args = make_problem(*shape, seed=17)
+    kw = rule_kwargs("reflect", "tanh", "residual", 4)
+    traj = propagate(*[a.to(dtype) for a in args], backend=backend, return_trajectory=True, **kw)
+    assert traj.shape == (5, *args[0].shape) and traj.dtype == dtype
+    torch.testing.assert_close(traj.double(), _stepwise(args, **kw), atol=atol, rtol=0)
+    torch.testing.assert_close(traj[0], args[0].to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(traj[-1], propagate(*[a.to(dtype) for a in args], backend=backend, **kw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "reference"])
+def test_gradient_through_the_last_trajectory_entry_is_the_final_states_gradient(backend):
+    args = make_problem(2, 3, 2, 5, 3, 5, 2, seed=23)
+    kw = rule_kwargs("periodic", "sigmoid", "replace", 3)
+    up = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = [a.clone().requires_grad_() for a in args]
+    traj = propagate(*leaves, backend=backend, return_trajectory=True, **kw)
+    got = torch.autograd.grad(traj[-1], leaves, up, retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(propagate_reference(*leaves, **kw), leaves, up)):
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=0)
+    # The earlier entries: differentiable on the reference backend, detached (zero gradient) on the kernel's.
+    middle = torch.autograd.grad(traj[1], leaves[2], up)[0]
+    assert (middle.abs().max() == 0) == (backend == "kernel")
+
+
+@requires_kernel
+def test_trajectory_without_gradients_and_under_autocast():
+    args = make_problem(1, 3, 3, 1, 2, 3, 1, seed=2)
+    kw = rule_kwargs("wall", "relu", "replace", 2)
+    with torch.no_grad():  # the op keeps the trajectory when asked, not only when gradients are needed
+        traj = propagate(*args, backend="kernel", return_trajectory=True, **kw)
+    torch.testing.assert_close(traj, _stepwise(args, **kw), atol=1e-12, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traj = propagate(*[a.float() for a in args], backend="kernel", return_trajectory=True, **kw)
+    assert traj.dtype == torch.float32 and traj.shape == (3, *args[0].shape)
+    torch.testing.assert_close(traj.double(), _stepwise(args, **kw), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value,error", [(1, TypeError), ("yes", TypeError), (None, TypeError)])
+def test_return_trajectory_must_be_a_bool(value, error):
+    with pytest.raises(error, match="return_trajectory"):
+        propagate(*_good(), steps=2, backend="reference", return_trajectory=value)
+
+
+@requires_kernel
+def test_torch_compile_fullgraph_with_the_trajectory():
+    torch.manual_seed(0)
+    core = cubecore.CubicCore(lattice_size=(3, 4, 5), state_size=4, hidden_size=8, input_size=2, steps=3,
+                              backend="kernel")
+    u = torch.randn(2, 3, 4, 5, 2)
+    traj = torch.compile(lambda x: core(x, return_trajectory=True), fullgraph=True)(u)
+    torch.testing.assert_close(traj, core(u, return_trajectory=True))
+    gc = torch.autograd.grad(traj[-1].square().sum(), list(core.parameters()))
+    ge = torch.autograd.grad(core(u).square().sum(), list(core.parameters()))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)

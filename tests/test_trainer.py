@@ -506,6 +506,11 @@ def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teach
         assert torch.equal(model(x), trainer.model(x))
     card = (out / "model" / "README.md").read_text()
     assert "| ridge |" in card and "| mlp |" in card and f"epoch {trainer.best_epoch}" in card
+    from PIL import Image
+
+    with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step and the start
+        assert gif.n_frames == trainer.config.steps + 1
+    assert "rollout.gif" in (out / "report.md").read_text()
 
 
 def test_tensorboard_logger_writes_steps_epochs_and_hparams(tmp_path, fake_teacher, dialogue_file):
