@@ -348,7 +348,7 @@ def _report(trainer: CubeTrainer, data, out: Path, tracker: Optional[TensorBoard
     print(note)
     written = [out / n for n in ("last.pt", "best.pt", "model", "curves.png", "rollout.gif", "report.md",
                                  "metrics.csv")]
-    print("wrote " + ", ".join(str(p) for p in written if p.is_file()))
+    print("wrote " + ", ".join(str(p) for p in written if p.exists()))
     return 0
 
 
