@@ -56,7 +56,9 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The state dict of a checkpoint written by ``save_checkpoint_file``, its checksum verified."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file (the run's is {path / 'last.pt'})")
+        found = [p for p in (path / "last.pt", path.parent / "last.pt") if p.is_file()]
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file"
+                              f"{f' (the run checkpoint beside it is {found[0]})' if found else ''}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     data = path.read_bytes()

@@ -122,6 +122,9 @@ class TrainingConfig:
         if self.loss_function == "combined" and self.cosine_weight + self.mse_weight + self.infonce_weight == 0:
             raise ValueError("loss_function 'combined' needs a positive config key 'cosine_weight', 'mse_weight' or "
                              "'infonce_weight'")
+        if self.uses_infonce and self.batch_size < 2:
+            raise ValueError(f"InfoNCE compares each prediction with the other targets of its batch: config key "
+                             f"'batch_size' must be >= 2 with it, got {self.batch_size}")
         if not 0.0 < self.validation_split < 1.0:
             raise ValueError(f"config key 'validation_split' must be in (0, 1), got {self.validation_split}")
         check_number("config key 'mixed_dialogue_fraction'", self.mixed_dialogue_fraction, 0.0, 1.0)
@@ -130,6 +133,10 @@ class TrainingConfig:
         check_int("config key 'position_channels'", self.position_channels, minimum=0)
         if self.max_samples is not None:
             check_int("config key 'max_samples'", self.max_samples, minimum=2)
+
+    @property
+    def uses_infonce(self) -> bool:
+        return self.loss_function == "infonce" or (self.loss_function == "combined" and self.infonce_weight > 0)
 
     def check_fits(self, dim: int) -> None:
         """The lattice must hold the teacher's embedding exactly unless the reshaper projects."""

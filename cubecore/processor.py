@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import torch
@@ -101,6 +103,25 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         """The lattice states of every step for an embedding [B, dim]: [steps + 1, B, X, Y, Z, state_size]
         (entry 0 the initial zero state), for inspection: ``cubecore.viz.rollout_gif(traj[:, 0], path)``."""
         return self.core(self.external(embedding), return_trajectory=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_file():
+            raise ValueError(f"{path} is a file; from_pretrained takes the folder save_pretrained wrote (a training "
+                             f"run's is RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)")
+        if path.is_dir():
+            config = path / "config.json"
+            if not config.is_file():
+                hint = f" (this looks like a run folder: its model is {path / 'model'})" if (path / "model").is_dir() \
+                    else ""
+                raise FileNotFoundError(f"{path} has no config.json: not a folder written by save_pretrained{hint}")
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{config} is not valid JSON ({exc})") from None
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

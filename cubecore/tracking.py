@@ -17,22 +17,25 @@ LOGGERS = ("csv", "tensorboard")
 class TensorBoardTracker:
     """A ``torch.utils.tensorboard.SummaryWriter`` on ``folder`` (read it with ``tensorboard --logdir``)."""
 
-    def __init__(self, folder: os.PathLike) -> None:
+    def __init__(self, folder: os.PathLike, resume_step: int = 0) -> None:
+        """``resume_step``: the optimizer step of the checkpoint a run resumes from; events that an interrupted
+        run logged after it are dropped (TensorBoard's purge_step), so no step is shown twice."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # tensorboard is a dependency; a broken environment says so
             raise RuntimeError(f"logger 'tensorboard' needs the tensorboard package ({exc}): pip install "
                                f"tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(folder))
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=resume_step + 1 if resume_step else None)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
 
     def epoch(self, record: Dict[str, object]) -> None:
+        """Every number of an epoch's record, at the epoch's last optimizer step (one x-axis for all)."""
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                self.writer.add_scalar(f"epoch/{key}", value, int(record["epoch"]))
+            if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.writer.add_scalar(f"epoch/{key}", value, int(record["step"]))
         self.writer.flush()
 
     def finish(self, config: Dict[str, object], results: Optional[Dict[str, Dict[str, float]]] = None) -> None:

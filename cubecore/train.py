@@ -100,6 +100,8 @@ def given_values(args) -> dict:
     for item in args.overrides:
         key, value = parse_override(item)
         values[key] = value
+    if isinstance(values.get("data"), str) and Path(values["data"]).is_file():
+        values["data"] = str(Path(values["data"]).resolve())  # a data file by its absolute path: resumable anywhere
     return values
 
 
@@ -107,7 +109,7 @@ def config_from_args(args) -> TrainingConfig:
     config = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig()
     values = given_values(args)
     config = config.override(**values) if values else config
-    if Path(config.data).is_file():  # a data file by its absolute path, so the run resumes from any folder
+    if Path(config.data).is_file():  # also a path from the config file
         config = config.override(data=str(Path(config.data).resolve()))
     return config
 
@@ -233,7 +235,12 @@ def _main_seeds(args) -> int:
     """One run per seed, each in its own folder, then the mean and spread of every metric over the seeds."""
     if args.resume is not None:
         raise ValueError("--seeds cannot be combined with --resume: resume each seed's folder on its own")
+    if "seed" in given_values(args):
+        raise ValueError("give the seeds with --seeds alone, not also seed=...")
     out = Path(args.output_dir or config_from_args(args).output_dir)
+    base = config_from_args(args)
+    for seed in args.seeds:  # every seed is checked before the first run starts
+        base.override(seed=seed)
     for seed in args.seeds:
         run = argparse.Namespace(**{**vars(args), "seeds": None, "output_dir": str(out / f"seed-{seed}"),
                                     "overrides": [*args.overrides, f"seed={seed}"]})
@@ -270,7 +277,8 @@ def interrupted_message(out: Path, epoch: int, source: Optional[Path]) -> str:
 def _train_and_report(trainer: CubeTrainer, data, out: Path, source: Optional[Path], main_process: bool,
                       quiet: bool) -> int:
     config = trainer.config
-    tracker = TensorBoardTracker(out / "tensorboard") if main_process and config.logger == "tensorboard" else None
+    tracker = (TensorBoardTracker(out / "tensorboard", resume_step=trainer.step)
+               if main_process and config.logger == "tensorboard" else None)
     try:
         return _train_and_report_to(trainer, data, out, source, main_process, quiet, tracker)
     finally:

@@ -195,6 +195,9 @@ class CubeTrainer:
         model = self._require_model()
         if x.shape[1] != self.dim:
             raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
+        if cfg.uses_infonce and torch.unique(y, dim=0).shape[0] < 2:
+            raise ValueError("InfoNCE needs at least two different targets to tell apart, but every training target "
+                             "is the same; use loss_function cosine or mse")
         reshaper = getattr(model, "reshaper", None)
         if reshaper is not None and reshaper.needs_fit and not reshaper.is_fitted:  # adaptive / semantic placement
             reshaper.fit(x)  # from the training inputs

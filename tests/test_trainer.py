@@ -529,3 +529,59 @@ def test_tensorboard_logger_writes_steps_epochs_and_hparams(tmp_path, fake_teach
     assert mrr == pytest.approx([h["val_mrr"] for h in history], rel=1e-6)
     assert "final/cosine" in scalars and events.PluginTagToContent("hparams"), "the config as hyperparameters"
     assert epochs_in(out) == [1, 2], "the metrics files are written with any logger"
+
+
+# --- found by a hostile review of the learning and ecosystem options ---------------------------------------------
+
+
+def test_resume_accepts_the_same_relative_data_path(tmp_path, fake_teacher, dialogue_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(dialogue_file, tmp_path)
+    assert cli(tmp_path, rel, tmp_path / "run", epochs=1) == 0
+    assert train_cli.main(["--resume", str(tmp_path / "run" / "last.pt"), "--data", rel, "--epochs", "2",
+                           "--quiet"]) == 0
+
+
+def test_tensorboard_after_ctrl_c_and_resume_shows_each_step_once(tmp_path, fake_teacher, dialogue_file, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    original = _interrupt_at_step(monkeypatch, 20)  # in epoch 3, after epoch 2 was saved
+    assert cli(tmp_path, dialogue_file, out, "logger=tensorboard", epochs=4) == 130
+    monkeypatch.setattr(CubeTrainer, "loss", original)
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for tag in ("train/loss", "epoch/val_loss"):
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)
+
+
+def test_infonce_without_negatives_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainingConfig(loss_function="infonce", batch_size=1)
+    x = torch.randn(20, 12)
+    same = torch.randn(1, 12).expand(20, 12).clone()
+    trainer = CubeTrainer(tiny_config(tmp_path, loss_function="infonce"))
+    with pytest.raises(ValueError, match="two different targets"):
+        trainer.fit((x, same), progress=False)
+
+
+def test_every_seed_is_checked_before_the_first_run(tmp_path, fake_teacher, dialogue_file, capsys):
+    assert cli(tmp_path, dialogue_file, tmp_path / "s", "--seeds", "1,-1", epochs=1) == 2
+    assert "seed" in capsys.readouterr().err and not (tmp_path / "s" / "seed-1").exists()
+    assert cli(tmp_path, dialogue_file, tmp_path / "s", "--seeds", "1,2", "seed=7", epochs=1) == 2
+
+
+def test_from_pretrained_names_the_mistake(tmp_path, fake_teacher, dialogue_file):
+    from cubecore import EmbeddingProcessor
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    with pytest.raises(FileNotFoundError, match="its model is"):
+        EmbeddingProcessor.from_pretrained(out)
+    with pytest.raises(ValueError, match="is a file"):
+        EmbeddingProcessor.from_pretrained(out / "best.pt")
+    (out / "model" / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        EmbeddingProcessor.from_pretrained(out / "model")
