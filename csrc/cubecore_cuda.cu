@@ -83,13 +83,15 @@ __device__ __forceinline__ T hidden_pre(const Dims& d, const T* const* src, cons
   return a;
 }
 
-// The cell change c = tanh(W2 act(W1 x + b1) + b2) of one cell, into chg[0..S).
+// The cell change c = tanh(W2 act(W1 x + b1) + b2) of one cell, into chg[0..S); the hidden activations
+// also into hidden[0..H) where it is given (the backward keeps them).
 template <typename T>
 __device__ __forceinline__ void cell_change(const Dims& d, const T* const* src, const T* u, const T* w1,
-                                            const T* b1, const T* w2, const T* b2, T* chg) {
+                                            const T* b1, const T* w2, const T* b2, T* chg, T* hidden = nullptr) {
   for (int64_t i = 0; i < d.S; ++i) chg[i] = b2[i];
   for (int64_t j = 0; j < d.H; ++j) {
     const T h = activate(hidden_pre(d, src, u, w1, b1, j), d.activation);
+    if (hidden != nullptr) hidden[j] = h;
     for (int64_t i = 0; i < d.S; ++i) chg[i] += w2[i * d.H + j] * h;
   }
   for (int64_t i = 0; i < d.S; ++i) chg[i] = tanh(chg[i]);
@@ -281,15 +283,10 @@ __global__ void backward_cell_kernel(Dims d, const T* __restrict__ state, const 
   const T* u = external + n * d.E;
   T* h = hidden + n * d.H;
   T g[kMaxState];
-  for (int64_t i = 0; i < d.S; ++i) g[i] = b2[i];
-  for (int64_t j = 0; j < d.H; ++j) {
-    h[j] = activate(hidden_pre(d, src, u, w1, b1, j), d.activation);
-    for (int64_t i = 0; i < d.S; ++i) g[i] += w2[i * d.H + j] * h[j];
-  }
+  cell_change(d, src, u, w1, b1, w2, b2, g, h);  // g: the change c, before it becomes c's gradient below
   const T scale = d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
   for (int64_t i = 0; i < d.S; ++i) {
-    const T c = tanh(g[i]);
-    g[i] = (T(1) - c * c) * scale * grad_out[n * d.S + i];
+    g[i] = (T(1) - g[i] * g[i]) * scale * grad_out[n * d.S + i];
     dpre2[n * d.S + i] = g[i];
   }
   for (int64_t j = 0; j < d.H; ++j) {
