@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .checks import check_bool, check_choice, check_int, check_number, check_tensor
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
+from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, trajectory_reference
 
 BACKENDS = ("auto", "kernel", "reference")
 
@@ -253,19 +253,6 @@ def propagate(
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
         return torch.cat([trajectory[:-1], final.unsqueeze(0)])
     return final
-
-
-def trajectory_reference(state, external, w1, b1, w2, b2, *, steps: int, boundary: str = "wall",
-                         activation: str = "tanh", update: str = "replace", step_size: float = 1.0) -> torch.Tensor:
-    """The reference rule's states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state),
-    differentiable throughout."""
-    if external is None:
-        external = state.new_zeros(state.shape[:-1] + (0,))
-    states = [state]
-    for _ in range(steps):
-        states.append(step_reference(states[-1], external, w1, b1, w2, b2, boundary, activation, update,
-                                     step_size))
-    return torch.stack(states)
 
 
 # --- registration of the op's fake (meta) kernels, autograd formula and autocast rule ----------------------

@@ -99,3 +99,16 @@ def propagate_reference(
     for _ in range(steps):
         state = step_reference(state, external, w1, b1, w2, b2, boundary, activation, update, step_size)
     return state
+
+
+def trajectory_reference(state, external, w1, b1, w2, b2, *, steps: int, boundary: str = "wall",
+                         activation: str = "tanh", update: str = "replace", step_size: float = 1.0) -> torch.Tensor:
+    """The states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state), differentiable
+    throughout; its last entry is ``propagate_reference``'s result."""
+    if external is None:
+        external = state.new_zeros(state.shape[:-1] + (0,))
+    states = [state]
+    for _ in range(steps):
+        states.append(step_reference(states[-1], external, w1, b1, w2, b2, boundary, activation, update,
+                                     step_size))
+    return torch.stack(states)

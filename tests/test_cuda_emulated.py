@@ -17,7 +17,7 @@ import torch
 
 from conftest import RULES, SHAPES, make_problem
 from cubecore.ops import CUDA_MAX_STATE, kernel_limit_reason
-from cubecore.reference import ACTIVATIONS, BOUNDARIES, UPDATES, step_reference
+from cubecore.reference import ACTIVATIONS, BOUNDARIES, UPDATES, trajectory_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
@@ -72,13 +72,11 @@ def reference(args, rule, steps, step_size, seed=1):
     """Float64 trajectory [T+1, ...], the upstream gradient of the final state, and the six gradients."""
     boundary, activation, update = rule
     leaves = [a.double().clone().requires_grad_() for a in args]
-    states = [leaves[0]]
-    for _ in range(steps):
-        states.append(step_reference(states[-1], leaves[1], *leaves[2:], boundary=boundary, activation=activation,
-                                     update=update, step_size=step_size))
+    states = trajectory_reference(*leaves, steps=steps, boundary=boundary, activation=activation, update=update,
+                                  step_size=step_size)
     upstream = torch.randn(states[-1].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grads = torch.autograd.grad(states[-1], leaves, upstream)
-    return torch.stack([s.detach() for s in states]), upstream, grads
+    return states.detach(), upstream, grads
 
 
 def assert_close(name, got, want, tol):
