@@ -76,8 +76,7 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
     if device_type not in _KERNEL_DTYPES:
         return f"there is no cubecore kernel for device type {device_type!r}"
     if dtype not in _KERNEL_DTYPES[device_type]:
-        names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
-        return f"the {device_type} kernel supports {names}, not {str(dtype).replace('torch.', '')}"
+        return f"the {device_type} kernel supports {_dtype_names(device_type)}, not {str(dtype).replace('torch.', '')}"
     if device_type == "cuda" and state_size > CUDA_MAX_STATE:
         return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
     return None
@@ -115,9 +114,12 @@ def info() -> Dict[str, object]:
 
 def _limits_text(device_type: str) -> str:
     """Every limit of a device type's kernels, in words (``kernel_limit_reason`` checks them)."""
-    names = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
     state = f"; state_size <= {CUDA_MAX_STATE}" if device_type == "cuda" else ""
-    return f"{names}{state}; any lattice, batch, hidden and external size"
+    return f"{_dtype_names(device_type)}{state}; any lattice, batch, hidden and external size"
+
+
+def _dtype_names(device_type: str) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
 
 
 _WARNED: set = set()
