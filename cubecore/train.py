@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .checkpoint import load_checkpoint_file
 from .cli import CommandParser, run_command
 from .config import MODES, TrainingConfig, parse_override
 from .ops import BACKENDS
@@ -263,14 +264,14 @@ def interrupted_message(out: Path, epoch: int, source: Optional[Path]) -> str:
     head = f"interrupted during epoch {epoch}"
     last, best = out / "last.pt", out / "best.pt"
     if last.is_file():
-        saved = CubeTrainer.from_checkpoint(last).epoch
+        saved = load_checkpoint_file(last)["epoch"]
         return (f"{head}; {last} holds epoch {saved} (what came after it is not saved): continue with "
                 f"--resume {last}")
     if source is not None:
         return f"{head}; nothing was saved in {out}: resume again from {source}, which is unchanged"
     if best.is_file():
-        return f"{head}; {out} holds no last.pt yet, but {best} does (epoch {CubeTrainer.from_checkpoint(best).epoch}): " \
-               f"continue with --resume {best}"
+        return (f"{head}; {out} holds no last.pt yet, but {best} does (epoch {load_checkpoint_file(best)['epoch']}): "
+                f"continue with --resume {best}")
     return f"{head}, before any checkpoint was saved: nothing to resume; start again with --overwrite"
 
 
@@ -335,13 +336,13 @@ def _report(trainer: CubeTrainer, data, out: Path, tracker: Optional[TensorBoard
     trainer.save_checkpoint(out / "last.pt")
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None
-    with trainer.weights_of("best") as scored:
+    with trainer.weights_of("best") as scored, torch.no_grad():
         if data.val_questions:
             examples = example_predictions(trainer.predict(data.val[0]), data.val[1], data.val_questions,
                                            data.val_answers)
-    plot_curves(trainer.history, out / "curves.png")
-    with trainer.weights_of("best"), torch.no_grad():  # the first validation example, step by step
+        # the first validation example, step by step
         rollout = trainer.model.trajectory(data.val[0][:1].to(trainer.device)).float().cpu()
+    plot_curves(trainer.history, out / "curves.png")
     rollout_gif(rollout[:, 0], out / "rollout.gif")
     where = "best.pt" if (out / "best.pt").is_file() else "kept in last.pt"
     note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
