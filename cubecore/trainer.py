@@ -329,16 +329,14 @@ class CubeTrainer:
     def weights_of(self, which: str):
         """The model holds the ``best`` epoch's weights (if one was recorded) or the ``last`` inside the block."""
         model = self._require_model()
-        if which == "last" or self.best_state is None:
-            yield self.epoch
-            return
-        if self.best_epoch == self.epoch:
-            yield self.epoch
+        epoch = self.scored_epoch(which)
+        if epoch == self.epoch:  # the weights in the model already
+            yield epoch
             return
         last = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(self.best_state)
         try:
-            yield self.best_epoch
+            yield epoch
         finally:
             model.load_state_dict(last)
 
@@ -360,8 +358,8 @@ class CubeTrainer:
         return Path(folder)
 
     def scored_epoch(self, which: str = "best") -> int:
-        with self.weights_of(which) as epoch:
-            return epoch
+        """The epoch whose weights ``weights_of(which)`` gives: the best one where it was recorded."""
+        return self.best_epoch if which == "best" and self.best_state is not None else self.epoch
 
     def mlp_floor(self, train: Pairs, val: Pairs) -> Dict[str, float]:
         """A skip-path MLP with as many parameters as this model, trained with the same settings (loss,
