@@ -38,6 +38,7 @@ SHORT_NAMES: Dict[str, str] = {
 POOLINGS = ("auto", "mean", "cls")  # auto: the model's own (sentence-transformers), else mean
 # Bumped whenever a change here changes the embeddings a model produces; part of every cache key.
 ENCODER_VERSION = "1"
+DEFAULT_MAX_LENGTH = 256  # tokens; longer texts are cut
 
 
 def _bundled_minilm() -> Optional[Path]:
@@ -113,13 +114,13 @@ class TeacherEncoder:
         normalize: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         batch_size: int = 64,
-        max_length: int = 256,
+        max_length: Optional[int] = None,
         show_progress: Optional[bool] = None,
         prompt_name: Optional[str] = None,
     ) -> None:
         self.requested_pooling = check_choice("pooling", pooling, POOLINGS)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.max_length = check_int("max_length", max_length, minimum=1)
+        self.max_length = None if max_length is None else check_int("max_length", max_length, minimum=1)
         self.device = check_device(device)
         self.name, self.location = resolve_model(model)
         self.normalize = check_bool("normalize", normalize)
@@ -140,7 +141,11 @@ class TeacherEncoder:
         self.config = self._load(config_only=True)
         self.dim = int(self.config.hidden_size)
         positions = getattr(self.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and positions > 0 and self.max_length > positions:
+        if not (isinstance(positions, int) and positions > 0):
+            positions = None
+        if self.max_length is None:  # 256 tokens, or fewer where the model takes fewer
+            self.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+        elif positions is not None and self.max_length > positions:
             raise ValueError(f"max_length must be <= {positions} for {self.name} (its max_position_embeddings), "
                              f"got {self.max_length}")
         self.calls = 0  # how many times the model ran: lets callers (and tests) see cache hits

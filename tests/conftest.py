@@ -1,6 +1,7 @@
 """Shared helpers: random problems of the cell rule at a given size."""
 
 import itertools
+import os
 from typing import List
 
 import pytest
@@ -43,3 +44,30 @@ requires_cuda_kernel = pytest.mark.skipif(
     not torch.cuda.is_available() or cubecore.kernel_unavailable_reason("cuda", torch.float32) is not None,
     reason="needs a CUDA device and cubecore built with CUDA kernels",
 )
+
+
+@pytest.fixture(scope="session")
+def tiny_st_model(tmp_path_factory):
+    """A small sentence-transformers model on disk with [CLS] pooling and query/document prompts (as bge and e5
+    publish theirs), built from random weights and the default teacher's tokenizer: no network."""
+    import shutil
+
+    from cubecore.encoder import resolve_model
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import BertConfig, BertModel
+
+    _, minilm = resolve_model("minilm")
+    root = tmp_path_factory.mktemp("st")
+    bert = root / "bert"
+    bert.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm, name), bert / name)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
+    st = SentenceTransformer(modules=[models.Transformer(str(bert), max_seq_length=32),
+                                      models.Pooling(32, pooling_mode="cls")],
+                             prompts={"query": "query: ", "document": "passage: "})
+    st.save(str(root / "st"))
+    return str(root / "st")

@@ -128,31 +128,6 @@ def test_a_cuda_index_beyond_the_devices_fails(monkeypatch):
 # --- sentence-transformers models encoded by sentence-transformers -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_st_model(tmp_path_factory):
-    """A small sentence-transformers model on disk with [CLS] pooling and query/document prompts (as bge and e5
-    publish theirs), built from random weights and the default teacher's tokenizer: no network."""
-    import shutil
-
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel
-
-    _, minilm = resolve_model("minilm")
-    root = tmp_path_factory.mktemp("st")
-    bert = root / "bert"
-    bert.mkdir()
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(minilm, name), bert / name)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
-    st = SentenceTransformer(modules=[models.Transformer(str(bert), max_seq_length=32),
-                                      models.Pooling(32, pooling_mode="cls")],
-                             prompts={"query": "query: ", "document": "passage: "})
-    st.save(str(root / "st"))
-    return str(root / "st")
-
-
 def test_a_sentence_transformers_model_keeps_its_own_pooling_and_prompts(tiny_st_model):
     texts = ["How are you?", "A longer sentence, to make the batch ragged."]
     own = TeacherEncoder(tiny_st_model, max_length=32)
@@ -175,3 +150,11 @@ def test_the_default_teacher_is_encoded_by_sentence_transformers_with_the_same_c
     assert st.fingerprint() == by_hand.fingerprint(), "the same embeddings, the same cache entries"
     texts = ["How are you?", "Fine, thanks, and you? This one is longer."]
     torch.testing.assert_close(st.encode(texts), by_hand.encode(texts), atol=1e-6, rtol=0)
+
+
+def test_the_default_max_length_fits_a_model_that_takes_fewer_tokens(tiny_st_model):
+    """A teacher with 64 positions is usable with the defaults (the trainer gives no max_length)."""
+    assert TeacherEncoder(tiny_st_model).max_length == 64
+    assert TeacherEncoder().max_length == 256
+    with pytest.raises(ValueError, match="max_length must be <= 64"):
+        TeacherEncoder(tiny_st_model, max_length=65)

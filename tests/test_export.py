@@ -1,0 +1,122 @@
+"""A trained run exported as a sentence-transformers query adapter: encode_query is the trainer's prediction,
+encode_document the teacher's embedding, after a save and a reload."""
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from cubecore import EmbeddingProcessor, TeacherEncoder
+from cubecore import export
+from cubecore import train as train_cli
+from cubecore.adapter import query_adapter, teacher_modules
+from cubecore.trainer import CubeTrainer
+
+QUESTIONS = ["How are you today?", "What is your favourite colour, and why is it that one?", "Tell me a joke",
+             "where do you live", "Do you like music?", "What time is it?", "Can you swim?", "Who made you?"]
+ANSWERS = ["I am fine.", "Blue, like the sea.", "Why did the chicken cross the road?", "In a computer.",
+           "Yes, jazz mostly.", "Time to learn.", "Not at all.", "Some engineers."]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_st_model, tmp_path_factory):
+    """A short dialogue run with the tiny 32-D sentence-transformers teacher (the kernel's backend)."""
+    root = tmp_path_factory.mktemp("export")
+    data = root / "dialogue.txt"
+    data.write_text("".join(f"{q} ({i})\t{a} ({i})\n" for i in range(6) for q, a in zip(QUESTIONS, ANSWERS)))
+    code = train_cli.main(["--data", str(data), "--teacher", tiny_st_model, "--output-dir", str(root / "run"),
+                           "--epochs", "6", "--quiet", "lattice_size=[2,2,8]", "state_size=4", "hidden_size=8",
+                           "steps=2", "batch_size=8", "learning_rate=0.05", "readout_skip=false",
+                           f"cache_dir={root / 'cache'}"])
+    assert code == 0
+    return root / "run"
+
+
+def trainer_prediction(run, texts, weights):
+    trainer = CubeTrainer.from_checkpoint(run / "last.pt")
+    with trainer.weights_of(weights) as epoch:
+        return trainer.predict(trainer.teacher.encode(texts)), trainer.teacher.encode(texts), epoch
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_encode_query_is_the_trainers_prediction_and_encode_document_the_teacher(trained_run, tmp_path, weights):
+    out = tmp_path / "st"
+    assert export.main([str(trained_run), "--to", str(out), "--weights", weights]) == 0
+    expected, teacher, _ = trainer_prediction(trained_run, QUESTIONS, weights)
+    for _ in range(2):  # a second load reads the same files to the same numbers
+        model = SentenceTransformer(str(out), trust_remote_code=True, local_files_only=True)
+        query = model.encode_query(QUESTIONS, convert_to_tensor=True)
+        torch.testing.assert_close(query, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.encode_document(QUESTIONS, convert_to_tensor=True), teacher, atol=1e-6,
+                                   rtol=0)
+        torch.testing.assert_close(model.encode(QUESTIONS, convert_to_tensor=True), teacher, atol=1e-6, rtol=0)
+    assert (query - teacher).abs().max() > 1e-3  # the cube is on the query path, not the identity
+
+
+def test_best_and_last_weights_are_exported_as_chosen(trained_run, tmp_path):
+    """A checkpoint whose best epoch holds other weights than its last: each export takes the one asked for."""
+    trainer = CubeTrainer.from_checkpoint(trained_run / "last.pt")
+    trainer.best_state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                          for k, v in trainer.model.state_dict().items()}
+    trainer.best_epoch = trainer.epoch - 1
+    checkpoint = trainer.save_checkpoint(tmp_path / "last.pt")
+    predictions = {}
+    for weights in ("best", "last"):
+        with trainer.weights_of(weights):
+            predictions[weights] = trainer.predict(trainer.teacher.encode(QUESTIONS))
+        export.export_run(checkpoint, tmp_path / weights, weights=weights)
+        model = SentenceTransformer(str(tmp_path / weights), trust_remote_code=True)
+        torch.testing.assert_close(model.encode_query(QUESTIONS, convert_to_tensor=True), predictions[weights],
+                                   atol=1e-6, rtol=0)
+    assert (predictions["best"] - predictions["last"]).abs().max() > 1e-3
+
+
+def test_loading_asks_for_trust_remote_code(trained_run, tmp_path):
+    export.export_run(trained_run, tmp_path / "st")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(str(tmp_path / "st"))
+
+
+@pytest.mark.parametrize("pooling,folder", [("mean", "st"), ("cls", "bert")])
+def test_a_teacher_pooled_by_transformers_exports_to_the_same_numbers(tiny_st_model, tmp_path, pooling, folder):
+    """A model that is not a sentence-transformers model (or whose pooling is forced) becomes Transformer +
+    Pooling + Normalize, pooling as the teacher pools."""
+    from pathlib import Path
+
+    location = Path(tiny_st_model).parent / folder
+    teacher = TeacherEncoder(str(location), pooling=pooling, max_length=32)
+    assert teacher.backend == "transformers"
+    torch.manual_seed(0)
+    processor = EmbeddingProcessor(32, (2, 2, 8), state_size=4, hidden_size=8, steps=2).eval()
+    model = query_adapter(teacher, processor)
+    model.save(str(tmp_path / "st"))
+    model = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
+    embedded = teacher.encode(QUESTIONS)
+    torch.testing.assert_close(model.encode_document(QUESTIONS, convert_to_tensor=True), embedded, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        expected = processor(embedded)
+    torch.testing.assert_close(model.encode_query(QUESTIONS, convert_to_tensor=True), expected, atol=1e-5, rtol=0)
+
+
+def test_mismatched_or_unexportable_teachers_are_refused(tiny_st_model):
+    processor = EmbeddingProcessor(24, (2, 3, 4))
+    with pytest.raises(ValueError, match="24-D embeddings"):
+        query_adapter(TeacherEncoder(tiny_st_model), processor)
+    with pytest.raises(ValueError, match="prompt"):
+        teacher_modules(TeacherEncoder(tiny_st_model, prompt_name="query"))
+
+
+def test_command_mistakes_are_one_error_line_and_write_nothing(trained_run, tmp_path, capsys):
+    out = tmp_path / "st"
+    out.mkdir()
+    assert export.main([str(trained_run), "--to", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert export.main([str(tmp_path), "--to", str(tmp_path / "x")]) == 2
+    assert "holds no last.pt" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert export.main([str(tmp_path / "junk.pt"), "--to", str(tmp_path / "x")]) == 2
+    assert "not a cubecore checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "st"]  # no half-written folders
+    assert export.main([str(trained_run), "--to", str(out), "--overwrite"]) == 0
+    assert (out / "modules.json").is_file()
