@@ -18,6 +18,9 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cell_rule.h"
 
 namespace cubecore {
@@ -184,9 +187,10 @@ unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThre
 // The fused forward runs one block per sample; it is chosen only where one sample fits in shared memory and
 // its B blocks keep at least as many SMs busy as the per-step launches would (B against the SM count): a few
 // samples of a large lattice go per step, spread over the whole GPU.
+// (`extra`: more shared bytes the kernel takes, the weights for the fast one.)
 template <typename T>
-bool use_fused_forward(const Dims& d) {
-  if (fused_shared_bytes<T>(d) > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)))
+bool use_fused_forward(const Dims& d, size_t extra = 0) {
+  if (fused_shared_bytes<T>(d) + extra > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)))
     return false;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   return d.B >= std::min<int64_t>(sms, blocks_for(d.N));
@@ -218,50 +222,6 @@ void check_cuda(const at::Tensor& state) {
               state.size(4));
   TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
               "the CUDA kernel supports float32 and float64, got ", state.scalar_type());
-}
-
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
-    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
-    int64_t update, double step_size, bool keep_trajectory) {
-  check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
-  check_cuda(state);
-  const c10::cuda::CUDAGuard guard(state.device());
-  const at::Tensor s0 = state.contiguous(), u = external.contiguous();
-  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const Dims d = make_dims(s0, u, W1, boundary, activation, update, step_size);
-  std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
-  for (int64_t v : s0.sizes()) shape.push_back(v);
-  at::Tensor traj = at::empty(shape, s0.options());
-  if (d.N == 0) return forward_outputs(traj, keep_trajectory);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
-    if (use_fused_forward<scalar_t>(d)) {
-      const size_t shared = fused_shared_bytes<scalar_t>(d);
-      auto kernel = forward_fused_kernel<scalar_t>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
-      kernel<<<static_cast<unsigned int>(d.B), threads, shared, stream>>>(
-          d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
-          B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
-    const scalar_t* cur = s0.data_ptr<scalar_t>();
-    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < steps; ++t) {
-      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
-      forward_step_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
-          d, cur, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
-          B2.data_ptr<scalar_t>(), next);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cur = next;
-    }
-    if (keep_trajectory) traj[0].copy_(s0);
-  });
-  return forward_outputs(traj, keep_trajectory);
 }
 
 // ---- backward --------------------------------------------------------------------------------------------
@@ -422,6 +382,413 @@ __global__ void reduce_partials_kernel(int64_t n_weights, int64_t chunks, const 
   grad_weights[w] = acc;
 }
 
+// ---- the fast kernels: compile-time S and H, weights on chip ----------------------------------------------
+//
+// For the common sizes (kFastSizes) the kernels below are compiled with S and H fixed: a cell's hidden
+// pre-activations, its state change and the source row being read live in registers (every loop over S or
+// H unrolls, so no array goes to local memory), and each block first copies the weights into shared memory,
+// where every thread of a warp reads the same weight at once (a broadcast).  Other sizes take the general
+// kernels above.  CUBECORE_CUDA_KERNELS=general forces those everywhere (for tests and comparisons).
+//
+// Backward: pass A and pass C become one kernel.  A block takes tiles of blockDim.x cells in turn; per tile
+// each thread recomputes its cell's step in registers and leaves the cell's inputs, hidden activations and
+// the two pre-activation gradients in shared-memory rows; then thread w sums weight w's terms over the
+// tile's cells (w, w + blockDim.x, ...) and adds the sum to partial[block, w], a slot no other block writes.
+// Pass D sums the [blocks, weights] table in block order.  No atomics: the same bits on every run.
+
+// The weights in shared memory: [w1 (H x K) | b1 (H) | w2 (S x H) | b2 (S)], weight_count(d) values.
+template <typename T>
+struct SharedWeights {
+  const T *w1, *b1, *w2, *b2;
+};
+
+// Copies the weights into `smem` (all threads of the block take part; a barrier follows).
+template <typename T>
+__device__ __forceinline__ SharedWeights<T> stage_weights(const Dims& d, T* smem, const T* w1, const T* b1,
+                                                          const T* w2, const T* b2) {
+  const int64_t hk = d.H * d.K, sh = d.S * d.H;
+  for (int64_t i = threadIdx.x; i < hk; i += blockDim.x) smem[i] = w1[i];
+  for (int64_t i = threadIdx.x; i < d.H; i += blockDim.x) smem[hk + i] = b1[i];
+  for (int64_t i = threadIdx.x; i < sh; i += blockDim.x) smem[hk + d.H + i] = w2[i];
+  for (int64_t i = threadIdx.x; i < d.S; i += blockDim.x) smem[hk + d.H + sh + i] = b2[i];
+  __syncthreads();
+  return {smem, smem + hk, smem + hk + d.H, smem + hk + d.H + sh};
+}
+
+// The change c = tanh(W2 act(W1 x + b1) + b2) of one cell, with S and H fixed: src[slot] is the row the cell
+// reads through the slot (nullptr: zeros), u its external input; hid gets the hidden activations.
+template <int S, int H, typename T>
+__device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeights<T>& w, const T* const* src,
+                                                 const T* u, T (&chg)[S], T (&hid)[H]) {
+  const int64_t K = d.K;
+  T pre[H];
+#pragma unroll
+  for (int j = 0; j < H; ++j) pre[j] = w.b1[j];
+  for (int slot = 0; slot < kSlots; ++slot) {
+    const T* p = src[slot];
+    if (p == nullptr) continue;
+    T x[S];
+#pragma unroll
+    for (int c = 0; c < S; ++c) x[c] = p[c];
+#pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const T* wr = w.w1 + j * K + slot * S;
+#pragma unroll
+      for (int c = 0; c < S; ++c) pre[j] += wr[c] * x[c];
+    }
+  }
+  for (int64_t e = 0; e < d.E; ++e) {
+    const T x = u[e];
+#pragma unroll
+    for (int j = 0; j < H; ++j) pre[j] += w.w1[j * K + kSlots * S + e] * x;
+  }
+#pragma unroll
+  for (int i = 0; i < S; ++i) chg[i] = w.b2[i];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    hid[j] = activate(pre[j], d.activation);
+#pragma unroll
+    for (int i = 0; i < S; ++i) chg[i] += w.w2[i * H + j] * hid[j];
+  }
+#pragma unroll
+  for (int i = 0; i < S; ++i) chg[i] = tanh(chg[i]);
+}
+
+template <int S, typename T>
+__device__ __forceinline__ void store_step(const Dims& d, const T (&chg)[S], const T* cur, T* next) {
+  const T step = static_cast<T>(d.step_size);
+#pragma unroll
+  for (int i = 0; i < S; ++i) next[i] = d.update == kReplace ? chg[i] : cur[i] + step * chg[i];
+}
+
+template <typename T, int S, int H>
+__global__ void __launch_bounds__(kThreads) forward_step_fast_kernel(
+    Dims d, const T* __restrict__ state, const T* __restrict__ external, const T* __restrict__ w1,
+    const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2, T* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SharedWeights<T> w = stage_weights(d, reinterpret_cast<T*>(smem_raw), w1, b1, w2, b2);
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= d.N) return;
+  int64_t b, x, y, z;
+  decode(d, n, &b, &x, &y, &z);
+  const T* src[kSlots];
+  sources(d, state + b * d.cells * S, x, y, z, src);
+  T chg[S], hid[H];
+  cell_change_fast(d, w, src, external + n * d.E, chg, hid);
+  store_step(d, chg, state + n * S, out + n * S);
+}
+
+// All T steps of one sample in one block, as forward_fused_kernel, with the weights in shared memory too.
+template <typename T, int S, int H>
+__global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
+    Dims d, int64_t steps, bool keep, const T* __restrict__ state, const T* __restrict__ external,
+    const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2,
+    T* __restrict__ trajectory) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t per_sample = d.cells * S;
+  T* buf[2] = {smem + weight_count(d), smem + weight_count(d) + per_sample};
+  T* ext = buf[1] + per_sample;
+  const int64_t b = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) buf[0][i] = state[b * per_sample + i];
+  for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
+  const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);  // its barrier covers the copies above
+  const int64_t sample_stride = d.B * per_sample;  // one trajectory entry
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* cur = buf[t & 1];
+    T* next = buf[(t + 1) & 1];
+    for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
+      const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
+      const T* src[kSlots];
+      sources(d, cur, x, y, z, src);
+      T chg[S], hid[H];
+      cell_change_fast(d, w, src, ext + cell * d.E, chg, hid);
+      store_step(d, chg, cur + cell * S, next + cell * S);
+    }
+    __syncthreads();
+    if (keep || t == steps - 1) {
+      T* dst = trajectory + (keep ? (t + 1) * sample_stride : 0) + b * per_sample;
+      for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) dst[i] = next[i];
+    }
+  }
+  if (keep) {
+    for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) trajectory[b * per_sample + i] = state[b * per_sample + i];
+  }
+}
+
+// The shared-memory rows of one tile of the fast backward, per cell: its inputs (K, padded to an odd
+// length so that rows of neighbouring threads fall in different banks), hidden activations (H), and the
+// gradients at W2's (S) and W1's (H) pre-activations.
+__host__ __device__ __forceinline__ int64_t input_row(const Dims& d) { return d.K | 1; }
+__host__ __device__ __forceinline__ int64_t tile_row(const Dims& d) { return input_row(d) + 2 * d.H + d.S; }
+
+// Passes A and C of one step, fused (see above).  dhidden[n, H] is left for the gather.
+template <typename T, int S, int H>
+__global__ void __launch_bounds__(kThreads) backward_cell_weights_fast_kernel(
+    Dims d, const T* __restrict__ state, const T* __restrict__ external, const T* __restrict__ w1,
+    const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2, const T* __restrict__ grad_out,
+    T* __restrict__ dhidden, T* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t n_weights = weight_count(d), K = d.K, Kp = input_row(d), C = blockDim.x;
+  T* in_rows = smem + n_weights;   // [C][Kp]
+  T* hid_rows = in_rows + C * Kp;  // [C][H]
+  T* dpre2_rows = hid_rows + C * H;  // [C][S]
+  T* dh_rows = dpre2_rows + C * S;   // [C][H]
+  const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);
+  const T scale = d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
+  const int64_t tiles = (d.N + C - 1) / C, c = threadIdx.x;
+  T* in = in_rows + c * Kp;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t n = tile * C + c;
+    T hid[H], dpre2[S];
+    if (n < d.N) {
+      int64_t b, x, y, z;
+      decode(d, n, &b, &x, &y, &z);
+      const T* sample = state + b * d.cells * S;
+      const T* src[kSlots];
+      for (int slot = 0; slot < kSlots; ++slot) {
+        const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
+#pragma unroll
+        for (int i = 0; i < S; ++i) in[slot * S + i] = m < 0 ? T(0) : sample[m * S + i];
+        src[slot] = in + slot * S;
+      }
+      for (int64_t e = 0; e < d.E; ++e) in[kSlots * S + e] = external[n * d.E + e];
+      T chg[S];
+      cell_change_fast(d, w, src, in + kSlots * S, chg, hid);
+#pragma unroll
+      for (int i = 0; i < S; ++i) dpre2[i] = (T(1) - chg[i] * chg[i]) * scale * grad_out[n * S + i];
+    } else {  // past the last cell: rows of zeros add nothing to the sums
+      for (int64_t k = 0; k < K; ++k) in[k] = T(0);
+#pragma unroll
+      for (int j = 0; j < H; ++j) hid[j] = T(0);
+#pragma unroll
+      for (int i = 0; i < S; ++i) dpre2[i] = T(0);
+    }
+#pragma unroll
+    for (int i = 0; i < S; ++i) dpre2_rows[c * S + i] = dpre2[i];
+#pragma unroll
+    for (int j = 0; j < H; ++j) {
+      T dh = T(0);
+#pragma unroll
+      for (int i = 0; i < S; ++i) dh += w.w2[i * H + j] * dpre2[i];
+      dh *= activation_grad(hid[j], d.activation);
+      hid_rows[c * H + j] = hid[j];
+      dh_rows[c * H + j] = dh;
+      if (n < d.N) dhidden[n * H + j] = dh;
+    }
+    __syncthreads();
+    // Thread c sums weights c, c + C, ... over the tile's cells: consecutive threads read consecutive inputs
+    // (or hidden activations) of one cell, and all read the same gradient (a broadcast).
+    const int64_t w1_end = H * K, b1_end = w1_end + H, w2_end = b1_end + S * H;
+    for (int64_t wi = c; wi < n_weights; wi += C) {
+      T acc = T(0);
+      if (wi < w1_end) {
+        const int64_t j = wi / K, k = wi % K;
+        for (int64_t r = 0; r < C; ++r) acc += dh_rows[r * H + j] * in_rows[r * Kp + k];
+      } else if (wi < b1_end) {
+        for (int64_t r = 0; r < C; ++r) acc += dh_rows[r * H + (wi - w1_end)];
+      } else if (wi < w2_end) {
+        const int64_t i = (wi - b1_end) / H, j = (wi - b1_end) % H;
+        for (int64_t r = 0; r < C; ++r) acc += dpre2_rows[r * S + i] * hid_rows[r * H + j];
+      } else {
+        for (int64_t r = 0; r < C; ++r) acc += dpre2_rows[r * S + (wi - w2_end)];
+      }
+      partial[blockIdx.x * n_weights + wi] += acc;
+    }
+    __syncthreads();  // the rows are rewritten by the next tile
+  }
+}
+
+// Pass B with S and H fixed and W1 in shared memory: the state gradient of each cell, pulled from the cells
+// that read it, and the external input's gradient.
+template <typename T, int S, int H>
+__global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
+    Dims d, const T* __restrict__ w1, const T* __restrict__ dhidden, const T* __restrict__ grad_out,
+    T* __restrict__ grad_in, T* __restrict__ grad_external) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w1s = reinterpret_cast<T*>(smem_raw);
+  const int64_t K = d.K;
+  for (int64_t i = threadIdx.x; i < H * K; i += blockDim.x) w1s[i] = w1[i];
+  __syncthreads();
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= d.N) return;
+  int64_t b, x, y, z;
+  decode(d, n, &b, &x, &y, &z);
+  const int64_t coord[3] = {x, y, z};
+  const int64_t extent[3] = {d.X, d.Y, d.Z};
+  const T* own = dhidden + n * H;
+  T acc[S];
+#pragma unroll
+  for (int c = 0; c < S; ++c) acc[c] = d.update == kResidual ? grad_out[n * S + c] : T(0);
+  for (int slot = 0; slot < kSlots; ++slot) {
+    const T* readers[2] = {nullptr, nullptr};
+    if (slot == kSlots - 1) {
+      readers[0] = own;
+    } else {
+      const int axis = slot / 2;
+      int64_t other;
+      bool self;
+      readers_through_slot(coord[axis], (slot & 1) ? 1 : -1, extent[axis], d.boundary, &other, &self);
+      if (other >= 0) {
+        int64_t c3[3] = {x, y, z};
+        c3[axis] = other;
+        readers[0] = dhidden + (b * d.cells + (c3[0] * d.Y + c3[1]) * d.Z + c3[2]) * H;
+      }
+      if (self) readers[1] = own;
+    }
+    for (int r = 0; r < 2; ++r) {
+      const T* dh = readers[r];
+      if (dh == nullptr) continue;
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        const T v = dh[j];
+        const T* ws = w1s + j * K + slot * S;
+#pragma unroll
+        for (int c = 0; c < S; ++c) acc[c] += ws[c] * v;
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < S; ++c) grad_in[n * S + c] = acc[c];
+  for (int64_t e = 0; e < d.E; ++e) {
+    T g = T(0);
+#pragma unroll
+    for (int j = 0; j < H; ++j) g += w1s[j * K + kSlots * S + e] * own[j];
+    grad_external[n * d.E + e] += g;
+  }
+}
+
+// The sizes compiled with S and H fixed: the original core (8, 16), the training default (8, 32) and the
+// larger state (16, 64).  f(S, H) as integral constants; false where the sizes are not among them, or the
+// general kernels are forced.
+template <class F>
+bool with_fast_sizes(const Dims& d, F&& f) {
+  const char* forced = std::getenv("CUBECORE_CUDA_KERNELS");
+  if (forced != nullptr && std::string(forced) == "general") return false;
+  using std::integral_constant;
+  if (d.S == 8 && d.H == 16) return f(integral_constant<int, 8>{}, integral_constant<int, 16>{});
+  if (d.S == 8 && d.H == 32) return f(integral_constant<int, 8>{}, integral_constant<int, 32>{});
+  if (d.S == 16 && d.H == 64) return f(integral_constant<int, 16>{}, integral_constant<int, 64>{});
+  return false;
+}
+
+constexpr size_t kDefaultShared = 48 * 1024;  // dynamic shared memory per block without the opt-in attribute
+
+// Shared memory a kernel may take: the opt-in limit, or the default where that is lower.
+size_t shared_limit() {
+  return std::max<size_t>(kDefaultShared, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (past the default, the opt-in attribute says so).
+template <class Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultShared)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// The fast forward, fused or per step as for the general one; false where the weights do not fit.
+template <typename T>
+bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T* u, const T* W1, const T* B1,
+                  const T* W2, const T* B2, T* traj, T* spare, int64_t state_numel, cudaStream_t stream) {
+  return with_fast_sizes(d, [&](auto s_, auto h_) {
+    constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
+    const size_t weights = sizeof(T) * weight_count(d);
+    const size_t fused = weights + fused_shared_bytes<T>(d);
+    if (weights > shared_limit()) return false;
+    if (use_fused_forward<T>(d, weights)) {
+      auto kernel = forward_fused_fast_kernel<T, S, H>;
+      allow_shared(kernel, fused);
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
+      kernel<<<static_cast<unsigned int>(d.B), threads, fused, stream>>>(d, steps, keep, s0, u, W1, B1, W2, B2, traj);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    }
+    auto kernel = forward_step_fast_kernel<T, S, H>;
+    allow_shared(kernel, weights);
+    const T* cur = s0;
+    for (int64_t t = 0; t < steps; ++t) {
+      T* next = step_destination(traj, spare, state_numel, t, steps, keep);
+      kernel<<<blocks_for(d.N), kThreads, weights, stream>>>(d, cur, u, W1, B1, W2, B2, next);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cur = next;
+    }
+    return true;
+  });
+}
+
+// Threads per block of the fast backward: the most (a multiple of 32, at most kThreads) whose tile rows fit
+// in shared memory beside the weights; 0 if not even 32 do.
+template <typename T>
+int64_t fast_backward_threads(const Dims& d) {
+  const int64_t limit = static_cast<int64_t>(shared_limit() / sizeof(T)) - weight_count(d);
+  const int64_t threads = std::min<int64_t>(kThreads, limit / tile_row(d) / 32 * 32);
+  return threads >= 32 ? threads : 0;
+}
+
+// Blocks of the fast backward: at most four per SM (or CUBECORE_CUDA_BACKWARD_BLOCKS, which lets the tests
+// give a block several tiles on a small lattice), each taking tiles in turn, so that the table of block
+// partials stays small whatever the lattice.
+int64_t fast_backward_blocks(const Dims& d, int64_t threads) {
+  const int64_t tiles = (d.N + threads - 1) / threads;
+  const char* cap = std::getenv("CUBECORE_CUDA_BACKWARD_BLOCKS");
+  const int64_t most = cap != nullptr && std::atoll(cap) > 0 ? std::atoll(cap)
+                                                              : 4 * device_attribute(cudaDevAttrMultiProcessorCount);
+  return std::min<int64_t>(tiles, most);
+}
+
+// ---- the ops ----------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
+    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
+    int64_t update, double step_size, bool keep_trajectory) {
+  check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_cuda(state);
+  const c10::cuda::CUDAGuard guard(state.device());
+  const at::Tensor s0 = state.contiguous(), u = external.contiguous();
+  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
+  const Dims d = make_dims(s0, u, W1, boundary, activation, update, step_size);
+  std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
+  for (int64_t v : s0.sizes()) shape.push_back(v);
+  at::Tensor traj = at::empty(shape, s0.options());
+  if (d.N == 0) return forward_outputs(traj, keep_trajectory);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
+    at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
+    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
+    if (forward_fast<scalar_t>(d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                               W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
+                               B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>(), spare_p, s0.numel(), stream)) {
+      if (keep_trajectory) traj[0].copy_(s0);
+      return;
+    }
+    if (use_fused_forward<scalar_t>(d)) {
+      const size_t shared = fused_shared_bytes<scalar_t>(d);
+      auto kernel = forward_fused_kernel<scalar_t>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
+      kernel<<<static_cast<unsigned int>(d.B), threads, shared, stream>>>(
+          d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
+          B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const scalar_t* cur = s0.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < steps; ++t) {
+      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
+      forward_step_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
+          d, cur, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
+          B2.data_ptr<scalar_t>(), next);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cur = next;
+    }
+    if (keep_trajectory) traj[0].copy_(s0);
+  });
+  return forward_outputs(traj, keep_trajectory);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cuda(
     const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
@@ -433,40 +800,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
   const Dims d = make_dims(traj[0], u, W1, boundary, activation, update, step_size);
   const int64_t n_weights = weight_count(d);
-  const Chunking ch = chunking(d);
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor hidden = at::empty({d.N, d.H}, traj.options());
   at::Tensor dhidden = at::empty({d.N, d.H}, traj.options());
-  at::Tensor dpre2 = at::empty({d.N, d.S}, traj.options());
   at::Tensor grad_external = at::zeros_like(u);
-  at::Tensor partial = at::zeros({ch.chunks, n_weights}, traj.options());
   at::Tensor grad_weights = at::zeros({n_weights}, traj.options());
   if (d.N > 0) {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
     AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
+      using T = scalar_t;
+      const T *ext = u.data_ptr<T>(), *w1p = W1.data_ptr<T>(), *b1p = B1.data_ptr<T>(), *w2p = W2.data_ptr<T>(),
+              *b2p = B2.data_ptr<T>();
+      auto reduce = [&](const at::Tensor& partial) {
+        reduce_partials_kernel<T><<<blocks_for(n_weights), kThreads, 0, stream>>>(
+            n_weights, partial.size(0), partial.data_ptr<T>(), grad_weights.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      const bool fast = with_fast_sizes(d, [&](auto s_, auto h_) {
+        constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
+        const int64_t threads = fast_backward_threads<T>(d);
+        const size_t gather_bytes = sizeof(T) * d.H * d.K;
+        if (threads == 0 || gather_bytes > shared_limit()) return false;
+        const int64_t blocks = fast_backward_blocks(d, threads);
+        const size_t cell_bytes = sizeof(T) * (weight_count(d) + threads * tile_row(d));
+        auto cell_kernel = backward_cell_weights_fast_kernel<T, S, H>;
+        auto gather_kernel = backward_gather_fast_kernel<T, S, H>;
+        allow_shared(cell_kernel, cell_bytes);
+        allow_shared(gather_kernel, gather_bytes);
+        at::Tensor partial = at::zeros({blocks, n_weights}, traj.options());
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          cell_kernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), cell_bytes, stream>>>(
+              d, traj[t].data_ptr<T>(), ext, w1p, b1p, w2p, b2p, grad.data_ptr<T>(), dhidden.data_ptr<T>(),
+              partial.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          gather_kernel<<<blocks_for(d.N), kThreads, gather_bytes, stream>>>(
+              d, w1p, dhidden.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>(), grad_external.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          std::swap(grad, grad_next);
+        }
+        reduce(partial);
+        return true;
+      });
+      if (fast) return;
+      const Chunking ch = chunking(d);
+      at::Tensor hidden = at::empty({d.N, d.H}, traj.options());
+      at::Tensor dpre2 = at::empty({d.N, d.S}, traj.options());
+      at::Tensor partial = at::zeros({ch.chunks, n_weights}, traj.options());
       const dim3 weight_grid(blocks_for(n_weights), static_cast<unsigned int>(ch.chunks));
       for (int64_t t = steps - 1; t >= 0; --t) {
-        const scalar_t* s_t = traj[t].data_ptr<scalar_t>();
-        backward_cell_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
-            d, s_t, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(),
-            W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
-            dpre2.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>());
+        const T* s_t = traj[t].data_ptr<T>();
+        backward_cell_kernel<T><<<blocks_for(d.N), kThreads, 0, stream>>>(
+            d, s_t, ext, w1p, b1p, w2p, b2p, grad.data_ptr<T>(), hidden.data_ptr<T>(), dpre2.data_ptr<T>(),
+            dhidden.data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        backward_gather_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
-            d, W1.data_ptr<scalar_t>(), dhidden.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-            grad_next.data_ptr<scalar_t>(), grad_external.data_ptr<scalar_t>());
+        backward_gather_kernel<T><<<blocks_for(d.N), kThreads, 0, stream>>>(
+            d, w1p, dhidden.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>(), grad_external.data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        backward_weight_kernel<scalar_t><<<weight_grid, kThreads, 0, stream>>>(
-            d, ch, s_t, u.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(), dpre2.data_ptr<scalar_t>(),
-            dhidden.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>());
+        backward_weight_kernel<T><<<weight_grid, kThreads, 0, stream>>>(
+            d, ch, s_t, ext, hidden.data_ptr<T>(), dpre2.data_ptr<T>(), dhidden.data_ptr<T>(), partial.data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         std::swap(grad, grad_next);
       }
-      reduce_partials_kernel<scalar_t><<<blocks_for(n_weights), kThreads, 0, stream>>>(
-          n_weights, ch.chunks, partial.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce(partial);
     });
   }
   int64_t off = 0;

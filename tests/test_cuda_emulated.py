@@ -7,6 +7,7 @@ beside the project (``../shared/cuda-emu``, or ``$CUDA_EMU_DIR``); without it, o
 skips with the reason, unless ``CUBECORE_REQUIRE_CUDA_EMU=1`` (set by CI), which turns the skip into a failure.
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -25,9 +26,12 @@ SCHEDULES = [("round", "forward"), ("warp", "reverse")]
 H100_OPTIN = 232448  # opt-in shared memory per block; 0 sends every lattice down the per-step forward
 H100_SMS = 132  # the emulator reports an H100
 THREADS = 256  # threads per block of the per-cell kernels (kThreads in the .cu)
-# The CPU kernel tests' shapes, plus a lattice spanning three blocks per launch (the last one partial) and
-# the largest state the CUDA kernels take, with E > 0.
-EMU_SHAPES = SHAPES + [(2, 7, 9, 5, 3, 4, 2), (1, 2, 1, 3, CUDA_MAX_STATE, 8, 2)]
+# (S, H) compiled into the fast kernels (with_fast_sizes in the .cu); other sizes take the general kernels.
+FAST_SIZES = {(8, 16), (8, 32), (16, 64)}
+# The CPU kernel tests' shapes (with S, H = 8, 16 among them), plus a lattice spanning three blocks per launch
+# (the last one partial), the largest state the CUDA kernels take, with E > 0, and the other two fast sizes.
+EMU_SHAPES = SHAPES + [(2, 7, 9, 5, 3, 4, 2), (1, 2, 1, 3, CUDA_MAX_STATE, 8, 2), (2, 7, 9, 5, 8, 32, 1),
+                       (1, 2, 3, 3, 16, 64, 1)]
 
 
 def _emulator_missing():
@@ -84,12 +88,32 @@ def assert_close(name, got, want, tol):
     torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+def is_fast(shape):
+    return shape[4:6] in FAST_SIZES and os.environ.get("CUBECORE_CUDA_KERNELS") != "general"
+
+
 def fused_expected(shape, dtype):
-    """Whether the forward should take the fused one-block-per-sample path on an emulated H100."""
-    B, X, Y, Z, S, _, E = shape
+    """Whether the forward should take the fused one-block-per-sample path on an emulated H100 (the fast
+    kernel keeps the weights in shared memory beside the states)."""
+    B, X, Y, Z, S, H, E = shape
     cells = X * Y * Z
-    fits = (2 * cells * S + cells * E) * dtype.itemsize <= H100_OPTIN
+    weights = H * (7 * S + E) + H + S * H + S if is_fast(shape) else 0
+    fits = (2 * cells * S + cells * E + weights) * dtype.itemsize <= H100_OPTIN
     return fits and B >= min(H100_SMS, math.ceil(B * cells / THREADS))
+
+
+@contextlib.contextmanager
+def kernels(which):
+    """CUBECORE_CUDA_KERNELS=which ("general" forces the general kernels; "auto" the default choice)."""
+    saved = os.environ.get("CUBECORE_CUDA_KERNELS")
+    os.environ["CUBECORE_CUDA_KERNELS"] = which
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUBECORE_CUDA_KERNELS"]
+        else:
+            os.environ["CUBECORE_CUDA_KERNELS"] = saved
 
 
 def launches(cuda_emu, fn):
@@ -99,6 +123,14 @@ def launches(cuda_emu, fn):
 
 
 def check_case(emu, shape, rule, dtype, steps=3, step_size=0.7, seed=0):
+    """The kernels the sizes choose; for the fast sizes also the general ones, forced."""
+    for which in (("auto", "general") if shape[4:6] in FAST_SIZES else ("auto",)):
+        with kernels(which):
+            grads = check_kernels(emu, shape, rule, dtype, steps, step_size, seed)
+    return grads
+
+
+def check_kernels(emu, shape, rule, dtype, steps, step_size, seed):
     cuda_emu, ops = emu
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     args64 = make_problem(*shape, seed=seed)
@@ -117,7 +149,10 @@ def check_case(emu, shape, rule, dtype, steps=3, step_size=0.7, seed=0):
             assert_close(f"final without trajectory (opt-in {optin})", final, want_traj[-1], tol)
         finally:
             cuda_emu.set_optin_bytes(H100_OPTIN)
-    grads = ops.propagate_backward(upstream.to(dtype), want_traj.to(dtype), *args[1:], steps, *c, step_size)
+    grads, n = launches(cuda_emu, lambda: ops.propagate_backward(upstream.to(dtype), want_traj.to(dtype), *args[1:],
+                                                                  steps, *c, step_size))
+    # fast: the cell-and-weights kernel and the gather per step; general: cell, gather and weights; then the sum
+    assert n == (2 if is_fast(shape) else 3) * steps + 1, f"expected the {'fast' if is_fast(shape) else 'general'} backward"
     for name, got, want in zip(["state", "external", "w1", "b1", "w2", "b2"], grads, want_grads):
         assert got.dtype == dtype
         assert_close(f"grad {name}", got, want, tol)
@@ -143,11 +178,14 @@ def test_emulated_kernels_match_reference(emu, schedule, rule, shape, dtype):
     check_case(emu, shape, rule, dtype, seed=hash((rule, shape)) % 1000)
 
 
-def test_every_shape_and_both_forward_paths_are_covered():
-    """The case list above reaches every shape, and the fused path as well as the chosen per-step one."""
+def test_every_shape_and_every_path_is_covered():
+    """The case list above reaches every shape, the fused forward as well as the chosen per-step one, each
+    with the fast and the general kernels, and every fast size in both dtypes."""
     assert {s for _, s, _ in CASES} == set(EMU_SHAPES)
-    chosen = {fused_expected(s, d) for _, s, d in CASES}
-    assert chosen == {True, False}
+    chosen = {(fused_expected(s, d), is_fast(s)) for _, s, d in CASES}
+    assert chosen == {(True, True), (True, False), (False, True), (False, False)}
+    assert {(s[4:6], d) for _, s, d in CASES if s[4:6] in FAST_SIZES} == {
+        (size, d) for size in FAST_SIZES for d in (torch.float32, torch.float64)}
 
 
 def test_few_samples_of_a_larger_lattice_run_per_step(emu, schedule):
@@ -168,11 +206,20 @@ def test_backward_has_no_shared_memory_limit(emu, schedule, dtype, hidden):
     check_case(emu, (1, 1, 2, 1, CUDA_MAX_STATE, hidden, 0), ("wall", "tanh", "replace"), dtype, steps=2)
 
 
-def test_weight_gradients_are_the_same_bits_under_every_schedule(emu):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_fast_backward_block_takes_several_tiles(emu, schedule, dtype, monkeypatch):
+    """Large lattices give each block of the fast backward many tiles in turn (at most four blocks per SM);
+    two blocks over the five tiles of this lattice reach that on the emulator."""
+    monkeypatch.setenv("CUBECORE_CUDA_BACKWARD_BLOCKS", "2")
+    check_case(emu, (2, 7, 9, 7, 8, 16, 1), ("periodic", "sigmoid", "residual"), dtype, steps=2)
+
+
+@pytest.mark.parametrize("state,hidden", [(4, 12), (8, 16)], ids=["general", "fast"])
+def test_weight_gradients_are_the_same_bits_under_every_schedule(emu, state, hidden):
     """No atomics: the weight gradients are summed in a fixed order, whatever order threads, warps and blocks
     run in (the emulator's schedules reorder all three), so torch.use_deterministic_algorithms holds."""
     cuda_emu, ops = emu
-    args = make_problem(3, 5, 6, 7, 4, 12, 2, dtype=torch.float32, seed=5)  # 630 cells: three blocks
+    args = make_problem(3, 5, 6, 7, state, hidden, 2, dtype=torch.float32, seed=5)  # 630 cells: three blocks
     _, traj = ops.propagate_forward(*args, 3, *codes("reflect", "tanh", "residual"), 0.5, True)
     upstream = torch.randn(traj[-1].shape, generator=torch.Generator().manual_seed(2))
     results = []
