@@ -46,7 +46,9 @@ class CubeAdapter(Module):
              local_files_only: bool = False, **kwargs) -> "CubeAdapter":
         folder = cls.load_dir_path(model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder,
                                    revision=revision, local_files_only=local_files_only)
-        return cls(EmbeddingProcessor.from_pretrained(folder))
+        # backend "auto": the kernel where it runs (its device and dtype), else the reference, whatever
+        # backend the run was trained with
+        return cls(EmbeddingProcessor.from_pretrained(folder, backend="auto"))
 
 
 def teacher_modules(teacher: TeacherEncoder) -> List[Module]:

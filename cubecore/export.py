@@ -2,19 +2,22 @@
 
 OUT loads offline with ``SentenceTransformer(OUT, trust_remote_code=True)``: ``encode_query`` gives the run's
 prediction for a question (teacher, then cube, with the weights of its best epoch; ``--weights last`` for the
-last), ``encode_document`` (and plain ``encode``) the teacher's embedding of an answer.  RUN_DIR is a training
-run's folder (its last.pt is read) or a checkpoint file.  OUT is written whole or not at all; an OUT that
-exists is replaced only with --overwrite.
+last), ``encode_document`` (and plain ``encode``) the teacher's embedding of an answer.  RUN_DIR is a
+dialogue or mixed training run's folder (its last.pt is read) or a checkpoint file.  OUT is written whole or
+not at all; with --overwrite it replaces an earlier export (and nothing else).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from .checkpoint import rng_states, set_rng_states
 from .cli import CommandParser, run_command
 from .processor import EmbeddingProcessor
 from .trainer import CubeTrainer
@@ -32,16 +35,60 @@ def run_checkpoint(run: Path) -> Path:
     return run
 
 
+MARKER = "cubecore_export.json"  # what the export was made from; marks a folder --overwrite may replace
+
+CARD = """# cubecore query adapter
+
+A sentence-transformers model exported by cubecore from the run `{run}` (weights of epoch {epoch}, {weights};
+mode {mode}, data {data}).  Queries go through the teacher `{teacher}` and then the cubic core; documents
+through the teacher alone.
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("path/to/this/folder", trust_remote_code=True)  # the cube's module is in cubecore
+queries = model.encode_query(["How are you?"])
+documents = model.encode_document(["I am fine, thanks."])
+scores = model.similarity(queries, documents)
+```
+"""
+
+
+def check_destination(run: Path, out: Path, overwrite: bool) -> None:
+    """OUT may be new, or (with overwrite) an earlier export; never the run, a folder holding it, or the
+    current directory."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--to {out} is a file; the export is a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--to {out}: {parent} is a file, not a folder")
+    if not out.exists():
+        return
+    resolved, source, here = out.resolve(), run.resolve(), Path.cwd().resolve()
+    if resolved == source or resolved in source.parents or resolved == here or resolved in here.parents:
+        raise ValueError(f"--to {out} holds the run {run} or the current directory; choose a new folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace an earlier export there")
+    if not (out / MARKER).is_file():
+        raise FileExistsError(f"{out} is not an earlier export (it has no {MARKER}); --overwrite replaces only "
+                              f"those: choose a new folder")
+
+
 def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path:
     """Writes the query adapter of a run (see the module docstring) to ``out`` and returns it."""
     run, out = Path(run), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file; the export is a folder")
-    trainer = CubeTrainer.from_checkpoint(run_checkpoint(run), device="cpu")
+    check_destination(run, out, overwrite)
+    states = rng_states()  # loading a checkpoint restores its random states; the caller's are kept
+    try:
+        trainer = CubeTrainer.from_checkpoint(run_checkpoint(run), device="cpu")
+    finally:
+        set_rng_states(states)
     if not isinstance(trainer.model, EmbeddingProcessor):
         raise TypeError(f"{run} holds a {type(trainer.model).__name__}, not an EmbeddingProcessor")
+    if trainer.config.mode == "autoencoder":
+        raise ValueError(f"{run} is an autoencoder run: it learned to give the teacher's embedding back, not a "
+                         f"query's answer; the query adapter is exported from dialogue or mixed runs")
     from .adapter import query_adapter  # sentence-transformers loads only for an export
 
     with trainer.weights_of(weights) as epoch:
@@ -50,12 +97,14 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # a folder like any other (mkdtemp makes it private)
         model.save(str(staging))
-        (staging / "CUBECORE.md").write_text(
-            f"Exported by cubecore from {run} (weights of epoch {epoch}, {weights}); teacher "
-            f"{trainer.config.teacher}, mode {trainer.config.mode}, data {trainer.config.data}.\n\n"
-            f"    SentenceTransformer({str(out)!r}, trust_remote_code=True).encode_query(questions)\n",
-            encoding="utf-8")
+        info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.teacher,
+                "mode": trainer.config.mode, "data": trainer.config.data}
+        (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (staging / "README.md").write_text(CARD.format(**info), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -71,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--to", required=True, help="the folder to write")
     p.add_argument("--weights", choices=("best", "last"), default="best",
                    help="the run's best epoch (by its select_by, the default) or its last one")
-    p.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
     args = p.parse_args(argv)
 
     def body() -> int:

@@ -1,6 +1,10 @@
 """A trained run exported as a sentence-transformers query adapter: encode_query is the trainer's prediction,
 encode_document the teacher's embedding, after a save and a reload."""
 
+import json
+import os
+import stat
+
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
@@ -108,8 +112,13 @@ def test_mismatched_or_unexportable_teachers_are_refused(tiny_st_model):
 def test_command_mistakes_are_one_error_line_and_write_nothing(trained_run, tmp_path, capsys):
     out = tmp_path / "st"
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
     assert export.main([str(trained_run), "--to", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert export.main([str(trained_run), "--to", str(out), "--overwrite"]) == 2  # not an earlier export
+    assert "is not an earlier export" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     assert export.main([str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
     assert export.main([str(tmp_path), "--to", str(tmp_path / "x")]) == 2
@@ -120,3 +129,55 @@ def test_command_mistakes_are_one_error_line_and_write_nothing(trained_run, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "st"]  # no half-written folders
     assert export.main([str(trained_run), "--to", str(out), "--overwrite"]) == 0
     assert (out / "modules.json").is_file()
+
+
+def test_overwrite_never_replaces_the_run_or_the_current_directory(trained_run, tmp_path, monkeypatch, capsys):
+    for target in (trained_run, trained_run.parent):
+        assert export.main([str(trained_run), "--to", str(target), "--overwrite"]) == 2
+        assert "holds the run" in capsys.readouterr().err
+    assert (trained_run / "last.pt").is_file()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path / "work")
+    assert export.main([str(trained_run), "--to", ".", "--overwrite"]) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert (tmp_path / "work" / "keep.txt").is_file()
+    (tmp_path / "file").write_text("x")
+    assert export.main([str(trained_run), "--to", str(tmp_path / "file" / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_export_is_an_ordinary_folder_and_leaves_the_callers_random_state(trained_run, tmp_path):
+    empty = tmp_path / "made-first"
+    empty.mkdir()  # an empty folder made beforehand is fine
+    torch.manual_seed(123)
+    export.export_run(trained_run, empty)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o777 & ~umask
+    assert "trust_remote_code=True" in (empty / "README.md").read_text()
+    assert json.loads((empty / export.MARKER).read_text())["weights"] == "best"
+    assert export.main([str(trained_run), "--to", str(empty), "--overwrite"]) == 0  # an earlier export
+
+
+def test_an_export_runs_with_the_reference_whatever_backend_the_run_trained_with(trained_run, tmp_path):
+    trainer = CubeTrainer.from_checkpoint(trained_run / "last.pt")
+    trainer.config = trainer.config.override(backend="reference")
+    trainer.model.core.backend = "reference"
+    checkpoint = trainer.save_checkpoint(tmp_path / "last.pt")
+    export.export_run(checkpoint, tmp_path / "st")
+    model = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
+    adapter = [m for m in model.modules() if type(m).__name__ == "CubeAdapter"][0]
+    assert adapter.processor.core.backend == "auto"
+
+
+def test_an_autoencoder_run_is_not_exported_as_a_query_adapter(trained_run, tmp_path, capsys):
+    trainer = CubeTrainer.from_checkpoint(trained_run / "last.pt")
+    trainer.config = trainer.config.override(mode="autoencoder")
+    checkpoint = trainer.save_checkpoint(tmp_path / "last.pt")
+    assert export.main([str(checkpoint), "--to", str(tmp_path / "st")]) == 2
+    assert "autoencoder run" in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()
