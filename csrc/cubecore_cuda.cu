@@ -104,6 +104,7 @@ __device__ __forceinline__ void cell_change(const Dims& d, const T* const* src, 
 template <typename T>
 __device__ __forceinline__ void sources(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z,
                                         const T** src) {
+#pragma unroll
   for (int slot = 0; slot < kSlots; ++slot) {
     const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
     src[slot] = m < 0 ? nullptr : sample + m * d.S;
@@ -396,23 +397,64 @@ __global__ void reduce_partials_kernel(int64_t n_weights, int64_t chunks, const 
 // tile's cells (w, w + blockDim.x, ...) and adds the sum to partial[block, w], a slot no other block writes.
 // Pass D sums the [blocks, weights] table in block order.  No atomics: the same bits on every run.
 
-// The weights in shared memory: [w1 (H x K) | b1 (H) | w2 (S x H) | b2 (S)], weight_count(d) values.
+// W1's rows in shared memory are padded to a multiple of 4 values, so that with S a multiple of 4 every
+// slot's weights start on a 16-byte boundary and load as whole 16-byte vectors (one load per 4 products in
+// float32, per 2 in float64).
+__host__ __device__ __forceinline__ int64_t w1_stride(const Dims& d) { return (d.K + 3) / 4 * 4; }
+
+// Values the weights take in shared memory: [w1 (H x w1_stride) | b1 (H) | w2 (S x H) | b2 (S)].
+__host__ __device__ __forceinline__ int64_t shared_weight_count(const Dims& d) {
+  return d.H * w1_stride(d) + d.H + d.S * d.H + d.S;
+}
+
 template <typename T>
 struct SharedWeights {
   const T *w1, *b1, *w2, *b2;
+  int64_t stride;  // of w1's rows
 };
+
+// Copies W1 into `smem` with padded rows (all threads of the block take part; no barrier).
+template <typename T>
+__device__ __forceinline__ void stage_w1(const Dims& d, T* smem, const T* w1) {
+  const int64_t stride = w1_stride(d);
+  for (int64_t i = threadIdx.x; i < d.H * stride; i += blockDim.x) {
+    const int64_t j = i / stride, k = i - j * stride;
+    smem[i] = k < d.K ? w1[j * d.K + k] : T(0);
+  }
+}
 
 // Copies the weights into `smem` (all threads of the block take part; a barrier follows).
 template <typename T>
 __device__ __forceinline__ SharedWeights<T> stage_weights(const Dims& d, T* smem, const T* w1, const T* b1,
                                                           const T* w2, const T* b2) {
-  const int64_t hk = d.H * d.K, sh = d.S * d.H;
-  for (int64_t i = threadIdx.x; i < hk; i += blockDim.x) smem[i] = w1[i];
+  const int64_t hk = d.H * w1_stride(d), sh = d.S * d.H;
+  stage_w1(d, smem, w1);
   for (int64_t i = threadIdx.x; i < d.H; i += blockDim.x) smem[hk + i] = b1[i];
   for (int64_t i = threadIdx.x; i < sh; i += blockDim.x) smem[hk + d.H + i] = w2[i];
   for (int64_t i = threadIdx.x; i < d.S; i += blockDim.x) smem[hk + d.H + sh + i] = b2[i];
   __syncthreads();
-  return {smem, smem + hk, smem + hk + d.H, smem + hk + d.H + sh};
+  return {smem, smem + hk, smem + hk + d.H, smem + hk + d.H + sh, w1_stride(d)};
+}
+
+// 16 bytes of consecutive values: the unit in which the fast kernels read weights from shared memory.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int n = 16 / sizeof(T);
+  T v[n];
+};
+
+// sum over c < S of w[c] * x[c], w 16-byte aligned, reading w in 16-byte packs.
+template <int S, typename T>
+__device__ __forceinline__ T dot_packed(const T* w, const T (&x)[S], T acc) {
+  constexpr int P = Pack<T>::n;
+  static_assert(S % P == 0, "the fast sizes have S a multiple of 4");
+#pragma unroll
+  for (int c = 0; c < S; c += P) {
+    const Pack<T> q = *reinterpret_cast<const Pack<T>*>(w + c);
+#pragma unroll
+    for (int i = 0; i < P; ++i) acc += q.v[i] * x[c + i];
+  }
+  return acc;
 }
 
 // The change c = tanh(W2 act(W1 x + b1) + b2) of one cell, with S and H fixed: src[slot] is the row the cell
@@ -420,10 +462,11 @@ __device__ __forceinline__ SharedWeights<T> stage_weights(const Dims& d, T* smem
 template <int S, int H, typename T>
 __device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeights<T>& w, const T* const* src,
                                                  const T* u, T (&chg)[S], T (&hid)[H]) {
-  const int64_t K = d.K;
+  const int64_t K = w.stride;
   T pre[H];
 #pragma unroll
   for (int j = 0; j < H; ++j) pre[j] = w.b1[j];
+#pragma unroll
   for (int slot = 0; slot < kSlots; ++slot) {
     const T* p = src[slot];
     if (p == nullptr) continue;
@@ -431,11 +474,7 @@ __device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeig
 #pragma unroll
     for (int c = 0; c < S; ++c) x[c] = p[c];
 #pragma unroll
-    for (int j = 0; j < H; ++j) {
-      const T* wr = w.w1 + j * K + slot * S;
-#pragma unroll
-      for (int c = 0; c < S; ++c) pre[j] += wr[c] * x[c];
-    }
+    for (int j = 0; j < H; ++j) pre[j] = dot_packed(w.w1 + j * K + slot * S, x, pre[j]);
   }
   for (int64_t e = 0; e < d.E; ++e) {
     const T x = u[e];
@@ -487,7 +526,7 @@ __global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t per_sample = d.cells * S;
-  T* buf[2] = {smem + weight_count(d), smem + weight_count(d) + per_sample};
+  T* buf[2] = {smem + shared_weight_count(d), smem + shared_weight_count(d) + per_sample};
   T* ext = buf[1] + per_sample;
   const int64_t b = blockIdx.x;
   for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) buf[0][i] = state[b * per_sample + i];
@@ -531,7 +570,7 @@ __global__ void __launch_bounds__(kThreads) backward_cell_weights_fast_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t n_weights = weight_count(d), K = d.K, Kp = input_row(d), C = blockDim.x;
-  T* in_rows = smem + n_weights;   // [C][Kp]
+  T* in_rows = smem + shared_weight_count(d);  // [C][Kp]
   T* hid_rows = in_rows + C * Kp;  // [C][H]
   T* dpre2_rows = hid_rows + C * H;  // [C][S]
   T* dh_rows = dpre2_rows + C * S;   // [C][H]
@@ -547,6 +586,7 @@ __global__ void __launch_bounds__(kThreads) backward_cell_weights_fast_kernel(
       decode(d, n, &b, &x, &y, &z);
       const T* sample = state + b * d.cells * S;
       const T* src[kSlots];
+#pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
 #pragma unroll
@@ -608,8 +648,8 @@ __global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
     T* __restrict__ grad_in, T* __restrict__ grad_external) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w1s = reinterpret_cast<T*>(smem_raw);
-  const int64_t K = d.K;
-  for (int64_t i = threadIdx.x; i < H * K; i += blockDim.x) w1s[i] = w1[i];
+  const int64_t K = w1_stride(d);
+  stage_w1(d, w1s, w1);
   __syncthreads();
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= d.N) return;
@@ -621,6 +661,7 @@ __global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
   T acc[S];
 #pragma unroll
   for (int c = 0; c < S; ++c) acc[c] = d.update == kResidual ? grad_out[n * S + c] : T(0);
+#pragma unroll
   for (int slot = 0; slot < kSlots; ++slot) {
     const T* readers[2] = {nullptr, nullptr};
     if (slot == kSlots - 1) {
@@ -637,6 +678,7 @@ __global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
       }
       if (self) readers[1] = own;
     }
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       const T* dh = readers[r];
       if (dh == nullptr) continue;
@@ -644,8 +686,13 @@ __global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
       for (int j = 0; j < H; ++j) {
         const T v = dh[j];
         const T* ws = w1s + j * K + slot * S;
+        constexpr int P = Pack<T>::n;
 #pragma unroll
-        for (int c = 0; c < S; ++c) acc[c] += ws[c] * v;
+        for (int c = 0; c < S; c += P) {
+          const Pack<T> q = *reinterpret_cast<const Pack<T>*>(ws + c);
+#pragma unroll
+          for (int i = 0; i < P; ++i) acc[c + i] += q.v[i] * v;
+        }
       }
     }
   }
@@ -687,16 +734,26 @@ void allow_shared(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Threads per block (a multiple of 32, at most `most`) for one thread per cell over n cells: as many as
+// leave every SM at least one block, so that a few thousand cells spread over the whole GPU rather than
+// filling a few SMs.
+int64_t threads_to_fill(int64_t n, int64_t most) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  return std::max<int64_t>(32, std::min<int64_t>(most, n / sms / 32 * 32));
+}
+
+unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
+
 // The fast forward, fused or per step as for the general one; false where the weights do not fit.
 template <typename T>
 bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T* u, const T* W1, const T* B1,
                   const T* W2, const T* B2, T* traj, T* spare, int64_t state_numel, cudaStream_t stream) {
   return with_fast_sizes(d, [&](auto s_, auto h_) {
     constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
-    const size_t weights = sizeof(T) * weight_count(d);
-    const size_t fused = weights + fused_shared_bytes<T>(d);
+    const size_t weights = sizeof(T) * shared_weight_count(d);
     if (weights > shared_limit()) return false;
     if (use_fused_forward<T>(d, weights)) {
+      const size_t fused = weights + fused_shared_bytes<T>(d);
       auto kernel = forward_fused_fast_kernel<T, S, H>;
       allow_shared(kernel, fused);
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
@@ -706,10 +763,11 @@ bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T*
     }
     auto kernel = forward_step_fast_kernel<T, S, H>;
     allow_shared(kernel, weights);
+    const int64_t threads = threads_to_fill(d.N, kThreads);
     const T* cur = s0;
     for (int64_t t = 0; t < steps; ++t) {
       T* next = step_destination(traj, spare, state_numel, t, steps, keep);
-      kernel<<<blocks_for(d.N), kThreads, weights, stream>>>(d, cur, u, W1, B1, W2, B2, next);
+      kernel<<<blocks_of(d.N, threads), static_cast<unsigned int>(threads), weights, stream>>>(d, cur, u, W1, B1, W2, B2, next);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cur = next;
     }
@@ -721,9 +779,9 @@ bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T*
 // in shared memory beside the weights; 0 if not even 32 do.
 template <typename T>
 int64_t fast_backward_threads(const Dims& d) {
-  const int64_t limit = static_cast<int64_t>(shared_limit() / sizeof(T)) - weight_count(d);
+  const int64_t limit = static_cast<int64_t>(shared_limit() / sizeof(T)) - shared_weight_count(d);
   const int64_t threads = std::min<int64_t>(kThreads, limit / tile_row(d) / 32 * 32);
-  return threads >= 32 ? threads : 0;
+  return threads >= 32 ? threads_to_fill(d.N, threads) : 0;
 }
 
 // Blocks of the fast backward: at most four per SM (or CUBECORE_CUDA_BACKWARD_BLOCKS, which lets the tests
@@ -820,10 +878,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const bool fast = with_fast_sizes(d, [&](auto s_, auto h_) {
         constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
         const int64_t threads = fast_backward_threads<T>(d);
-        const size_t gather_bytes = sizeof(T) * d.H * d.K;
+        const size_t gather_bytes = sizeof(T) * d.H * w1_stride(d);
         if (threads == 0 || gather_bytes > shared_limit()) return false;
         const int64_t blocks = fast_backward_blocks(d, threads);
-        const size_t cell_bytes = sizeof(T) * (weight_count(d) + threads * tile_row(d));
+        const int64_t gather_threads = threads_to_fill(d.N, kThreads);
+        const size_t cell_bytes = sizeof(T) * (shared_weight_count(d) + threads * tile_row(d));
         auto cell_kernel = backward_cell_weights_fast_kernel<T, S, H>;
         auto gather_kernel = backward_gather_fast_kernel<T, S, H>;
         allow_shared(cell_kernel, cell_bytes);
@@ -834,7 +893,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               d, traj[t].data_ptr<T>(), ext, w1p, b1p, w2p, b2p, grad.data_ptr<T>(), dhidden.data_ptr<T>(),
               partial.data_ptr<T>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          gather_kernel<<<blocks_for(d.N), kThreads, gather_bytes, stream>>>(
+          gather_kernel<<<blocks_of(d.N, gather_threads), static_cast<unsigned int>(gather_threads), gather_bytes,
+                          stream>>>(
               d, w1p, dhidden.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>(), grad_external.data_ptr<T>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           std::swap(grad, grad_next);

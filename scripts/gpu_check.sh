@@ -2,7 +2,8 @@
 # One command for a machine with an NVIDIA GPU: build cubecore's CUDA kernels in place against the CUDA torch
 # already installed (nothing is installed or replaced), run the CUDA tests (kernel against the float64
 # reference, opcheck, torch.compile fullgraph) and the emulated ones beside them, then the benchmarks on the
-# GPU.  Results: benchmarks/results/cuda.{md,json,png}; the log on stdout.
+# GPU, then our kernel alone with the general CUDA kernels forced.  Results: benchmarks/results/cuda.{md,json,png}
+# and benchmarks/results/general-kernels/; the log on stdout.
 #   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the GPU's own), BENCH_ARGS (e.g. --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +24,7 @@ echo "== CUDA tests"
 echo "== benchmarks on the GPU"
 # shellcheck disable=SC2086
 "$py" -m benchmarks --device cuda ${BENCH_ARGS:-}
+echo "== the general CUDA kernels forced (CUBECORE_CUDA_KERNELS=general), our kernel only: what the fast ones gain"
+# shellcheck disable=SC2086
+CUBECORE_CUDA_KERNELS=general "$py" -m benchmarks --device cuda --contestants kernel \
+  --out benchmarks/results/general-kernels ${BENCH_ARGS:-}

@@ -97,7 +97,7 @@ def fused_expected(shape, dtype):
     kernel keeps the weights in shared memory beside the states)."""
     B, X, Y, Z, S, H, E = shape
     cells = X * Y * Z
-    weights = H * (7 * S + E) + H + S * H + S if is_fast(shape) else 0
+    weights = H * math.ceil((7 * S + E) / 4) * 4 + H + S * H + S if is_fast(shape) else 0  # W1 rows padded
     fits = (2 * cells * S + cells * E + weights) * dtype.itemsize <= H100_OPTIN
     return fits and B >= min(H100_SMS, math.ceil(B * cells / THREADS))
 
