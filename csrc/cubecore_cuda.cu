@@ -457,18 +457,18 @@ __device__ __forceinline__ T dot_packed(const T* w, const T (&x)[S], T acc) {
   return acc;
 }
 
-// The change c = tanh(W2 act(W1 x + b1) + b2) of one cell, with S and H fixed: src[slot] is the row the cell
+// The change c = tanh(W2 act(W1 x + b1) + b2) of one cell, with S and H fixed: src(slot) is the row the cell
 // reads through the slot (nullptr: zeros), u its external input; hid gets the hidden activations.
-template <int S, int H, typename T>
-__device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeights<T>& w, const T* const* src,
+template <int S, int H, typename T, class Rows>
+__device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeights<T>& w, Rows&& src,
                                                  const T* u, T (&chg)[S], T (&hid)[H]) {
   const int64_t K = w.stride;
   T pre[H];
 #pragma unroll
   for (int j = 0; j < H; ++j) pre[j] = w.b1[j];
-#pragma unroll
+#pragma unroll 1  // one slot at a time: the registers hold one source row, not seven
   for (int slot = 0; slot < kSlots; ++slot) {
-    const T* p = src[slot];
+    const T* p = src(slot);
     if (p == nullptr) continue;
     T x[S];
 #pragma unroll
@@ -493,6 +493,15 @@ __device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeig
   for (int i = 0; i < S; ++i) chg[i] = tanh(chg[i]);
 }
 
+// The rows that cell (x, y, z) of a sample whose states start at `sample` reads, slot by slot.
+template <int S, typename T>
+__device__ __forceinline__ auto neighbour_rows(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z) {
+  return [=, &d](int slot) -> const T* {
+    const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
+    return m < 0 ? nullptr : sample + m * S;
+  };
+}
+
 template <int S, typename T>
 __device__ __forceinline__ void store_step(const Dims& d, const T (&chg)[S], const T* cur, T* next) {
   const T step = static_cast<T>(d.step_size);
@@ -510,10 +519,8 @@ __global__ void __launch_bounds__(kThreads) forward_step_fast_kernel(
   if (n >= d.N) return;
   int64_t b, x, y, z;
   decode(d, n, &b, &x, &y, &z);
-  const T* src[kSlots];
-  sources(d, state + b * d.cells * S, x, y, z, src);
   T chg[S], hid[H];
-  cell_change_fast(d, w, src, external + n * d.E, chg, hid);
+  cell_change_fast(d, w, neighbour_rows<S>(d, state + b * d.cells * S, x, y, z), external + n * d.E, chg, hid);
   store_step(d, chg, state + n * S, out + n * S);
 }
 
@@ -526,22 +533,21 @@ __global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t per_sample = d.cells * S;
-  T* buf[2] = {smem + shared_weight_count(d), smem + shared_weight_count(d) + per_sample};
-  T* ext = buf[1] + per_sample;
+  T* const even = smem + shared_weight_count(d);  // the states of steps 0, 2, 4, ...
+  T* const odd = even + per_sample;                // and of steps 1, 3, 5, ... (selected, not indexed: registers)
+  T* ext = odd + per_sample;
   const int64_t b = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) buf[0][i] = state[b * per_sample + i];
+  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) even[i] = state[b * per_sample + i];
   for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
   const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);  // its barrier covers the copies above
   const int64_t sample_stride = d.B * per_sample;  // one trajectory entry
   for (int64_t t = 0; t < steps; ++t) {
-    const T* cur = buf[t & 1];
-    T* next = buf[(t + 1) & 1];
+    const T* cur = (t & 1) ? odd : even;
+    T* next = (t & 1) ? even : odd;
     for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
       const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
-      const T* src[kSlots];
-      sources(d, cur, x, y, z, src);
       T chg[S], hid[H];
-      cell_change_fast(d, w, src, ext + cell * d.E, chg, hid);
+      cell_change_fast(d, w, neighbour_rows<S>(d, cur, x, y, z), ext + cell * d.E, chg, hid);
       store_step(d, chg, cur + cell * S, next + cell * S);
     }
     __syncthreads();
@@ -585,17 +591,15 @@ __global__ void __launch_bounds__(kThreads) backward_cell_weights_fast_kernel(
       int64_t b, x, y, z;
       decode(d, n, &b, &x, &y, &z);
       const T* sample = state + b * d.cells * S;
-      const T* src[kSlots];
-#pragma unroll
+#pragma unroll 1
       for (int slot = 0; slot < kSlots; ++slot) {
         const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
 #pragma unroll
         for (int i = 0; i < S; ++i) in[slot * S + i] = m < 0 ? T(0) : sample[m * S + i];
-        src[slot] = in + slot * S;
       }
       for (int64_t e = 0; e < d.E; ++e) in[kSlots * S + e] = external[n * d.E + e];
       T chg[S];
-      cell_change_fast(d, w, src, in + kSlots * S, chg, hid);
+      cell_change_fast(d, w, [in](int slot) -> const T* { return in + slot * S; }, in + kSlots * S, chg, hid);
 #pragma unroll
       for (int i = 0; i < S; ++i) dpre2[i] = (T(1) - chg[i] * chg[i]) * scale * grad_out[n * S + i];
     } else {  // past the last cell: rows of zeros add nothing to the sums
