@@ -17,8 +17,16 @@ enum Boundary : int64_t { kWall = 0, kPeriodic = 1, kReflect = 2 };
 enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
 enum Update : int64_t { kReplace = 0, kResidual = 1 };
 
-// Number of state slots a cell reads: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1) and itself.
-constexpr int kSlots = 7;
+// The state slots a cell reads: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1), then itself.
+constexpr int kNeighbours = 6;
+constexpr int kSlots = kNeighbours + 1;
+
+// Inputs of a cell's first layer: the states of its slots, then its external input (W1 has this many columns).
+CUBECORE_HD int64_t inputs_per_cell(int64_t S, int64_t E) { return kSlots * S + E; }
+
+// The largest state size the CUDA kernels take: their general kernels keep a cell's state change in a
+// per-thread array of this length.  Python reads it from the extension (cubecore.ops.CUDA_MAX_STATE).
+constexpr int kMaxCudaState = 64;
 
 // The coordinate that a cell at `c` reads through offset `d` (+1 or -1) on an axis of length `n`,
 // or -1 where it reads zeros (a wall).

@@ -27,10 +27,16 @@
 #include "cell_rule.h"
 
 extern "C" {
-// An empty `cubecore._C` module: importing it loads this library, whose static initialisers register the op.
+// The `cubecore._C` module: importing it loads this library, whose static initialisers register the op.  It
+// holds one constant, the CUDA kernels' state-size limit, so that Python reads it instead of writing it again.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "CUDA_MAX_STATE", cubecore::kMaxCudaState) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
@@ -47,7 +53,7 @@ void check_propagate_args(const at::Tensor& state, const at::Tensor& external, c
                 " does not match state ", state.sizes(), " in its first four dimensions");
   }
   const int64_t S = state.size(4), E = external.size(4);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == 7 * S + E, "w1 must be [H, 7*S+E] = [H, ", 7 * S + E, "], got ",
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == inputs_per_cell(S, E), "w1 must be [H, 7*S+E] = [H, ", inputs_per_cell(S, E), "], got ",
               w1.sizes());
   const int64_t H = w1.size(0);
   TORCH_CHECK(b1.dim() == 1 && b1.size(0) == H, "b1 must be [H] = [", H, "], got ", b1.sizes());
@@ -613,34 +619,299 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
   return forward_outputs(traj, keep_trajectory);
 }
 
-// For the backward's gather: for every cell and neighbour slot k < 6, the offset (within its sample's rows of
-// neighbour-slot gradients, 6 * S values per cell) of the gradient that the cell that reads this one through
-// k sends back, or -1 if none does; and whether the cell reads itself through k (a reflecting edge).
+// For the backward's gather: for every cell and neighbour slot k < kNeighbours, the offset (within its
+// sample's rows of neighbour-slot gradients, kNeighbours * S values per cell) of the gradient that the cell
+// that reads this one through k sends back, or -1 if none does; and whether the cell reads itself through k
+// (a reflecting edge).
 struct SlotReaders {
-  std::vector<int64_t> offset;  // [cells][6]
-  std::vector<char> self;       // [cells][6]
+  std::vector<int64_t> offset;  // [cells][kNeighbours]
+  std::vector<char> self;       // [cells][kNeighbours]
   bool any_self = false;
   SlotReaders() = default;
-  explicit SlotReaders(const Geometry& g) : offset(g.cells * 6), self(g.cells * 6) {
+  explicit SlotReaders(const Geometry& g) : offset(g.cells * kNeighbours), self(g.cells * kNeighbours) {
     const int64_t extent[3] = {g.X, g.Y, g.Z};
     for (int64_t x = 0; x < g.X; ++x)
       for (int64_t y = 0; y < g.Y; ++y)
         for (int64_t z = 0; z < g.Z; ++z) {
           const int64_t cell = (x * g.Y + y) * g.Z + z;
-          for (int slot = 0; slot < 6; ++slot) {
+          for (int slot = 0; slot < kNeighbours; ++slot) {
             const int axis = slot / 2;
             int64_t c3[3] = {x, y, z};
             int64_t other;
             bool reads_itself;
             readers_through_slot(c3[axis], (slot & 1) ? 1 : -1, extent[axis], g.boundary, &other, &reads_itself);
             c3[axis] = other;
-            offset[cell * 6 + slot] = other < 0 ? -1 : ((c3[0] * g.Y + c3[1]) * g.Z + c3[2]) * 6 * g.S + slot * g.S;
-            self[cell * 6 + slot] = reads_itself;
+            offset[cell * kNeighbours + slot] =
+                other < 0 ? -1 : ((c3[0] * g.Y + c3[1]) * g.Z + c3[2]) * kNeighbours * g.S + slot * g.S;
+            self[cell * kNeighbours + slot] = reads_itself;
             any_self = any_self || reads_itself;
           }
         }
   }
 };
+
+// The weight gradients of one thread: [w1^T (K x Hp) | b1 (Hp) | w2^T (Hp x Sp) | b2 (Sp)], summed over
+// threads once at the end.
+template <typename T>
+struct WeightGrads {
+  T *w1t, *b1, *w2t, *b2;
+};
+
+// What the passes of one backward call share: the problem, the packed weights, the saved states, and where
+// the gradients go.
+template <typename T>
+struct Backward {
+  const Geometry& g;
+  const PackedWeights<T>& w;
+  const T* traj;            // [T + 1][N][S]: the saved states
+  int64_t state_numel;      // N * S
+  const T* external;        // [N][E]
+  T* grad_external;         // [N][E]
+  // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
+  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (race-free where one
+  // thread owns the whole sample and a state is whole vectors).  Otherwise the tile pass writes each cell's
+  // neighbour-slot gradients to `sent` ([N][kNeighbours * S]) and gather_sent collects them.
+  bool scatter;
+  T* sent;
+  const SlotReaders& readers;
+  T change_scale;           // d next state / d change: 1 (replace) or step_size (residual)
+  T* acc;                   // [threads][acc_size]: each thread's WeightGrads, on cache lines of its own
+  int64_t acc_size, threads;
+
+  WeightGrads<T> thread_grads() const {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
+    T* base = acc + tid * acc_size;
+    const int64_t K = g.K, Hp = w.Hp, Sp = w.Sp;
+    return {base, base + K * Hp, base + K * Hp + Hp, base + K * Hp + Hp + Hp * Sp};
+  }
+};
+
+// Backward step 1 of a tile: the gradient at the change's pre-activation, (1 - c^2) * scale * upstream, into
+// s.chg (padded rows), and its sum into b2's gradient.  `change` holds the tile's changes after tanh.
+template <int L, typename T>
+inline void change_gradient(const Backward<T>& bw, const T* change, int64_t change_ld, const T* gp, int64_t n0,
+                            int64_t count, TileScratch<T>& s, T* grad_b2) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const int64_t S = L > 0 ? L : bw.g.S, Sp = bw.w.Sp;
+  T* dchg = s.chg.data();
+  if constexpr (L > 0 && L % W == 0) {
+    V b2_sum[L / W] = {};
+    for (int64_t l = 0; l < count; ++l)
+      for (int r = 0; r < L / W; ++r) {
+        const V c = vload(change + l * change_ld + r * W);
+        const V d = (1 - c * c) * bw.change_scale * vload(gp + (n0 + l) * S + r * W);
+        vstore(dchg + l * Sp + r * W, d);
+        b2_sum[r] += d;
+      }
+    for (int r = 0; r < L / W; ++r) vstore(grad_b2 + r * W, vload(grad_b2 + r * W) + b2_sum[r]);
+  } else {
+    for (int64_t l = 0; l < count; ++l) {
+      T* d = dchg + l * Sp;
+      const T* c = change + l * change_ld;
+      const T* go = gp + (n0 + l) * S;
+      for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - c[i] * c[i]) * bw.change_scale * go[i];
+      for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
+      add_into(grad_b2, d, Sp);
+    }
+  }
+}
+
+// Backward step 2 of a tile: the gradient at the hidden pre-activations, (W2^T dchg) * act', into s.dhid, its
+// sum into b1's gradient, and the external input's gradient (a dot product with W1's external columns).
+template <typename T>
+inline void hidden_gradient(const Backward<T>& bw, int64_t n0, int64_t count, TileScratch<T>& s, T* grad_b1) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const int64_t Hp = bw.w.Hp, Sp = bw.w.Sp, E = bw.g.E;
+  const T* hid = s.hid.data();
+  T* dhid = s.dhid.data();
+  const T* w1e = bw.w.w1e.template data_ptr<T>();
+  matmul(DenseRows<T>{s.chg.data(), Sp, Sp}, count, bw.w.w2.template data_ptr<T>(), Hp, nullptr,
+         [&](int64_t c, int64_t col, V* a, auto rv) {
+           constexpr int RV = decltype(rv)::value;
+           for (int r = 0; r < RV; ++r) {
+             const int64_t at = c * Hp + col + r * W;
+             const V d = a[r] * activation_slope_vec(vload(hid + at), bw.g.activation);
+             a[r] = d;
+             vstore(dhid + at, d);
+             vstore(grad_b1 + col + r * W, vload(grad_b1 + col + r * W) + d);
+           }
+           for (int64_t e = 0; e < E; ++e) {
+             V dot = a[0] * vload(w1e + e * Hp + col);
+             for (int r = 1; r < RV; ++r) dot += a[r] * vload(w1e + e * Hp + col + r * W);
+             T sum = 0;
+             for (int i = 0; i < W; ++i) sum += dot[i];
+             bw.grad_external[(n0 + c) * E + e] += sum;
+           }
+         });
+}
+
+// Backward step 3 of a tile: W1^T's state columns times s.dhid, the gradients of the seven states each cell
+// read.  The own-state part (with the residual path's upstream gradient) goes to `out`; the neighbour parts
+// are added into `out` at the states read (scatter) or written to bw.sent.
+template <int L, typename T>
+inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, const T* st, const T* gp, T* out,
+                           int64_t n0, int64_t count, TileScratch<T>& s) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
+  const int64_t S = L > 0 ? L : bw.g.S, sent_len = kNeighbours * S, Hp = bw.w.Hp, Ks = bw.w.Ks;
+  const bool residual = bw.g.update == kResidual;
+  const T* zeros = s.zeros.data();
+  T* dinput = s.dinput.data();
+  matmul(DenseRows<T>{s.dhid.data(), Hp, Hp}, count, bw.w.w1.template data_ptr<T>(), Ks, nullptr,
+         [&](int64_t c, int64_t col, V* a, auto rv) {
+           for (int r = 0; r < decltype(rv)::value; ++r) {
+             const int64_t j = col + r * W;
+             if (whole && bw.scatter && j < sent_len) {
+               const int slot = static_cast<int>(j / S);
+               const T* read = rows.row(c, slot);
+               if (read != zeros) {
+                 T* o = out + (read - st) + (j - slot * S);
+                 vstore(o, vload(o) + a[r]);
+               }
+             } else if (j + W <= sent_len) {
+               vstore(bw.sent + (n0 + c) * sent_len + j, a[r]);
+             } else if (whole && j >= sent_len && j < sent_len + S) {
+               const int64_t at = (n0 + c) * S + j - sent_len;
+               const V own = residual ? a[r] + vload(gp + at) : a[r];
+               vstore(out + at, bw.scatter ? vload(out + at) + own : own);
+             } else {
+               vstore(dinput + c * Ks + j, a[r]);
+             }
+           }
+         });
+  if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
+    const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values went straight there
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t n = n0 + l;
+      const T* d = dinput + l * Ks;
+      for (int64_t j = sent_vectors_end; j < sent_len; ++j) bw.sent[n * sent_len + j] = d[j];
+      const T* own = d + sent_len;
+      for (int64_t c = 0; c < S; ++c) out[n * S + c] = own[c] + (residual ? gp[n * S + c] : T(0));
+    }
+  }
+}
+
+// The backward of one tile of step t (mirrors forward_tile): recompute the step, then push the upstream
+// gradient `gp` through tanh and W2 (change_gradient), the activation (hidden_gradient) and W1
+// (input_gradient), adding both layers' weight gradients to this thread's accumulators on the way.
+template <int L, typename T>
+void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
+                   TileScratch<T>& s) {
+  const Geometry& g = bw.g;
+  const int64_t S = L > 0 ? L : g.S, Hp = bw.w.Hp, Sp = bw.w.Sp;
+  const WeightGrads<T> grads = bw.thread_grads();
+  const T* st = bw.traj + t * bw.state_numel;
+  // The change c after tanh: with update="replace" it is the next saved state itself, so only the hidden
+  // activations are recomputed.
+  const bool replace = g.update == kReplace;
+  const auto rows = replace ? forward_tile<L>(g, bw.w, st, bw.external, n0, count, s, nullptr)
+                            : forward_tile<L>(g, bw.w, st, bw.external, n0, count, s, store_rows(s.chg.data(), Sp));
+  const T* change = replace ? st + bw.state_numel + n0 * S : s.chg.data();
+  change_gradient<L>(bw, change, replace ? S : Sp, gp, n0, count, s, grads.b2);
+  accumulate_outer(DenseRows<T>{s.hid.data(), Hp, Hp}, count, s.chg.data(), grads.w2t, Sp);
+  hidden_gradient(bw, n0, count, s, grads.b1);
+  accumulate_outer(rows, count, s.dhid.data(), grads.w1t, Hp);
+  input_gradient<L>(bw, rows, st, gp, out, n0, count, s);
+}
+
+// The tile pass over the cells n_begin .. n_end of step t (mirrors forward_cells).
+template <int L, typename T>
+void backward_cells(const Backward<T>& bw, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
+                    TileScratch<T>& s) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) backward_tile<L>(bw, t, n0, std::min(kTile, n_end - n0), gp, out, s);
+}
+
+// The gather pass over the cells n_begin .. n_end: add the gradients sent back by the cells that read each
+// one (and by itself through a reflecting edge).
+template <int L, typename T>
+void gather_sent(const Backward<T>& bw, int64_t n_begin, int64_t n_end, T* out) {
+  const Geometry& g = bw.g;
+  const int64_t S = L > 0 ? L : g.S, sent_len = kNeighbours * S;
+  int64_t b = n_begin / g.cells, cell = n_begin - b * g.cells;
+  const T* sample = bw.sent + b * g.cells * sent_len;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    T* o = out + n * S;
+    const int64_t* offsets = bw.readers.offset.data() + cell * kNeighbours;
+    for (int slot = 0; slot < kNeighbours; ++slot)
+      if (offsets[slot] >= 0) add_into(o, sample + offsets[slot], S);
+    if (bw.readers.any_self)
+      for (int slot = 0; slot < kNeighbours; ++slot)
+        if (bw.readers.self[cell * kNeighbours + slot]) add_into(o, bw.sent + n * sent_len + slot * S, S);
+    if (++cell == g.cells) {
+      cell = 0;
+      sample += g.cells * sent_len;
+    }
+  }
+}
+
+// All T steps, each thread taking whole samples (split_by_sample).  With the scatter, the readers of a
+// state add into its gradient, which starts at zero.  Without, the gather trails the tile pass by one
+// x-plane, so the gradients sent between cells are collected while still in cache: a cell's readers lie
+// within one plane of it, except those of the first plane on a periodic x-axis, which is collected last.
+template <int L, typename T>
+void backward_by_sample(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
+  const Geometry& g = bw.g;
+  const int64_t S = L > 0 ? L : g.S;
+  at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
+    TileScratch<T> s(g, bw.w);
+    s.for_backward(bw.w);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      T* gp = cur;
+      T* out = next;
+      const int64_t first = b * g.cells, last = first + g.cells, plane = g.Y * g.Z;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        if (bw.scatter) std::fill(out + first * S, out + last * S, T(0));
+        int64_t collected = first + plane;
+        for (int64_t n0 = first; n0 < last; n0 += kTile) {
+          const int64_t n1 = std::min(n0 + kTile, last);
+          backward_cells<L>(bw, t, n0, n1, gp, out, s);
+          const int64_t ready = n1 == last ? n1 : n1 - plane;
+          if (!bw.scatter && ready > collected) {
+            gather_sent<L>(bw, collected, ready, out);
+            collected = ready;
+          }
+        }
+        if (!bw.scatter) gather_sent<L>(bw, first, first + plane, out);
+        std::swap(gp, out);
+      }
+    }
+  });
+}
+
+// All T steps, each step split over tiles of cells across threads, then gathered, a barrier between.
+template <int L, typename T>
+void backward_by_step(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
+  const Geometry& g = bw.g;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
+      TileScratch<T> s(g, bw.w);
+      s.for_backward(bw.w);
+      backward_cells<L>(bw, t, begin * kTile, std::min(end * kTile, g.N), cur, next, s);
+    });
+    at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) { gather_sent<L>(bw, begin, end, next); });
+    std::swap(cur, next);
+  }
+}
+
+// The per-thread accumulators summed, the padding and transposes undone: (w1, b1, w2, b2) gradients.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients(const Geometry& g,
+                                                                            const PackedWeights<T>& w,
+                                                                            const at::Tensor& acc) {
+  const int64_t K = g.K, H = g.H, S = g.S, Hp = w.Hp, Sp = w.Sp;
+  const at::Tensor sums = acc.sum(0);
+  const at::Tensor gw1t = sums.narrow(0, 0, K * Hp).view({K, Hp});
+  const at::Tensor gb1 = sums.narrow(0, K * Hp, Hp);
+  const at::Tensor gw2t = sums.narrow(0, K * Hp + Hp, Hp * Sp).view({Hp, Sp});
+  const at::Tensor gb2 = sums.narrow(0, K * Hp + Hp + Hp * Sp, Sp);
+  // clone(): each gradient must own its storage (narrow views of one buffer would alias).
+  return {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
+          gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous), gb2.narrow(0, 0, S).clone()};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
     const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
@@ -650,18 +921,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
-  const int64_t S = g.S, H = g.H, K = g.K, E = g.E, N = g.N;
-  // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
-  // reflecting edge).  Where threads take whole samples and a state is whole vectors, each reader adds it
-  // straight into that state's gradient: a scatter, race-free as one thread owns the whole sample.  Otherwise
-  // pass 1 writes each cell's neighbour-slot gradients to `sent` and pass 2 gathers them at the cells read.
   const bool by_sample = split_by_sample(g);
-  const bool scatter = by_sample && with_state_length(S, [&](auto state_length) {
+  const bool scatter = by_sample && with_state_length(g.S, [&](auto state_length) {
     constexpr int L = decltype(state_length)::value;
     return L > 0 && L % Vec<float>::width == 0 && L % Vec<double>::width == 0;
   });
   const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
-
   // The state gradient of step t + 1, then of step t: two buffers that take turns.
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);
@@ -670,221 +935,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
     using T = scalar_t;
-    using V = typename Vec<T>::type;
-    constexpr int W = Vec<T>::width;
     const PackedWeights<T> w(g, w1, b1, w2, b2);
-    const int64_t Hp = w.Hp, Sp = w.Sp, Ks = w.Ks;
-    // Without the scatter, the gradients that each cell sends back through its six neighbour slots,
-    // [N][6][S]: pass 1 writes them, pass 2 collects them at the cells they were read from.
-    const int64_t sent_len = 6 * S;
-    at::Tensor sent = scatter ? at::Tensor() : at::empty({N, sent_len}, traj.options());
-    // Weight gradients, one accumulator per thread, summed once at the end: [w1^T (K*Hp) | b1 | w2^T | b2].
+    at::Tensor sent = scatter ? at::Tensor() : at::empty({g.N, kNeighbours * g.S}, traj.options());
     const int64_t threads = at::get_num_threads();
-    // (each thread's rounded up to whole cache lines, so that two threads never write to one line)
-    const int64_t acc_size = (K * Hp + Hp + Hp * Sp + Sp + 15) / 16 * 16;
+    // (each thread's accumulators rounded up to whole cache lines, so that two threads never write to one line)
+    const int64_t acc_size = (g.K * w.Hp + w.Hp + w.Hp * w.Sp + w.Sp + 15) / 16 * 16;
     at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
-    const T* up = u.data_ptr<T>();
-    T* sent_p = scatter ? nullptr : sent.data_ptr<T>();
-    T* gext = grad_external.data_ptr<T>();
-    const T* w1e = w.w1e.template data_ptr<T>();
-    const T change_scale = update == kReplace ? T(1) : static_cast<T>(step_size);
-    const int64_t state_numel = traj[0].numel();
-    const T* traj_p = traj.data_ptr<T>();
-
-    // Pass 1 over the cells n_begin .. n_end of step t: per tile, recompute the step, push the gradient
-    // `gp` through tanh, W2 and act, add the external input's gradient (a dot product with W1's external
-    // columns), accumulate the weight gradients, and push on through W1's state columns: the own-state part
-    // (with the residual path) to `out`, the neighbour-slot parts added into `out` at the states read
-    // (scatter) or written to `sent` (pass 2 collects them).
-    auto pass1 = [&](auto state_length, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
-                     TileScratch<T>& s) {
+    const Backward<T> bw{g, w, traj.data_ptr<T>(), traj[0].numel(), u.data_ptr<T>(), grad_external.data_ptr<T>(),
+                         scatter, scatter ? nullptr : sent.data_ptr<T>(), readers,
+                         update == kReplace ? T(1) : static_cast<T>(step_size), acc.data_ptr<T>(), acc_size, threads};
+    with_state_length(g.S, [&](auto state_length) {
       constexpr int L = decltype(state_length)::value;
-      const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
-      constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
-      const T* st = traj_p + t * state_numel;
-      const T* next_state = st + state_numel;
-      const bool replace = update == kReplace;
-      const int64_t tid = at::get_thread_num();
-      TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
-      T* acc_w1t = acc.data_ptr<T>() + tid * acc_size;
-      T* acc_b1 = acc_w1t + K * Hp;
-      T* acc_w2t = acc_b1 + Hp;
-      T* acc_b2 = acc_w2t + Hp * Sp;
-      const T* zeros = s.zeros.data();
-      T* dchg = s.chg.data();
-      T* dhid = s.dhid.data();
-      T* dinput = s.dinput.data();
-      const T* hid = s.hid.data();
-      const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values go straight there
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-        const int64_t count = std::min(kTile, n_end - n0);
-        // The change c after tanh: with update="replace" it is the next saved state itself, so only the
-        // hidden activations are recomputed.
-        const auto rows = replace ? forward_tile<L>(g, w, st, up, n0, count, s, nullptr)
-                                  : forward_tile<L>(g, w, st, up, n0, count, s, store_rows(dchg, Sp));
-        const T* change = replace ? next_state + n0 * S : dchg;
-        const int64_t change_ld = replace ? S : Sp;
-        // d loss / d (pre-tanh change) = (1 - c^2) * scale * grad
-        if constexpr (whole) {
-          V b2_sum[L / W] = {};
-          for (int64_t l = 0; l < count; ++l)
-            for (int r = 0; r < L / W; ++r) {
-              const V c = vload(change + l * change_ld + r * W);
-              const V d = (1 - c * c) * change_scale * vload(gp + (n0 + l) * S + r * W);
-              vstore(dchg + l * Sp + r * W, d);
-              b2_sum[r] += d;
-            }
-          for (int r = 0; r < L / W; ++r) vstore(acc_b2 + r * W, vload(acc_b2 + r * W) + b2_sum[r]);
-        } else {
-          for (int64_t l = 0; l < count; ++l) {
-            T* d = dchg + l * Sp;
-            const T* c = change + l * change_ld;
-            const T* go = gp + (n0 + l) * S;
-            for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - c[i] * c[i]) * change_scale * go[i];
-            for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
-            add_into(acc_b2, d, Sp);
-          }
-        }
-        accumulate_outer(DenseRows<T>{hid, Hp, Hp}, count, dchg, acc_w2t, Sp);
-        matmul(DenseRows<T>{dchg, Sp, Sp}, count, w.w2.template data_ptr<T>(), Hp, nullptr,
-               [&](int64_t c, int64_t col, V* a, auto rv) {
-                 constexpr int RV = decltype(rv)::value;
-                 for (int r = 0; r < RV; ++r) {
-                   const int64_t at = c * Hp + col + r * W;
-                   const V d = a[r] * activation_slope_vec(vload(hid + at), g.activation);
-                   a[r] = d;
-                   vstore(dhid + at, d);
-                   vstore(acc_b1 + col + r * W, vload(acc_b1 + col + r * W) + d);
-                 }
-                 for (int64_t e = 0; e < E; ++e) {
-                   V dot = a[0] * vload(w1e + e * Hp + col);
-                   for (int r = 1; r < RV; ++r) dot += a[r] * vload(w1e + e * Hp + col + r * W);
-                   T sum = 0;
-                   for (int i = 0; i < W; ++i) sum += dot[i];
-                   gext[(n0 + c) * E + e] += sum;
-                 }
-               });
-        accumulate_outer(rows, count, dhid, acc_w1t, Hp);
-        matmul(DenseRows<T>{dhid, Hp, Hp}, count, w.w1.template data_ptr<T>(), Ks, nullptr,
-               [&](int64_t c, int64_t col, V* a, auto rv) {
-                 for (int r = 0; r < decltype(rv)::value; ++r) {
-                   const int64_t j = col + r * W;
-                   if (whole && scatter && j < sent_len) {
-                     const int slot = static_cast<int>(j / S);
-                     const T* read = rows.row(c, slot);
-                     if (read != zeros) {
-                       T* o = out + (read - st) + (j - slot * S);
-                       vstore(o, vload(o) + a[r]);
-                     }
-                   } else if (j + W <= sent_len) {
-                     vstore(sent_p + (n0 + c) * sent_len + j, a[r]);
-                   } else if (whole && j >= sent_len && j < sent_len + S) {
-                     const int64_t at = (n0 + c) * S + j - sent_len;
-                     const V own = update == kResidual ? a[r] + vload(gp + at) : a[r];
-                     vstore(out + at, scatter ? vload(out + at) + own : own);
-                   } else {
-                     vstore(dinput + c * Ks + j, a[r]);
-                   }
-                 }
-               });
-        if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
-          for (int64_t l = 0; l < count; ++l) {
-            const int64_t n = n0 + l;
-            const T* d = dinput + l * Ks;
-            for (int64_t j = sent_vectors_end; j < sent_len; ++j) sent_p[n * sent_len + j] = d[j];
-            const T* own = d + sent_len;
-            for (int64_t c = 0; c < S; ++c) {
-              const T residual = update == kResidual ? gp[n * S + c] : T(0);
-              out[n * S + c] = own[c] + residual;
-            }
-          }
-        }
-      }
-    };
-    // Pass 2 over the cells n_begin .. n_end: add the gradients sent back by the cells that read each one
-    // (and by itself through a reflecting edge).
-    auto pass2 = [&](auto state_length, int64_t n_begin, int64_t n_end, T* out) {
-      constexpr int L = decltype(state_length)::value;
-      const int64_t S = L > 0 ? L : g.S, sent_len = 6 * S;
-      int64_t b = n_begin / g.cells, cell = n_begin - b * g.cells;
-      const T* sample = sent_p + b * g.cells * sent_len;
-      for (int64_t n = n_begin; n < n_end; ++n) {
-        T* o = out + n * S;
-        const int64_t* offsets = readers.offset.data() + cell * 6;
-        for (int slot = 0; slot < 6; ++slot)
-          if (offsets[slot] >= 0) add_into(o, sample + offsets[slot], S);
-        if (readers.any_self)
-          for (int slot = 0; slot < 6; ++slot)
-            if (readers.self[cell * 6 + slot]) add_into(o, sent_p + n * sent_len + slot * S, S);
-        if (++cell == g.cells) {
-          cell = 0;
-          sample += g.cells * sent_len;
-        }
-      }
-    };
-
-    T* grad_p = grad.data_ptr<T>();
-    T* grad_next_p = grad_next.data_ptr<T>();
-    with_state_length(S, [&](auto state_length) {
       if (by_sample) {
-        at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
-          TileScratch<T> s(g, w);
-          s.for_backward(w);
-          for (int64_t b = b_begin; b < b_end; ++b) {
-            T* cur = grad_p;
-            T* next = grad_next_p;
-            const int64_t first = b * g.cells, last = first + g.cells, plane = g.Y * g.Z;
-            for (int64_t t = steps - 1; t >= 0; --t) {
-              // With the scatter, the readers of a state add into its gradient, which starts at zero.  Without,
-              // pass 2 trails pass 1 by one x-plane, so the gradients sent between cells are collected while
-              // they are still in cache: a cell's readers lie within one plane of it, except those of the
-              // first plane on a periodic x-axis, which is collected last.
-              if (scatter) std::fill(next + first * S, next + last * S, T(0));
-              int64_t collected = first + plane;
-              for (int64_t n0 = first; n0 < last; n0 += kTile) {
-                const int64_t n1 = std::min(n0 + kTile, last);
-                pass1(state_length, t, n0, n1, cur, next, s);
-                const int64_t ready = n1 == last ? n1 : n1 - plane;
-                if (!scatter && ready > collected) {
-                  pass2(state_length, collected, ready, next);
-                  collected = ready;
-                }
-              }
-              if (!scatter) pass2(state_length, first, first + plane, next);
-              std::swap(cur, next);
-            }
-          }
-        });
+        backward_by_sample<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
       } else {
-        T* cur = grad_p;
-        T* next = grad_next_p;
-        for (int64_t t = steps - 1; t >= 0; --t) {
-          at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-            TileScratch<T> s(g, w);
-            s.for_backward(w);
-            pass1(state_length, t, begin * kTile, std::min(end * kTile, N), cur, next, s);
-          });
-          at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) { pass2(state_length, begin, end, next); });
-          std::swap(cur, next);
-        }
+        backward_by_step<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
       }
     });
     // After an odd number of steps the state gradient ends in the second buffer.
     if (steps % 2 == 1) std::swap(grad, grad_next);
-    // Sum the per-thread accumulators and undo the padding and transposes.
-    const at::Tensor sums = acc.sum(0);
-    int64_t off = 0;
-    const at::Tensor gw1t = sums.narrow(0, off, K * Hp).view({K, Hp});
-    off += K * Hp;
-    const at::Tensor gb1 = sums.narrow(0, off, Hp);
-    off += Hp;
-    const at::Tensor gw2t = sums.narrow(0, off, Hp * Sp).view({Hp, Sp});
-    off += Hp * Sp;
-    const at::Tensor gb2 = sums.narrow(0, off, Sp);
-    // clone(): each gradient must own its storage (narrow views of one buffer would alias).
-    weight_grads = {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
-                    gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous),
-                    gb2.narrow(0, 0, S).clone()};
+    weight_grads = weight_gradients(g, w, acc);
   });
   return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),
           std::get<3>(weight_grads)};

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bo
 
 namespace {
 
-constexpr int kMaxState = 64;  // a cell's state change lives in a per-thread array (ops.CUDA_MAX_STATE)
+constexpr int kMaxState = kMaxCudaState;  // a cell's state change lives in a per-thread array
 constexpr int kThreads = 256;
 
 struct Dims {

@@ -47,13 +47,14 @@ def extension_error(exc: BaseException, built: Dict[str, object], running: str) 
 
 BUILD_INFO = _build_info()
 try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define torch.ops.cubecore.
-    from . import _C  # noqa: F401
+    from . import _C
 
     EXTENSION_ERROR: Optional[str] = None
+    # The largest state the CUDA kernels take, from the extension (kMaxCudaState in csrc/cell_rule.h).
+    CUDA_MAX_STATE: Optional[int] = _C.CUDA_MAX_STATE
 except ImportError as exc:  # A source checkout that was never built, a build for another torch, a broken build.
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
-
-CUDA_MAX_STATE = 64  # the CUDA kernels keep a cell's state change in a per-thread array (kMaxState)
+    CUDA_MAX_STATE = None  # no kernels at all
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
@@ -77,7 +78,7 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
         return f"there is no cubecore kernel for device type {device_type!r}"
     if dtype not in _KERNEL_DTYPES[device_type]:
         return f"the {device_type} kernel supports {_dtype_names(device_type)}, not {str(dtype).replace('torch.', '')}"
-    if device_type == "cuda" and state_size > CUDA_MAX_STATE:
+    if device_type == "cuda" and CUDA_MAX_STATE is not None and state_size > CUDA_MAX_STATE:
         return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
     return None
 
@@ -114,7 +115,7 @@ def info() -> Dict[str, object]:
 
 def _limits_text(device_type: str) -> str:
     """Every limit of a device type's kernels, in words (``kernel_limit_reason`` checks them)."""
-    state = f"; state_size <= {CUDA_MAX_STATE}" if device_type == "cuda" else ""
+    state = f"; state_size <= {CUDA_MAX_STATE}" if device_type == "cuda" and CUDA_MAX_STATE is not None else ""
     return f"{_dtype_names(device_type)}{state}; any lattice, batch, hidden and external size"
 
 

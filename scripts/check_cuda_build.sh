@@ -24,10 +24,26 @@ cd "$build"
 PATH="$CUDA_HOME/bin:$PATH" "$venv/bin/python" setup.py build_ext --inplace
 so=$(ls cubecore/_C*.so)
 # The library must carry device code for the requested architecture.
-arch="sm_${TORCH_CUDA_ARCH_LIST//./}"
 readelf -S "$so" | grep "\.nv_fatbin" > /dev/null || { echo "no device code (.nv_fatbin) in $so" >&2; exit 1; }
-strings "$so" | grep "$arch" > /dev/null || { echo "no $arch code in $so" >&2; exit 1; }
-echo "device code for $arch found in $so"
+# The fatbin's entry headers name each image's kind and architecture (the images themselves may be
+# compressed, so the architecture is read from the headers, not searched for as text).
+"$venv/bin/python" - "$so" "${TORCH_CUDA_ARCH_LIST//./}" <<'PY'
+import struct, sys
+data, want = open(sys.argv[1], "rb").read(), int(sys.argv[2])
+magic, found, pos = struct.pack("<I", 0xBA55ED50), set(), 0
+while (pos := data.find(magic, pos)) >= 0:
+    header_size, fat_size = struct.unpack_from("<HQ", data, pos + 6)
+    entry, end = pos + header_size, pos + header_size + fat_size
+    while entry + 32 <= end:
+        kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
+        if entry_header == 0 or kind not in (1, 2):
+            break
+        found.add(("ptx" if kind == 1 else "cubin", struct.unpack_from("<I", data, entry + 28)[0]))
+        entry += entry_header + size
+    pos += 4
+assert ("cubin", want) in found, f"no sm_{want} cubin in {sys.argv[1]} (found {sorted(found)})"
+print(f"device code for sm_{want} found: {sorted(found)}")
+PY
 # And register CUDA kernels for both ops when loaded (no GPU needed to load it).  The library alone is loaded:
 # this venv has torch but not cubecore's other dependencies.
 "$venv/bin/python" - "$so" <<'PY'
