@@ -44,6 +44,19 @@ class Size:
         K = 7 * self.S + self.E
         return 2 * (self.H * K + self.S * self.H) * self.cell_updates
 
+    def executed_train_flops(self, device_type: str) -> int:
+        """Multiply-adds x 2 that our kernel executes for one forward + backward, the backward's recomputation
+        included (the suite's rule has update="replace").  CPU: the backward recomputes the first layer (the
+        change is the next saved state), then W2^T, both weight gradients and W1^T.  CUDA (fast kernels): it
+        recomputes both layers, then W2^T, both weight gradients, and the gather through W1^T."""
+        S, H, K = self.S, self.H, 7 * self.S + self.E
+        forward = H * K + S * H
+        if device_type == "cpu":
+            backward = H * K + S * H + (H * K + S * H) + H * K
+        else:
+            backward = (H * K + S * H) + S * H + (H * K + S * H) + H * K
+        return 2 * (forward + backward) * self.cell_updates
+
 
 def make_inputs(size: Size, device, dtype, seed: int = 0) -> List[torch.Tensor]:
     """(state, external, w1, b1, w2, b2); external and the weights require grad, as in training."""
@@ -189,6 +202,7 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
     fb = row["forward_backward"]["median_s"]
     row["cell_updates_per_s"] = size.cell_updates / row["forward"]["median_s"]
     row["train_flops_per_s"] = 3 * size.forward_flops() / fb  # forward + backward ~ 3x forward FLOPs
+    row["executed_flops_per_s"] = size.executed_train_flops(device.type) / fb  # what our kernel executes
     row["status"] = "ok"
     return row
 

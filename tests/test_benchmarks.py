@@ -50,6 +50,19 @@ def test_run_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert data["machine"]["cores"] >= 1 and data["limits"]["matmul_flops_per_s"] > 0
     table = (tmp_path / "cpu-quick.md").read_text()
     assert "| tiny | eager |" in table and "x |" in table
+    # both FLOP conventions, the kernel's executed count above 3 x forward (its backward recomputes)
+    kernel = next(r for r in data["rows"] if r["contestant"] == "kernel")
+    assert kernel["executed_flops_per_s"] > kernel["train_flops_per_s"] > 0
+    assert "3 x forward GFLOP/s" in table and "executed GFLOP/s" in table
+
+
+def test_executed_flops_count_each_pass_of_the_kernels():
+    """At the original size (S = 8, H = 16, E = 1): forward 1,040 multiply-adds per cell update; the CPU
+    backward 912 (first layer again) + 128 (W2^T) + 1,040 (both weight gradients) + 912 (W1^T, external
+    column included); the CUDA backward 1,040 + 128 + 1,040 + 912."""
+    size = Size("original", 32, 8, 8, 12)
+    assert size.executed_train_flops("cpu") == 2 * (1040 + 912 + 128 + 1040 + 912) * size.cell_updates
+    assert size.executed_train_flops("cuda") == 2 * (1040 + 1040 + 128 + 1040 + 912) * size.cell_updates
 
 
 def test_time_it_runs_until_min_time_with_gc_off_then_restores_it():
