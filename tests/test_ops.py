@@ -58,6 +58,29 @@ def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_siz
 
 
 @requires_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lattice", [(1, 7, 3, 4), (1, 1, 5, 6), (2, 2, 3, 3), (3, 5, 2, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
+                                                                    ["replace", "residual"])))
+def test_cpu_backward_slabs_of_few_samples_match_reference(threads, lattice, boundary, update):
+    """Fewer samples than threads: each thread owns a slab of whole x-planes every step and gathers inside
+    it, the slab edges after a barrier.  Planes not divisible by the thread count, one-plane slabs, a single
+    plane (X = 1), periodic X = 2, and planes of 66 cells that tiles of 32 straddle."""
+    B, X, Y, Z = lattice
+    for state_size in (8, 5):
+        args = make_problem(B, X, Y, Z, state_size, 6, 1, seed=X * 7 + threads)
+        kw = rule_kwargs(boundary, "tanh", update, 3)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = forward_and_grads(args, "kernel", **kw)
+        finally:
+            torch.set_num_threads(before)
+        assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11)
+
+
+@requires_kernel
 @pytest.mark.parametrize("boundary,activation,update", RULES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("steps", [1, 4])
