@@ -882,48 +882,17 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
   });
 }
 
-// All T steps for few samples of a large lattice: the B * X x-planes are split into one slab of whole planes
-// per thread, the same slab every step, so that a thread's cells and the gradients they send stay in its
-// caches.  Within its slab a thread gathers one plane behind its tile pass (as backward_by_sample does); the
-// planes whose readers may lie in another slab (each slab's first and last plane, and on a periodic x-axis
-// each sample's first and last) are gathered after a barrier.
+// All T steps, each step split over tiles of cells across threads, then gathered, a barrier between.
 template <int L, typename T>
-void backward_by_slab(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
+void backward_by_step(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
   const Geometry& g = bw.g;
-  const int64_t plane = g.Y * g.Z, planes = g.B * g.X;
-  const int64_t slabs = std::min<int64_t>(planes, at::get_num_threads());
-  const bool periodic_x = g.boundary == kPeriodic;
-  auto slab_begin = [&](int64_t i) { return planes * i / slabs; };  // in planes
-  // Whether plane p (of all samples' planes) waits for the barrier in a slab of planes [p0, p1).
-  auto at_an_edge = [&](int64_t p, int64_t p0, int64_t p1) {
-    const int64_t x = p % g.X;
-    return p == p0 || p == p1 - 1 || (periodic_x && (x == 0 || x == g.X - 1));
-  };
   for (int64_t t = steps - 1; t >= 0; --t) {
-    at::parallel_for(0, slabs, 1, [&](int64_t i_begin, int64_t i_end) {
+    at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> s(g, bw.w);
       s.for_backward(bw.w);
-      for (int64_t i = i_begin; i < i_end; ++i) {
-        const int64_t p0 = slab_begin(i), p1 = slab_begin(i + 1);
-        const int64_t first = p0 * plane, last = p1 * plane;
-        int64_t gathered = p0;  // planes before this one are gathered, or wait for the barrier
-        for (int64_t n0 = first; n0 < last; n0 += kTile) {
-          const int64_t n1 = std::min(n0 + kTile, last);
-          backward_cells<L>(bw, t, n0, n1, cur, next, s);
-          // a plane is ready once the plane after it has gone through the tile pass
-          const int64_t ready = n1 == last ? p1 : std::max<int64_t>(p0, n1 / plane - 1);
-          for (; gathered < ready; ++gathered)
-            if (!at_an_edge(gathered, p0, p1)) gather_sent<L>(bw, gathered * plane, (gathered + 1) * plane, next);
-        }
-      }
+      backward_cells<L>(bw, t, begin * kTile, std::min(end * kTile, g.N), cur, next, s);
     });
-    at::parallel_for(0, slabs, 1, [&](int64_t i_begin, int64_t i_end) {
-      for (int64_t i = i_begin; i < i_end; ++i) {
-        const int64_t p0 = slab_begin(i), p1 = slab_begin(i + 1);
-        for (int64_t p = p0; p < p1; ++p)
-          if (at_an_edge(p, p0, p1)) gather_sent<L>(bw, p * plane, (p + 1) * plane, next);
-      }
-    });
+    at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) { gather_sent<L>(bw, begin, end, next); });
     std::swap(cur, next);
   }
 }
@@ -980,7 +949,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (by_sample) {
         backward_by_sample<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
       } else {
-        backward_by_slab<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
+        backward_by_step<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
       }
     });
     // After an odd number of steps the state gradient ends in the second buffer.

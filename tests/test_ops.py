@@ -63,10 +63,10 @@ def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_siz
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
                                                                     ["replace", "residual"])))
-def test_cpu_backward_slabs_of_few_samples_match_reference(threads, lattice, boundary, update):
-    """Fewer samples than threads: each thread owns a slab of whole x-planes every step and gathers inside
-    it, the slab edges after a barrier.  Planes not divisible by the thread count, one-plane slabs, a single
-    plane (X = 1), periodic X = 2, and planes of 66 cells that tiles of 32 straddle."""
+def test_cpu_kernel_few_samples_of_odd_lattices_match_reference(threads, lattice, boundary, update):
+    """Fewer samples than threads: every step is split over tiles across threads, then gathered.  Lattices
+    whose cells and x-planes do not divide by the thread count, a single plane (X = 1), periodic X = 2, and
+    planes of 66 cells that tiles of 32 straddle."""
     B, X, Y, Z = lattice
     for state_size in (8, 5):
         args = make_problem(B, X, Y, Z, state_size, 6, 1, seed=X * 7 + threads)
