@@ -208,12 +208,18 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
 
 
 def machine_limits(device, quick: bool = False) -> Dict[str, float]:
-    """The machine's measured limits in this run: float32 matmul FLOP/s and copy bandwidth (bytes/s)."""
+    """The machine's measured limits in this run: float32 matmul FLOP/s (on a GPU with TF32 off, so that it
+    is the FP32 FMA rate) and copy bandwidth (bytes/s)."""
     device = torch.device(device)
-    n = 1024 if quick else 2048
+    n = (1024 if quick else 2048) * (4 if device.type == "cuda" else 1)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    mm = time_it(lambda: torch.mm(a, b), device, repeats=5)["median_s"]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        mm = time_it(lambda: torch.mm(a, b), device, repeats=5)["median_s"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     elems = (16 if quick else 64) * 2**20
     src = torch.empty(elems, device=device).fill_(1.0)
     dst = torch.empty_like(src)

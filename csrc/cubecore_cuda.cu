@@ -130,6 +130,17 @@ __global__ void forward_step_kernel(Dims d, const T* __restrict__ state, const T
     out[n * d.S + i] = d.update == kReplace ? chg[i] : state[n * d.S + i] + step * chg[i];
 }
 
+// The fused forward's output for this block's sample after step t (t = -1: the initial state): trajectory
+// entry t + 1 when the trajectory is kept, else only the final state, into entry 0.
+template <typename T>
+__device__ __forceinline__ void save_fused_step(const Dims& d, int64_t t, int64_t steps, bool keep, const T* state,
+                                                T* trajectory) {
+  if (!keep && t != steps - 1) return;
+  const int64_t per_sample = d.cells * d.S;
+  T* dst = trajectory + (keep ? (t + 1) * d.B * per_sample : 0) + blockIdx.x * per_sample;
+  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) dst[i] = state[i];
+}
+
 // All T steps of one sample in one block: states ping-pong between two shared-memory buffers.
 // trajectory: [T + 1, B, cells, S] when keep, else [1, B, cells, S] (the final state only).
 template <typename T>
@@ -147,7 +158,6 @@ __global__ void forward_fused_kernel(Dims d, int64_t steps, bool keep, const T* 
   for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
   __syncthreads();
   const T step = static_cast<T>(d.step_size);
-  const int64_t sample_stride = d.B * per_sample;  // one trajectory entry
   for (int64_t t = 0; t < steps; ++t) {
     const T* cur = buf[t & 1];
     T* next = buf[(t + 1) & 1];
@@ -161,14 +171,9 @@ __global__ void forward_fused_kernel(Dims d, int64_t steps, bool keep, const T* 
         next[cell * d.S + i] = d.update == kReplace ? chg[i] : cur[cell * d.S + i] + step * chg[i];
     }
     __syncthreads();
-    if (keep || t == steps - 1) {
-      T* dst = trajectory + (keep ? (t + 1) * sample_stride : 0) + b * per_sample;
-      for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) dst[i] = next[i];
-    }
+    save_fused_step(d, t, steps, keep, next, trajectory);
   }
-  if (keep) {
-    for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) trajectory[b * per_sample + i] = state[b * per_sample + i];
-  }
+  if (keep) save_fused_step(d, -1, steps, keep, state + blockIdx.x * d.cells * d.S, trajectory);
 }
 
 template <typename T>
@@ -257,6 +262,30 @@ __global__ void backward_cell_kernel(Dims d, const T* __restrict__ state, const 
   }
 }
 
+// The dH rows (H values each, in dhidden) of the cells that read cell n = (b; x, y, z) through `slot`:
+// readers[0] its neighbour's (nullptr: none; slot 6: its own), readers[1] its own where it reads itself
+// through a reflecting edge (else nullptr).
+template <typename T>
+__device__ __forceinline__ void slot_readers(const Dims& d, int64_t n, int64_t b, int64_t x, int64_t y, int64_t z,
+                                             int slot, const T* dhidden, int64_t H, const T** readers) {
+  const T* own = dhidden + n * H;
+  readers[0] = readers[1] = nullptr;
+  if (slot == kSlots - 1) {
+    readers[0] = own;
+    return;
+  }
+  const int axis = slot / 2;
+  const int64_t coord = axis == 0 ? x : axis == 1 ? y : z, extent = axis == 0 ? d.X : axis == 1 ? d.Y : d.Z;
+  int64_t other;
+  bool self;
+  readers_through_slot(coord, (slot & 1) ? 1 : -1, extent, d.boundary, &other, &self);
+  if (other >= 0) {
+    const int64_t cx = axis == 0 ? other : x, cy = axis == 1 ? other : y, cz = axis == 2 ? other : z;
+    readers[0] = dhidden + (b * d.cells + (cx * d.Y + cy) * d.Z + cz) * H;
+  }
+  if (self) readers[1] = own;
+}
+
 // Pass B for one step: per cell, the state gradient pulled from the cells that read it, plus the residual
 // path; and the external input's gradient.
 template <typename T>
@@ -267,29 +296,14 @@ __global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T
   if (n >= d.N) return;
   int64_t b, x, y, z;
   decode(d, n, &b, &x, &y, &z);
-  const int64_t coord[3] = {x, y, z};
-  const int64_t extent[3] = {d.X, d.Y, d.Z};
   const T* own = dhidden + n * d.H;
   T acc[kMaxState];
   for (int64_t c = 0; c < d.S; ++c) {
     acc[c] = d.update == kResidual ? grad_out[n * d.S + c] : T(0);
   }
   for (int slot = 0; slot < kSlots; ++slot) {
-    const T* readers[2] = {nullptr, nullptr};
-    if (slot == kSlots - 1) {
-      readers[0] = own;
-    } else {
-      const int axis = slot / 2;
-      int64_t other;
-      bool self;
-      readers_through_slot(coord[axis], (slot & 1) ? 1 : -1, extent[axis], d.boundary, &other, &self);
-      if (other >= 0) {
-        int64_t c3[3] = {x, y, z};
-        c3[axis] = other;
-        readers[0] = dhidden + (b * d.cells + (c3[0] * d.Y + c3[1]) * d.Z + c3[2]) * d.H;
-      }
-      if (self) readers[1] = own;
-    }
+    const T* readers[2];
+    slot_readers(d, n, b, x, y, z, slot, dhidden, d.H, readers);
     for (int r = 0; r < 2; ++r) {
       const T* dh = readers[r];
       if (dh == nullptr) continue;
@@ -540,7 +554,6 @@ __global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
   for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) even[i] = state[b * per_sample + i];
   for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
   const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);  // its barrier covers the copies above
-  const int64_t sample_stride = d.B * per_sample;  // one trajectory entry
   for (int64_t t = 0; t < steps; ++t) {
     const T* cur = (t & 1) ? odd : even;
     T* next = (t & 1) ? even : odd;
@@ -551,14 +564,9 @@ __global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
       store_step(d, chg, cur + cell * S, next + cell * S);
     }
     __syncthreads();
-    if (keep || t == steps - 1) {
-      T* dst = trajectory + (keep ? (t + 1) * sample_stride : 0) + b * per_sample;
-      for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) dst[i] = next[i];
-    }
+    save_fused_step(d, t, steps, keep, next, trajectory);
   }
-  if (keep) {
-    for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) trajectory[b * per_sample + i] = state[b * per_sample + i];
-  }
+  if (keep) save_fused_step(d, -1, steps, keep, state + blockIdx.x * d.cells * d.S, trajectory);
 }
 
 // The shared-memory rows of one tile of the fast backward, per cell: its inputs (K, padded to an odd
@@ -659,29 +667,14 @@ __global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
   if (n >= d.N) return;
   int64_t b, x, y, z;
   decode(d, n, &b, &x, &y, &z);
-  const int64_t coord[3] = {x, y, z};
-  const int64_t extent[3] = {d.X, d.Y, d.Z};
   const T* own = dhidden + n * H;
   T acc[S];
 #pragma unroll
   for (int c = 0; c < S; ++c) acc[c] = d.update == kResidual ? grad_out[n * S + c] : T(0);
 #pragma unroll
   for (int slot = 0; slot < kSlots; ++slot) {
-    const T* readers[2] = {nullptr, nullptr};
-    if (slot == kSlots - 1) {
-      readers[0] = own;
-    } else {
-      const int axis = slot / 2;
-      int64_t other;
-      bool self;
-      readers_through_slot(coord[axis], (slot & 1) ? 1 : -1, extent[axis], d.boundary, &other, &self);
-      if (other >= 0) {
-        int64_t c3[3] = {x, y, z};
-        c3[axis] = other;
-        readers[0] = dhidden + (b * d.cells + (c3[0] * d.Y + c3[1]) * d.Z + c3[2]) * H;
-      }
-      if (self) readers[1] = own;
-    }
+    const T* readers[2];
+    slot_readers(d, n, b, x, y, z, slot, dhidden, H, readers);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const T* dh = readers[r];

@@ -38,3 +38,9 @@ def run_command(body: Callable[[], int]) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def add_weights_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--weights best|last: which of a run's weights a command takes (`what`: "checkpoint" or "run")."""
+    parser.add_argument("--weights", choices=("best", "last"), default="best",
+                        help=f"the {what}'s best epoch (by its select_by, the default) or its last one")

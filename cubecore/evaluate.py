@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import CommandParser, run_command
+from .cli import CommandParser, add_weights_argument, run_command
 from .report import results_table
 from .trainer import CubeTrainer, prepare_data
 
@@ -16,8 +16,7 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--weights", choices=("best", "last"), default="best",
-                   help="the checkpoint's best epoch (by its select_by, the default) or its last one")
+    add_weights_argument(p, "checkpoint")
     args = p.parse_args(argv)
 
     def body() -> int:

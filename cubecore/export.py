@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import rng_states, set_rng_states
-from .cli import CommandParser, run_command
+from .cli import CommandParser, add_weights_argument, run_command
 from .processor import EmbeddingProcessor
 from .trainer import CubeTrainer
 
@@ -118,8 +118,7 @@ def main(argv=None) -> int:
     p = CommandParser(prog="python -m cubecore.export", description=__doc__)
     p.add_argument("run", help="a training run's folder (e.g. runs/cube) or a checkpoint file")
     p.add_argument("--to", required=True, help="the folder to write")
-    p.add_argument("--weights", choices=("best", "last"), default="best",
-                   help="the run's best epoch (by its select_by, the default) or its last one")
+    add_weights_argument(p, "run")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
     args = p.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """The fused kernels against the float64 reference: forward, all six gradients, opcheck, compile, errors."""
 
+import contextlib
 import itertools
 import warnings
 
@@ -34,6 +35,17 @@ def assert_close_all(got, want, atol, rtol=0.0):
         torch.testing.assert_close(g.double().cpu(), w, atol=atol * scale, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n inside the block (the CPU kernels split their work by it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @requires_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8])
@@ -48,12 +60,8 @@ def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_siz
     args = make_problem(batch, 3, 4, 5, state_size, 16, 2, seed=batch * 10 + threads)
     activation = ["tanh", "relu", "sigmoid"][(batch + threads) % 3]
     kw = rule_kwargs(boundary, activation, update, 3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = forward_and_grads(args, "kernel", **kw)
-    finally:
-        torch.set_num_threads(before)
     assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11)
 
 
@@ -71,12 +79,8 @@ def test_cpu_kernel_few_samples_of_odd_lattices_match_reference(threads, lattice
     for state_size in (8, 5):
         args = make_problem(B, X, Y, Z, state_size, 6, 1, seed=X * 7 + threads)
         kw = rule_kwargs(boundary, "tanh", update, 3)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             got = forward_and_grads(args, "kernel", **kw)
-        finally:
-            torch.set_num_threads(before)
         assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11)
 
 
