@@ -1,16 +1,19 @@
-// CUDA kernels of the lattice propagation op (float32 and float64).
+// CUDA kernels of the lattice propagation op (float32 and float64), in two sets behind one op.
 //
-// Forward: where one sample's lattice (two state buffers, its external input) fits in shared memory and B
-// blocks occupy the GPU at least as well as the per-step launches would, one block runs all T steps of one
-// sample without leaving the SM; otherwise one launch per step, one thread per cell.
-// Backward, per step from the last: (A) one thread per cell recomputes the step from the saved state once,
-// keeping its hidden activations, the gradient at W2's pre-activation and at W1's pre-activation (in global
-// scratch rows); (B) one thread per cell pulls the pre-activation gradients of the cells that read it back
-// through W1 (a gather: no atomics on states); (C) one thread per (weight, chunk of cells) sums that weight's
-// gradient terms over its chunk in a register and adds the sum to its own slot of a [chunks, weights] table.
-// After the last step (D) sums the table over chunks in a fixed order.  No atomics anywhere: the gradients
-// are the same bits on every run, and no path keeps the weight gradients in shared memory (no size limit
-// but S <= kMaxState).
+// The fast kernels (compiled for (S, H) in with_fast_sizes) keep the weights in shared memory and a cell's
+// vectors in registers; the general kernels take every other size.  Both: the forward runs all T steps of
+// one sample in one block where its lattice fits in shared memory and B blocks occupy the GPU at least as
+// well as per-step launches would, else one launch per step, one thread per cell.
+// General backward, per step from the last: (A) one thread per cell recomputes the step from the saved state
+// once, keeping its hidden activations, the gradient at W2's pre-activation and at W1's pre-activation (in
+// global scratch rows); (B) one thread per cell pulls the pre-activation gradients of the cells that read it
+// back through W1 (a gather: no atomics on states); (C) one thread per (weight, chunk of cells) sums that
+// weight's gradient terms over its chunk in a register and adds the sum to its own slot of a [chunks,
+// weights] table.  The fast backward fuses A and C per block (see the fast kernels' section) into a
+// [blocks, weights] table.  After the last step (D) sums the table in a fixed order.  No atomics anywhere:
+// the gradients are the same bits on every run of a given GPU (the tables' shapes follow its SM count and
+// shared memory), and the general path keeps no weight gradient in shared memory (no size limit but
+// S <= kMaxState).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -399,7 +402,7 @@ __global__ void reduce_partials_kernel(int64_t n_weights, int64_t chunks, const 
 
 // ---- the fast kernels: compile-time S and H, weights on chip ----------------------------------------------
 //
-// For the common sizes (kFastSizes) the kernels below are compiled with S and H fixed: a cell's hidden
+// For the common sizes (with_fast_sizes) the kernels below are compiled with S and H fixed: a cell's hidden
 // pre-activations, its state change and the source row being read live in registers (every loop over S or
 // H unrolls, so no array goes to local memory), and each block first copies the weights into shared memory,
 // where every thread of a warp reads the same weight at once (a broadcast).  Other sizes take the general
@@ -741,11 +744,15 @@ int64_t threads_to_fill(int64_t n, int64_t most) {
 
 unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
 
-// The fast forward, fused or per step as for the general one; false where the weights do not fit.
+// Which forward ran: none (the fast kernels do not take these sizes), fused, or per step.
+enum class FastForward { kNone, kFused, kPerStep };
+
+// The fast forward, fused or per step as for the general one; kNone where the weights do not fit.
 template <typename T>
-bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T* u, const T* W1, const T* B1,
+FastForward forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T* u, const T* W1, const T* B1,
                   const T* W2, const T* B2, T* traj, T* spare, int64_t state_numel, cudaStream_t stream) {
-  return with_fast_sizes(d, [&](auto s_, auto h_) {
+  FastForward ran = FastForward::kNone;
+  with_fast_sizes(d, [&](auto s_, auto h_) {
     constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
     const size_t weights = sizeof(T) * shared_weight_count(d);
     if (weights > shared_limit()) return false;
@@ -756,6 +763,7 @@ bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T*
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
       kernel<<<static_cast<unsigned int>(d.B), threads, fused, stream>>>(d, steps, keep, s0, u, W1, B1, W2, B2, traj);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ran = FastForward::kFused;
       return true;
     }
     auto kernel = forward_step_fast_kernel<T, S, H>;
@@ -768,8 +776,10 @@ bool forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T*
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cur = next;
     }
+    ran = FastForward::kPerStep;
     return true;
   });
+  return ran;
 }
 
 // Threads per block of the fast backward: the most (a multiple of 32, at most kThreads) whose tile rows fit
@@ -813,10 +823,12 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
     at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
     scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
-    if (forward_fast<scalar_t>(d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-                               W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
-                               B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>(), spare_p, s0.numel(), stream)) {
-      if (keep_trajectory) traj[0].copy_(s0);
+    const FastForward fast = forward_fast<scalar_t>(
+        d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
+        B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>(), spare_p,
+        s0.numel(), stream);
+    if (fast != FastForward::kNone) {
+      if (fast == FastForward::kPerStep && keep_trajectory) traj[0].copy_(s0);  // the fused kernel writes it
       return;
     }
     if (use_fused_forward<scalar_t>(d)) {
