@@ -66,6 +66,19 @@ def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_siz
 
 
 @requires_kernel
+@pytest.mark.parametrize("shape", [(2, 2, 3, 2, 32, 20, 1), (1, 2, 2, 3, 64, 8, 0), (3, 1, 2, 2, 48, 5, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
+                                                                    ["replace", "residual"])))
+def test_cpu_kernel_states_of_whole_wide_vectors_match_reference(shape, boundary, update):
+    """S a multiple of 16 takes the kernels built for 64-byte vectors where the machine has AVX-512 (S = 16
+    is in the shapes above); these larger ones have no compiled length of their own."""
+    args = make_problem(*shape, seed=shape[4])
+    kw = rule_kwargs(boundary, "sigmoid", update, 2)
+    assert_close_all(forward_and_grads(args, "kernel", **kw), forward_and_grads(args, "reference", **kw), atol=1e-11)
+
+
+@requires_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lattice", [(1, 7, 3, 4), (1, 1, 5, 6), (2, 2, 3, 3), (3, 5, 2, 33)],
                          ids=lambda s: "x".join(map(str, s)))
