@@ -33,6 +33,8 @@ VARIANTS: Dict[str, List[str]] = {
     "skip steps=2": ["readout_skip=true", "steps=2"],
     "skip steps=8": ["readout_skip=true", "steps=8"],
     "skip steps=16": ["readout_skip=true", "steps=16"],
+    "skip semantic": ["readout_skip=true", "reshaping_method=semantic"],
+    "skip adaptive": ["readout_skip=true", "reshaping_method=adaptive"],
 }
 METRICS = ("cosine", "r@1", "r@10", "mrr")
 
