@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from .atomic import current_umask
 from .checkpoint import rng_states, set_rng_states
 from .cli import CommandParser, add_weights_argument, run_command
 from .processor import EmbeddingProcessor
@@ -97,9 +97,7 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # a folder like any other (mkdtemp makes it private)
+        staging.chmod(0o777 & ~current_umask())  # a folder like any other (mkdtemp makes it private)
         model.save(str(staging))
         info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.teacher,
                 "mode": trainer.config.mode, "data": trainer.config.data}
