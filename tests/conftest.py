@@ -71,3 +71,16 @@ def tiny_st_model(tmp_path_factory):
                              prompts={"query": "query: ", "document": "passage: "})
     st.save(str(root / "st"))
     return str(root / "st")
+
+
+@pytest.fixture
+def umask():
+    """umask(mask) sets the process's umask for the test; the old one comes back after it."""
+    def set_mask(mask):
+        os.umask(mask)
+        return mask
+
+    old = os.umask(0o022)
+    os.umask(old)
+    yield set_mask
+    os.umask(old)

@@ -9,18 +9,6 @@ import torch
 from cubecore.atomic import atomic_torch_save
 
 
-@pytest.fixture
-def umask():
-    def set_mask(mask):
-        os.umask(mask)
-        return mask
-
-    old = os.umask(0o022)
-    os.umask(old)
-    yield set_mask
-    os.umask(old)
-
-
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077, 0o027])
 def test_saved_file_respects_the_umask(tmp_path, umask, mask):
