@@ -191,7 +191,8 @@ int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
+unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
+unsigned int blocks_for(int64_t n) { return blocks_of(n, kThreads); }
 
 // The fused forward runs one block per sample; it is chosen only where one sample fits in shared memory and
 // its B blocks keep at least as many SMs busy as the per-step launches would (B against the SM count): a few
@@ -742,44 +743,40 @@ int64_t threads_to_fill(int64_t n, int64_t most) {
   return std::max<int64_t>(32, std::min<int64_t>(most, n / sms / 32 * 32));
 }
 
-unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
 
-// Which forward ran: none (the fast kernels do not take these sizes), fused, or per step.
-enum class FastForward { kNone, kFused, kPerStep };
-
-// The fast forward, fused or per step as for the general one; kNone where the weights do not fit.
+// The forward's pointers, as the kernels take them.
 template <typename T>
-FastForward forward_fast(const Dims& d, int64_t steps, bool keep, const T* s0, const T* u, const T* W1, const T* B1,
-                  const T* W2, const T* B2, T* traj, T* spare, int64_t state_numel, cudaStream_t stream) {
-  FastForward ran = FastForward::kNone;
-  with_fast_sizes(d, [&](auto s_, auto h_) {
-    constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
-    const size_t weights = sizeof(T) * shared_weight_count(d);
-    if (weights > shared_limit()) return false;
-    if (use_fused_forward<T>(d, weights)) {
-      const size_t fused = weights + fused_shared_bytes<T>(d);
-      auto kernel = forward_fused_fast_kernel<T, S, H>;
-      allow_shared(kernel, fused);
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
-      kernel<<<static_cast<unsigned int>(d.B), threads, fused, stream>>>(d, steps, keep, s0, u, W1, B1, W2, B2, traj);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ran = FastForward::kFused;
-      return true;
-    }
-    auto kernel = forward_step_fast_kernel<T, S, H>;
-    allow_shared(kernel, weights);
-    const int64_t threads = threads_to_fill(d.N, kThreads);
-    const T* cur = s0;
-    for (int64_t t = 0; t < steps; ++t) {
-      T* next = step_destination(traj, spare, state_numel, t, steps, keep);
-      kernel<<<blocks_of(d.N, threads), static_cast<unsigned int>(threads), weights, stream>>>(d, cur, u, W1, B1, W2, B2, next);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cur = next;
-    }
-    ran = FastForward::kPerStep;
+struct ForwardArgs {
+  const T *state, *external, *w1, *b1, *w2, *b2;
+  T *trajectory, *spare;  // spare: the second state buffer when the trajectory is not kept
+};
+
+// Launches one forward with either set of kernels: all T steps of each sample in one block (fused_kernel,
+// with `extra_shared` bytes of weights beside the states) where use_fused_forward says so, else step_kernel
+// once per step over blocks of `step_threads` cells (with `extra_shared` bytes each).  Returns whether it
+// ran fused: the fused kernels write trajectory entry 0 themselves.
+template <typename T, class FusedKernel, class StepKernel>
+bool launch_forward(const Dims& d, int64_t steps, bool keep, const ForwardArgs<T>& a, size_t extra_shared,
+                    FusedKernel fused_kernel, StepKernel step_kernel, int64_t step_threads, cudaStream_t stream) {
+  if (use_fused_forward<T>(d, extra_shared)) {
+    const size_t shared = extra_shared + fused_shared_bytes<T>(d);
+    allow_shared(fused_kernel, shared);
+    const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
+    fused_kernel<<<static_cast<unsigned int>(d.B), threads, shared, stream>>>(
+        d, steps, keep, a.state, a.external, a.w1, a.b1, a.w2, a.b2, a.trajectory);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
-  });
-  return ran;
+  }
+  allow_shared(step_kernel, extra_shared);
+  const T* cur = a.state;
+  for (int64_t t = 0; t < steps; ++t) {
+    T* next = step_destination(a.trajectory, a.spare, d.N * d.S, t, steps, keep);
+    step_kernel<<<blocks_of(d.N, step_threads), static_cast<unsigned int>(step_threads), extra_shared, stream>>>(
+        d, cur, a.external, a.w1, a.b1, a.w2, a.b2, next);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cur = next;
+  }
+  return false;
 }
 
 // Threads per block of the fast backward: the most (a multiple of 32, at most kThreads) whose tile rows fit
@@ -821,37 +818,24 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
+    using T = scalar_t;
     at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
-    scalar_t* spare_p = keep_trajectory ? nullptr : spare.data_ptr<scalar_t>();
-    const FastForward fast = forward_fast<scalar_t>(
-        d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
-        B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>(), spare_p,
-        s0.numel(), stream);
-    if (fast != FastForward::kNone) {
-      if (fast == FastForward::kPerStep && keep_trajectory) traj[0].copy_(s0);  // the fused kernel writes it
-      return;
+    const ForwardArgs<T> a{s0.data_ptr<T>(), u.data_ptr<T>(), W1.data_ptr<T>(), B1.data_ptr<T>(), W2.data_ptr<T>(),
+                           B2.data_ptr<T>(), traj.data_ptr<T>(), keep_trajectory ? nullptr : spare.data_ptr<T>()};
+    bool fused = false;
+    const bool fast = with_fast_sizes(d, [&](auto s_, auto h_) {
+      constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
+      const size_t weights = sizeof(T) * shared_weight_count(d);
+      if (weights > shared_limit()) return false;
+      fused = launch_forward(d, steps, keep_trajectory, a, weights, forward_fused_fast_kernel<T, S, H>,
+                             forward_step_fast_kernel<T, S, H>, threads_to_fill(d.N, kThreads), stream);
+      return true;
+    });
+    if (!fast) {
+      fused = launch_forward(d, steps, keep_trajectory, a, 0, forward_fused_kernel<T>, forward_step_kernel<T>,
+                             kThreads, stream);
     }
-    if (use_fused_forward<scalar_t>(d)) {
-      const size_t shared = fused_shared_bytes<scalar_t>(d);
-      auto kernel = forward_fused_kernel<scalar_t>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
-      kernel<<<static_cast<unsigned int>(d.B), threads, shared, stream>>>(
-          d, steps, keep_trajectory, s0.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
-          B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(), B2.data_ptr<scalar_t>(), traj.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const scalar_t* cur = s0.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < steps; ++t) {
-      scalar_t* next = step_destination(traj.data_ptr<scalar_t>(), spare_p, s0.numel(), t, steps, keep_trajectory);
-      forward_step_kernel<scalar_t><<<blocks_for(d.N), kThreads, 0, stream>>>(
-          d, cur, u.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(), B1.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
-          B2.data_ptr<scalar_t>(), next);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cur = next;
-    }
-    if (keep_trajectory) traj[0].copy_(s0);
+    if (!fused && keep_trajectory) traj[0].copy_(s0);  // the fused kernels write it themselves
   });
   return forward_outputs(traj, keep_trajectory);
 }
