@@ -1,12 +1,12 @@
 """The learning study: cube variants against every floor, over several seeds, in one table.
 
     python -m benchmarks.learning [--data chatterbot] [--seeds 42,1,2] [--out benchmarks/results/learning]
-                                  [--variants default,infonce,...]
+                                  [--variants default,infonce,...] [--set "max_samples=64000 epochs=10"]
 
 Each variant is ``python -m cubecore.train --seeds ...`` with a few overrides (the defaults otherwise); the table
 gives mean ± standard deviation over the seeds of cosine, R@1, R@10 and MRR, the parameter count and the seconds
 per epoch, and below it the floors (identity, mean, offset, ridge, and the mlp matched to each variant's
-parameters). Writes ``<out>/<data>.md`` and ``.json``; each run's own files stay in ``<out>/<data>/<variant>``.
+parameters).  ``--set`` gives overrides that every variant shares (a larger data set's size and epochs). Writes ``<out>/<data>.md`` and ``.json``; each run's own files stay in ``<out>/<data>/<variant>``.
 """
 
 from __future__ import annotations
@@ -35,15 +35,24 @@ VARIANTS: Dict[str, List[str]] = {
     "skip steps=16": ["readout_skip=true", "steps=16"],
     "skip semantic": ["readout_skip=true", "reshaping_method=semantic"],
     "skip adaptive": ["readout_skip=true", "reshaping_method=adaptive"],
+    "skip global8": ["readout_skip=true", "global_channels=8"],
+    "skip global8 steps=1": ["readout_skip=true", "global_channels=8", "steps=1"],
+    "skip global8 steps=2": ["readout_skip=true", "global_channels=8", "steps=2"],
+    "skip global8 steps=8": ["readout_skip=true", "global_channels=8", "steps=8"],
+    "skip global8 steps=16": ["readout_skip=true", "global_channels=8", "steps=16"],
+    "skip global8 semantic": ["readout_skip=true", "global_channels=8", "reshaping_method=semantic"],
+    "skip global8+cosine+infonce": ["readout_skip=true", "global_channels=8", "infonce_weight=0.3",
+                                    "select_by=val_mrr"],
 }
 METRICS = ("cosine", "r@1", "r@10", "mrr")
 
 
-def run_variant(name: str, overrides: List[str], data: str, seeds: List[int], out: Path) -> Dict:
+def run_variant(name: str, overrides: List[str], data: str, seeds: List[int], out: Path,
+                shared: List[str]) -> Dict:
     folder = out / name
     start = time.perf_counter()
     status = train_main(["--data", data, "--output-dir", str(folder), "--seeds", ",".join(map(str, seeds)),
-                         "--overwrite", "--quiet", *overrides])
+                         "--overwrite", "--quiet", *shared, *overrides])
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"variant {name} failed with status {status}")
@@ -55,9 +64,10 @@ def run_variant(name: str, overrides: List[str], data: str, seeds: List[int], ou
             "epochs": epochs, "mlp_parameters": parameters}
 
 
-def table(results: Dict[str, Dict], data: str, seeds: List[int]) -> str:
+def table(results: Dict[str, Dict], data: str, seeds: List[int], shared: List[str]) -> str:
     cells = lambda m: " | ".join(f"{m[k][0]:.4f} ± {m[k][1]:.4f}" for k in METRICS)  # noqa: E731
-    lines = [f"Data `{data}`, seeds {', '.join(map(str, seeds))}: mean ± standard deviation over the seeds.",
+    every = f" Every run: `{' '.join(shared)}`." if shared else ""
+    lines = [f"Data `{data}`, seeds {', '.join(map(str, seeds))}: mean ± standard deviation over the seeds.{every}",
              "Seconds per epoch include the floors' fitting and the mlp floor's training.", "",
              "| model | overrides | " + " | ".join(METRICS) + " | s / epoch |", "|---|---|" + "---:|" * 5]
     for name, r in results.items():
@@ -82,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="42,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
     p.add_argument("--out", default="benchmarks/results/learning")
+    p.add_argument("--set", default="", help="key=value overrides every variant shares, space-separated")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [v for v in args.variants.split(",") if v]
@@ -90,8 +101,9 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     out = Path(args.out)
     stem = Path(args.data).stem
-    results = {name: run_variant(name, VARIANTS[name], args.data, seeds, out / stem) for name in names}
-    text = table(results, args.data, seeds)
+    shared = args.set.split()
+    results = {name: run_variant(name, VARIANTS[name], args.data, seeds, out / stem, shared) for name in names}
+    text = table(results, args.data, seeds, shared)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(text + "\n")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))

@@ -47,6 +47,7 @@ class TrainingConfig:
     step_size: float = 0.5
     reshaping_method: str = "simple"
     position_channels: int = 0  # learned channels per cell added to the external input
+    global_channels: int = 0  # learned projections of the whole embedding added to every cell's external input
     readout_skip: bool = True  # output = input + readout (zero-initialised): start as the identity
     backend: str = "auto"
     # optimisation
@@ -131,6 +132,7 @@ class TrainingConfig:
         if self.target_similarity is not None:
             check_number("config key 'target_similarity'", self.target_similarity, -1.0, 1.0)
         check_int("config key 'position_channels'", self.position_channels, minimum=0)
+        check_int("config key 'global_channels'", self.global_channels, minimum=0)
         if self.max_samples is not None:
             check_int("config key 'max_samples'", self.max_samples, minimum=2)
 

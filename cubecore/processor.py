@@ -45,10 +45,13 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
     lattice that the reshaper reads back.  The cell rule is shared and sees only neighbours; the per-cell
     readout is what lets each embedding dimension have its own scale and offset.
 
-    Two options give the shared rule what it lacks on small data: ``position_channels`` learned channels per
-    cell, appended to the external input, let the one rule act differently at each place; ``readout_skip``
-    adds the input embedding to the output and zero-initialises the readout, so that the model starts as the
-    identity and learns the difference (as the skip-path ``mlp`` floor does).
+    Three options give the shared rule what it lacks on small data: ``position_channels`` learned channels per
+    cell, appended to the external input, let the one rule act differently at each place; ``global_channels``
+    learned projections of the whole embedding (a bias-free linear map to N values), appended to every cell's
+    external input, give each cell what lies beyond its neighbourhood in one step instead of none (a low-rank
+    map, so it stays small for small data); ``readout_skip`` adds the input embedding to the output and
+    zero-initialises the readout, so that the model starts as the identity and learns the difference (as the
+    skip-path ``mlp`` floor does).
 
     ``save_pretrained(folder)`` / ``from_pretrained(folder)`` (huggingface_hub's mixin) store the weights as
     safetensors beside a JSON config of the constructor's arguments and a model card; ``push_to_hub`` works too.
@@ -58,20 +61,26 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
     def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), state_size: int = 8,
                  hidden_size: int = 16, steps: int = 10, boundary: str = "wall", activation: str = "tanh",
                  update: str = "replace", step_size: float = 1.0, reshaping_method: str = "simple",
-                 backend: str = "auto", position_channels: int = 0, readout_skip: bool = False) -> None:
+                 backend: str = "auto", position_channels: int = 0, readout_skip: bool = False,
+                 global_channels: int = 0) -> None:
         super().__init__()
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.position_channels = check_int("position_channels", position_channels, minimum=0)
+        self.global_channels = check_int("global_channels", global_channels, minimum=0)
         self.readout_skip = check_bool("readout_skip", readout_skip)
         self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
         self.core = CubicCore(lattice_size, state_size, hidden_size,
-                              input_size=self.reshaper.channels + self.position_channels, steps=steps,
+                              input_size=self.reshaper.channels + self.position_channels + self.global_channels,
+                              steps=steps,
                               boundary=boundary, activation=activation, update=update, step_size=step_size,
                               backend=backend)
         X, Y, Z = self.core.lattice_size
         out = self.reshaper.output_channels
         if self.position_channels:
             self.position = nn.Parameter(0.1 * torch.randn(X, Y, Z, self.position_channels))
+        if self.global_channels:
+            # nn.Linear's default init: each global value starts with the scale of one embedding dimension.
+            self.global_projection = nn.Linear(input_dim, self.global_channels, bias=False)
         self.readout_weight = nn.Parameter(torch.empty(X, Y, Z, state_size, out))
         self.readout_bias = nn.Parameter(torch.zeros(X, Y, Z, out))
         if readout_skip:
@@ -84,7 +93,8 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         return torch.einsum("bxyzs,xyzse->bxyze", state, self.readout_weight) + self.readout_bias
 
     def external(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The core's external input for an embedding [B, dim]: [B, X, Y, Z, channels + position_channels]."""
+        """The core's external input for an embedding [B, dim]:
+        [B, X, Y, Z, channels + position_channels + global_channels]."""
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
             raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
@@ -92,6 +102,10 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         if self.position_channels:
             position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
             external = torch.cat([external, position], dim=-1)
+        if self.global_channels:
+            summary = self.global_projection(embedding).to(external.dtype)
+            summary = summary[:, None, None, None, :].expand(*external.shape[:4], self.global_channels)
+            external = torch.cat([external, summary], dim=-1)
         return external
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -134,6 +148,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
     def get_info(self) -> Dict[str, Any]:
         info = dict(self.core.get_info())
         info.update(input_dim=self.input_dim, reshaping_method=self.reshaper.strategy,
-                    position_channels=self.position_channels, readout_skip=self.readout_skip,
+                    position_channels=self.position_channels, global_channels=self.global_channels,
+                    readout_skip=self.readout_skip,
                     parameters=sum(p.numel() for p in self.parameters()))
         return info

@@ -120,7 +120,7 @@ class CubeTrainer:
             self.model = EmbeddingProcessor(
                 self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
                 cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend, cfg.position_channels,
-                cfg.readout_skip).to(self.device)
+                cfg.readout_skip, cfg.global_channels).to(self.device)
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

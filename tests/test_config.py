@@ -37,6 +37,8 @@ def test_shipped_config_holds_the_defaults():
     ({"boundary": "open"}, ValueError, "boundary"),
     ({"precision": "fp8"}, ValueError, "precision"),
     ({"target_similarity": 2.0}, ValueError, "target_similarity"),
+    ({"global_channels": -1}, ValueError, "global_channels"),
+    ({"global_channels": 1.5}, TypeError, "global_channels"),
 ])
 def test_bad_keys_raise_naming_the_key(values, error, match):
     with pytest.raises(error, match=match):

@@ -63,6 +63,42 @@ def test_position_channels_widen_the_external_input_and_get_gradients():
         EmbeddingProcessor(24, (2, 3, 4), readout_skip="yes")
 
 
+def test_global_channels_give_every_cell_the_projection_of_the_whole_embedding():
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=1,
+                              global_channels=3)
+    assert proc.core.input_size == 1 + 1 + 3 and proc.global_projection.weight.shape == (3, 24)
+    x = torch.randn(5, 24)
+    external = proc.external(x)
+    assert external.shape == (5, 2, 3, 4, 5)
+    expected = x @ proc.global_projection.weight.T  # [5, 3], the same at every cell
+    torch.testing.assert_close(external[..., 2:], expected[:, None, None, None, :].expand(5, 2, 3, 4, 3))
+    assert torch.equal(external[..., :1], proc.reshaper.to_lattice(x)), "the placed embedding comes first"
+    # A change in one dimension reaches every cell's input at once, not only its own cell's.
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    changed = (proc.external(x2) - external)[..., 2:].abs().sum(-1)
+    assert (changed > 0).all()
+    proc(x).square().sum().backward()
+    assert proc.global_projection.weight.grad.abs().sum() > 0
+    assert proc.get_info()["global_channels"] == 3
+    with pytest.raises(ValueError, match="global_channels"):
+        EmbeddingProcessor(24, (2, 3, 4), global_channels=-1)
+
+
+def test_global_channels_survive_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, global_channels=2,
+                              readout_skip=True)
+    with torch.no_grad():
+        proc.readout_weight.normal_()
+    proc.save_pretrained(tmp_path / "m")
+    loaded = EmbeddingProcessor.from_pretrained(tmp_path / "m")
+    assert loaded.global_channels == 2
+    x = torch.randn(4, 24)
+    assert torch.equal(loaded(x), proc(x))
+
+
 def test_save_pretrained_round_trip_is_exact_and_loading_is_strict(tmp_path):
     torch.manual_seed(0)
     proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, reshaping_method="adaptive",
