@@ -19,22 +19,23 @@ from typing import Dict, List
 
 from cubecore.train import main as train_main
 
-# Every variant names readout_skip, so that the table does not depend on the defaults of the day.
+# Every variant names readout_skip and global_channels, so that the table does not depend on the defaults of
+# the day.
 VARIANTS: Dict[str, List[str]] = {
-    "plain": ["readout_skip=false"],
-    "plain infonce": ["readout_skip=false", "loss_function=infonce", "select_by=val_mrr"],
-    "plain cosine+infonce": ["readout_skip=false", "infonce_weight=0.3", "select_by=val_mrr"],
-    "plain steps=1": ["readout_skip=false", "steps=1"],
-    "plain steps=8": ["readout_skip=false", "steps=8"],
-    "skip": ["readout_skip=true"],
-    "skip+pos4": ["readout_skip=true", "position_channels=4"],
-    "skip+cosine+infonce": ["readout_skip=true", "infonce_weight=0.3", "select_by=val_mrr"],
-    "skip steps=1": ["readout_skip=true", "steps=1"],
-    "skip steps=2": ["readout_skip=true", "steps=2"],
-    "skip steps=8": ["readout_skip=true", "steps=8"],
-    "skip steps=16": ["readout_skip=true", "steps=16"],
-    "skip semantic": ["readout_skip=true", "reshaping_method=semantic"],
-    "skip adaptive": ["readout_skip=true", "reshaping_method=adaptive"],
+    "plain": ["readout_skip=false", "global_channels=0"],
+    "plain infonce": ["readout_skip=false", "global_channels=0", "loss_function=infonce", "select_by=val_mrr"],
+    "plain cosine+infonce": ["readout_skip=false", "global_channels=0", "infonce_weight=0.3", "select_by=val_mrr"],
+    "plain steps=1": ["readout_skip=false", "global_channels=0", "steps=1"],
+    "plain steps=8": ["readout_skip=false", "global_channels=0", "steps=8"],
+    "skip": ["readout_skip=true", "global_channels=0"],
+    "skip+pos4": ["readout_skip=true", "global_channels=0", "position_channels=4"],
+    "skip+cosine+infonce": ["readout_skip=true", "global_channels=0", "infonce_weight=0.3", "select_by=val_mrr"],
+    "skip steps=1": ["readout_skip=true", "global_channels=0", "steps=1"],
+    "skip steps=2": ["readout_skip=true", "global_channels=0", "steps=2"],
+    "skip steps=8": ["readout_skip=true", "global_channels=0", "steps=8"],
+    "skip steps=16": ["readout_skip=true", "global_channels=0", "steps=16"],
+    "skip semantic": ["readout_skip=true", "global_channels=0", "reshaping_method=semantic"],
+    "skip adaptive": ["readout_skip=true", "global_channels=0", "reshaping_method=adaptive"],
     "skip global8": ["readout_skip=true", "global_channels=8"],
     "skip global8 steps=1": ["readout_skip=true", "global_channels=8", "steps=1"],
     "skip global8 steps=2": ["readout_skip=true", "global_channels=8", "steps=2"],
@@ -43,6 +44,10 @@ VARIANTS: Dict[str, List[str]] = {
     "skip global8 semantic": ["readout_skip=true", "global_channels=8", "reshaping_method=semantic"],
     "skip global8+cosine+infonce": ["readout_skip=true", "global_channels=8", "infonce_weight=0.3",
                                     "select_by=val_mrr"],
+    "skip projection": ["readout_skip=true", "global_channels=0", "reshaping_method=projection"],
+    "skip projection steps=1": ["readout_skip=true", "global_channels=0", "reshaping_method=projection", "steps=1"],
+    "skip projection+cosine+infonce": ["readout_skip=true", "global_channels=0", "reshaping_method=projection",
+                                       "infonce_weight=0.3", "select_by=val_mrr"],
 }
 METRICS = ("cosine", "r@1", "r@10", "mrr")
 

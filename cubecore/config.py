@@ -47,7 +47,7 @@ class TrainingConfig:
     step_size: float = 0.5
     reshaping_method: str = "simple"
     position_channels: int = 0  # learned channels per cell added to the external input
-    global_channels: int = 0  # learned projections of the whole embedding added to every cell's external input
+    global_channels: int = 8  # learned projections of the whole embedding added to every cell's external input
     readout_skip: bool = True  # output = input + readout (zero-initialised): start as the identity
     backend: str = "auto"
     # optimisation

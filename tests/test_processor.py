@@ -86,6 +86,35 @@ def test_global_channels_give_every_cell_the_projection_of_the_whole_embedding()
         EmbeddingProcessor(24, (2, 3, 4), global_channels=-1)
 
 
+def _fit_mse(proc, x, y, iterations=100):
+    opt = torch.optim.Adam(proc.parameters(), lr=1e-2)
+    for _ in range(iterations):
+        opt.zero_grad()
+        loss = (proc(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (proc(x) - y).square().mean().item()
+
+
+def test_global_channels_learn_a_map_that_no_neighbourhood_sees():
+    """Each output dimension moves with a projection of the whole embedding: in one step a cell sees only its
+    neighbours, so without global channels the cube cannot fit it, and with one it can."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 24)
+    u, v = torch.randn(24), torch.randn(24) / 24 ** 0.5
+    y = x + torch.outer(x @ v, u)
+    baseline = (x - y).square().mean().item()
+    losses = {}
+    for g in (0, 1):
+        torch.manual_seed(1)
+        proc = EmbeddingProcessor(24, (2, 3, 4), state_size=4, hidden_size=8, steps=1, readout_skip=True,
+                                  global_channels=g)
+        losses[g] = _fit_mse(proc, x, y)
+    assert losses[0] > 0.5 * baseline, losses  # the local cube gains little over predicting the input
+    assert losses[1] < 0.1 * baseline, losses
+
+
 def test_global_channels_survive_save_pretrained(tmp_path):
     torch.manual_seed(0)
     proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, global_channels=2,
