@@ -25,6 +25,9 @@ SELECT_BY = ("val_loss", "val_cosine", "val_mrr")  # how the best epoch is chose
 PRECISIONS = ("fp32", "bf16")
 SECTION = "cube_training"
 MAX_SEED = 2**32 - 1  # numpy's limit; torch takes any of these
+# Keys added after runs began to save their config, with the value that a saved config without them meant (the
+# model of that time), where today's default differs: a checkpoint then rebuilds the model it was trained as.
+SAVED_BEFORE_KEY = {"readout_skip": False, "global_channels": 0}
 
 
 @dataclass
@@ -162,6 +165,12 @@ class TrainingConfig:
     def from_dict(cls, values: Dict[str, Any]) -> "TrainingConfig":
         check_keys("config", values, (f.name for f in fields(cls)))
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: Dict[str, Any]) -> "TrainingConfig":
+        """The config a run saved (in its checkpoint): a key it lacks was added later, so it takes the value that
+        rebuilds the model the run trained, not today's default."""
+        return cls.from_dict({**SAVED_BEFORE_KEY, **values})
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "TrainingConfig":

@@ -396,7 +396,7 @@ class CubeTrainer:
         path = Path(path)
         state = load_checkpoint_file(path)
         try:
-            config = TrainingConfig.from_dict(state["config"])
+            config = TrainingConfig.from_saved(state["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
         if device is not None:

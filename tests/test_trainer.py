@@ -68,6 +68,24 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_checkpoint_saved_before_a_key_existed_loads_as_the_model_it_trained(tmp_path):
+    """Runs saved before readout_skip and global_channels existed trained without them: loading one must not
+    give it today's defaults (a missing weight, or a skip path it never had)."""
+    from cubecore.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
+    trainer = CubeTrainer(tiny_config(tmp_path, readout_skip=False, global_channels=0))
+    trainer.fit((x, torch.roll(x, 1, dims=1)), progress=False)
+    state = load_checkpoint_file(trainer.save_checkpoint(tmp_path / "ck.pt"))
+    for key in ("readout_skip", "global_channels"):
+        del state["config"][key]
+    save_checkpoint_file(state, tmp_path / "old.pt")
+    loaded = CubeTrainer.from_checkpoint(tmp_path / "old.pt")
+    assert not loaded.config.readout_skip and loaded.config.global_channels == 0
+    assert torch.equal(loaded.predict(x), trainer.predict(x))
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     torch.manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(50, 12), dim=-1)
