@@ -107,6 +107,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     stem = Path(args.data).stem
     shared = args.set.split()
+    keys = lambda overrides: {o.split("=", 1)[0] for o in overrides}  # noqa: E731
+    clash = sorted(keys(shared) & set().union(*(keys(VARIANTS[n]) for n in names)))
+    if clash:
+        p.error(f"--set {clash}: the variants set these themselves (a variant's value would win)")
     results = {name: run_variant(name, VARIANTS[name], args.data, seeds, out / stem, shared) for name in names}
     text = table(results, args.data, seeds, shared)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
 
@@ -103,7 +104,9 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
             position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
             external = torch.cat([external, position], dim=-1)
         if self.global_channels:
-            summary = self.global_projection(embedding).to(external.dtype)
+            # In the embedding's dtype, so that a dtype that does not match the core is the core's clear error.
+            weight = self.global_projection.weight
+            summary = F.linear(embedding, weight.to(embedding.dtype)).to(external.dtype)
             summary = summary[:, None, None, None, :].expand(*external.shape[:4], self.global_channels)
             external = torch.cat([external, summary], dim=-1)
         return external

@@ -142,7 +142,9 @@ class CubeTrainer:
         info = {"mode": self.config.mode, "device": str(self.device), "components_initialized":
                 self.components_initialized, "teacher": self.config.teacher, "epoch": self.epoch, "step": self.step,
                 "lattice_size": self.config.lattice_size, "state_size": self.config.state_size,
-                "hidden_size": self.config.hidden_size, "steps": self.config.steps, "backend": self.config.backend}
+                "hidden_size": self.config.hidden_size, "steps": self.config.steps,
+                "global_channels": self.config.global_channels, "readout_skip": self.config.readout_skip,
+                "backend": self.config.backend}
         if self.model is not None:
             model_info = self.model.get_info()
             info.update(parameters=model_info["parameters"], active_backend=model_info["active_backend"],

@@ -82,6 +82,8 @@ def test_global_channels_give_every_cell_the_projection_of_the_whole_embedding()
     proc(x).square().sum().backward()
     assert proc.global_projection.weight.grad.abs().sum() > 0
     assert proc.get_info()["global_channels"] == 3
+    with pytest.raises(TypeError, match="dtype"):  # the core's error naming the tensors, as without them
+        proc.double()(x)
     with pytest.raises(ValueError, match="global_channels"):
         EmbeddingProcessor(24, (2, 3, 4), global_channels=-1)
 
