@@ -80,3 +80,25 @@ def test_time_it_runs_until_min_time_with_gc_off_then_restores_it():
     with pytest.raises(ZeroDivisionError):
         time_it(lambda: 1 / 0, "cpu", repeats=1, warmup=0)
     assert gc.isenabled()
+
+
+def test_learning_study_refuses_a_shared_override_that_a_variant_sets(capsys):
+    """``--set`` comes before a variant's own overrides, so a key the variant sets would silently lose."""
+    from benchmarks import learning
+
+    with pytest.raises(SystemExit) as exc:
+        learning.main(["--set", "global_channels=4 epochs=2", "--variants", "skip", "--out", "unused"])
+    assert exc.value.code == 2
+    assert "global_channels" in capsys.readouterr().err
+
+
+def test_learning_study_table_names_the_shared_overrides():
+    from benchmarks import learning
+
+    metrics = {k: (0.5, 0.01) for k in learning.METRICS}
+    summary = {m: metrics for m in ("cube", "identity", "mean", "offset", "ridge", "mlp")}
+    results = {"skip": {"overrides": learning.VARIANTS["skip"], "summary": summary, "seconds_per_epoch": 1.0,
+                        "mlp_parameters": 10}}
+    text = learning.table(results, "chitchat", [42], ["max_samples=64000", "epochs=6"])
+    assert "Every run: `max_samples=64000 epochs=6`" in text
+    assert "| cube skip | readout_skip=true global_channels=0 |" in text
