@@ -17,14 +17,27 @@ def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
 
 
-def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Cross-entropy of each prediction's true target among the batch's targets, cosine / temperature."""
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1,
+             rows_at_once: int = 1024) -> torch.Tensor:
+    """Cross-entropy of each prediction's true target among the batch's targets, cosine / temperature.
+
+    Identical targets are found through ``torch.unique`` (N x D work) and the logits are built
+    ``rows_at_once`` predictions at a time, so a whole validation set as one batch holds rows x N values, not
+    the N x N x D of comparing every pair of targets element by element."""
     temperature = check_number("temperature", temperature, minimum=0.0, strict_minimum=True)
-    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
-    duplicate = (target[:, None, :] == target[None, :, :]).all(-1)
-    duplicate.fill_diagonal_(False)
-    logits = logits.masked_fill(duplicate, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(pred.shape[0], device=pred.device))
+    n = pred.shape[0]
+    pred, target_unit = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    _, answer = torch.unique(target, dim=0, return_inverse=True)  # equal ids: identical targets
+    labels = torch.arange(n, device=pred.device)
+    total = pred.new_zeros(())
+    for start in range(0, n, rows_at_once):
+        rows = labels[start:start + rows_at_once]
+        logits = pred[rows] @ target_unit.T / temperature
+        duplicate = answer[rows, None] == answer[None, :]
+        duplicate[torch.arange(rows.numel(), device=pred.device), rows] = False
+        logits = logits.masked_fill(duplicate, float("-inf"))
+        total = total + F.cross_entropy(logits, rows, reduction="sum")
+    return total / n
 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, config) -> torch.Tensor:
