@@ -6,7 +6,9 @@
 Each variant is ``python -m cubecore.train --seeds ...`` with a few overrides (the defaults otherwise); the table
 gives mean ± standard deviation over the seeds of cosine, R@1, R@10 and MRR, the parameter count and the seconds
 per epoch, and below it the floors (identity, mean, offset, ridge, and the mlp matched to each variant's
-parameters).  ``--set`` gives overrides that every variant shares (a larger data set's size and epochs). Writes ``<out>/<data>.md`` and ``.json``; each run's own files stay in ``<out>/<data>/<variant>``.
+parameters).  ``--set`` gives overrides that every variant shares (a larger data set's size and epochs); a key
+that a variant sets itself is refused.  Writes ``<out>/<data>.md`` and ``.json``; each run's own files stay in
+``<out>/<data>/<variant>``.
 """
 
 from __future__ import annotations
