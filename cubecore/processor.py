@@ -99,17 +99,16 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
             raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
-        external = self.reshaper.to_lattice(embedding)
+        placed = self.reshaper.to_lattice(embedding)
+        parts = [placed]
         if self.position_channels:
-            position = self.position.to(external.dtype).expand(external.shape[0], *self.position.shape)
-            external = torch.cat([external, position], dim=-1)
+            parts.append(self.position.to(placed.dtype).expand(placed.shape[0], *self.position.shape))
         if self.global_channels:
             # In the embedding's dtype, so that a dtype that does not match the core is the core's clear error.
             weight = self.global_projection.weight
-            summary = F.linear(embedding, weight.to(embedding.dtype)).to(external.dtype)
-            summary = summary[:, None, None, None, :].expand(*external.shape[:4], self.global_channels)
-            external = torch.cat([external, summary], dim=-1)
-        return external
+            summary = F.linear(embedding, weight.to(embedding.dtype)).to(placed.dtype)
+            parts.append(summary[:, None, None, None, :].expand(*placed.shape[:4], self.global_channels))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else placed  # one copy, whatever is appended
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         state = self.core(self.external(embedding))
