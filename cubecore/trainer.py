@@ -118,9 +118,11 @@ class CubeTrainer:
             self.model = self.model_factory(self.dim).to(self.device)
         else:
             self.model = EmbeddingProcessor(
-                self.dim, cfg.lattice_size, cfg.state_size, cfg.hidden_size, cfg.steps, cfg.boundary, cfg.activation,
-                cfg.update, cfg.step_size, cfg.reshaping_method, cfg.backend, cfg.position_channels,
-                cfg.readout_skip, cfg.global_channels).to(self.device)
+                self.dim, lattice_size=cfg.lattice_size, state_size=cfg.state_size, hidden_size=cfg.hidden_size,
+                steps=cfg.steps, boundary=cfg.boundary, activation=cfg.activation, update=cfg.update,
+                step_size=cfg.step_size, reshaping_method=cfg.reshaping_method, backend=cfg.backend,
+                position_channels=cfg.position_channels, readout_skip=cfg.readout_skip,
+                global_channels=cfg.global_channels).to(self.device)
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
