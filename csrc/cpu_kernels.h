@@ -1,13 +1,13 @@
-// The CPU kernels of the lattice propagation op, for one SIMD vector width: csrc/cubecore.cpp includes this
-// file once per width (CUBECORE_VECTOR_BYTES = 32, and 64 where the machine has AVX-512), each time inside a
-// namespace of its own, and chooses per call (cpu_kernels_for).  No include guard: it is meant to be
-// included more than once.
+// The CPU kernels of the lattice propagation op, for one pair of SIMD vector widths: csrc/cubecore.cpp includes
+// this file once per pair (CUBECORE_HIDDEN_BYTES, CUBECORE_STATE_BYTES: 32/32, and where the machine has
+// AVX-512 also 64/32 and 64/64), each time inside a namespace of its own, and chooses per call.  No include
+// guard: it is meant to be included more than once.
 
 namespace {
 
 // ---- small dense building blocks ----------------------------------------------------------------------------
 //
-// Feature dimensions (hidden H, state S, the packed input K) are padded to whole SIMD vectors of 32 bytes, so
+// Feature dimensions (hidden H, state S, the packed input K) are padded to whole SIMD vectors, so
 // every matrix product is a loop of vector FMAs over its output features, with the accumulators of a few cells
 // held in registers and handed to an epilogue (activation, store) before they leave them.  Inputs are read
 // where they lie: a cell's input row is a list of segments (its six neighbours' states, its own, its external
@@ -26,45 +26,69 @@ constexpr int kMaxVectors = 4;
 // Segments of a cell's input row: the states of its seven slots, then its external input.
 constexpr int kSegments = kSlots + 1;
 
-// Bytes of one SIMD vector, set by the file that includes this one (32 or 64).
-constexpr int kVectorBytes = CUBECORE_VECTOR_BYTES;
+// Bytes of the SIMD vectors, set by the file that includes this one (32 or 64): those over the hidden features
+// (and over a cell's packed input-state gradients) and those over the state features.  They differ where a
+// state is shorter than a 64-byte vector but the hidden layer is not (S = 8, H = 16 with AVX-512): the products
+// that dominate (into and out of the hidden layer) then run on 64-byte vectors, and a state stays whole
+// 32-byte vectors.
+constexpr int kHiddenBytes = CUBECORE_HIDDEN_BYTES;
+constexpr int kStateBytes = CUBECORE_STATE_BYTES;
 
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int width = Bytes / sizeof(T);
+};
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(kVectorBytes)));
-  static constexpr int width = kVectorBytes / 4;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(kVectorBytes)));
-  static constexpr int width = kVectorBytes / 8;
-};
+using HiddenVec = Vec<T, kHiddenBytes>;
+template <typename T>
+using StateVec = Vec<T, kStateBytes>;
 
-template <typename T>
-inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
+// The element type and lane count of a vector type.
+template <class V>
+using lane_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+template <class V>
+constexpr int lanes_of = sizeof(V) / sizeof(lane_t<V>);
+
+// The sum of a vector's lanes, by halves (a lane-by-lane loop is a chain of scalar adds).
+template <class V>
+inline lane_t<V> horizontal_sum(V v) {
+  if constexpr (lanes_of<V> == 1) {
+    return v[0];
+  } else {
+    typedef lane_t<V> Half __attribute__((vector_size(sizeof(V) / 2)));
+    Half low, high;
+    __builtin_memcpy(&low, &v, sizeof(Half));
+    __builtin_memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return horizontal_sum(low + high);
+  }
+}
+
+template <class V, typename T>
+inline V vload(const T* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-inline void vstore(T* p, typename Vec<T>::type v) {
+template <typename T, class V>
+inline void vstore(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
+// n rounded up to whole vectors of Bytes.
+template <typename T, int Bytes>
 inline int64_t padded(int64_t n) {
-  constexpr int W = Vec<T>::width;
+  constexpr int W = Vec<T, Bytes>::width;
   return (n + W - 1) / W * W;
 }
 
 // dst[0:n] += src[0:n], by whole vectors when n is a multiple of the vector width.
 template <typename T>
 inline void add_into(T* dst, const T* src, int64_t n) {
-  constexpr int W = Vec<T>::width;
+  using V = typename StateVec<T>::type;
+  constexpr int W = StateVec<T>::width;
   if (n % W == 0) {
-    for (int64_t i = 0; i < n; i += W) vstore(dst + i, vload(dst + i) + vload(src + i));
+    for (int64_t i = 0; i < n; i += W) vstore(dst + i, vload<V>(dst + i) + vload<V>(src + i));
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
   }
@@ -106,14 +130,14 @@ decltype(auto) with_state_length(int64_t S, F&& f) {
 
 // For cells c0 .. c0 + NB: acc = bias + x_c @ WT (RV vectors of output columns; WT rows ldw apart), then
 // epilogue(c, acc, RV) while acc is still in registers.
-template <typename T, int RV, int NB, class Rows, class Epilogue>
+template <int Bytes, typename T, int RV, int NB, class Rows, class Epilogue>
 inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw, const T* bias, Epilogue& epilogue) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int W = Vec<T, Bytes>::width;
   V acc[NB][RV];
 #pragma GCC unroll 16
   for (int r = 0; r < RV; ++r) {
-    const V b = bias ? vload(bias + r * W) : V{};
+    const V b = bias ? vload<V>(bias + r * W) : V{};
 #pragma GCC unroll 16
     for (int i = 0; i < NB; ++i) acc[i][r] = b;
   }
@@ -125,7 +149,7 @@ inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw,
     auto step = [&](int64_t k) {
       V wv[RV];
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) wv[r] = vload(w + k * ldw + r * W);
+      for (int r = 0; r < RV; ++r) wv[r] = vload<V>(w + k * ldw + r * W);
 #pragma GCC unroll 16
       for (int i = 0; i < NB; ++i) {
         const T xi = x[i][k];
@@ -148,29 +172,29 @@ inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw,
   for (int i = 0; i < NB; ++i) epilogue(c0 + i, acc[i], std::integral_constant<int, RV>{});
 }
 
-template <typename T, int RV, class Rows, class Epilogue>
+template <int Bytes, typename T, int RV, class Rows, class Epilogue>
 void matmul_cells(const Rows& rows, int64_t C, const T* WT, int64_t ldw, const T* bias, Epilogue& epilogue) {
   constexpr int NB = std::min(Rows::kMaxBlock, RV >= kAccumulators ? 1 : kAccumulators / RV);
   int64_t c = 0;
-  for (; c + NB <= C; c += NB) matmul_block<T, RV, NB>(rows, c, WT, ldw, bias, epilogue);
-  for (; c < C; ++c) matmul_block<T, RV, 1>(rows, c, WT, ldw, bias, epilogue);
+  for (; c + NB <= C; c += NB) matmul_block<Bytes, T, RV, NB>(rows, c, WT, ldw, bias, epilogue);
+  for (; c < C; ++c) matmul_block<Bytes, T, RV, 1>(rows, c, WT, ldw, bias, epilogue);
 }
 
-// out_c = bias + x_c @ WT for the C cells of `rows`, WT [K][R] with R a multiple of the vector width; each
-// chunk of output vectors goes to epilogue(c, col, acc, RV) with col its first column.
-template <typename T, class Rows, class Epilogue>
+// out_c = bias + x_c @ WT for the C cells of `rows`, WT [K][R] with R a multiple of the width of vectors of
+// Bytes; each chunk of output vectors goes to epilogue(c, col, acc, RV) with col its first column.
+template <int Bytes, typename T, class Rows, class Epilogue>
 void matmul(const Rows& rows, int64_t C, const T* WT, int64_t R, std::type_identity_t<const T*> bias,
             Epilogue&& epilogue) {
-  constexpr int W = Vec<T>::width;
+  constexpr int W = Vec<T, Bytes>::width;
   for (int64_t col = 0; col < R; col += kMaxVectors * W) {
     auto at_col = [&](int64_t c, auto* acc, auto rv) { epilogue(c, col, acc, rv); };
     const T* wt = WT + col;
     const T* b = bias ? bias + col : nullptr;
     switch (std::min<int64_t>(R - col, kMaxVectors * W) / W) {
-      case 1: matmul_cells<T, 1>(rows, C, wt, R, b, at_col); break;
-      case 2: matmul_cells<T, 2>(rows, C, wt, R, b, at_col); break;
-      case 3: matmul_cells<T, 3>(rows, C, wt, R, b, at_col); break;
-      default: matmul_cells<T, 4>(rows, C, wt, R, b, at_col); break;
+      case 1: matmul_cells<Bytes, T, 1>(rows, C, wt, R, b, at_col); break;
+      case 2: matmul_cells<Bytes, T, 2>(rows, C, wt, R, b, at_col); break;
+      case 3: matmul_cells<Bytes, T, 3>(rows, C, wt, R, b, at_col); break;
+      default: matmul_cells<Bytes, T, 4>(rows, C, wt, R, b, at_col); break;
     }
   }
 }
@@ -179,28 +203,28 @@ void matmul(const Rows& rows, int64_t C, const T* WT, int64_t R, std::type_ident
 template <typename T>
 auto store_rows(T* out, int64_t ld) {
   return [=](int64_t c, int64_t col, auto* acc, auto rv) {
-    constexpr int W = Vec<T>::width;
+    constexpr int W = lanes_of<std::remove_cvref_t<decltype(*acc)>>;
     for (int r = 0; r < decltype(rv)::value; ++r) vstore(out + c * ld + col + r * W, acc[r]);
   };
 }
 
 // G[k][0:RV*W] += sum_c x_c[k] * D[c][0:RV*W] over the input rows k (segments one after another): a weight
 // gradient, rows of G held in registers in blocks of KB, then halves of it for what is left of a segment.
-template <typename T, int RV, int KB, class Rows>
+template <int Bytes, typename T, int RV, int KB, class Rows>
 inline void accumulate_outer_rows(const Rows& rows, int s, int64_t& k0, int64_t length, int64_t C, const T* D,
                                   int64_t ldd, T* G, int64_t ldg) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int W = Vec<T, Bytes>::width;
   for (; k0 + KB <= length; k0 += KB) {
     V acc[KB][RV];
 #pragma GCC unroll 16
     for (int i = 0; i < KB; ++i)
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) acc[i][r] = vload(G + (k0 + i) * ldg + r * W);
+      for (int r = 0; r < RV; ++r) acc[i][r] = vload<V>(G + (k0 + i) * ldg + r * W);
     for (int64_t c = 0; c < C; ++c) {
       V d[RV];
 #pragma GCC unroll 16
-      for (int r = 0; r < RV; ++r) d[r] = vload(D + c * ldd + r * W);
+      for (int r = 0; r < RV; ++r) d[r] = vload<V>(D + c * ldd + r * W);
       const T* x = rows.row(c, s) + k0;
 #pragma GCC unroll 16
       for (int i = 0; i < KB; ++i) {
@@ -214,93 +238,98 @@ inline void accumulate_outer_rows(const Rows& rows, int s, int64_t& k0, int64_t 
 #pragma GCC unroll 16
       for (int r = 0; r < RV; ++r) vstore(G + (k0 + i) * ldg + r * W, acc[i][r]);
   }
-  if constexpr (KB > 1) accumulate_outer_rows<T, RV, KB / 2>(rows, s, k0, length, C, D, ldd, G, ldg);
+  if constexpr (KB > 1) accumulate_outer_rows<Bytes, T, RV, KB / 2>(rows, s, k0, length, C, D, ldd, G, ldg);
 }
 
-template <typename T, int RV, class Rows>
+template <int Bytes, typename T, int RV, class Rows>
 void accumulate_outer_cols(const Rows& rows, int64_t C, const T* D, int64_t ldd, T* G, int64_t ldg) {
   constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
   constexpr int L = Rows::kStateLength;
   for (int s = 0; s < rows.segments(); ++s) {
     const int64_t length = L > 0 && s < kSlots ? L : rows.length_of(s);
     int64_t k0 = 0;
-    accumulate_outer_rows<T, RV, KB>(rows, s, k0, length, C, D, ldd, G, ldg);
+    accumulate_outer_rows<Bytes, T, RV, KB>(rows, s, k0, length, C, D, ldd, G, ldg);
     G += length * ldg;
   }
 }
 
-// G [K][R] += X^T @ D for the C input rows of `rows` and D [C][R]; R a multiple of the vector width.
-template <typename T, class Rows>
+// G [K][R] += X^T @ D for the C input rows of `rows` and D [C][R]; R a multiple of the width of vectors of
+// Bytes.
+template <int Bytes, typename T, class Rows>
 void accumulate_outer(const Rows& rows, int64_t C, const T* D, T* G, int64_t R) {
-  constexpr int W = Vec<T>::width;
+  constexpr int W = Vec<T, Bytes>::width;
   for (int64_t col = 0; col < R; col += kMaxVectors * W) {
     switch (std::min<int64_t>(R - col, kMaxVectors * W) / W) {
-      case 1: accumulate_outer_cols<T, 1>(rows, C, D + col, R, G + col, R); break;
-      case 2: accumulate_outer_cols<T, 2>(rows, C, D + col, R, G + col, R); break;
-      case 3: accumulate_outer_cols<T, 3>(rows, C, D + col, R, G + col, R); break;
-      default: accumulate_outer_cols<T, 4>(rows, C, D + col, R, G + col, R); break;
+      case 1: accumulate_outer_cols<Bytes, T, 1>(rows, C, D + col, R, G + col, R); break;
+      case 2: accumulate_outer_cols<Bytes, T, 2>(rows, C, D + col, R, G + col, R); break;
+      case 3: accumulate_outer_cols<Bytes, T, 3>(rows, C, D + col, R, G + col, R); break;
+      default: accumulate_outer_cols<Bytes, T, 4>(rows, C, D + col, R, G + col, R); break;
     }
   }
 }
 
 // ---- activations ------------------------------------------------------------------------------------------
 
-// 1 / q for q in [4.8e-3, 1.3]: a hardware estimate refined by one Newton step (a division costs several
-// times as much), within an ulp or two.
-inline Vec<float>::type reciprocal(Vec<float>::type q) {
-#if CUBECORE_VECTOR_BYTES == 64
-  using V = Vec<float>::type;
-  __m512 qm;
-  __builtin_memcpy(&qm, &q, sizeof(qm));
+// 1 / q for q in [4.8e-3, 1.3], q a vector of floats: a hardware estimate refined by one Newton step (a
+// division costs several times as much), within an ulp or two.
+template <class V>
+inline V reciprocal(V q) {
+  V e;
+  if constexpr (sizeof(V) == 64) {
+#ifdef __AVX512F__
+    __m512 qm;
+    __builtin_memcpy(&qm, &q, sizeof(qm));
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's own _mm512_rcp14_ps starts from an undefined vector
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-  const __m512 em = _mm512_rcp14_ps(qm);
+    const __m512 em = _mm512_rcp14_ps(qm);
 #pragma GCC diagnostic pop
-  V e;
-  __builtin_memcpy(&e, &em, sizeof(e));
-  return e * (2 - q * e);
-#elif defined(__AVX__)  // (AVX-512VL implies it)
-  using V = Vec<float>::type;
-  __m256 qm;
-  __builtin_memcpy(&qm, &q, sizeof(qm));
+    __builtin_memcpy(&e, &em, sizeof(e));
+#else
+    return 1 / q;
+#endif
+  } else {
+#ifdef __AVX__  // (AVX-512VL implies it)
+    __m256 qm;
+    __builtin_memcpy(&qm, &q, sizeof(qm));
 #ifdef __AVX512VL__
-  const __m256 em = _mm256_rcp14_ps(qm);
+    const __m256 em = _mm256_rcp14_ps(qm);
 #else
-  const __m256 em = _mm256_rcp_ps(qm);
+    const __m256 em = _mm256_rcp_ps(qm);
 #endif
-  V e;
-  __builtin_memcpy(&e, &em, sizeof(e));
+    __builtin_memcpy(&e, &em, sizeof(e));
+#else
+    return 1 / q;
+#endif
+  }
   return e * (2 - q * e);
-#else
-  return 1 / q;
-#endif
 }
 
-// tanh of a vector of floats as a clamped rational approximation (Eigen's generic_fast_tanh_float), within a
-// few ulp of std::tanh; doubles use std::tanh lane by lane.
-inline Vec<float>::type tanh_vec(Vec<float>::type a) {
-  using V = Vec<float>::type;
-  const V hi = V{} + 7.90531110763549805f, lo = -hi;
-  const V x = a > hi ? hi : (a < lo ? lo : a);
-  const V x2 = x * x;
-  V p = V{} - 2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * x;
-  V q = V{} + 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return p * reciprocal(q);
-}
-inline Vec<double>::type tanh_vec(Vec<double>::type a) {
-  for (int i = 0; i < Vec<double>::width; ++i) a[i] = std::tanh(a[i]);
-  return a;
+// tanh of a vector: of floats, a clamped rational approximation (Eigen's generic_fast_tanh_float), within a
+// few ulp of std::tanh; of doubles, std::tanh lane by lane.
+template <class V>
+inline V tanh_vec(V a) {
+  if constexpr (std::is_same_v<lane_t<V>, double>) {
+    for (int i = 0; i < lanes_of<V>; ++i) a[i] = std::tanh(a[i]);
+    return a;
+  } else {
+    const V hi = V{} + 7.90531110763549805f, lo = -hi;
+    const V x = a > hi ? hi : (a < lo ? lo : a);
+    const V x2 = x * x;
+    V p = V{} - 2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * x;
+    V q = V{} + 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return p * reciprocal(q);
+  }
 }
 
 template <typename V>
@@ -365,7 +394,7 @@ struct PackedWeights {
 
   PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
                 const at::Tensor& B2)
-      : Hp(padded<T>(g.H)), Sp(padded<T>(g.S)), Ks(padded<T>(kSlots * g.S)) {
+      : Hp(padded<T, kHiddenBytes>(g.H)), Sp(padded<T, kStateBytes>(g.S)), Ks(padded<T, kHiddenBytes>(kSlots * g.S)) {
     const int64_t H = g.H, S = g.S, K = g.K;
     auto opts = W1.options();
     w1t = at::zeros({K, Hp}, opts);
@@ -429,18 +458,20 @@ CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, i
 template <int L, typename T, class OnChange>
 inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
                                    int64_t n0, int64_t count, TileScratch<T>& s, OnChange&& on_change) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using HV = typename HiddenVec<T>::type;
+  using SV = typename StateVec<T>::type;
+  constexpr int W = HiddenVec<T>::width;
   const CellRows<T, L> rows = cell_rows<T, L>(g, state, external, n0, count, s);
   T* hid = s.hid.data();
   const int64_t Hp = w.Hp, activation = g.activation;
-  matmul(rows, count, w.w1t.template data_ptr<T>(), Hp, w.b1.template data_ptr<T>(),
-         [&](int64_t c, int64_t col, V* acc, auto rv) {
-           for (int r = 0; r < decltype(rv)::value; ++r) vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
-         });
+  matmul<kHiddenBytes>(rows, count, w.w1t.template data_ptr<T>(), Hp, w.b1.template data_ptr<T>(),
+                       [&](int64_t c, int64_t col, HV* acc, auto rv) {
+                         for (int r = 0; r < decltype(rv)::value; ++r)
+                           vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
+                       });
   if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
-    matmul(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
-           [&](int64_t c, int64_t col, V* acc, auto rv) {
+    matmul<kStateBytes>(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
+           [&](int64_t c, int64_t col, SV* acc, auto rv) {
              for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
              on_change(c, col, acc, rv);
            });
@@ -460,8 +491,8 @@ inline bool split_by_sample(const Geometry& g) {
 template <int L, typename T>
 void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external, T* out,
                    int64_t n_begin, int64_t n_end, TileScratch<T>& s) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using V = typename StateVec<T>::type;
+  constexpr int W = StateVec<T>::width;
   const int64_t S = L > 0 ? L : g.S, Sp = w.Sp;
   const bool whole_vectors = S == Sp;  // the changes can be written straight from the registers
   const bool residual = g.update == kResidual;
@@ -472,7 +503,7 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
       for (int r = 0; r < decltype(rv)::value; ++r) {
         const int64_t at = (n0 + c) * S + col + r * W;
         if (whole_vectors) {
-          vstore(out + at, residual ? vload(state + at) + step * acc[r] : acc[r]);
+          vstore(out + at, residual ? vload<V>(state + at) + step * acc[r] : acc[r]);
         } else {
           vstore(s.chg.data() + c * Sp + col + r * W, acc[r]);
         }
@@ -571,11 +602,12 @@ struct SlotReaders {
   }
 };
 
-// The weight gradients of one thread: [w1^T (K x Hp) | b1 (Hp) | w2^T (Hp x Sp) | b2 (Sp)], summed over
-// threads once at the end.
+// The weight gradients of one thread: [w1^T (K x Hp) | b1 (Hp) | w2 (Sp x Hp) | b2 (Sp)], summed over
+// threads once at the end.  Both matrices are laid out with the hidden features last, so that both sums run
+// on hidden-width vectors.
 template <typename T>
 struct WeightGrads {
-  T *w1t, *b1, *w2t, *b2;
+  T *w1t, *b1, *w2, *b2;
 };
 
 // What the passes of one backward call share: the problem, the packed weights, the saved states, and where
@@ -604,7 +636,7 @@ struct Backward {
     TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
     T* base = acc + tid * acc_size;
     const int64_t K = g.K, Hp = w.Hp, Sp = w.Sp;
-    return {base, base + K * Hp, base + K * Hp + Hp, base + K * Hp + Hp + Hp * Sp};
+    return {base, base + K * Hp, base + K * Hp + Hp, base + K * Hp + Hp + Sp * Hp};
   }
 };
 
@@ -613,20 +645,20 @@ struct Backward {
 template <int L, typename T>
 inline void change_gradient(const Backward<T>& bw, const T* change, int64_t change_ld, const T* gp, int64_t n0,
                             int64_t count, TileScratch<T>& s, T* grad_b2) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using V = typename StateVec<T>::type;
+  constexpr int W = StateVec<T>::width;
   const int64_t S = L > 0 ? L : bw.g.S, Sp = bw.w.Sp;
   T* dchg = s.chg.data();
   if constexpr (L > 0 && L % W == 0) {
     V b2_sum[L / W] = {};
     for (int64_t l = 0; l < count; ++l)
       for (int r = 0; r < L / W; ++r) {
-        const V c = vload(change + l * change_ld + r * W);
-        const V d = (1 - c * c) * bw.change_scale * vload(gp + (n0 + l) * S + r * W);
+        const V c = vload<V>(change + l * change_ld + r * W);
+        const V d = (1 - c * c) * bw.change_scale * vload<V>(gp + (n0 + l) * S + r * W);
         vstore(dchg + l * Sp + r * W, d);
         b2_sum[r] += d;
       }
-    for (int r = 0; r < L / W; ++r) vstore(grad_b2 + r * W, vload(grad_b2 + r * W) + b2_sum[r]);
+    for (int r = 0; r < L / W; ++r) vstore(grad_b2 + r * W, vload<V>(grad_b2 + r * W) + b2_sum[r]);
   } else {
     for (int64_t l = 0; l < count; ++l) {
       T* d = dchg + l * Sp;
@@ -643,66 +675,70 @@ inline void change_gradient(const Backward<T>& bw, const T* change, int64_t chan
 // sum into b1's gradient, and the external input's gradient (a dot product with W1's external columns).
 template <typename T>
 inline void hidden_gradient(const Backward<T>& bw, int64_t n0, int64_t count, TileScratch<T>& s, T* grad_b1) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using V = typename HiddenVec<T>::type;
+  constexpr int W = HiddenVec<T>::width;
   const int64_t Hp = bw.w.Hp, Sp = bw.w.Sp, E = bw.g.E;
   const T* hid = s.hid.data();
   T* dhid = s.dhid.data();
   const T* w1e = bw.w.w1e.template data_ptr<T>();
-  matmul(DenseRows<T>{s.chg.data(), Sp, Sp}, count, bw.w.w2.template data_ptr<T>(), Hp, nullptr,
+  matmul<kHiddenBytes>(DenseRows<T>{s.chg.data(), Sp, Sp}, count, bw.w.w2.template data_ptr<T>(), Hp, nullptr,
          [&](int64_t c, int64_t col, V* a, auto rv) {
            constexpr int RV = decltype(rv)::value;
            for (int r = 0; r < RV; ++r) {
              const int64_t at = c * Hp + col + r * W;
-             const V d = a[r] * activation_slope_vec(vload(hid + at), bw.g.activation);
+             const V d = a[r] * activation_slope_vec(vload<V>(hid + at), bw.g.activation);
              a[r] = d;
              vstore(dhid + at, d);
-             vstore(grad_b1 + col + r * W, vload(grad_b1 + col + r * W) + d);
+             vstore(grad_b1 + col + r * W, vload<V>(grad_b1 + col + r * W) + d);
            }
            for (int64_t e = 0; e < E; ++e) {
-             V dot = a[0] * vload(w1e + e * Hp + col);
-             for (int r = 1; r < RV; ++r) dot += a[r] * vload(w1e + e * Hp + col + r * W);
-             T sum = 0;
-             for (int i = 0; i < W; ++i) sum += dot[i];
-             bw.grad_external[(n0 + c) * E + e] += sum;
+             V dot = a[0] * vload<V>(w1e + e * Hp + col);
+             for (int r = 1; r < RV; ++r) dot += a[r] * vload<V>(w1e + e * Hp + col + r * W);
+             bw.grad_external[(n0 + c) * E + e] += horizontal_sum(dot);
            }
          });
 }
 
 // Backward step 3 of a tile: W1^T's state columns times s.dhid, the gradients of the seven states each cell
 // read.  The own-state part (with the residual path's upstream gradient) goes to `out`; the neighbour parts
-// are added into `out` at the states read (scatter) or written to bw.sent.
+// are added into `out` at the states read (scatter) or written to bw.sent.  The product runs on hidden-width
+// vectors; its epilogue takes each in pieces of state width, so that a piece never straddles two slots where a
+// state is whole state-width vectors.
 template <int L, typename T>
 inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, const T* st, const T* gp, T* out,
                            int64_t n0, int64_t count, TileScratch<T>& s) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
+  using HV = typename HiddenVec<T>::type;
+  using V = typename StateVec<T>::type;
+  constexpr int W = StateVec<T>::width, pieces = HiddenVec<T>::width / W;
   constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
   const int64_t S = L > 0 ? L : bw.g.S, sent_len = kNeighbours * S, Hp = bw.w.Hp, Ks = bw.w.Ks;
   const bool residual = bw.g.update == kResidual;
   const T* zeros = s.zeros.data();
   T* dinput = s.dinput.data();
-  matmul(DenseRows<T>{s.dhid.data(), Hp, Hp}, count, bw.w.w1.template data_ptr<T>(), Ks, nullptr,
-         [&](int64_t c, int64_t col, V* a, auto rv) {
-           for (int r = 0; r < decltype(rv)::value; ++r) {
-             const int64_t j = col + r * W;
-             if (whole && bw.scatter && j < sent_len) {
-               const int slot = static_cast<int>(j / S);
-               const T* read = rows.row(c, slot);
-               if (read != zeros) {
-                 T* o = out + (read - st) + (j - slot * S);
-                 vstore(o, vload(o) + a[r]);
+  matmul<kHiddenBytes>(DenseRows<T>{s.dhid.data(), Hp, Hp}, count, bw.w.w1.template data_ptr<T>(), Ks, nullptr,
+         [&](int64_t c, int64_t col, HV* a, auto rv) {
+           for (int r = 0; r < decltype(rv)::value; ++r)
+             for (int p = 0; p < pieces; ++p) {
+               V piece;
+               __builtin_memcpy(&piece, reinterpret_cast<const char*>(&a[r]) + p * sizeof(V), sizeof(V));
+               const int64_t j = col + (r * pieces + p) * W;
+               if (whole && bw.scatter && j < sent_len) {
+                 const int slot = static_cast<int>(j / S);
+                 const T* read = rows.row(c, slot);
+                 if (read != zeros) {
+                   T* o = out + (read - st) + (j - slot * S);
+                   vstore(o, vload<V>(o) + piece);
+                 }
+               } else if (j + W <= sent_len) {
+                 vstore(bw.sent + (n0 + c) * sent_len + j, piece);
+               } else if (whole && j >= sent_len && j < sent_len + S) {
+                 const int64_t at = (n0 + c) * S + j - sent_len;
+                 const V own = residual ? piece + vload<V>(gp + at) : piece;
+                 vstore(out + at, bw.scatter ? vload<V>(out + at) + own : own);
+               } else {
+                 vstore(dinput + c * Ks + j, piece);
                }
-             } else if (j + W <= sent_len) {
-               vstore(bw.sent + (n0 + c) * sent_len + j, a[r]);
-             } else if (whole && j >= sent_len && j < sent_len + S) {
-               const int64_t at = (n0 + c) * S + j - sent_len;
-               const V own = residual ? a[r] + vload(gp + at) : a[r];
-               vstore(out + at, bw.scatter ? vload(out + at) + own : own);
-             } else {
-               vstore(dinput + c * Ks + j, a[r]);
              }
-           }
          });
   if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
     const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values went straight there
@@ -733,9 +769,9 @@ void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, 
                             : forward_tile<L>(g, bw.w, st, bw.external, n0, count, s, store_rows(s.chg.data(), Sp));
   const T* change = replace ? st + bw.state_numel + n0 * S : s.chg.data();
   change_gradient<L>(bw, change, replace ? S : Sp, gp, n0, count, s, grads.b2);
-  accumulate_outer(DenseRows<T>{s.hid.data(), Hp, Hp}, count, s.chg.data(), grads.w2t, Sp);
+  accumulate_outer<kHiddenBytes>(DenseRows<T>{s.chg.data(), Sp, Sp}, count, s.hid.data(), grads.w2, Hp);
   hidden_gradient(bw, n0, count, s, grads.b1);
-  accumulate_outer(rows, count, s.dhid.data(), grads.w1t, Hp);
+  accumulate_outer<kHiddenBytes>(rows, count, s.dhid.data(), grads.w1t, Hp);
   input_gradient<L>(bw, rows, st, gp, out, n0, count, s);
 }
 
@@ -827,11 +863,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients(cons
   const at::Tensor sums = acc.sum(0);
   const at::Tensor gw1t = sums.narrow(0, 0, K * Hp).view({K, Hp});
   const at::Tensor gb1 = sums.narrow(0, K * Hp, Hp);
-  const at::Tensor gw2t = sums.narrow(0, K * Hp + Hp, Hp * Sp).view({Hp, Sp});
-  const at::Tensor gb2 = sums.narrow(0, K * Hp + Hp + Hp * Sp, Sp);
+  const at::Tensor gw2 = sums.narrow(0, K * Hp + Hp, Sp * Hp).view({Sp, Hp});
+  const at::Tensor gb2 = sums.narrow(0, K * Hp + Hp + Sp * Hp, Sp);
   // clone(): each gradient must own its storage (narrow views of one buffer would alias).
   return {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
-          gw2t.narrow(0, 0, H).narrow(1, 0, S).t().clone(at::MemoryFormat::Contiguous), gb2.narrow(0, 0, S).clone()};
+          gw2.narrow(0, 0, S).narrow(1, 0, H).clone(at::MemoryFormat::Contiguous), gb2.narrow(0, 0, S).clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
@@ -845,7 +881,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool by_sample = split_by_sample(g);
   const bool scatter = by_sample && with_state_length(g.S, [&](auto state_length) {
     constexpr int L = decltype(state_length)::value;
-    return L > 0 && L % Vec<float>::width == 0 && L % Vec<double>::width == 0;
+    return L > 0 && L % StateVec<float>::width == 0 && L % StateVec<double>::width == 0;
   });
   const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
   // The state gradient of step t + 1, then of step t: two buffers that take turns.

@@ -2,7 +2,7 @@
 //
 // The rule (see cubecore/reference.py): every cell gathers x = [n1..n6, s, u] (7S + E values), computes
 // h = act(W1 x + b1), c = tanh(W2 h + b2), and its new state is c ("replace") or s + step_size * c
-// ("residual").  The CPU kernels (csrc/cpu_kernels.h, built here for 32-byte and, with AVX-512, 64-byte
+// ("residual").  The CPU kernels (csrc/cpu_kernels.h, built here for 32-byte and, with AVX-512, also 64-byte
 // vectors) work on tiles of cells, read each cell's inputs in place through a table of pointers, and
 // vectorise over the output features of every matrix product.
 //
@@ -98,38 +98,68 @@ std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bo
   return {written[0], at::empty(none, written.options())};
 }
 
-// The CPU kernels, compiled for 32-byte vectors (AVX2) and, where the machine has AVX-512, for 64-byte
-// vectors too.  The wider ones win where a state is whole 64-byte vectors (S a multiple of 16: measured +35%
-// at S = 16, H = 64); at S = 8 they would pad every state to 16 values and lose the whole-vector paths
-// (measured 3-16% slower), so S = 8 and the other sizes keep the narrow ones.
+// The CPU kernels, compiled for 32-byte vectors (AVX2) and, where the machine has AVX-512, twice more: with
+// 64-byte vectors over the hidden features and 32-byte ones over a state (`mixed`), and with 64-byte vectors
+// throughout (`wide`).  A call takes the widest vectors its sizes fill: `wide` where a state is whole 64-byte
+// vectors (S a multiple of 16: measured +35% at S = 16, H = 64), `mixed` where only the hidden layer is wider
+// than 32 bytes (S = 8, H = 16: the state stays whole 32-byte vectors), else `narrow`.
 namespace narrow {
-#define CUBECORE_VECTOR_BYTES 32
+#define CUBECORE_HIDDEN_BYTES 32
+#define CUBECORE_STATE_BYTES 32
 #include "cpu_kernels.h"
-#undef CUBECORE_VECTOR_BYTES
+#undef CUBECORE_HIDDEN_BYTES
+#undef CUBECORE_STATE_BYTES
 }  // namespace narrow
 
 #ifdef __AVX512F__
-namespace wide {
-#define CUBECORE_VECTOR_BYTES 64
+namespace mixed {
+#define CUBECORE_HIDDEN_BYTES 64
+#define CUBECORE_STATE_BYTES 32
 #include "cpu_kernels.h"
-#undef CUBECORE_VECTOR_BYTES
+#undef CUBECORE_HIDDEN_BYTES
+#undef CUBECORE_STATE_BYTES
+}  // namespace mixed
+
+namespace wide {
+#define CUBECORE_HIDDEN_BYTES 64
+#define CUBECORE_STATE_BYTES 64
+#include "cpu_kernels.h"
+#undef CUBECORE_HIDDEN_BYTES
+#undef CUBECORE_STATE_BYTES
 }  // namespace wide
 #endif
 
 namespace {
 
+// The vector widths of a call, from its state size S and hidden size H (see above).
+enum class Widths { kNarrow, kMixed, kWide };
+Widths widths_for(int64_t S, int64_t H) {
 #ifdef __AVX512F__
-bool wide_vectors_for(int64_t S) { return S % 16 == 0; }
+  if (S % 16 == 0) return Widths::kWide;
+  if (H > 8) return Widths::kMixed;
 #endif
+  (void)S;
+  (void)H;
+  return Widths::kNarrow;
+}
 
 std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
     const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
     int64_t update, double step_size, bool keep_trajectory) {
 #ifdef __AVX512F__
-  if (state.dim() == 5 && wide_vectors_for(state.size(4)))
-    return wide::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
-                                       step_size, keep_trajectory);
+  if (state.dim() == 5 && w1.dim() == 2) {
+    switch (widths_for(state.size(4), w1.size(0))) {
+      case Widths::kWide:
+        return wide::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
+                                           step_size, keep_trajectory);
+      case Widths::kMixed:
+        return mixed::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
+                                            step_size, keep_trajectory);
+      case Widths::kNarrow:
+        break;
+    }
+  }
 #endif
   return narrow::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
                                        step_size, keep_trajectory);
@@ -140,9 +170,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
 #ifdef __AVX512F__
-  if (trajectory.dim() == 6 && wide_vectors_for(trajectory.size(5)))
-    return wide::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
-                                        activation, update, step_size);
+  if (trajectory.dim() == 6 && w1.dim() == 2) {
+    switch (widths_for(trajectory.size(5), w1.size(0))) {
+      case Widths::kWide:
+        return wide::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
+                                            activation, update, step_size);
+      case Widths::kMixed:
+        return mixed::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
+                                             activation, update, step_size);
+      case Widths::kNarrow:
+        break;
+    }
+  }
 #endif
   return narrow::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
                                         activation, update, step_size);
