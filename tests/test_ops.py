@@ -79,6 +79,27 @@ def test_cpu_kernel_states_of_whole_wide_vectors_match_reference(shape, boundary
 
 
 @requires_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("state_hidden", [(8, 16), (5, 12), (8, 24), (3, 40), (6, 70), (8, 4), (16, 9)],
+                         ids=lambda sh: "S%dH%d" % sh)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_hidden, dtype):
+    """The CPU kernels are built for three pairs of vector widths (hidden / state: 32/32, and with AVX-512
+    64/32 and 64/64) and a call takes the widest its sizes fill: H > 8 with S not a multiple of 16 runs the
+    hidden layer on 64-byte vectors (one, two, three and five of them above, the last in two chunks) while
+    states stay 32-byte vectors, whole (S = 8) or padded (S = 3, 5, 6); H = 4 the narrow build; S = 16 the wide
+    one.  Each under both thread splits (B = 1 splits every step, B = 2 gives threads whole samples)."""
+    S, H = state_hidden
+    args = make_problem(batch, 3, 4, 5, S, H, 2, seed=S * 100 + H + threads)
+    kw = rule_kwargs(["wall", "periodic", "reflect"][(S + threads) % 3], ["tanh", "relu", "sigmoid"][H % 3],
+                     ["replace", "residual"][batch % 2], 3)
+    with torch_threads(threads):
+        got = forward_and_grads([a.to(dtype) for a in args], "kernel", **kw)
+    assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11 if dtype == torch.float64 else 1e-4)
+
+
+@requires_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lattice", [(1, 7, 3, 4), (1, 1, 5, 6), (2, 2, 3, 3), (3, 5, 2, 33)],
                          ids=lambda s: "x".join(map(str, s)))
