@@ -621,8 +621,9 @@ struct Backward {
   const T* external;        // [N][E]
   T* grad_external;         // [N][E]
   // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
-  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (race-free where one
-  // thread owns the whole sample and a state is whole vectors).  Otherwise the tile pass writes each cell's
+  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (where a state is whole
+  // vectors and a thread owns whole samples, or a slab of planes that no slab run beside it reads: race-free
+  // either way).  Otherwise the tile pass writes each cell's
   // neighbour-slot gradients to `sent` ([N][kNeighbours * S]) and gather_sent collects them.
   bool scatter;
   T* sent;
@@ -839,10 +840,40 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
   });
 }
 
-// All T steps, each step split over tiles of cells across threads, then gathered, a barrier between.
+// The slabs of x-planes that backward_by_step cuts each sample into where it scatters: an even number, at most
+// two per thread, each at least two planes thick, so that no two even (or two odd) slabs write the same state:
+// a slab's cells are read only by cells within one plane of it, a periodic wrap included.  0 where the lattice
+// is too thin (X < 4) to cut so.
+inline int64_t scatter_slabs(const Geometry& g) {
+  const int64_t slabs = std::min<int64_t>(2 * at::get_num_threads(), g.X / 2) / 2 * 2;
+  return slabs >= 2 ? slabs : 0;
+}
+
+// All T steps, each step split across threads.  With the scatter, the x-planes of each sample are cut into
+// slabs (scatter_slabs) and the even slabs, then the odd ones, run in parallel, adding the gradients they send
+// straight into the states read, a barrier between.  Without, each step is split over tiles of cells, then
+// gathered, a barrier between.
 template <int L, typename T>
 void backward_by_step(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
   const Geometry& g = bw.g;
+  if (bw.scatter) {
+    const int64_t S = L > 0 ? L : g.S, plane = g.Y * g.Z, slabs = scatter_slabs(g);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      at::parallel_for(0, g.N * S, 1 << 14, [&](int64_t begin, int64_t end) { std::fill(next + begin, next + end, T(0)); });
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t parity = 0; parity < 2; ++parity)
+          at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {
+            TileScratch<T> s(g, bw.w);
+            s.for_backward(bw.w);
+            for (int64_t i = begin; i < end; ++i) {
+              const int64_t slab = 2 * i + parity, x0 = slab * g.X / slabs, x1 = (slab + 1) * g.X / slabs;
+              backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, cur, next, s);
+            }
+          });
+      std::swap(cur, next);
+    }
+    return;
+  }
   for (int64_t t = steps - 1; t >= 0; --t) {
     at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> s(g, bw.w);
@@ -879,7 +910,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const bool by_sample = split_by_sample(g);
-  const bool scatter = by_sample && with_state_length(g.S, [&](auto state_length) {
+  const bool scatter = (by_sample || scatter_slabs(g) > 0) && with_state_length(g.S, [&](auto state_length) {
     constexpr int L = decltype(state_length)::value;
     return L > 0 && L % StateVec<float>::width == 0 && L % StateVec<double>::width == 0;
   });

@@ -101,14 +101,18 @@ def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_h
 
 @requires_kernel
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("lattice", [(1, 7, 3, 4), (1, 1, 5, 6), (2, 2, 3, 3), (3, 5, 2, 33)],
+@pytest.mark.parametrize("lattice", [(1, 7, 3, 4), (1, 1, 5, 6), (2, 2, 3, 3), (3, 5, 2, 33), (1, 4, 2, 3),
+                                     (1, 13, 2, 2), (3, 9, 1, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
                                                                     ["replace", "residual"])))
 def test_cpu_kernel_few_samples_of_odd_lattices_match_reference(threads, lattice, boundary, update):
-    """Fewer samples than threads: every step is split over tiles across threads, then gathered.  Lattices
-    whose cells and x-planes do not divide by the thread count, a single plane (X = 1), periodic X = 2, and
-    planes of 66 cells that tiles of 32 straddle."""
+    """Too few samples to give each thread whole ones: every step is split across threads.  Where a state is
+    whole vectors (S = 8) and X >= 4, each sample's planes are cut into slabs, the even ones run beside each
+    other, then the odd ones (2 slabs of 2 planes at X = 4, 4 or 6 slabs of 2-4 planes at X = 13, a periodic
+    wrap between the first and the last), else the step is split over tiles, then gathered.  Lattices whose cells
+    and x-planes do not divide by the thread count, a single plane (X = 1), periodic X = 2, and planes of 66
+    cells that tiles of 32 straddle."""
     B, X, Y, Z = lattice
     for state_size in (8, 5):
         args = make_problem(B, X, Y, Z, state_size, 6, 1, seed=X * 7 + threads)
