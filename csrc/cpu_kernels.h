@@ -806,22 +806,37 @@ void gather_sent(const Backward<T>& bw, int64_t n_begin, int64_t n_end, T* out) 
   }
 }
 
+// The state gradients that pass from step to step: step t + 1's (`upstream`: first the final state's
+// gradient, read where it lies) and step t's (`written`), two buffers taking turns for the steps after the
+// first, so the final state's gradient is never copied (and T = 1 needs one buffer).
+template <typename T>
+struct StepGradients {
+  const T* upstream;
+  T* written;
+  T* spare;
+  void next_step() {
+    upstream = written;
+    std::swap(written, spare);
+  }
+};
+
 // All T steps, each thread taking whole samples (split_by_sample).  With the scatter, the readers of a
 // state add into its gradient, which starts at zero.  Without, the gather trails the tile pass by one
 // x-plane, so the gradients sent between cells are collected while still in cache: a cell's readers lie
 // within one plane of it, except those of the first plane on a periodic x-axis, which is collected last.
 template <int L, typename T>
-void backward_by_sample(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
+void backward_by_sample(const Backward<T>& bw, int64_t steps, const StepGradients<T>& gradients) {
   const Geometry& g = bw.g;
   const int64_t S = L > 0 ? L : g.S;
   at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
     TileScratch<T> s(g, bw.w);
     s.for_backward(bw.w);
     for (int64_t b = b_begin; b < b_end; ++b) {
-      T* gp = cur;
-      T* out = next;
+      StepGradients<T> grads = gradients;
       const int64_t first = b * g.cells, last = first + g.cells, plane = g.Y * g.Z;
       for (int64_t t = steps - 1; t >= 0; --t) {
+        const T* gp = grads.upstream;
+        T* out = grads.written;
         if (bw.scatter) std::fill(out + first * S, out + last * S, T(0));
         int64_t collected = first + plane;
         for (int64_t n0 = first; n0 < last; n0 += kTile) {
@@ -834,7 +849,7 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
           }
         }
         if (!bw.scatter) gather_sent<L>(bw, first, first + plane, out);
-        std::swap(gp, out);
+        grads.next_step();
       }
     }
   });
@@ -854,12 +869,14 @@ inline int64_t scatter_slabs(const Geometry& g) {
 // straight into the states read, a barrier between.  Without, each step is split over tiles of cells, then
 // gathered, a barrier between.
 template <int L, typename T>
-void backward_by_step(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
+void backward_by_step(const Backward<T>& bw, int64_t steps, StepGradients<T> grads) {
   const Geometry& g = bw.g;
   if (bw.scatter) {
     const int64_t S = L > 0 ? L : g.S, plane = g.Y * g.Z, slabs = scatter_slabs(g);
     for (int64_t t = steps - 1; t >= 0; --t) {
-      at::parallel_for(0, g.N * S, 1 << 14, [&](int64_t begin, int64_t end) { std::fill(next + begin, next + end, T(0)); });
+      const T* gp = grads.upstream;
+      T* out = grads.written;
+      at::parallel_for(0, g.N * S, 1 << 14, [&](int64_t begin, int64_t end) { std::fill(out + begin, out + end, T(0)); });
       for (int64_t b = 0; b < g.B; ++b)
         for (int64_t parity = 0; parity < 2; ++parity)
           at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {
@@ -867,21 +884,23 @@ void backward_by_step(const Backward<T>& bw, int64_t steps, T* cur, T* next) {
             s.for_backward(bw.w);
             for (int64_t i = begin; i < end; ++i) {
               const int64_t slab = 2 * i + parity, x0 = slab * g.X / slabs, x1 = (slab + 1) * g.X / slabs;
-              backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, cur, next, s);
+              backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, gp, out, s);
             }
           });
-      std::swap(cur, next);
+      grads.next_step();
     }
     return;
   }
   for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* gp = grads.upstream;
+    T* out = grads.written;
     at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> s(g, bw.w);
       s.for_backward(bw.w);
-      backward_cells<L>(bw, t, begin * kTile, std::min(end * kTile, g.N), cur, next, s);
+      backward_cells<L>(bw, t, begin * kTile, std::min(end * kTile, g.N), gp, out, s);
     });
-    at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) { gather_sent<L>(bw, begin, end, next); });
-    std::swap(cur, next);
+    at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) { gather_sent<L>(bw, begin, end, out); });
+    grads.next_step();
   }
 }
 
@@ -915,9 +934,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return L > 0 && L % StateVec<float>::width == 0 && L % StateVec<double>::width == 0;
   });
   const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
-  // The state gradient of step t + 1, then of step t: two buffers that take turns.
-  at::Tensor grad = grad_final.contiguous().clone();
-  at::Tensor grad_next = at::empty_like(grad);
+  // The final state's gradient, read in place, then the state gradients of the steps (StepGradients).
+  const at::Tensor upstream = grad_final.contiguous();
+  at::Tensor grad = at::empty_like(upstream);
+  at::Tensor grad_spare = steps > 1 ? at::empty_like(upstream) : at::Tensor();
   at::Tensor grad_external = at::zeros_like(u);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
 
@@ -934,14 +954,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          update == kReplace ? T(1) : static_cast<T>(step_size), acc.data_ptr<T>(), acc_size, threads};
     with_state_length(g.S, [&](auto state_length) {
       constexpr int L = decltype(state_length)::value;
+      const StepGradients<T> grads{upstream.data_ptr<T>(), grad.data_ptr<T>(),
+                                   steps > 1 ? grad_spare.data_ptr<T>() : nullptr};
       if (by_sample) {
-        backward_by_sample<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
+        backward_by_sample<L>(bw, steps, grads);
       } else {
-        backward_by_step<L>(bw, steps, grad.data_ptr<T>(), grad_next.data_ptr<T>());
+        backward_by_step<L>(bw, steps, grads);
       }
     });
-    // After an odd number of steps the state gradient ends in the second buffer.
-    if (steps % 2 == 1) std::swap(grad, grad_next);
+    // The first step writes the first buffer, the second the spare, and so on: after an even number of steps
+    // the state gradient of step 0 is in the spare.
+    if (steps % 2 == 0) std::swap(grad, grad_spare);
     weight_grads = weight_gradients(g, w, acc);
   });
   return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),

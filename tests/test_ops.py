@@ -210,11 +210,15 @@ def test_opcheck():
     for keep, grad in ((True, True), (False, False)):
         args = [a.requires_grad_(grad) for a in make_problem(2, 2, 3, 2, 2, 3, 1, seed=9)]
         torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, (*args, 3, 1, 2, 1, 0.5, keep))
-    args = make_problem(1, 3, 1, 2, 2, 3, 0, seed=1)
-    final, traj = torch.ops.cubecore.propagate_forward(*args, 2, 2, 0, 0, 1.0, True)
-    torch.library.opcheck(
-        torch.ops.cubecore.propagate_backward.default, (torch.randn_like(final), traj, *args[1:], 2, 2, 0, 0, 1.0)
-    )
+    # The backward reads the final state's gradient in place: opcheck's schema test fails if any path writes to
+    # it (the tile split with its gather, S = 2; the scatter where threads own samples, B = 2, and over slabs of
+    # planes, B = 1, X = 4; one step and two).
+    for shape, steps in (((1, 3, 1, 2, 2, 3, 0), 2), ((2, 2, 3, 2, 8, 16, 1), 1), ((1, 4, 2, 3, 8, 16, 1), 2)):
+        args = make_problem(*shape, seed=1)
+        final, traj = torch.ops.cubecore.propagate_forward(*args, steps, 2, 0, 0, 1.0, True)
+        with torch_threads(2):
+            torch.library.opcheck(torch.ops.cubecore.propagate_backward.default,
+                                  (torch.randn_like(final), traj, *args[1:], steps, 2, 0, 0, 1.0))
 
 
 @requires_kernel
