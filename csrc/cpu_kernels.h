@@ -7,11 +7,11 @@ namespace {
 
 // ---- small dense building blocks ----------------------------------------------------------------------------
 //
-// Feature dimensions (hidden H, state S, the packed input K) are padded to whole SIMD vectors, so
-// every matrix product is a loop of vector FMAs over its output features, with the accumulators of a few cells
-// held in registers and handed to an epilogue (activation, store) before they leave them.  Inputs are read
-// where they lie: a cell's input row is a list of segments (its six neighbours' states, its own, its external
-// input), each a pointer to a few contiguous values, so no gathered copy of the inputs is ever made.
+// Feature dimensions (hidden H, state S, a cell's packed input-state gradients 7S) are padded to whole SIMD
+// vectors, so every matrix product is a loop of vector FMAs over its output features, with the accumulators of
+// a few cells held in registers and handed to an epilogue (activation, store) before they leave them.  Inputs
+// are read where they lie: a cell's input row is a list of segments (its six neighbours' states, its own, its
+// external input), each a pointer to a few contiguous values, so no gathered copy of the inputs is ever made.
 
 constexpr int64_t kTile = 32;
 // Vector accumulators a block keeps in registers: half the register file (32 with AVX-512VL, else 16).

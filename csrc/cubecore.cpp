@@ -101,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bo
 // The CPU kernels, compiled for 32-byte vectors (AVX2) and, where the machine has AVX-512, twice more: with
 // 64-byte vectors over the hidden features and 32-byte ones over a state (`mixed`), and with 64-byte vectors
 // throughout (`wide`).  A call takes the widest vectors its sizes fill: `wide` where a state is whole 64-byte
-// vectors (S a multiple of 16: measured +35% at S = 16, H = 64), `mixed` where only the hidden layer is wider
-// than 32 bytes (S = 8, H = 16: the state stays whole 32-byte vectors), else `narrow`.
+// vectors (S a multiple of 16: measured +35% at S = 16, H = 64), `mixed` where the hidden layer has more than
+// 8 values and S is not a multiple of 16 (S = 8, H = 16: a state stays whole 32-byte vectors), else `narrow`.
 namespace narrow {
 #define CUBECORE_HIDDEN_BYTES 32
 #define CUBECORE_STATE_BYTES 32

@@ -81,22 +81,48 @@ def test_cpu_kernel_states_of_whole_wide_vectors_match_reference(shape, boundary
 @requires_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("state_hidden", [(8, 16), (5, 12), (8, 24), (3, 40), (6, 70), (8, 4), (16, 9)],
+@pytest.mark.parametrize("state_hidden", [(8, 16), (5, 12), (8, 24), (3, 40), (6, 70), (24, 20), (8, 4), (16, 9)],
                          ids=lambda sh: "S%dH%d" % sh)
+@pytest.mark.parametrize("update", ["replace", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_hidden, dtype):
+def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_hidden, update, dtype):
     """The CPU kernels are built for three pairs of vector widths (hidden / state: 32/32, and with AVX-512
-    64/32 and 64/64) and a call takes the widest its sizes fill: H > 8 with S not a multiple of 16 runs the
-    hidden layer on 64-byte vectors (one, two, three and five of them above, the last in two chunks) while
-    states stay 32-byte vectors, whole (S = 8) or padded (S = 3, 5, 6); H = 4 the narrow build; S = 16 the wide
-    one.  Each under both thread splits (B = 1 splits every step, B = 2 gives threads whole samples)."""
+    64/32 and 64/64; without AVX-512 every case here takes the 32-byte build) and a call takes the widest its
+    sizes fill: H > 8 with S not a multiple of 16 runs the hidden layer on 64-byte vectors (in float32 one,
+    two, three and five of them above, the last in two chunks; twice as many in float64) while states stay
+    32-byte vectors, whole (S = 8, and S = 24 without a loop compiled for its length) or padded (S = 3, 5, 6);
+    H = 4 the narrow build; S = 16 the wide one.  Each under every thread split: threads get whole samples
+    (B = 1 on 1 thread, B = 2 on 1 or 2), else the backward cuts the 5 x-planes into slabs where a state is
+    whole vectors, or splits each step over tiles where it is not."""
     S, H = state_hidden
-    args = make_problem(batch, 3, 4, 5, S, H, 2, seed=S * 100 + H + threads)
-    kw = rule_kwargs(["wall", "periodic", "reflect"][(S + threads) % 3], ["tanh", "relu", "sigmoid"][H % 3],
-                     ["replace", "residual"][batch % 2], 3)
+    args = make_problem(batch, 5, 3, 4, S, H, 2, seed=S * 100 + H + threads)
+    kw = rule_kwargs(["wall", "periodic", "reflect"][(S + threads + batch) % 3], ["tanh", "relu", "sigmoid"][H % 3],
+                     update, 3)
     with torch_threads(threads):
         got = forward_and_grads([a.to(dtype) for a in args], "kernel", **kw)
     assert_close_all(got, forward_and_grads(args, "reference", **kw), atol=1e-11 if dtype == torch.float64 else 1e-4)
+
+
+@requires_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lattice", [(1, 5, 3, 4), (1, 13, 2, 2), (5, 6, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("state_hidden", [(8, 16), (16, 9)], ids=lambda sh: "S%dH%d" % sh)
+@pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
+                                                                    ["replace", "residual"])))
+def test_cpu_kernel_slab_scatter_matches_reference(threads, lattice, state_hidden, boundary, update):
+    """Too few samples for whole ones per thread, states of whole vectors: the backward cuts each sample's
+    x-planes into slabs (2 of 2-3 planes at X = 5, 4 or 6 at X = 13, 2 of 3 planes at X = 6 in each of five
+    samples, one sample after another) and adds gradients straight into the states read, even slabs then odd ones.  With the 64-byte
+    builds (S = 8, H = 16 mixed; S = 16 wide), every boundary and update, float64 and float32, an odd and an
+    even number of steps."""
+    S, H = state_hidden
+    args = make_problem(*lattice, S, H, 1, seed=lattice[1] * 10 + threads + S)
+    for dtype, steps in ((torch.float64, 2), (torch.float64, 3), (torch.float32, 2), (torch.float32, 3)):
+        kw = rule_kwargs(boundary, ["tanh", "relu", "sigmoid"][(steps + threads) % 3], update, steps)
+        with torch_threads(threads):
+            got = forward_and_grads([a.to(dtype) for a in args], "kernel", **kw)
+        assert_close_all(got, forward_and_grads(args, "reference", **kw),
+                         atol=1e-11 if dtype == torch.float64 else 1e-4)
 
 
 @requires_kernel
