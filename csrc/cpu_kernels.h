@@ -621,9 +621,9 @@ struct Backward {
   const T* external;        // [N][E]
   T* grad_external;         // [N][E]
   // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
-  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (where a state is whole
-  // vectors and a thread owns whole samples, or a slab of planes that no slab run beside it reads: race-free
-  // either way).  Otherwise the tile pass writes each cell's
+  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (where a thread owns
+  // whole samples, or a slab of planes that no slab run beside it reads: race-free either way).  Otherwise (a
+  // step split over tiles) the tile pass writes each cell's
   // neighbour-slot gradients to `sent` ([N][kNeighbours * S]) and gather_sent collects them.
   bool scatter;
   T* sent;
@@ -730,7 +730,7 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, co
                    T* o = out + (read - st) + (j - slot * S);
                    vstore(o, vload<V>(o) + piece);
                  }
-               } else if (j + W <= sent_len) {
+               } else if (!bw.scatter && j + W <= sent_len) {
                  vstore(bw.sent + (n0 + c) * sent_len + j, piece);
                } else if (whole && j >= sent_len && j < sent_len + S) {
                  const int64_t at = (n0 + c) * S + j - sent_len;
@@ -742,13 +742,26 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, co
              }
          });
   if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
-    const int64_t sent_vectors_end = sent_len / W * W;  // whole vectors of sent values went straight there
+    // (without the scatter, whole vectors of sent values went straight to bw.sent)
+    const int64_t sent_vectors_end = bw.scatter ? 0 : sent_len / W * W;
     for (int64_t l = 0; l < count; ++l) {
       const int64_t n = n0 + l;
       const T* d = dinput + l * Ks;
-      for (int64_t j = sent_vectors_end; j < sent_len; ++j) bw.sent[n * sent_len + j] = d[j];
+      if (bw.scatter) {
+        for (int slot = 0; slot < kNeighbours; ++slot) {
+          const T* read = rows.row(l, slot);
+          if (read == zeros) continue;
+          T* o = out + (read - st);
+          for (int64_t c = 0; c < S; ++c) o[c] += d[slot * S + c];
+        }
+      } else {
+        for (int64_t j = sent_vectors_end; j < sent_len; ++j) bw.sent[n * sent_len + j] = d[j];
+      }
       const T* own = d + sent_len;
-      for (int64_t c = 0; c < S; ++c) out[n * S + c] = own[c] + (residual ? gp[n * S + c] : T(0));
+      for (int64_t c = 0; c < S; ++c) {
+        const T v = own[c] + (residual ? gp[n * S + c] : T(0));
+        out[n * S + c] = bw.scatter ? out[n * S + c] + v : v;
+      }
     }
   }
 }
@@ -820,10 +833,8 @@ struct StepGradients {
   }
 };
 
-// All T steps, each thread taking whole samples (split_by_sample).  With the scatter, the readers of a
-// state add into its gradient, which starts at zero.  Without, the gather trails the tile pass by one
-// x-plane, so the gradients sent between cells are collected while still in cache: a cell's readers lie
-// within one plane of it, except those of the first plane on a periodic x-axis, which is collected last.
+// All T steps, each thread taking whole samples (split_by_sample): the readers of a state add into its
+// gradient (the scatter), which starts at zero; one thread writes the whole sample, so there is no race.
 template <int L, typename T>
 void backward_by_sample(const Backward<T>& bw, int64_t steps, const StepGradients<T>& gradients) {
   const Geometry& g = bw.g;
@@ -833,22 +844,10 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, const StepGradient
     s.for_backward(bw.w);
     for (int64_t b = b_begin; b < b_end; ++b) {
       StepGradients<T> grads = gradients;
-      const int64_t first = b * g.cells, last = first + g.cells, plane = g.Y * g.Z;
+      const int64_t first = b * g.cells, last = first + g.cells;
       for (int64_t t = steps - 1; t >= 0; --t) {
-        const T* gp = grads.upstream;
-        T* out = grads.written;
-        if (bw.scatter) std::fill(out + first * S, out + last * S, T(0));
-        int64_t collected = first + plane;
-        for (int64_t n0 = first; n0 < last; n0 += kTile) {
-          const int64_t n1 = std::min(n0 + kTile, last);
-          backward_cells<L>(bw, t, n0, n1, gp, out, s);
-          const int64_t ready = n1 == last ? n1 : n1 - plane;
-          if (!bw.scatter && ready > collected) {
-            gather_sent<L>(bw, collected, ready, out);
-            collected = ready;
-          }
-        }
-        if (!bw.scatter) gather_sent<L>(bw, first, first + plane, out);
+        std::fill(grads.written + first * S, grads.written + last * S, T(0));
+        backward_cells<L>(bw, t, first, last, grads.upstream, grads.written, s);
         grads.next_step();
       }
     }
@@ -866,8 +865,8 @@ inline int64_t scatter_slabs(const Geometry& g) {
 
 // All T steps, each step split across threads.  With the scatter, the x-planes of each sample are cut into
 // slabs (scatter_slabs) and the even slabs, then the odd ones, run in parallel, adding the gradients they send
-// straight into the states read, a barrier between.  Without, each step is split over tiles of cells, then
-// gathered, a barrier between.
+// straight into the states read, a barrier between.  Without (lattices of fewer than 4 x-planes), each step
+// is split over tiles of cells, then gathered, a barrier between.
 template <int L, typename T>
 void backward_by_step(const Backward<T>& bw, int64_t steps, StepGradients<T> grads) {
   const Geometry& g = bw.g;
@@ -929,10 +928,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
   const bool by_sample = split_by_sample(g);
-  const bool scatter = (by_sample || scatter_slabs(g) > 0) && with_state_length(g.S, [&](auto state_length) {
-    constexpr int L = decltype(state_length)::value;
-    return L > 0 && L % StateVec<float>::width == 0 && L % StateVec<double>::width == 0;
-  });
+  const bool scatter = by_sample || scatter_slabs(g) > 0;
   const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
   // The final state's gradient, read in place, then the state gradients of the steps (StepGradients).
   const at::Tensor upstream = grad_final.contiguous();

@@ -54,9 +54,9 @@ def torch_threads(n):
                                                                     ["replace", "residual"])))
 def test_cpu_kernel_any_thread_split_matches_reference(threads, batch, state_size, boundary, update):
     """The CPU kernels give each thread whole samples where the batch divides well (the backward then adds
-    each state's gradient straight into it when a state is whole vectors, S = 8, else gathers it), and
-    otherwise split every step over tiles of cells; every split, with any thread count, must give the
-    reference's result."""
+    each state's gradient straight into it: from registers where a state is whole vectors, S = 8, else value
+    by value, S = 5), and otherwise split every step across threads (X = 3: over tiles, then gathered); every
+    split, with any thread count, must give the reference's result."""
     args = make_problem(batch, 3, 4, 5, state_size, 16, 2, seed=batch * 10 + threads)
     activation = ["tanh", "relu", "sigmoid"][(batch + threads) % 3]
     kw = rule_kwargs(boundary, activation, update, 3)
@@ -92,8 +92,7 @@ def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_h
     two, three and five of them above, the last in two chunks; twice as many in float64) while states stay
     32-byte vectors, whole (S = 8, and S = 24 without a loop compiled for its length) or padded (S = 3, 5, 6);
     H = 4 the narrow build; S = 16 the wide one.  Each under every thread split: threads get whole samples
-    (B = 1 on 1 thread, B = 2 on 1 or 2), else the backward cuts the 5 x-planes into slabs where a state is
-    whole vectors, or splits each step over tiles where it is not."""
+    (B = 1 on 1 thread, B = 2 on 1 or 2), else the backward cuts the 5 x-planes into slabs."""
     S, H = state_hidden
     args = make_problem(batch, 5, 3, 4, S, H, 2, seed=S * 100 + H + threads)
     kw = rule_kwargs(["wall", "periodic", "reflect"][(S + threads + batch) % 3], ["tanh", "relu", "sigmoid"][H % 3],
@@ -106,15 +105,15 @@ def test_cpu_kernel_every_vector_width_matches_reference(threads, batch, state_h
 @requires_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lattice", [(1, 5, 3, 4), (1, 13, 2, 2), (5, 6, 2, 2)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("state_hidden", [(8, 16), (16, 9)], ids=lambda sh: "S%dH%d" % sh)
+@pytest.mark.parametrize("state_hidden", [(8, 16), (16, 9), (5, 12)], ids=lambda sh: "S%dH%d" % sh)
 @pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
                                                                     ["replace", "residual"])))
 def test_cpu_kernel_slab_scatter_matches_reference(threads, lattice, state_hidden, boundary, update):
-    """Too few samples for whole ones per thread, states of whole vectors: the backward cuts each sample's
-    x-planes into slabs (2 of 2-3 planes at X = 5, 4 or 6 at X = 13, 2 of 3 planes at X = 6 in each of five
-    samples, one sample after another) and adds gradients straight into the states read, even slabs then odd ones.  With the 64-byte
-    builds (S = 8, H = 16 mixed; S = 16 wide), every boundary and update, float64 and float32, an odd and an
-    even number of steps."""
+    """Too few samples for whole ones per thread: the backward cuts each sample's x-planes into slabs (2 of
+    2-3 planes at X = 5, 4 or 6 at X = 13, 2 of 3 planes at X = 6 in each of five samples, one sample after
+    another) and adds gradients straight into the states read, even slabs then odd ones.  With the 64-byte
+    builds (S = 8, H = 16 mixed; S = 16 wide) and a state of padded vectors (S = 5), every boundary and
+    update, float64 and float32, an odd and an even number of steps."""
     S, H = state_hidden
     args = make_problem(*lattice, S, H, 1, seed=lattice[1] * 10 + threads + S)
     for dtype, steps in ((torch.float64, 2), (torch.float64, 3), (torch.float32, 2), (torch.float32, 3)):
@@ -133,10 +132,10 @@ def test_cpu_kernel_slab_scatter_matches_reference(threads, lattice, state_hidde
 @pytest.mark.parametrize("boundary,update", list(itertools.product(["wall", "periodic", "reflect"],
                                                                     ["replace", "residual"])))
 def test_cpu_kernel_few_samples_of_odd_lattices_match_reference(threads, lattice, boundary, update):
-    """Too few samples to give each thread whole ones: every step is split across threads.  Where a state is
-    whole vectors (S = 8) and X >= 4, each sample's planes are cut into slabs, the even ones run beside each
-    other, then the odd ones (2 slabs of 2 planes at X = 4, 4 or 6 slabs of 2-4 planes at X = 13, a periodic
-    wrap between the first and the last), else the step is split over tiles, then gathered.  Lattices whose cells
+    """Too few samples to give each thread whole ones: every step is split across threads.  Where X >= 4,
+    each sample's planes are cut into slabs, the even ones run beside each other, then the odd ones (2 slabs
+    of 2 planes at X = 4, 4 or 6 slabs of 2-4 planes at X = 13, a periodic wrap between the first and the
+    last), else (X = 1, 2) the step is split over tiles, then gathered.  Lattices whose cells
     and x-planes do not divide by the thread count, a single plane (X = 1), periodic X = 2, and planes of 66
     cells that tiles of 32 straddle."""
     B, X, Y, Z = lattice
