@@ -481,7 +481,8 @@ inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w,
 
 // How the work is split over threads.  Samples are independent: where there are enough of them, each thread
 // takes whole samples through every step, so that a sample's states stay in its core's caches and no step
-// waits for another thread.  Otherwise each step is split over tiles of cells, with a barrier between steps.
+// waits for another thread.  Otherwise each step is split across threads, with a barrier between steps (the
+// forward over tiles of cells; the backward over slabs of x-planes, see scatter_slabs).
 inline bool split_by_sample(const Geometry& g) {
   const int64_t threads = at::get_num_threads();
   return g.B % threads == 0 || g.B >= 4 * threads;
@@ -741,9 +742,9 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, co
                }
              }
          });
-  if constexpr (!whole) {  // what the epilogue left in dinput: vectors that straddle two slots
-    // (without the scatter, whole vectors of sent values went straight to bw.sent)
-    const int64_t sent_vectors_end = bw.scatter ? 0 : sent_len / W * W;
+  if constexpr (!whole) {  // what the epilogue left in dinput: with the scatter, all 7S values of each cell;
+    // without, the vectors that straddle two slots (whole vectors of sent values went straight to bw.sent)
+    const int64_t sent_vectors_end = sent_len / W * W;
     for (int64_t l = 0; l < count; ++l) {
       const int64_t n = n0 + l;
       const T* d = dinput + l * Ks;

@@ -11,9 +11,10 @@ import cubecore
 
 RULES = list(itertools.product(["wall", "periodic", "reflect"], ["tanh", "relu", "sigmoid"], ["replace", "residual"]))
 # (B, X, Y, Z, S, H, E): odd lattices, B = 1 and B > 1, E = 0 and E > 0.
-# S = 8 and 16 take the kernels' paths compiled for those state sizes; other S the general one.  An even B
-# (on an even thread count) lets the CPU backward add gradients straight into the states read; 1x1x1 makes
-# every periodic or reflecting neighbour the cell itself.
+# S = 8 and 16 take the kernels' paths compiled for those state sizes; other S the general one.  A B that
+# divides by the thread count gives threads whole samples, X = 1 or 2 with fewer samples makes the CPU
+# backward split each step over tiles and gather; 1x1x1 makes every periodic or reflecting neighbour the cell
+# itself.
 SHAPES = [(1, 1, 1, 1, 2, 3, 0), (2, 1, 7, 13, 3, 5, 1), (3, 3, 5, 2, 4, 6, 2), (1, 3, 5, 2, 1, 1, 0),
           (3, 2, 3, 4, 8, 16, 1), (2, 3, 1, 2, 16, 9, 0), (2, 1, 1, 1, 8, 4, 1)]
 
