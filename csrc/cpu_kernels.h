@@ -394,7 +394,9 @@ struct PackedWeights {
 
   PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
                 const at::Tensor& B2)
-      : Hp(padded<T, kHiddenBytes>(g.H)), Sp(padded<T, kStateBytes>(g.S)), Ks(padded<T, kHiddenBytes>(kSlots * g.S)) {
+      : Hp(padded<T, kHiddenBytes>(g.H)),
+        Sp(padded<T, kStateBytes>(g.S)),
+        Ks(padded<T, kHiddenBytes>(kSlots * g.S)) {
     const int64_t H = g.H, S = g.S, K = g.K;
     auto opts = W1.options();
     w1t = at::zeros({K, Hp}, opts);
@@ -470,11 +472,11 @@ inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w,
                            vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
                        });
   if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
-    matmul<kStateBytes>(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp, w.b2.template data_ptr<T>(),
-           [&](int64_t c, int64_t col, SV* acc, auto rv) {
-             for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
-             on_change(c, col, acc, rv);
-           });
+    matmul<kStateBytes>(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp,
+                        w.b2.template data_ptr<T>(), [&](int64_t c, int64_t col, SV* acc, auto rv) {
+                          for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
+                          on_change(c, col, acc, rv);
+                        });
   }
   return rows;
 }
@@ -751,9 +753,7 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, co
       if (bw.scatter) {
         for (int slot = 0; slot < kNeighbours; ++slot) {
           const T* read = rows.row(l, slot);
-          if (read == zeros) continue;
-          T* o = out + (read - st);
-          for (int64_t c = 0; c < S; ++c) o[c] += d[slot * S + c];
+          if (read != zeros) add_into(out + (read - st), d + slot * S, S);
         }
       } else {
         for (int64_t j = sent_vectors_end; j < sent_len; ++j) bw.sent[n * sent_len + j] = d[j];
@@ -876,7 +876,8 @@ void backward_by_step(const Backward<T>& bw, int64_t steps, StepGradients<T> gra
     for (int64_t t = steps - 1; t >= 0; --t) {
       const T* gp = grads.upstream;
       T* out = grads.written;
-      at::parallel_for(0, g.N * S, 1 << 14, [&](int64_t begin, int64_t end) { std::fill(out + begin, out + end, T(0)); });
+      at::parallel_for(0, g.N * S, 1 << 14,
+                       [&](int64_t begin, int64_t end) { std::fill(out + begin, out + end, T(0)); });
       for (int64_t b = 0; b < g.B; ++b)
         for (int64_t parity = 0; parity < 2; ++parity)
           at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {

@@ -127,64 +127,45 @@ namespace wide {
 #undef CUBECORE_HIDDEN_BYTES
 #undef CUBECORE_STATE_BYTES
 }  // namespace wide
+#else
+// Without AVX-512 the 32-byte build is the only one; the others' names stand for it (build_for never picks
+// them there), so that every call names all three.
+namespace mixed = narrow;
+namespace wide = narrow;
 #endif
 
 namespace {
 
-// The vector widths of a call, from its state size S and hidden size H (see above).
-enum class Widths { kNarrow, kMixed, kWide };
-Widths widths_for(int64_t S, int64_t H) {
+// The function of the build a call takes (see above), from its state size S (the last dimension of `states`)
+// and hidden size H (the rows of w1).  Malformed tensors take `narrow`, whose argument checks name them.
+template <class F>
+F* build_for(const at::Tensor& states, const at::Tensor& w1, F* narrow_fn, [[maybe_unused]] F* mixed_fn,
+             [[maybe_unused]] F* wide_fn) {
 #ifdef __AVX512F__
-  if (S % 16 == 0) return Widths::kWide;
-  if (H > 8) return Widths::kMixed;
+  if (states.dim() >= 1 && w1.dim() == 2) {
+    if (states.size(-1) % 16 == 0) return wide_fn;
+    if (w1.size(0) > 8) return mixed_fn;
+  }
 #endif
-  (void)S;
-  (void)H;
-  return Widths::kNarrow;
+  return narrow_fn;
 }
 
 std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
     const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
     int64_t update, double step_size, bool keep_trajectory) {
-#ifdef __AVX512F__
-  if (state.dim() == 5 && w1.dim() == 2) {
-    switch (widths_for(state.size(4), w1.size(0))) {
-      case Widths::kWide:
-        return wide::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
-                                           step_size, keep_trajectory);
-      case Widths::kMixed:
-        return mixed::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
-                                            step_size, keep_trajectory);
-      case Widths::kNarrow:
-        break;
-    }
-  }
-#endif
-  return narrow::propagate_forward_cpu(state, external, w1, b1, w2, b2, steps, boundary, activation, update,
-                                       step_size, keep_trajectory);
+  const auto kernel = build_for(state, w1, narrow::propagate_forward_cpu, mixed::propagate_forward_cpu,
+                                wide::propagate_forward_cpu);
+  return kernel(state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep_trajectory);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
     const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-#ifdef __AVX512F__
-  if (trajectory.dim() == 6 && w1.dim() == 2) {
-    switch (widths_for(trajectory.size(5), w1.size(0))) {
-      case Widths::kWide:
-        return wide::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
-                                            activation, update, step_size);
-      case Widths::kMixed:
-        return mixed::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
-                                             activation, update, step_size);
-      case Widths::kNarrow:
-        break;
-    }
-  }
-#endif
-  return narrow::propagate_backward_cpu(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary,
-                                        activation, update, step_size);
+  const auto kernel = build_for(trajectory, w1, narrow::propagate_backward_cpu, mixed::propagate_backward_cpu,
+                                wide::propagate_backward_cpu);
+  return kernel(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size);
 }
 
 }  // namespace

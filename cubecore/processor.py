@@ -72,9 +72,8 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
         self.core = CubicCore(lattice_size, state_size, hidden_size,
                               input_size=self.reshaper.channels + self.position_channels + self.global_channels,
-                              steps=steps,
-                              boundary=boundary, activation=activation, update=update, step_size=step_size,
-                              backend=backend)
+                              steps=steps, boundary=boundary, activation=activation, update=update,
+                              step_size=step_size, backend=backend)
         X, Y, Z = self.core.lattice_size
         out = self.reshaper.output_channels
         if self.position_channels:

@@ -142,9 +142,9 @@ def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object
     lines = [f"# cubecore run: {info.get('mode')} mode", "",
              f"Teacher {info.get('teacher')}, lattice {info.get('lattice_size')}, state {info.get('state_size')}, "
              f"hidden {info.get('hidden_size')}, steps {info.get('steps')}, global channels "
-             f"{info.get('global_channels')}, readout skip {info.get('readout_skip')}, {info.get('parameters')} "
-             f"parameters, "
-             f"backend {info.get('active_backend')}, device {info.get('device')}, {info.get('epoch')} epochs.", "",
+             f"{info.get('global_channels')}, readout skip {info.get('readout_skip')}, "
+             f"{info.get('parameters')} parameters, backend {info.get('active_backend')}, "
+             f"device {info.get('device')}, {info.get('epoch')} epochs.", "",
              "Validation split. Retrieval: the rank of the true target among all validation targets (ties count "
              "against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
              "plus c times the mean training target (c fit on the training pairs), ridge = a closed-form linear "
