@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cubecore import propagate, propagate_reference, step_reference
-from cubecore.reference import activate
+from cubecore.ops.reference import activate
 
 Contestant = Callable[..., torch.Tensor]
 

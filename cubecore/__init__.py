@@ -3,17 +3,17 @@
 This module only re-exports; importing it compiles nothing and loads no model.
 """
 
-from .core import CubicCore
+from .model.core import CubicCore
 from .data import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
                    create_dialogue_dataset, create_file_dataset, create_text_dataset, load_conversations)
-from .encoder import DEFAULT_TEACHER, TeacherEncoder
-from .ops import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
-from .reshaper import EmbeddingReshaper
-from .config import TrainingConfig
-from .metrics import EmbeddingMetrics
-from .processor import EmbeddingProcessor
-from .trainer import CubeTrainer
+from .data.teacher import DEFAULT_TEACHER, TeacherEncoder
+from .ops.front import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
+from .ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
+from .model.reshaper import EmbeddingReshaper
+from .training.config import TrainingConfig
+from .training.metrics import EmbeddingMetrics
+from .model.processor import EmbeddingProcessor
+from .training.trainer import CubeTrainer
 
 __version__ = "0.1.0"
 

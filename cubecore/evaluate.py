@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 from .cli import CommandParser, add_weights_argument, run_command
-from .report import results_table
-from .trainer import CubeTrainer, prepare_data
+from .training.report import results_table
+from .training.trainer import CubeTrainer, prepare_data
 
 
 def main(argv=None) -> int:

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from .atomic import current_umask
-from .checkpoint import rng_states, set_rng_states
+from .training.checkpoint import rng_states, set_rng_states
 from .cli import CommandParser, add_weights_argument, run_command
-from .processor import EmbeddingProcessor
-from .trainer import CubeTrainer
+from .model.processor import EmbeddingProcessor
+from .training.trainer import CubeTrainer
 
 
 def run_checkpoint(run: Path) -> Path:
@@ -89,7 +89,7 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     if trainer.config.mode == "autoencoder":
         raise ValueError(f"{run} is an autoencoder run: it learned to give the teacher's embedding back, not a "
                          f"query's answer; the query adapter is exported from dialogue or mixed runs")
-    from .adapter import query_adapter  # sentence-transformers loads only for an export
+    from .model.adapter import query_adapter  # sentence-transformers loads only for an export
 
     with trainer.weights_of(weights) as epoch:
         processor = copy.deepcopy(trainer.model).float().eval()

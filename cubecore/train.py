@@ -33,16 +33,16 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint_file
+from .training.checkpoint import load_checkpoint_file
 from .cli import CommandParser, run_command
-from .config import MODES, TrainingConfig, parse_override
-from .ops import BACKENDS
-from .report import (append_metrics, example_predictions, markdown_report, plot_curves, results_table, seed_summary,
+from .training.config import MODES, TrainingConfig, parse_override
+from .ops.front import BACKENDS
+from .training.report import (append_metrics, example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                      seed_table, write_metrics)
-from .rundir import RunDirectory
-from .tracking import TensorBoardTracker
-from .viz import rollout_gif
-from .trainer import CubeTrainer, prepare_data
+from .training.rundir import RunDirectory
+from .training.tracking import TensorBoardTracker
+from .training.viz import rollout_gif
+from .training.trainer import CubeTrainer, prepare_data
 
 # Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
 RESUMABLE_KEYS = ("epochs", "output_dir", "device", "backend", "cache_dir", "checkpoint_every", "patience",

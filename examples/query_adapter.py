@@ -21,7 +21,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from cubecore import export, train
-from cubecore.trainer import CubeTrainer, prepare_data
+from cubecore.training.trainer import CubeTrainer, prepare_data
 
 
 def retrieval_task(questions, answers):

@@ -53,7 +53,7 @@ def tiny_st_model(tmp_path_factory):
     publish theirs), built from random weights and the default teacher's tokenizer: no network."""
     import shutil
 
-    from cubecore.encoder import resolve_model
+    from cubecore.data.teacher import resolve_model
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules as models
     from transformers import BertConfig, BertModel

@@ -4,7 +4,7 @@ import pytest
 
 from cubecore import TrainingConfig
 from cubecore.checks import UnknownKeyError
-from cubecore.config import parse_override
+from cubecore.training.config import parse_override
 
 
 def test_yaml_round_trip(tmp_path):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import RULES, SHAPES, make_problem
-from cubecore.ops import CUDA_MAX_STATE, kernel_limit_reason
-from cubecore.reference import ACTIVATIONS, BOUNDARIES, UPDATES, trajectory_reference
+from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
+from cubecore.ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, trajectory_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cubecore import TeacherEncoder
-from cubecore.encoder import MINILM_ID, resolve_model
+from cubecore.data.teacher import MINILM_ID, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_bad_device_fails_at_construction_naming_it(device, error):
 
 
 def test_a_cuda_index_beyond_the_devices_fails(monkeypatch):
-    from cubecore.encoder import check_device
+    from cubecore.data.teacher import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -11,8 +11,8 @@ from sentence_transformers import SentenceTransformer
 from cubecore import EmbeddingProcessor, TeacherEncoder
 from cubecore import export
 from cubecore import train as train_cli
-from cubecore.adapter import query_adapter, teacher_modules
-from cubecore.trainer import CubeTrainer
+from cubecore.model.adapter import query_adapter, teacher_modules
+from cubecore.training.trainer import CubeTrainer
 
 QUESTIONS = ["How are you today?", "What is your favourite colour, and why is it that one?", "Tell me a joke",
              "where do you live", "Do you like music?", "What time is it?", "Can you swim?", "Who made you?"]

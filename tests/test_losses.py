@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from cubecore import CubeTrainer, TrainingConfig
-from cubecore.floors import SkipMLP, offset_fit
-from cubecore.losses import info_nce, training_loss
-from cubecore.metrics import retrieval
+from cubecore.training.floors import SkipMLP, offset_fit
+from cubecore.training.losses import info_nce, training_loss
+from cubecore.training.metrics import retrieval
 
 
 def test_info_nce_masks_duplicate_targets():
@@ -54,7 +54,7 @@ def test_info_nce_of_a_large_validation_set_fits_in_memory():
     targets compared element by element); under a 6 GiB address-space limit it must now run."""
     code = (
         "import resource, torch\n"
-        "from cubecore.losses import info_nce\n"
+        "from cubecore.training.losses import info_nce\n"
         "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
         "t = torch.nn.functional.normalize(torch.randn(6000, 384), dim=-1)\n"
         "print(float(info_nce(t, t)))\n")

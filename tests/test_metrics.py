@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cubecore import EmbeddingMetrics
-from cubecore.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, ridge_fit, ridge_predict, semantic_preservation
+from cubecore.training.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, ridge_fit, ridge_predict, semantic_preservation
 
 
 def test_cosine_by_hand():
@@ -61,7 +61,7 @@ def test_baselines_and_semantic_preservation():
 
 
 def test_ridge_alpha_is_chosen_on_training_data():
-    from cubecore.metrics import choose_ridge_alpha
+    from cubecore.training.metrics import choose_ridge_alpha
 
     torch.manual_seed(2)
     x = torch.randn(60, 40)
@@ -90,7 +90,7 @@ def test_metrics_work_for_any_number_of_training_pairs(n):
 @pytest.mark.parametrize("n", [2, 3, 5, 11, 12, 16, 17])
 def test_cross_validation_uses_every_pair_once_as_held_out(n, monkeypatch):
     """Every fold is non-empty and the folds cover the n training pairs exactly once."""
-    import cubecore.metrics as metrics
+    import cubecore.training.metrics as metrics
 
     held_out = []
     real_predict = metrics.ridge_predict
@@ -119,7 +119,7 @@ def test_metrics_argument_checks():
         EmbeddingMetrics(x, x, ridge_alpha=0.0)
     with pytest.raises(TypeError, match="ridge_alpha"):
         EmbeddingMetrics(x, x, ridge_alpha="1")
-    from cubecore.metrics import choose_ridge_alpha
+    from cubecore.training.metrics import choose_ridge_alpha
 
     with pytest.raises(TypeError, match="folds"):
         choose_ridge_alpha(x, x, folds=2.5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cubecore
-from cubecore import ops, propagate, propagate_reference
+from cubecore.ops import front as ops, propagate, propagate_reference
 from conftest import RULES, SHAPES, make_problem, requires_cuda_kernel, requires_kernel
 
 def rule_kwargs(boundary, activation, update, steps):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cubecore.reference import neighbours, propagate_reference, shift, step_reference
+from cubecore.ops.reference import neighbours, propagate_reference, shift, step_reference
 
 
 def coords(X, Y, Z):

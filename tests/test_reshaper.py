@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cubecore import EmbeddingReshaper
-from cubecore.reshaper import STRATEGIES, _snake_order, fitting_lattices
+from cubecore.model.reshaper import STRATEGIES, _snake_order, fitting_lattices
 
 
 @pytest.mark.parametrize("dim,lattice", [(384, (8, 8, 6)), (768, (8, 8, 12)), (768, (4, 4, 4))])

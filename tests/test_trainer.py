@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cubecore import CubeTrainer, TrainingConfig
-from cubecore.trainer import prepare_data
+from cubecore.training.trainer import prepare_data
 from test_data import FakeEncoder
 
 
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 def test_a_checkpoint_saved_before_a_key_existed_loads_as_the_model_it_trained(tmp_path):
     """Runs saved before readout_skip and global_channels existed trained without them: loading one must not
     give it today's defaults (a missing weight, or a skip path it never had)."""
-    from cubecore.checkpoint import load_checkpoint_file, save_checkpoint_file
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
 
     torch.manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
@@ -196,8 +196,8 @@ import shutil  # noqa: E402
 
 from cubecore import train as train_cli  # noqa: E402
 from cubecore import evaluate as evaluate_cli  # noqa: E402
-from cubecore.checkpoint import CheckpointError  # noqa: E402
-from cubecore.rundir import RunDirectory  # noqa: E402
+from cubecore.training.checkpoint import CheckpointError  # noqa: E402
+from cubecore.training.rundir import RunDirectory  # noqa: E402
 
 TINY = ["lattice_size=[2, 2, 3]", "state_size=4", "hidden_size=8", "steps=2", "batch_size=8", "device=cpu",
         "learning_rate=1e-2", "--quiet"]
@@ -242,7 +242,7 @@ class _Evil:
 
 def test_a_malicious_checkpoint_runs_nothing(tmp_path, fake_teacher, dialogue_file, capsys):
     marker = tmp_path / "pwned"
-    from cubecore.checkpoint import MAGIC
+    from cubecore.training.checkpoint import MAGIC
     import hashlib, io
     buffer = io.BytesIO()
     torch.save({"model": _Evil(marker)}, buffer)

@@ -1,4 +1,4 @@
-"""cubecore.viz: the PNG of a state's slices, the GIF of a trajectory, and errors naming the argument."""
+"""cubecore.training.viz: the PNG of a state's slices, the GIF of a trajectory, and errors naming the argument."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cubecore import CubicCore, EmbeddingProcessor
-from cubecore.viz import plot_state, rollout_gif
+from cubecore.training.viz import plot_state, rollout_gif
 
 
 def _state(X=3, Y=4, Z=5, S=2, seed=0):

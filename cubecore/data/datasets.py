@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..checks import check_int, check_keys, check_number, check_str, check_tensor
-from ..encoder import DEFAULT_TEACHER, TeacherEncoder, check_texts
+from .teacher import DEFAULT_TEACHER, TeacherEncoder, check_texts
 from .cache import encode_cached
 from .readers import EMBEDDING_SUFFIXES, read_dialogue, read_embeddings, read_texts
 from .sources import is_named_source, load_conversations

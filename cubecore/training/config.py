@@ -12,10 +12,10 @@ import re
 
 import yaml
 
-from .checks import check_bool, check_choice, check_int, check_ints, check_keys, check_number, check_str
-from .ops import BACKENDS
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
-from .reshaper import STRATEGIES
+from ..checks import check_bool, check_choice, check_int, check_ints, check_keys, check_number, check_str
+from ..ops.front import BACKENDS
+from ..ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES
+from ..model.reshaper import STRATEGIES
 from .tracking import LOGGERS
 
 MODES = ("autoencoder", "dialogue", "mixed")
@@ -147,7 +147,7 @@ class TrainingConfig:
         """The lattice must hold the teacher's embedding exactly unless the reshaper projects."""
         cells = self.lattice_size[0] * self.lattice_size[1] * self.lattice_size[2]
         if self.reshaping_method != "projection" and dim % cells:
-            from .reshaper import fitting_lattices
+            from ..model.reshaper import fitting_lattices
 
             fits = ", ".join(f"{x}x{y}x{z}" for x, y, z, _ in fitting_lattices(dim, near=self.lattice_size)[:4])
             raise ValueError(f"config key 'lattice_size' {self.lattice_size} does not fit the teacher's dim {dim} "

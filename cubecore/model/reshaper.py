@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checks import check_choice, check_int, check_ints, check_tensor
+from ..checks import check_choice, check_int, check_ints, check_tensor
 
 # The one list of strategy names (the training config takes its choices from here).
 STRATEGIES = ("simple", "adaptive", "semantic", "projection")

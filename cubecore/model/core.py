@@ -7,9 +7,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checks import check_choice, check_int, check_ints, check_number, check_tensor
-from .ops import BACKENDS, propagate, resolve_backend
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES
+from ..checks import check_choice, check_int, check_ints, check_number, check_tensor
+from ..ops.front import BACKENDS, propagate, resolve_backend
+from ..ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES
 
 
 class CubicCore(nn.Module):
@@ -18,7 +18,7 @@ class CubicCore(nn.Module):
     ``forward(external, state=None)`` maps ``external`` [B, X, Y, Z, input_size] (None when input_size is 0)
     to the final state [B, X, Y, Z, state_size].  The initial state is zeros unless given.
     ``forward(..., return_trajectory=True)`` returns the state of every step instead, [steps + 1, B, X, Y, Z,
-    state_size] (entry 0 the initial state, the last the final state), for inspection (:mod:`cubecore.viz`);
+    state_size] (entry 0 the initial state, the last the final state), for inspection (:mod:`cubecore.training.viz`);
     gradients flow through its last entry on every backend (see :func:`cubecore.propagate`).
     Weights: ``w1`` [hidden, 7*state+input], ``b1`` [hidden], ``w2`` [state, hidden], ``b2`` [state].
     """

@@ -4,7 +4,7 @@ Loss in float32 (cosine, MSE or the original's 0.7 cosine + 0.3 MSE), AdamW by d
 linear warm-up then cosine learning-rate schedule, early stop on ``convergence_threshold``/``patience`` and on
 ``target_similarity``.  The shuffling of epoch e depends only on (seed, e), and checkpoints carry model,
 optimizer, scheduler, RNG states, epoch, step, config and history, so a resumed run continues exactly where the
-killed one stopped.  Checkpoints load weights-only and carry a checksum (``cubecore.checkpoint``).
+killed one stopped.  Checkpoints load weights-only and carry a checksum (``cubecore.training.checkpoint``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
-from .checks import check_device, check_int
+from ..checks import check_device, check_int
 from .config import TrainingConfig
-from .data.datasets import check_embedding_pairs
+from ..data.datasets import check_embedding_pairs
 from .floors import SkipMLP
 from .losses import training_loss
 from .metrics import EmbeddingMetrics, retrieval
-from .processor import EmbeddingProcessor
+from ..model.processor import EmbeddingProcessor
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]
 
@@ -99,7 +99,7 @@ class CubeTrainer:
     def teacher(self):
         """The teacher encoder this trainer learns from (loaded on first use)."""
         if self._teacher is None:
-            from .encoder import TeacherEncoder
+            from ..data.teacher import TeacherEncoder
 
             self._teacher = TeacherEncoder(self.config.teacher, device=None)
         return self._teacher
@@ -438,7 +438,7 @@ class TrainingData:
 
 def prepare_data(config: TrainingConfig, encoder) -> TrainingData:
     """The pairs ``config.mode`` trains on, from ``config.data`` (a named source or a file)."""
-    from .data import create_dialogue_dataset, create_file_dataset
+    from ..data import create_dialogue_dataset, create_file_dataset
 
     common = dict(encoder=encoder, validation_split=config.validation_split, random_seed=config.seed,
                   max_samples=config.max_samples, cache_dir=config.cache_dir)

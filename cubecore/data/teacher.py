@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .checks import check_bool, check_choice, check_device, check_int
+from ..checks import check_bool, check_choice, check_device, check_int
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -3,7 +3,7 @@
 Raw cosine between unrelated sentence embeddings is high, so every report carries baselines computed on the
 same split: ``identity`` (predict the input), ``mean`` (predict the mean training target), ``offset`` (the
 input plus a fitted multiple of the mean training target) and ``ridge`` (a closed-form linear map fit on the
-training pairs); the trainer adds ``mlp`` (``cubecore.floors``); and retrieval: the rank of the true target among all
+training pairs); the trainer adds ``mlp`` (``cubecore.training.floors``); and retrieval: the rank of the true target among all
 validation targets (R@1, R@5, R@10, MRR).
 """
 
@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .checks import check_int, check_number, check_tensor
+from ..checks import check_int, check_number, check_tensor
 from .floors import offset_fit
 
 

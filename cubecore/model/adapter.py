@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Module, Normalize, Pooling, Router, Transformer
 
-from .encoder import TeacherEncoder
+from ..data.teacher import TeacherEncoder
 from .processor import EmbeddingProcessor
 
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 MAGIC = b"CUBECORE-CHECKPOINT 2\n"
 DIGEST_HEX = 64

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .atomic import atomic_write
-from .checks import check_choice, check_int, check_number, check_str, check_tensor
+from ..atomic import atomic_write
+from ..checks import check_choice, check_int, check_number, check_str, check_tensor
 
 AXES = ("x", "y", "z")
 PathLike = Union[str, os.PathLike]

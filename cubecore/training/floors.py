@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import check_int, check_tensor
+from ..checks import check_int, check_tensor
 
 
 def offset_fit(inputs: torch.Tensor, targets: torch.Tensor, grid: int = 4001) -> torch.Tensor:

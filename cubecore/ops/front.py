@@ -2,7 +2,7 @@
 
 ``propagate`` is the one entry point.  With ``backend="kernel"`` it calls the fused C++/CUDA op
 ``torch.ops.cubecore.propagate_forward`` (whose backward is ``propagate_backward``, our own kernel too); with
-``backend="reference"`` the plain-PyTorch rule of :mod:`cubecore.reference`; ``"auto"`` takes the kernel where
+``backend="reference"`` the plain-PyTorch rule of :mod:`cubecore.ops.reference`; ``"auto"`` takes the kernel where
 one is built for the tensors' device and dtype and otherwise the reference, warning once why.
 """
 
@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .checks import check_bool, check_choice, check_int, check_number, check_tensor
+from ..checks import check_bool, check_choice, check_int, check_number, check_tensor
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, trajectory_reference
 
 BACKENDS = ("auto", "kernel", "reference")
@@ -25,7 +25,7 @@ REBUILD = "pip install --no-build-isolation -e . (or without -e for a plain inst
 
 def _build_info() -> Dict[str, object]:
     """What setup.py recorded when it built cubecore._C: the torch (and CUDA) it was built against."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")  # beside _C
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -47,7 +47,7 @@ def extension_error(exc: BaseException, built: Dict[str, object], running: str) 
 
 BUILD_INFO = _build_info()
 try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define torch.ops.cubecore.
-    from . import _C
+    from .. import _C
 
     EXTENSION_ERROR: Optional[str] = None
     # The largest state the CUDA kernels take, from the extension (kMaxCudaState in csrc/cell_rule.h).
@@ -216,7 +216,7 @@ def propagate(
 
     ``return_trajectory=True`` returns instead the state of every step, [steps + 1, B, X, Y, Z, S]: entry 0 is
     the initial ``state``, entry ``t`` the state after ``t`` steps, the last entry the final state.  It is for
-    inspection (:mod:`cubecore.viz` draws it).  Its last entry is the differentiable final state on both
+    inspection (:mod:`cubecore.training.viz` draws it).  Its last entry is the differentiable final state on both
     backends; the earlier entries are differentiable on the reference backend only (the kernel's saved
     trajectory is detached, since its backward recomputes from it rather than differentiating it).
     """

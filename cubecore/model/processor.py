@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
 
-from .checks import check_bool, check_int, check_tensor
+from ..checks import check_bool, check_int, check_tensor
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
 
@@ -116,7 +116,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
 
     def trajectory(self, embedding: torch.Tensor) -> torch.Tensor:
         """The lattice states of every step for an embedding [B, dim]: [steps + 1, B, X, Y, Z, state_size]
-        (entry 0 the initial zero state), for inspection: ``cubecore.viz.rollout_gif(traj[:, 0], path)``."""
+        (entry 0 the initial zero state), for inspection: ``cubecore.training.viz.rollout_gif(traj[:, 0], path)``."""
         return self.core(self.external(embedding), return_trajectory=True)
 
     @classmethod
