@@ -4,12 +4,14 @@ This module only re-exports; importing it compiles nothing and loads no model.
 """
 
 from .model.core import CubicCore
-from .data import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
+from .data import (AutoencoderDataset, DataConfig, DialogueDataset, EmbeddingCache,
                    create_dialogue_dataset, create_file_dataset, create_text_dataset, load_conversations)
 from .data.teacher import DEFAULT_TEACHER, TeacherEncoder
 from .ops.front import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
 from .ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
 from .model.reshaper import EmbeddingReshaper
+from .model.config import ModelConfig
+from .errors import CubecoreError
 from .training.config import TrainingConfig
 from .training.metrics import EmbeddingMetrics
 from .model.processor import EmbeddingProcessor
@@ -28,8 +30,9 @@ __all__ = [
     "TrainingConfig",
     "CubicCore",
     "DEFAULT_TEACHER",
-    "DatasetConfig",
-    "DialogueConfig",
+    "DataConfig",
+    "ModelConfig",
+    "CubecoreError",
     "DialogueDataset",
     "EmbeddingCache",
     "EmbeddingReshaper",

@@ -48,6 +48,11 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
     return path
 
 
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
+    """UTF-8 ``text`` through ``atomic_write``."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     """``torch.save`` through ``atomic_write``."""
     return atomic_write(path, lambda f: torch.save(obj, f))

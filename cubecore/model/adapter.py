@@ -17,6 +17,7 @@ from sentence_transformers.sentence_transformer.modules import Module, Normalize
 
 from ..data.teacher import TeacherEncoder
 from .processor import EmbeddingProcessor
+from ..errors import InvalidTypeError, InvalidValueError
 
 
 class CubeAdapter(Module):
@@ -25,7 +26,7 @@ class CubeAdapter(Module):
     def __init__(self, processor: EmbeddingProcessor) -> None:
         super().__init__()
         if not isinstance(processor, EmbeddingProcessor):
-            raise TypeError(f"processor must be an EmbeddingProcessor, got {type(processor).__name__}")
+            raise InvalidTypeError(f"processor must be an EmbeddingProcessor, got {type(processor).__name__}")
         self.processor = processor
 
     def forward(self, features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
@@ -55,7 +56,7 @@ def teacher_modules(teacher: TeacherEncoder) -> List[Module]:
     """The sentence-transformers modules that compute ``teacher.encode``: the model's own where it is a
     sentence-transformers model, else Transformer + Pooling (+ Normalize), as the teacher pools."""
     if teacher.prompt:
-        raise ValueError(f"a teacher with a prompt ({teacher.prompt_name!r}) cannot be exported: the trainer's "
+        raise InvalidValueError(f"a teacher with a prompt ({teacher.prompt_name!r}) cannot be exported: the trainer's "
                          f"teacher encodes without one")
     if teacher.backend == "sentence-transformers":
         modules = list(SentenceTransformer(teacher.location, device="cpu", local_files_only=True))
@@ -67,7 +68,7 @@ def teacher_modules(teacher: TeacherEncoder) -> List[Module]:
     if teacher.normalize and not any(isinstance(m, Normalize) for m in modules):
         modules.append(Normalize())
     if not teacher.normalize and any(isinstance(m, Normalize) for m in modules):
-        raise ValueError(f"the teacher {teacher.name} normalises its embeddings itself; normalize=False cannot be "
+        raise InvalidValueError(f"the teacher {teacher.name} normalises its embeddings itself; normalize=False cannot be "
                          f"exported")
     modules[0].max_seq_length = teacher.max_length
     return modules
@@ -77,7 +78,7 @@ def query_adapter(teacher: TeacherEncoder, processor: EmbeddingProcessor) -> Sen
     """A SentenceTransformer whose ``encode_query`` is ``processor(teacher.encode(texts))`` and whose
     ``encode_document`` (and plain ``encode``) is ``teacher.encode(texts)``."""
     if processor.input_dim != teacher.dim:
-        raise ValueError(f"the processor takes {processor.input_dim}-D embeddings, the teacher {teacher.name} "
+        raise InvalidValueError(f"the processor takes {processor.input_dim}-D embeddings, the teacher {teacher.name} "
                          f"gives {teacher.dim}-D")
     shared = teacher_modules(teacher)
     router = Router.for_query_document(query_modules=[*shared, CubeAdapter(processor)], document_modules=shared)

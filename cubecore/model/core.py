@@ -10,6 +10,7 @@ from torch import nn
 from ..checks import check_choice, check_int, check_ints, check_number, check_tensor
 from ..ops.front import BACKENDS, propagate, resolve_backend
 from ..ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES
+from ..errors import InvalidValueError
 
 
 class CubicCore(nn.Module):
@@ -64,21 +65,21 @@ class CubicCore(nn.Module):
                 return_trajectory: bool = False) -> torch.Tensor:
         X, Y, Z = self.lattice_size
         if external is None and self.input_size > 0:
-            raise ValueError(f"external [B, {X}, {Y}, {Z}, {self.input_size}] is required (input_size > 0)")
+            raise InvalidValueError(f"external [B, {X}, {Y}, {Z}, {self.input_size}] is required (input_size > 0)")
         if external is not None:
             doc = f"[B, {X}, {Y}, {Z}, {self.input_size}]"
             check_tensor("external", external, doc, ndim=5)
             if tuple(external.shape[1:]) != (X, Y, Z, self.input_size):
-                raise ValueError(f"external must have shape {doc}, got {tuple(external.shape)}")
+                raise InvalidValueError(f"external must have shape {doc}, got {tuple(external.shape)}")
         if state is None:
             if external is None:
-                raise ValueError("with input_size = 0, pass the initial state [B, X, Y, Z, state_size]")
+                raise InvalidValueError("with input_size = 0, pass the initial state [B, X, Y, Z, state_size]")
             state = self.w1.new_zeros((external.shape[0], X, Y, Z, self.state_size))
         else:
             doc = f"[B, {X}, {Y}, {Z}, {self.state_size}]"
             check_tensor("state", state, doc, ndim=5)
             if tuple(state.shape[1:]) != (X, Y, Z, self.state_size):
-                raise ValueError(f"state must have shape {doc}, got {tuple(state.shape)}")
+                raise InvalidValueError(f"state must have shape {doc}, got {tuple(state.shape)}")
         return propagate(
             state, external, self.w1, self.b1, self.w2, self.b2, steps=self.steps, boundary=self.boundary,
             activation=self.activation, update=self.update, step_size=self.step_size, backend=self.backend,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,9 @@ from torch.nn import functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
 
-from ..checks import check_bool, check_int, check_tensor
+from ..checks import check_int, check_tensor
+from ..errors import CubecoreError, InvalidTypeError, InvalidValueError
+from .config import ModelConfig
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
 
@@ -55,38 +57,38 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
     skip-path ``mlp`` floor does).
 
     ``save_pretrained(folder)`` / ``from_pretrained(folder)`` (huggingface_hub's mixin) store the weights as
-    safetensors beside a JSON config of the constructor's arguments and a model card; ``push_to_hub`` works too.
+    safetensors beside ``config.json`` (``input_dim`` and the ``ModelConfig``) and a model card; ``push_to_hub``
+    works too.  A folder saved before ``ModelConfig`` existed (its fields flat in ``config.json``) loads too.
     Loading is strict: every weight must be in the file.
     """
 
-    def __init__(self, input_dim: int, lattice_size: Sequence[int] = (8, 8, 6), state_size: int = 8,
-                 hidden_size: int = 16, steps: int = 10, boundary: str = "wall", activation: str = "tanh",
-                 update: str = "replace", step_size: float = 1.0, reshaping_method: str = "simple",
-                 backend: str = "auto", position_channels: int = 0, readout_skip: bool = False,
-                 global_channels: int = 0) -> None:
+    def __init__(self, input_dim: int, config: Optional[ModelConfig] = None, **options: Any) -> None:
+        """``config`` (default ``ModelConfig()``, the model that training builds), with any of its fields
+        overridden by keyword: ``EmbeddingProcessor(384, steps=6)``."""
         super().__init__()
+        if config is not None and not isinstance(config, ModelConfig):
+            raise InvalidTypeError(f"config must be a cubecore.ModelConfig, got {type(config).__name__}")
+        self.config = config = (config or ModelConfig()).replace(**options) if options else (config or ModelConfig())
+        self._hub_mixin_config = {"input_dim": input_dim, "config": config.to_dict()}  # what config.json holds
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
-        self.position_channels = check_int("position_channels", position_channels, minimum=0)
-        self.global_channels = check_int("global_channels", global_channels, minimum=0)
-        self.readout_skip = check_bool("readout_skip", readout_skip)
-        self.reshaper = EmbeddingReshaper(input_dim, lattice_size, strategy=reshaping_method)
-        self.core = CubicCore(lattice_size, state_size, hidden_size,
-                              input_size=self.reshaper.channels + self.position_channels + self.global_channels,
-                              steps=steps, boundary=boundary, activation=activation, update=update,
-                              step_size=step_size, backend=backend)
+        self.reshaper = EmbeddingReshaper(input_dim, config.lattice_size, strategy=config.reshaping_method)
+        self.core = CubicCore(config.lattice_size, config.state_size, config.hidden_size,
+                              input_size=self.reshaper.channels + config.position_channels + config.global_channels,
+                              steps=config.steps, boundary=config.boundary, activation=config.activation,
+                              update=config.update, step_size=config.step_size, backend=config.backend)
         X, Y, Z = self.core.lattice_size
         out = self.reshaper.output_channels
-        if self.position_channels:
-            self.position = nn.Parameter(0.1 * torch.randn(X, Y, Z, self.position_channels))
-        if self.global_channels:
+        if config.position_channels:
+            self.position = nn.Parameter(0.1 * torch.randn(X, Y, Z, config.position_channels))
+        if config.global_channels:
             # nn.Linear's default init: each global value starts with the scale of one embedding dimension.
-            self.global_projection = nn.Linear(input_dim, self.global_channels, bias=False)
-        self.readout_weight = nn.Parameter(torch.empty(X, Y, Z, state_size, out))
+            self.global_projection = nn.Linear(input_dim, config.global_channels, bias=False)
+        self.readout_weight = nn.Parameter(torch.empty(X, Y, Z, config.state_size, out))
         self.readout_bias = nn.Parameter(torch.zeros(X, Y, Z, out))
-        if readout_skip:
+        if config.readout_skip:
             nn.init.zeros_(self.readout_weight)
         else:
-            nn.init.uniform_(self.readout_weight, -state_size ** -0.5, state_size ** -0.5)
+            nn.init.uniform_(self.readout_weight, -config.state_size ** -0.5, config.state_size ** -0.5)
 
     def readout(self, state: torch.Tensor) -> torch.Tensor:
         """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
@@ -97,22 +99,22 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         [B, X, Y, Z, channels + position_channels + global_channels]."""
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
-            raise ValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
+            raise InvalidValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
         placed = self.reshaper.to_lattice(embedding)
         parts = [placed]
-        if self.position_channels:
+        if self.config.position_channels:
             parts.append(self.position.to(placed.dtype).expand(placed.shape[0], *self.position.shape))
-        if self.global_channels:
+        if self.config.global_channels:
             # In the embedding's dtype, so that a dtype that does not match the core is the core's clear error.
             weight = self.global_projection.weight
             summary = F.linear(embedding, weight.to(embedding.dtype)).to(placed.dtype)
-            parts.append(summary[:, None, None, None, :].expand(*placed.shape[:4], self.global_channels))
+            parts.append(summary[:, None, None, None, :].expand(*placed.shape[:4], self.config.global_channels))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else placed  # one copy, whatever is appended
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         state = self.core(self.external(embedding))
         out = self.reshaper.from_lattice(self.readout(state))
-        return embedding + out if self.readout_skip else out
+        return embedding + out if self.config.readout_skip else out
 
     def trajectory(self, embedding: torch.Tensor) -> torch.Tensor:
         """The lattice states of every step for an embedding [B, dim]: [steps + 1, B, X, Y, Z, state_size]
@@ -124,7 +126,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id."""
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
-            raise ValueError(f"{path} is a file; from_pretrained takes the folder save_pretrained wrote (a training "
+            raise InvalidValueError(f"{path} is a file; from_pretrained takes the folder save_pretrained wrote (a training "
                              f"run's is RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)")
         if path.is_dir():
             config = path / "config.json"
@@ -133,9 +135,19 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
                     else ""
                 raise FileNotFoundError(f"{path} has no config.json: not a folder written by save_pretrained{hint}")
             try:
-                json.loads(config.read_text(encoding="utf-8"))
+                saved = json.loads(config.read_text(encoding="utf-8"))
             except ValueError as exc:
-                raise ValueError(f"{config} is not valid JSON ({exc})") from None
+                raise InvalidValueError(f"{config} is not valid JSON ({exc})") from None
+            if not isinstance(saved, dict) or "input_dim" not in saved:
+                raise InvalidValueError(f"{config} is not the config of a cubecore EmbeddingProcessor")
+            # {"input_dim", "config": {...}}; a folder saved before ModelConfig holds the fields flat beside input_dim
+            section = saved["config"] if isinstance(saved.get("config"), dict) else \
+                {k: v for k, v in saved.items() if k != "input_dim"}
+            try:
+                kwargs.setdefault("config", ModelConfig.from_saved(section))
+            except CubecoreError as exc:
+                raise type(exc)(f"{config}: {exc}") from None
+            kwargs.setdefault("input_dim", saved["input_dim"])
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -147,9 +159,6 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         return super().generate_model_card(*args, lattice=f"{X}x{Y}x{Z}", steps=self.core.steps, **kwargs)
 
     def get_info(self) -> Dict[str, Any]:
-        info = dict(self.core.get_info())
-        info.update(input_dim=self.input_dim, reshaping_method=self.reshaper.strategy,
-                    position_channels=self.position_channels, global_channels=self.global_channels,
-                    readout_skip=self.readout_skip,
-                    parameters=sum(p.numel() for p in self.parameters()))
-        return info
+        """Every ``ModelConfig`` field, the input size, the parameter count and the backend in use."""
+        return {"input_dim": self.input_dim, **self.config.info(), "parameters": sum(p.numel() for p in self.parameters()),
+                "active_backend": self.core.get_info()["active_backend"]}

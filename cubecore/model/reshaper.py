@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_int, check_ints, check_tensor
+from ..errors import InvalidValueError, NotReadyError
 
 # The one list of strategy names (the training config takes its choices from here).
 STRATEGIES = ("simple", "adaptive", "semantic", "projection")
@@ -103,17 +104,17 @@ class EmbeddingReshaper(nn.Module):
         else:
             if input_dim % cells:
                 fits = ", ".join(f"{x}x{y}x{z} (E={e})" for x, y, z, e in fitting_lattices(input_dim, near=lattice))
-                raise ValueError(
+                raise InvalidValueError(
                     f"an embedding of dim {input_dim} does not fit a {lattice[0]}x{lattice[1]}x{lattice[2]} "
                     f"lattice with strategy={strategy!r} (dim must be X*Y*Z*E); lattices that fit: {fits}; "
                     f"or use strategy='projection' for any lattice"
                 )
             self.channels = input_dim // cells
             if channels not in (None, self.channels):
-                raise ValueError(f"channels must be {self.channels} (= dim / cells) with strategy={strategy!r}")
+                raise InvalidValueError(f"channels must be {self.channels} (= dim / cells) with strategy={strategy!r}")
             self.output_channels = self.channels
             if output_channels not in (None, self.channels):
-                raise ValueError(f"output_channels must be {self.channels} with strategy={strategy!r}")
+                raise InvalidValueError(f"output_channels must be {self.channels} with strategy={strategy!r}")
         self.register_buffer("permutation", torch.arange(input_dim))
         self.register_buffer("inverse", torch.arange(input_dim))
         # The flag is a buffer so that it travels in state_dict; ``_fitted`` mirrors it on the host, so that
@@ -144,7 +145,7 @@ class EmbeddingReshaper(nn.Module):
 
     def _require_fitted(self) -> None:
         if not self._fitted:
-            raise RuntimeError(
+            raise NotReadyError(
                 f"EmbeddingReshaper(strategy={self.strategy!r}) is not fitted: call fit(embeddings) with the training "
                 f"inputs first (or load the state_dict of a fitted reshaper)")
 
@@ -163,10 +164,10 @@ class EmbeddingReshaper(nn.Module):
         if not self.needs_fit:
             return self
         if emb.shape[0] < 2:
-            raise ValueError(f"fit needs at least 2 embeddings, got {emb.shape[0]}")
+            raise InvalidValueError(f"fit needs at least 2 embeddings, got {emb.shape[0]}")
         emb = emb.detach().to("cpu", torch.float64)
         if not torch.isfinite(emb).all():
-            raise ValueError("fit: embeddings hold NaN or inf values")
+            raise InvalidValueError("fit: embeddings hold NaN or inf values")
         X, Y, Z = self.lattice_size
         if self.strategy == "adaptive":
             dims = torch.argsort(emb.var(0), descending=True, stable=True)
@@ -199,7 +200,7 @@ class EmbeddingReshaper(nn.Module):
         shape = f"[B, {self.input_dim}]"
         check_tensor(name, emb, shape, ndim=2)
         if emb.shape[1] != self.input_dim:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(emb.shape)}")
+            raise InvalidValueError(f"{name} must have shape {shape}, got {tuple(emb.shape)}")
         return emb
 
     def to_lattice(self, emb: torch.Tensor) -> torch.Tensor:
@@ -215,7 +216,7 @@ class EmbeddingReshaper(nn.Module):
         shape = f"[B, {', '.join(map(str, expected))}]"
         check_tensor("lattice", lattice, shape, ndim=5)
         if tuple(lattice.shape[1:]) != expected:
-            raise ValueError(f"lattice must have shape {shape}, got {tuple(lattice.shape)}")
+            raise InvalidValueError(f"lattice must have shape {shape}, got {tuple(lattice.shape)}")
         self._require_fitted()
         flat = lattice.reshape(lattice.shape[0], -1)
         if self.strategy == "projection":

@@ -17,6 +17,7 @@ import torch
 
 from ..checks import check_bool, check_choice, check_int, check_number, check_tensor
 from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, trajectory_reference
+from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 
 BACKENDS = ("auto", "kernel", "reference")
 
@@ -135,7 +136,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
     if reason is None:
         return "kernel"
     if backend == "kernel":
-        raise RuntimeError(f"backend='kernel' was requested but {reason}")
+        raise UnavailableError(f"backend='kernel' was requested but {reason}")
     key = (torch.device(device).type, dtype, reason)
     if key not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(key)
@@ -150,7 +151,7 @@ def _code(name: str, value: str, choices: Tuple[str, ...]) -> int:
 def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
     check_tensor(name, tensor, shape_doc, ndim=ndim)
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise InvalidTypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     return tensor
 
 
@@ -162,33 +163,33 @@ def check_propagate_args(state, external, w1, b1, w2, b2, steps) -> torch.Tensor
         external = state.new_zeros(state.shape[:-1] + (0,))
     _check_tensor("external", external, 5, "[B, X, Y, Z, E]")
     if external.shape[:4] != state.shape[:4]:
-        raise ValueError(
+        raise InvalidValueError(
             f"external {tuple(external.shape)} must match state {tuple(state.shape)} in [B, X, Y, Z]"
         )
     if min(state.shape[:4]) < 1 or state.shape[4] < 1:
-        raise ValueError(f"state must have B, X, Y, Z, S >= 1, got {tuple(state.shape)}")
+        raise InvalidValueError(f"state must have B, X, Y, Z, S >= 1, got {tuple(state.shape)}")
     S, E = state.shape[4], external.shape[4]
     _check_tensor("w1", w1, 2, "[H, 7*S+E]")
     H = w1.shape[0]
     if w1.shape[1] != 7 * S + E:
-        raise ValueError(
+        raise InvalidValueError(
             f"w1 must have shape [H, 7*S+E] = [H, {7 * S + E}] for S={S}, E={E}, got {tuple(w1.shape)}"
             + (" (does the external input size E match the one w1 was built for?)" if w1.shape[1] > 7 * S else "")
         )
     _check_tensor("b1", b1, 1, f"[H] = [{H}]")
     if b1.shape[0] != H:
-        raise ValueError(f"b1 must have shape [H] = [{H}], got {tuple(b1.shape)}")
+        raise InvalidValueError(f"b1 must have shape [H] = [{H}], got {tuple(b1.shape)}")
     _check_tensor("w2", w2, 2, f"[S, H] = [{S}, {H}]")
     if tuple(w2.shape) != (S, H):
-        raise ValueError(f"w2 must have shape [S, H] = [{S}, {H}], got {tuple(w2.shape)}")
+        raise InvalidValueError(f"w2 must have shape [S, H] = [{S}, {H}], got {tuple(w2.shape)}")
     _check_tensor("b2", b2, 1, f"[S] = [{S}]")
     if b2.shape[0] != S:
-        raise ValueError(f"b2 must have shape [S] = [{S}], got {tuple(b2.shape)}")
+        raise InvalidValueError(f"b2 must have shape [S] = [{S}], got {tuple(b2.shape)}")
     for name, t in (("external", external), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t.dtype != state.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but state has {state.dtype}; all must match")
+            raise InvalidTypeError(f"{name} has dtype {t.dtype} but state has {state.dtype}; all must match")
         if t.device != state.device:
-            raise ValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
+            raise InvalidValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
     check_int("steps", steps, minimum=1)
     return external
 

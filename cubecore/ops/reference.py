@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from ..errors import InvalidValueError
 
 BOUNDARIES = ("wall", "periodic", "reflect")
 ACTIVATIONS = ("tanh", "relu", "sigmoid")
@@ -33,7 +34,7 @@ def shift(state: torch.Tensor, axis: int, offset: int, boundary: str) -> torch.T
     if boundary == "wall":
         edge = torch.zeros_like(edge)
     elif boundary != "reflect":
-        raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+        raise InvalidValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
     parts = [edge, inner] if offset < 0 else [inner, edge]
     return torch.cat(parts, dim=axis)
 
@@ -50,7 +51,7 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.relu(x)
     if activation == "sigmoid":
         return torch.sigmoid(x)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    raise InvalidValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def step_reference(
@@ -73,7 +74,7 @@ def step_reference(
         return change
     if update == "residual":
         return state + step_size * change
-    raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    raise InvalidValueError(f"update must be one of {UPDATES}, got {update!r}")
 
 
 def propagate_reference(

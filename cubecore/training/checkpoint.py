@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..errors import CubecoreError
 
 MAGIC = b"CUBECORE-CHECKPOINT 2\n"
 DIGEST_HEX = 64
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CubecoreError, ValueError):
     """A file that is not a loadable cubecore checkpoint: damaged, foreign, unsafe or of an older format."""
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..checks import check_int, check_number, check_tensor
 from .floors import offset_fit
+from ..errors import InvalidValueError
 
 
 def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
@@ -58,7 +59,7 @@ def _check_pairs(inputs: torch.Tensor, targets: torch.Tensor, what: str) -> None
     check_tensor(f"{what} inputs", inputs, "[N, dim]", ndim=2)
     check_tensor(f"{what} targets", targets, "[N, dim]", ndim=2)
     if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"{what} inputs and targets must have as many rows, got {inputs.shape[0]} and "
+        raise InvalidValueError(f"{what} inputs and targets must have as many rows, got {inputs.shape[0]} and "
                          f"{targets.shape[0]}")
 
 
@@ -74,7 +75,7 @@ def choose_ridge_alpha(inputs: torch.Tensor, targets: torch.Tensor, alphas=RIDGE
     seed = check_int("seed", seed)
     alphas = tuple(check_number("alphas", a, minimum=0.0, strict_minimum=True) for a in alphas)
     if not alphas:
-        raise ValueError("alphas is empty")
+        raise InvalidValueError("alphas is empty")
     n = inputs.shape[0]
     folds = min(folds, n)
     if folds < 2:
@@ -113,7 +114,7 @@ class EmbeddingMetrics:
                  ridge_alpha: Optional[float] = None) -> None:
         _check_pairs(train_inputs, train_targets, "training")
         if train_inputs.shape[0] < 1:
-            raise ValueError("EmbeddingMetrics needs at least one training pair")
+            raise InvalidValueError("EmbeddingMetrics needs at least one training pair")
         if ridge_alpha is not None:
             ridge_alpha = check_number("ridge_alpha", ridge_alpha, minimum=0.0, strict_minimum=True)
         train_inputs, train_targets = train_inputs.detach().cpu(), train_targets.detach().cpu()

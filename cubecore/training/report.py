@@ -4,6 +4,7 @@ report table of the cube against the floors (identity, mean, offset, ridge, mlp)
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -11,34 +12,25 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write, atomic_write_text
+from .rundir import RunFiles
+
 COLUMNS = ("cosine", "mse", "r@1", "r@5", "r@10", "mrr")
 
 
 METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_cosine", "val_r@1", "val_mrr", "lr")
 
 
-def write_metrics(output_dir: Path, history: List[Dict[str, object]]) -> None:
-    """metrics.jsonl and metrics.csv holding exactly ``history``, one line per epoch (a resumed run starts from
-    its checkpoint's history, so an epoch written after the checkpoint is not listed twice)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "metrics.csv"):
-        (output_dir / name).unlink(missing_ok=True)
-    for record in history:
-        append_metrics(output_dir, record)
-
-
-def append_metrics(output_dir: Path, record: Dict[str, object]) -> None:
-    """One epoch's record, appended to metrics.jsonl and metrics.csv."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    path = output_dir / "metrics.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+def write_metrics(files: RunFiles, history: List[Dict[str, object]]) -> None:
+    """metrics.jsonl and metrics.csv holding exactly ``history``, one line per epoch, each written atomically (a
+    resumed run starts from its checkpoint's history, so an epoch written after the checkpoint is not listed
+    twice)."""
+    atomic_write_text(files.metrics_jsonl, "".join(json.dumps(record) + "\n" for record in history))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(files.metrics_csv, table.getvalue())
 
 
 def seed_summary(runs: Dict[int, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
@@ -87,9 +79,10 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
     for ax in (ax_l, ax_c):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def results_table(results: Dict[str, Dict[str, float]]) -> str:
@@ -139,12 +132,10 @@ def standing(results: Dict[str, Dict[str, float]], model: str = "cube") -> List[
 
 def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object],
                     examples: Optional[List[Dict[str, str]]] = None, note: str = "") -> str:
-    lines = [f"# cubecore run: {info.get('mode')} mode", "",
-             f"Teacher {info.get('teacher')}, lattice {info.get('lattice_size')}, state {info.get('state_size')}, "
-             f"hidden {info.get('hidden_size')}, steps {info.get('steps')}, global channels "
-             f"{info.get('global_channels')}, readout skip {info.get('readout_skip')}, "
-             f"{info.get('parameters')} parameters, backend {info.get('active_backend')}, "
-             f"device {info.get('device')}, {info.get('epoch')} epochs.", "",
+    """The report of a run: its settings (``info``: every field of the run's data and model, as ``get_info``
+    gives them), the table against the floors, where the cube stands, the rollout and example predictions."""
+    settings = ", ".join(f"{key} {value}" for key, value in info.items())
+    lines = [f"# cubecore run: {info.get('mode')} mode", "", f"Settings: {settings}.", "",
              "Validation split. Retrieval: the rank of the true target among all validation targets (ties count "
              "against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
              "plus c times the mean training target (c fit on the training pairs), ridge = a closed-form linear "

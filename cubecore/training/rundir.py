@@ -15,14 +15,36 @@ import os
 import shutil
 from pathlib import Path
 from typing import Optional
+from ..errors import CubecoreError, InvalidValueError
 
-RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "report.md",
-             "results.json", "model", "tensorboard", "rollout.gif")
+# Every file a run writes, by role: the one place their names are written.
+FILE_NAMES = {"config": "config.yaml", "metrics_csv": "metrics.csv", "metrics_jsonl": "metrics.jsonl",
+              "last": "last.pt", "best": "best.pt", "curves": "curves.png", "report": "report.md",
+              "results": "results.json", "model": "model", "tensorboard": "tensorboard", "rollout": "rollout.gif",
+              "log": "train.log", "seeds_json": "seeds.json", "seeds_md": "seeds.md"}
+RUN_FILES = tuple(FILE_NAMES.values())
+
+
+class RunFiles:
+    """The paths of a run's files: ``RunFiles(folder).last`` is ``folder/last.pt``; ``seed(n)`` the folder of
+    one seed of a ``--seeds`` study."""
+
+    def __init__(self, root: os.PathLike) -> None:
+        self.root = Path(root)
+        for role, name in FILE_NAMES.items():
+            setattr(self, role, self.root / name)
+
+    def seed(self, seed: int) -> "RunFiles":
+        return RunFiles(self.root / f"seed-{seed}")
+
+    def written(self) -> list:
+        """The run's files that exist, in the order of ``FILE_NAMES``."""
+        return [self.root / name for name in FILE_NAMES.values() if (self.root / name).exists()]
 OPEN_MODES = ("fresh", "overwrite", "resume")
 LOCK_NAME = ".lock"
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(CubecoreError, RuntimeError):
     """The run directory is in use by another run, or holds a run that this one would silently replace."""
 
 
@@ -31,8 +53,9 @@ class RunDirectory:
 
     def __init__(self, path: os.PathLike, mode: str = "fresh") -> None:
         if mode not in OPEN_MODES:
-            raise ValueError(f"mode must be one of {OPEN_MODES}, got {mode!r}")
+            raise InvalidValueError(f"mode must be one of {OPEN_MODES}, got {mode!r}")
         self.path = Path(path)
+        self.files = RunFiles(self.path)
         self.mode = mode
         self._lock: Optional[int] = None
         self._created = False

@@ -11,6 +11,8 @@ import numbers
 import os
 from typing import Dict, Optional
 
+from ..errors import UnavailableError
+
 LOGGERS = ("csv", "tensorboard")
 
 
@@ -23,7 +25,7 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # tensorboard is a dependency; a broken environment says so
-            raise RuntimeError(f"logger 'tensorboard' needs the tensorboard package ({exc}): pip install "
+            raise UnavailableError(f"logger 'tensorboard' needs the tensorboard package ({exc}): pip install "
                                f"tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(folder), purge_step=resume_step + 1 if resume_step else None)
 

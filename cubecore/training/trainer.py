@@ -9,8 +9,10 @@ killed one stopped.  Checkpoints load weights-only and carry a checksum (``cubec
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -30,8 +32,10 @@ from .floors import SkipMLP
 from .losses import training_loss
 from .metrics import EmbeddingMetrics, retrieval
 from ..model.processor import EmbeddingProcessor
+from ..errors import InvalidTypeError, InvalidValueError, NotReadyError, TrainingDivergedError
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger("cubecore")
 
 
 def _as_pairs(data, name: str) -> Pairs:
@@ -42,7 +46,7 @@ def _as_pairs(data, name: str) -> Pairs:
         x, y = data
         check_embedding_pairs(x, y, name)
         return x, y
-    raise TypeError(f"{name} must be (inputs, targets) tensors or a cubecore dataset, got {type(data).__name__}")
+    raise InvalidTypeError(f"{name} must be (inputs, targets) tensors or a cubecore dataset, got {type(data).__name__}")
 
 
 class CubeTrainer:
@@ -68,6 +72,7 @@ class CubeTrainer:
         self.best_state: Optional[Dict[str, torch.Tensor]] = None  # ... and its weights (CPU copies)
         self.finished: Optional[str] = None  # why training ended (early stop or all epochs), None while it goes on
         self._teacher = None
+        self.mlp_floor: Optional[Dict[str, object]] = None  # the trained mlp floor: hidden size, epoch, weights
 
     local_only = False  # True: train in this process alone, even under torchrun
 
@@ -101,7 +106,7 @@ class CubeTrainer:
         if self._teacher is None:
             from ..data.teacher import TeacherEncoder
 
-            self._teacher = TeacherEncoder(self.config.teacher, device=None)
+            self._teacher = TeacherEncoder(self.config.data.teacher, device=None)
         return self._teacher
 
     @property
@@ -112,17 +117,12 @@ class CubeTrainer:
         cfg = self.config
         self.dim = dim if dim is not None else self.teacher.dim
         if self.model_factory is None:
-            cfg.check_fits(self.dim)
+            cfg.model.check_fits(self.dim)
         torch.manual_seed(cfg.seed)
         if self.model_factory is not None:
             self.model = self.model_factory(self.dim).to(self.device)
         else:
-            self.model = EmbeddingProcessor(
-                self.dim, lattice_size=cfg.lattice_size, state_size=cfg.state_size, hidden_size=cfg.hidden_size,
-                steps=cfg.steps, boundary=cfg.boundary, activation=cfg.activation, update=cfg.update,
-                step_size=cfg.step_size, reshaping_method=cfg.reshaping_method, backend=cfg.backend,
-                position_channels=cfg.position_channels, readout_skip=cfg.readout_skip,
-                global_channels=cfg.global_channels).to(self.device)
+            self.model = EmbeddingProcessor(self.dim, cfg.model).to(self.device)
         params = self.model.parameters()
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -141,23 +141,18 @@ class CubeTrainer:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     def get_info(self) -> Dict[str, object]:
-        info = {"mode": self.config.mode, "device": str(self.device), "components_initialized":
-                self.components_initialized, "teacher": self.config.teacher, "epoch": self.epoch, "step": self.step,
-                "lattice_size": self.config.lattice_size, "state_size": self.config.state_size,
-                "hidden_size": self.config.hidden_size, "steps": self.config.steps,
-                "global_channels": self.config.global_channels, "readout_skip": self.config.readout_skip,
-                "backend": self.config.backend}
-        if self.model is not None:
-            model_info = self.model.get_info()
-            info.update(parameters=model_info["parameters"], active_backend=model_info["active_backend"],
-                        input_dim=self.dim)
+        """The data and model settings (every field of both sections), the device, and where training stands."""
+        info = {"mode": self.config.data.mode, "teacher": self.config.data.teacher, "data": self.config.data.source,
+                "device": str(self.device), "epoch": self.epoch, "step": self.step, **self.config.model.info()}
+        if isinstance(self.model, EmbeddingProcessor):
+            info.update(self.model.get_info())
         return info
 
     # -- the model ------------------------------------------------------------------------------------------------
 
     def _require_model(self) -> EmbeddingProcessor:
         if self.model is None:
-            raise RuntimeError("call initialize_components() (or fit) before using the model")
+            raise NotReadyError("call initialize_components() (or fit) before using the model")
         return self.model
 
     def _autocast(self):
@@ -187,7 +182,7 @@ class CubeTrainer:
     def fit(self, train_data, val_data=None, epochs: Optional[int] = None,
             on_epoch_end: Optional[Callable[["CubeTrainer", Dict[str, float]], None]] = None,
             on_step_end: Optional[Callable[["CubeTrainer", float], None]] = None,
-            progress: bool = True) -> List[Dict[str, float]]:
+            progress: bool = True, log_epochs: bool = True) -> List[Dict[str, float]]:
         """Train until ``epochs`` (config default) or an early stop; returns the per-epoch history."""
         from tqdm.auto import tqdm
 
@@ -198,15 +193,15 @@ class CubeTrainer:
             self.initialize_components(dim=x.shape[1])
         model = self._require_model()
         if x.shape[1] != self.dim:
-            raise ValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
+            raise InvalidValueError(f"train_data has dim {x.shape[1]} but the model was built for {self.dim}")
         if cfg.uses_infonce and torch.unique(y, dim=0).shape[0] < 2:
-            raise ValueError("InfoNCE needs at least two different targets to tell apart, but every training target "
+            raise InvalidValueError("InfoNCE needs at least two different targets to tell apart, but every training target "
                              "is the same; use loss_function cosine or mse")
         reshaper = getattr(model, "reshaper", None)
         if reshaper is not None and reshaper.needs_fit and not reshaper.is_fitted:  # adaptive / semantic placement
             reshaper.fit(x)  # from the training inputs
         epochs = epochs if epochs is not None else cfg.epochs
-        progress = progress and self.rank == 0
+        progress = progress and self.rank == 0 and sys.stderr.isatty()  # no bars in a redirected log
         # Each process takes its share of every epoch's permutation, which depends only on (seed, epoch); with
         # one process that is the whole permutation.  Gradients are averaged across processes by DDP.
         sampler = DistributedSampler(range(x.shape[0]), num_replicas=self.world_size, rank=self.rank, shuffle=True,
@@ -228,7 +223,7 @@ class CubeTrainer:
                     pred = train_model(xb).float()
                 loss = self.loss(pred, yb)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
+                    raise TrainingDivergedError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
                                              f"try a lower learning_rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -263,14 +258,14 @@ class CubeTrainer:
             if stop:
                 record["stopped"] = stop
                 self.finished = stop
-            if progress:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step", "stopped"))
-                tqdm.write(f"epoch {record['epoch']}/{epochs}: {shown}")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step", "stopped"))
+            if log_epochs:
+                log.info(f"epoch {record['epoch']}/{epochs}: {shown}")
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
             if stop:
-                if progress:
-                    tqdm.write(f"stopped: {stop}")
+                if log_epochs:
+                    log.info(f"stopped: {stop}")
                 break
         return self.history
 
@@ -299,8 +294,6 @@ class CubeTrainer:
                     f"epochs")
         return None
 
-    train = fit  # the original's name
-
     def weights_digest(self) -> str:
         """A hash of the model's weights: equal across processes of a correct distributed run."""
         import hashlib
@@ -314,19 +307,19 @@ class CubeTrainer:
     def evaluate(self, data, train_data=None, baselines: bool = True, weights: str = "best"
                  ) -> Dict[str, Dict[str, float]]:
         """Metrics of the model on ``data`` with the weights of the best epoch (``weights="best"``, by
-        ``select_by``) or of the last one, and, given the training pairs, of the floors: identity, mean, offset,
-        ridge, and ``mlp`` (trained like the model, on ``train_data`` with ``data`` as validation)."""
+        ``select_by``) or of the last one, and, given the training pairs, of the floors: identity, mean, offset and
+        ridge (fit on ``train_data``), and ``mlp`` where ``train_mlp_floor`` trained it.  Nothing is trained."""
         if weights not in ("best", "last"):
-            raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+            raise InvalidValueError(f"weights must be 'best' or 'last', got {weights!r}")
         x, y = _as_pairs(data, "data")
-        autoencoder = self.config.mode == "autoencoder"
+        autoencoder = self.config.data.mode == "autoencoder"
         with self.weights_of(weights):
             results = {"cube": EmbeddingMetrics.score(self.predict(x), x, y, autoencoder)}
         if baselines and train_data is not None:
             tx, ty = _as_pairs(train_data, "train_data")
             results.update(EmbeddingMetrics(tx, ty).baselines(x, y, autoencoder))
-            if self.model_factory is None:
-                results["mlp"] = self.mlp_floor((tx, ty), (x, y))
+            if self.mlp_floor is not None:
+                results["mlp"] = self.score_mlp_floor(x, y, autoencoder)
         return results
 
     @contextmanager
@@ -352,10 +345,10 @@ class CubeTrainer:
 
         model = self._require_model()
         if not isinstance(model, EmbeddingProcessor):
-            raise TypeError(f"save_pretrained saves an EmbeddingProcessor, not a {type(model).__name__}")
+            raise InvalidTypeError(f"save_pretrained saves an EmbeddingProcessor, not a {type(model).__name__}")
         with self.weights_of(weights) as epoch:
             card = (f"Weights of epoch {epoch} ({weights}, by {self.config.select_by}); teacher "
-                    f"{self.config.teacher}, mode {self.config.mode}, data {self.config.data}.")
+                    f"{self.config.data.teacher}, mode {self.config.data.mode}, data {self.config.data.source}.")
             if results:
                 card += "\n\nValidation split, against the floors:\n\n" + results_table(results)
             model.save_pretrained(folder, model_card_kwargs={"results": card})
@@ -365,17 +358,29 @@ class CubeTrainer:
         """The epoch whose weights ``weights_of(which)`` gives: the best one where it was recorded."""
         return self.best_epoch if which == "best" and self.best_state is not None else self.epoch
 
-    def mlp_floor(self, train: Pairs, val: Pairs) -> Dict[str, float]:
-        """A skip-path MLP with as many parameters as this model, trained with the same settings (loss,
-        optimiser, epochs, early stop, best-epoch rule) and scored on ``val`` at its best epoch."""
+    def train_mlp_floor(self, train: Pairs, val: Pairs, progress: bool = False) -> None:
+        """Train the ``mlp`` floor: a skip-path MLP with as many parameters as this model, trained with the same
+        settings (loss, optimiser, epochs, early stop, best-epoch rule); its best epoch's weights are kept in
+        ``mlp_floor`` and saved with the checkpoint, so that ``evaluate`` scores it without training."""
         parameters = sum(p.numel() for p in self._require_model().parameters())
         hidden = SkipMLP.hidden_for(self.dim, parameters)
         floor = CubeTrainer(self.config, model_factory=lambda dim: SkipMLP(dim, hidden))
         floor.local_only = True  # trained by this process alone, also inside a distributed run
-        floor.fit(train, val, progress=False)
-        result = floor.evaluate(val, baselines=False)["cube"]
-        result.update(parameters=float(sum(p.numel() for p in floor.model.parameters())), hidden=float(hidden),
-                      epoch=float(floor.scored_epoch()))
+        floor.fit(train, val, progress=progress, log_epochs=False)
+        with floor.weights_of("best") as epoch:
+            weights = {k: v.detach().cpu().clone() for k, v in floor.model.state_dict().items()}
+        self.mlp_floor = {"hidden": hidden, "epoch": epoch, "model": weights}
+
+    def score_mlp_floor(self, x: torch.Tensor, y: torch.Tensor, autoencoder: bool) -> Dict[str, float]:
+        """The stored ``mlp`` floor's metrics on (x, y), with its size and scored epoch."""
+        floor = SkipMLP(self.dim, self.mlp_floor["hidden"])
+        floor.load_state_dict(self.mlp_floor["model"])
+        floor.eval()
+        with torch.no_grad():
+            pred = torch.cat([floor(x[i:i + 512].float()) for i in range(0, x.shape[0], 512)])
+        result = EmbeddingMetrics.score(pred, x, y, autoencoder)
+        result.update(parameters=float(sum(p.numel() for p in floor.parameters())),
+                      hidden=float(self.mlp_floor["hidden"]), epoch=float(self.mlp_floor["epoch"]))
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -392,6 +397,8 @@ class CubeTrainer:
             "best_epoch": self.best_epoch, "best_model": self.best_state, "finished": self.finished,
             "rng": rng_states(),
         }
+        if self.mlp_floor is not None:
+            state["mlp_floor"] = self.mlp_floor
         return save_checkpoint_file(state, path)
 
     @classmethod
@@ -402,7 +409,7 @@ class CubeTrainer:
         try:
             config = TrainingConfig.from_saved(state["config"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
+            raise InvalidValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
         if device is not None:
             config = config.override(device=device)  # a device that is not here is the caller's error
         trainer = cls(config)
@@ -420,64 +427,9 @@ class CubeTrainer:
             trainer.best_score, trainer.best_epoch = state["best_score"], state["best_epoch"]
             trainer.best_state = state["best_model"]
             trainer.finished = state["finished"]
+            trainer.mlp_floor = state.get("mlp_floor")  # absent in checkpoints written before floors were stored
             set_rng_states(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise ValueError(f"{path} does not hold a consistent cubecore training state "
+            raise InvalidValueError(f"{path} does not hold a consistent cubecore training state "
                              f"({type(exc).__name__}: {exc})") from exc
         return trainer
-
-
-class TrainingData:
-    """Training and validation pairs of one mode, with the validation texts (for example predictions)."""
-
-    def __init__(self, train: Pairs, val: Pairs, val_questions: Optional[List[str]] = None,
-                 val_answers: Optional[List[str]] = None) -> None:
-        self.train, self.val = train, val
-        self.val_questions, self.val_answers = val_questions, val_answers
-
-
-def prepare_data(config: TrainingConfig, encoder) -> TrainingData:
-    """The pairs ``config.mode`` trains on, from ``config.data`` (a named source or a file)."""
-    from ..data import create_dialogue_dataset, create_file_dataset
-
-    common = dict(encoder=encoder, validation_split=config.validation_split, random_seed=config.seed,
-                  max_samples=config.max_samples, cache_dir=config.cache_dir)
-    if config.mode == "autoencoder":
-        ds = create_file_dataset(config.data, **common)
-        return _checked(TrainingData(*_splits(ds, config)), config)
-    dialogue = create_dialogue_dataset(config.data, **common)
-    vq, va = dialogue.texts(validation=True) if dialogue.questions is not None else (None, None)
-    train, val = _splits(dialogue, config)
-    if config.mode == "dialogue":
-        return _checked(TrainingData(train, val, vq, va), config)
-    # mixed: dialogue pairs plus autoencoder pairs (each answer to itself), in the configured proportion;
-    # validation stays dialogue, the harder task.
-    qx, qy = train
-    f = config.mixed_dialogue_fraction
-    n_auto = int(round(qx.shape[0] * (1 - f) / f)) if f > 0 else qx.shape[0]
-    gen = torch.Generator().manual_seed(config.seed)
-    pick = torch.randint(0, qy.shape[0], (n_auto,), generator=gen)
-    auto = qy[pick]
-    inputs = torch.cat([qx, auto]) if f > 0 else auto
-    targets = torch.cat([qy, auto]) if f > 0 else auto
-    return _checked(TrainingData((inputs, targets), val, vq, va), config)
-
-
-def _splits(dataset, config: TrainingConfig) -> Tuple[Pairs, Pairs]:
-    """The training and validation pairs; an empty side is an error that says why, before any training."""
-    train, val = dataset.split_tensors(), dataset.split_tensors(validation=True)
-    if val[0].shape[0] == 0:
-        why = ("; a dialogue split keeps every answer of one question on one side" if config.mode != "autoencoder"
-               else "")
-        raise ValueError(
-            f"the validation split of data {config.data!r} is empty ({train[0].shape[0]} training pair(s), "
-            f"validation_split={config.validation_split}{why}): give more data"
-            f"{' (or more distinct questions)' if why else ''}, or a larger validation_split")
-    return train, val
-
-
-def _checked(data: TrainingData, config: TrainingConfig) -> TrainingData:
-    n = data.train[0].shape[0]
-    if n < 2:
-        raise ValueError(f"data {config.data!r} leaves {n} training pair(s); training needs at least 2")
-    return data

@@ -26,6 +26,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..checks import check_choice, check_int, check_number, check_str, check_tensor
+from ..errors import InvalidTypeError, InvalidValueError
 
 AXES = ("x", "y", "z")
 PathLike = Union[str, os.PathLike]
@@ -45,7 +46,7 @@ def plot_state(state: torch.Tensor, path: PathLike, channel: Optional[int] = Non
     """
     check_tensor("state", state, "[X, Y, Z, S]")
     if state.dim() == 5:
-        raise ValueError(f"state must have shape [X, Y, Z, S] (4 dims, one sample), got {tuple(state.shape)}: "
+        raise InvalidValueError(f"state must have shape [X, Y, Z, S] (4 dims, one sample), got {tuple(state.shape)}: "
                          f"pass one sample of a batch, e.g. state[0]")
     check_tensor("state", state, "[X, Y, Z, S]", ndim=4)
     field = _field("state", state, channel)[None]
@@ -64,7 +65,7 @@ def rollout_gif(trajectory: torch.Tensor, path: PathLike, channel: Optional[int]
     """
     check_tensor("trajectory", trajectory, "[T+1, X, Y, Z, S]")
     if trajectory.dim() == 6:
-        raise ValueError(f"trajectory must have shape [T+1, X, Y, Z, S] (5 dims, one sample), got "
+        raise InvalidValueError(f"trajectory must have shape [T+1, X, Y, Z, S] (5 dims, one sample), got "
                          f"{tuple(trajectory.shape)}: pass one sample of a batch, e.g. trajectory[:, 0]")
     check_tensor("trajectory", trajectory, "[T+1, X, Y, Z, S]", ndim=5)
     fps = check_number("fps", fps, minimum=0.0, strict_minimum=True, maximum=50.0)
@@ -87,19 +88,19 @@ def rollout_gif(trajectory: torch.Tensor, path: PathLike, channel: Optional[int]
 
 def _check_path(path: object, suffix: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike ending in {suffix}, got {path!r}")
+        raise InvalidTypeError(f"path must be a str or os.PathLike ending in {suffix}, got {path!r}")
     p = Path(path)
     if p.suffix.lower() != suffix:
-        raise ValueError(f"path must end in {suffix}, got {str(path)!r}")
+        raise InvalidValueError(f"path must end in {suffix}, got {str(path)!r}")
     return p
 
 
 def _field(name: str, tensor: torch.Tensor, channel: Optional[int]) -> np.ndarray:
     """[..., X, Y, Z, S] -> [..., X, Y, Z]: the chosen channel, or the L2 norm over channels; float64 numpy."""
     if min(tensor.shape) < 1:
-        raise ValueError(f"{name} must have every dimension >= 1, got {tuple(tensor.shape)}")
+        raise InvalidValueError(f"{name} must have every dimension >= 1, got {tuple(tensor.shape)}")
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{name} must be a real tensor, got {tensor.dtype}")
+        raise InvalidTypeError(f"{name} must be a real tensor, got {tensor.dtype}")
     values = tensor.detach().to("cpu", torch.float64)
     if channel is None:
         return values.square().sum(-1).sqrt().numpy()
@@ -124,7 +125,7 @@ def _limits(field: np.ndarray, signed: bool, vmin: Optional[float], vmax: Option
     lo = vmin if vmin is not None else (-top if signed else 0.0)
     hi = vmax if vmax is not None else top
     if not lo < hi:
-        raise ValueError(f"vmin must be < vmax, got vmin={lo!r}, vmax={hi!r}")
+        raise InvalidValueError(f"vmin must be < vmax, got vmin={lo!r}, vmax={hi!r}")
     return lo, hi
 
 
@@ -141,7 +142,7 @@ def _render(field: np.ndarray, axis: str, channel: Optional[int], cmap: Optional
         cmap = "viridis" if channel is None else "RdBu_r"
     cmap = check_str("cmap", cmap)
     if cmap not in matplotlib.colormaps:
-        raise ValueError(f"cmap must be a matplotlib colormap name, got {cmap!r}")
+        raise InvalidValueError(f"cmap must be a matplotlib colormap name, got {cmap!r}")
     lo, hi = _limits(field, channel is not None, vmin, vmax)
 
     a = AXES.index(axis)
