@@ -55,15 +55,19 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
-def setup_logging(quiet: bool = False) -> logging.Logger:
-    """The commands' console output through the ``cubecore`` logger: information on stdout (none with
-    ``quiet``), warnings and errors on stderr.  Called again, it replaces the handlers it added before."""
+def setup_logging(quiet: bool = False, silent: bool = False) -> logging.Logger:
+    """The commands' console output through the ``cubecore`` logger: information on stdout, warnings and errors
+    on stderr.  ``quiet`` leaves out the per-epoch lines (logger ``cubecore.epochs``; a run's log file keeps
+    them); ``silent`` (the other processes of a distributed run) all but warnings and errors.  Called again, it
+    replaces the handlers it added before."""
     logger = logging.getLogger("cubecore")
     for handler in [h for h in logger.handlers if getattr(h, "_cubecore_console", False)]:
         logger.removeHandler(handler)
     out = logging.StreamHandler(sys.stdout)
-    out.setLevel(logging.WARNING if quiet else logging.INFO)
+    out.setLevel(logging.WARNING if silent else logging.INFO)
     out.addFilter(_Below(logging.WARNING))
+    if quiet:
+        out.addFilter(lambda record: not record.name.startswith("cubecore.epochs"))
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
@@ -76,12 +80,15 @@ def setup_logging(quiet: bool = False) -> logging.Logger:
 
 
 @contextmanager
-def log_to_file(path: os.PathLike):
-    """Everything the ``cubecore`` logger says inside the block, also appended to ``path`` with timestamps."""
+def log_to_file(path: os.PathLike, append: bool = False, first: str = ""):
+    """Everything the ``cubecore`` logger says inside the block, also written to ``path`` with timestamps
+    (appended with ``append``), starting with the line ``first``."""
     logger = logging.getLogger("cubecore")
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if first:
+        handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, first, None, None))
     logger.addHandler(handler)
     try:
         yield handler

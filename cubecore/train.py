@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
                                                 "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
-    p.add_argument("--quiet", action="store_true", help="on the console, only warnings and errors (no progress "
-                                                        "bars, no per-epoch lines); train.log keeps everything")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines on the console "
+                                                        "(train.log keeps them)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config key, e.g. learning_rate=1e-3 model.steps=6 (or steps=6)")
     return p
@@ -113,6 +113,9 @@ def given_values(args) -> dict:
     for item in args.overrides:
         key, value = parse_override(item)
         values[TrainingConfig.resolve_key(key)] = value
+    source = values.get("data.source")
+    if isinstance(source, str) and Path(source).is_file():  # a data file by its absolute path: resumable anywhere
+        values["data.source"] = str(Path(source).resolve())
     return values
 
 
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         with distributed_session():
-            setup_logging(quiet=args.quiet or _rank() != 0)
+            setup_logging(quiet=args.quiet, silent=_rank() != 0)
             return _main(args)
 
     return run_command(body)
@@ -228,10 +231,11 @@ def _main(args) -> int:
     with ExitStack() as stack:
         if main_process:  # only rank 0 writes, so only it owns the folder
             rundir = stack.enter_context(RunDirectory(out, mode))
-            stack.enter_context(log_to_file(files.log))
-            log.info(_plan(trainer, out, source))
+            plan = _plan(trainer, out, source)
+            log.info(plan)
             data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the embedding cache ...
             rundir.clear()  # --overwrite: the previous run's files go only now that this run can start
+            stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
         _barrier()
         if not main_process:
             data = prepare_data(config.data, config.seed, trainer.teacher)  # ... the others read it

@@ -3,7 +3,7 @@
 import pytest
 
 from cubecore import TrainingConfig
-from cubecore.checks import UnknownKeyError
+from cubecore.errors import UnknownKeyError
 from cubecore.training.config import parse_override
 
 
@@ -54,10 +54,10 @@ def test_yaml_with_unknown_key_is_rejected(tmp_path):
 
 
 def test_lattice_must_fit_the_teacher_unless_projecting():
-    TrainingConfig(lattice_size=(8, 8, 6)).check_fits(384)
+    TrainingConfig(lattice_size=(8, 8, 6)).model.check_fits(384)
     with pytest.raises(ValueError, match="lattice_size.*8x8x6"):
-        TrainingConfig(lattice_size=(8, 8, 8)).check_fits(384)
-    TrainingConfig(lattice_size=(8, 8, 8), reshaping_method="projection").check_fits(384)
+        TrainingConfig(lattice_size=(8, 8, 8)).model.check_fits(384)
+    TrainingConfig(lattice_size=(8, 8, 8), reshaping_method="projection").model.check_fits(384)
 
 
 def test_overrides():
@@ -97,4 +97,4 @@ def test_numpy_integers_are_ints():
     np = pytest.importorskip("numpy")
     cfg = TrainingConfig(epochs=np.int64(3), lattice_size=np.array([8, 8, 6]).tolist(), seed=np.int32(5))
     assert cfg.epochs == 3 and type(cfg.epochs) is int and cfg.seed == 5
-    assert TrainingConfig(lattice_size=tuple(np.array([8, 8, 6]))).lattice_size == (8, 8, 6)
+    assert TrainingConfig(lattice_size=tuple(np.array([8, 8, 6]))).model.lattice_size == (8, 8, 6)

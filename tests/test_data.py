@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cubecore import (AutoencoderDataset, DatasetConfig, DialogueConfig, DialogueDataset, EmbeddingCache,
+from cubecore import (AutoencoderDataset, DataConfig, DialogueDataset, EmbeddingCache,
                       create_dialogue_dataset, create_file_dataset, create_text_dataset)
-from cubecore.checks import UnknownKeyError
+from cubecore.errors import UnknownKeyError
 from cubecore.data import conversations_to_pairs, filter_pairs, load_conversations, read_dialogue, split_indices
 
 
@@ -185,15 +185,14 @@ def test_grouped_split_never_puts_a_question_on_both_sides():
 
 def test_autoencoder_dataset_from_embeddings_processing_and_loaders():
     emb = torch.randn(50, 6) * 3 + 1
-    cfg = DatasetConfig(validation_split=0.2, center_embeddings=True, normalize_embeddings=True, add_noise=True,
-                        noise_std=0.5, random_seed=3)
-    ds = AutoencoderDataset(embeddings=emb, config=cfg)
+    cfg = DataConfig(validation_split=0.2, center_embeddings=True, normalize_embeddings=True)
+    ds = AutoencoderDataset(embeddings=emb, config=cfg, seed=3)
     assert len(ds) == 40 and len(ds.validation) == 10
     x, y = ds[0]
-    assert not torch.equal(x, y), "noise on the training inputs"
+    assert torch.equal(x, y), "an autoencoder pair is one embedding twice"
     torch.testing.assert_close(y.norm(), torch.tensor(1.0))
-    vx, vy = ds.validation[0]
-    assert torch.equal(vx, vy), "no noise on the validation side"
+    train_mean = (emb[ds.train_indices]).mean(0)
+    torch.testing.assert_close(ds.mean, train_mean), "centred on the training split's mean"
     batches = list(ds.get_dataloader(batch_size=16))
     assert [b[0].shape[0] for b in batches] == [16, 16, 8]
     assert sum(b[0].shape[0] for b in ds.get_dataloader(8, validation=True)) == 10
@@ -202,11 +201,11 @@ def test_autoencoder_dataset_from_embeddings_processing_and_loaders():
 
 
 def test_max_samples_and_bad_configs():
-    ds = AutoencoderDataset(embeddings=torch.randn(30, 4), config=DatasetConfig(max_samples=10))
+    ds = AutoencoderDataset(embeddings=torch.randn(30, 4), config=DataConfig(max_samples=10))
     assert len(ds) + len(ds.validation) == 10
     with pytest.raises(ValueError, match="validation_split"):
-        DatasetConfig(validation_split=1.5)
-    with pytest.raises(UnknownKeyError, match=r"unknown DatasetConfig key\(s\) \['validaton_split'\]"):
+        DataConfig(validation_split=1.5)
+    with pytest.raises(UnknownKeyError, match=r"unknown config section 'data' key\(s\) \['validaton_split'\]"):
         create_text_dataset(TEXTS, encoder=FakeEncoder(), validaton_split=0.1)
     with pytest.raises(ValueError, match="NaN"):
         AutoencoderDataset(embeddings=torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
@@ -299,19 +298,19 @@ def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path, fmt):
 def test_dataset_argument_checks_use_the_package_conventions():
     emb = torch.randn(10, 4)
     with pytest.raises(TypeError, match="max_samples"):
-        DatasetConfig(max_samples=2.5)
+        DataConfig(max_samples=2.5)
     with pytest.raises(ValueError, match="max_samples"):
-        DatasetConfig(max_samples=0)
-    assert DatasetConfig(max_samples=np.int64(5), random_seed=np.int32(3)).max_samples == 5
+        DataConfig(max_samples=0)
+    assert DataConfig(max_samples=np.int64(5)).max_samples == 5
     with pytest.raises(TypeError, match="validation_split"):
-        DatasetConfig(validation_split="0.2")
-    with pytest.raises(ValueError, match="noise_std"):
-        DatasetConfig(noise_std=float("inf"))
+        DataConfig(validation_split="0.2")
+    with pytest.raises(ValueError, match="mixed_dialogue_fraction"):
+        DataConfig(mixed_dialogue_fraction=float("inf"))
     with pytest.raises(TypeError, match="context_window"):
-        DialogueConfig(context_window=1.0)
+        DataConfig(context_window=1.0)
     with pytest.raises(ValueError, match="min_length"):
-        DialogueConfig(min_length=5, max_length=2)
-    with pytest.raises(UnknownKeyError, match="DialogueConfig"):
+        DataConfig(min_length=5, max_length=2)
+    with pytest.raises(UnknownKeyError, match="context_windw"):
         create_dialogue_dataset([("a", "b")], encoder=FakeEncoder(), context_windw=2)
     with pytest.raises(TypeError, match="embeddings"):
         AutoencoderDataset(embeddings=emb.tolist())
@@ -346,7 +345,7 @@ def test_dialogue_files_and_pairs(tmp_path):
 
 
 def test_quality_filter_counts_what_it_drops():
-    cfg = DialogueConfig(min_length=2, max_length=20)
+    cfg = DataConfig(min_length=2, max_length=20)
     pairs = [("hi", "hello"), ("hi", "hello"), ("", "x"), ("q", "too short q"), ("ok", "x" * 30), ("why?", "because")]
     kept, report = filter_pairs(pairs, cfg)
     assert kept == [("hi", "hello"), ("why?", "because")]
@@ -370,7 +369,7 @@ def test_missing_answers_are_dropped_and_counted_not_the_text_none(tmp_path):
         assert len(ds) == kept, name
         assert ds.filter_report["empty"] == empty, name
         assert ds.get_statistics()["dropped"]["empty"] == empty, name
-    kept, report = filter_pairs([("q", None), (None, "a"), ("q", "a")], DialogueConfig())
+    kept, report = filter_pairs([("q", None), (None, "a"), ("q", "a")], DataConfig())
     assert kept == [("q", "a")] and report["empty"] == 2
 
 
@@ -383,7 +382,7 @@ def test_conversations_become_pairs_with_context():
 def test_dialogue_dataset_keeps_texts_and_splits_by_question():
     enc = FakeEncoder()
     pairs = [(f"q{i % 10}", f"a{i}") for i in range(60)]
-    ds = DialogueDataset(pairs=pairs, config=DialogueConfig(validation_split=0.3, use_cache=False), encoder=enc)
+    ds = DialogueDataset(pairs=pairs, config=DataConfig(validation_split=0.3, use_cache=False), encoder=enc)
     tq, ta = ds.texts()
     vq, va = ds.texts(validation=True)
     assert not set(tq) & set(vq)

@@ -89,7 +89,7 @@ def test_a_teacher_pooled_by_transformers_exports_to_the_same_numbers(tiny_st_mo
     teacher = TeacherEncoder(str(location), pooling=pooling, max_length=32)
     assert teacher.backend == "transformers"
     torch.manual_seed(0)
-    processor = EmbeddingProcessor(32, (2, 2, 8), state_size=4, hidden_size=8, steps=2).eval()
+    processor = EmbeddingProcessor(32, lattice_size=(2, 2, 8), state_size=4, hidden_size=8, steps=2).eval()
     model = query_adapter(teacher, processor)
     model.save(str(tmp_path / "st"))
     model = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
@@ -101,7 +101,7 @@ def test_a_teacher_pooled_by_transformers_exports_to_the_same_numbers(tiny_st_mo
 
 
 def test_mismatched_or_unexportable_teachers_are_refused(tiny_st_model):
-    processor = EmbeddingProcessor(24, (2, 3, 4))
+    processor = EmbeddingProcessor(24, lattice_size=(2, 3, 4))
     with pytest.raises(ValueError, match="24-D embeddings"):
         query_adapter(TeacherEncoder(tiny_st_model), processor)
     with pytest.raises(ValueError, match="prompt"):

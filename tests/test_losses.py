@@ -128,6 +128,7 @@ def test_mlp_floor_matches_the_cube_parameter_budget(tmp_path):
     x, y = _planted(60, dim=12)
     trainer = CubeTrainer(_tiny(tmp_path, epochs=2))
     trainer.fit((x[:40], y[:40]), (x[40:], y[40:]), progress=False)
+    trainer.train_mlp_floor((x[:40], y[:40]), (x[40:], y[40:]))
     results = trainer.evaluate((x[40:], y[40:]), train_data=(x[:40], y[:40]))
     cube_params = sum(p.numel() for p in trainer.model.parameters())
     assert abs(results["mlp"]["parameters"] - cube_params) <= 2 * 12 + 1

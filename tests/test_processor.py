@@ -9,7 +9,8 @@ from cubecore import EmbeddingProcessor
 @pytest.mark.parametrize("method,lattice", [("simple", (2, 2, 3)), ("projection", (3, 3, 3))])
 def test_shapes_and_gradients(method, lattice):
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(12, lattice, state_size=4, hidden_size=6, steps=2, reshaping_method=method)
+    proc = EmbeddingProcessor(12, lattice_size=lattice, state_size=4, hidden_size=6, steps=2, reshaping_method=method,
+                              readout_skip=False, global_channels=0)
     x = torch.randn(5, 12)
     y = proc(x)
     assert y.shape == (5, 12)
@@ -23,7 +24,7 @@ def test_shapes_and_gradients(method, lattice):
 
 
 def test_readout_is_per_cell():
-    proc = EmbeddingProcessor(12, (2, 2, 3), state_size=4, hidden_size=6, steps=1)
+    proc = EmbeddingProcessor(12, lattice_size=(2, 2, 3), state_size=4, hidden_size=6, steps=1)
     with torch.no_grad():
         proc.readout_bias.zero_()
         proc.readout_bias[0, 0, 0, 0] = 5.0
@@ -33,16 +34,16 @@ def test_readout_is_per_cell():
 
 
 def test_bad_input_raises():
-    proc = EmbeddingProcessor(12, (2, 2, 3), state_size=4, hidden_size=6, steps=1)
+    proc = EmbeddingProcessor(12, lattice_size=(2, 2, 3), state_size=4, hidden_size=6, steps=1)
     with pytest.raises(ValueError, match=r"\[B, 12\]"):
         proc(torch.randn(3, 11))
     with pytest.raises(ValueError, match="does not fit"):
-        EmbeddingProcessor(12, (2, 2, 2))
+        EmbeddingProcessor(12, lattice_size=(2, 2, 2))
 
 
 def test_readout_skip_starts_as_the_identity_and_learns():
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, readout_skip=True)
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, readout_skip=True)
     x = torch.randn(5, 24)
     assert torch.equal(proc(x), x), "a zero-initialised readout adds nothing at first"
     proc(x).square().sum().backward()
@@ -51,22 +52,23 @@ def test_readout_skip_starts_as_the_identity_and_learns():
 
 def test_position_channels_widen_the_external_input_and_get_gradients():
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=2)
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=2,
+                              global_channels=0, readout_skip=False)
     assert proc.core.input_size == 1 + 2 and proc.position.shape == (2, 3, 4, 2)
     proc(torch.randn(5, 24)).square().sum().backward()
     assert proc.position.grad.abs().sum() > 0
     info = proc.get_info()
     assert info["position_channels"] == 2 and info["readout_skip"] is False
     with pytest.raises(ValueError, match="position_channels"):
-        EmbeddingProcessor(24, (2, 3, 4), position_channels=-1)
+        EmbeddingProcessor(24, lattice_size=(2, 3, 4), position_channels=-1)
     with pytest.raises(TypeError, match="readout_skip"):
-        EmbeddingProcessor(24, (2, 3, 4), readout_skip="yes")
+        EmbeddingProcessor(24, lattice_size=(2, 3, 4), readout_skip="yes")
 
 
 def test_global_channels_give_every_cell_the_projection_of_the_whole_embedding():
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=1,
-                              global_channels=3)
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, position_channels=1,
+                              global_channels=3, readout_skip=False)
     assert proc.core.input_size == 1 + 1 + 3 and proc.global_projection.weight.shape == (3, 24)
     x = torch.randn(5, 24)
     external = proc.external(x)
@@ -85,7 +87,7 @@ def test_global_channels_give_every_cell_the_projection_of_the_whole_embedding()
     with pytest.raises(TypeError, match="dtype"):  # the core's error naming the tensors, as without them
         proc.double()(x)
     with pytest.raises(ValueError, match="global_channels"):
-        EmbeddingProcessor(24, (2, 3, 4), global_channels=-1)
+        EmbeddingProcessor(24, lattice_size=(2, 3, 4), global_channels=-1)
 
 
 def _fit_mse(proc, x, y, iterations=100):
@@ -110,7 +112,7 @@ def test_global_channels_learn_a_map_that_no_neighbourhood_sees():
     losses = {}
     for g in (0, 1):
         torch.manual_seed(1)
-        proc = EmbeddingProcessor(24, (2, 3, 4), state_size=4, hidden_size=8, steps=1, readout_skip=True,
+        proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=4, hidden_size=8, steps=1, readout_skip=True,
                                   global_channels=g)
         losses[g] = _fit_mse(proc, x, y)
     assert losses[0] > 0.5 * baseline, losses  # the local cube gains little over predicting the input
@@ -119,20 +121,20 @@ def test_global_channels_learn_a_map_that_no_neighbourhood_sees():
 
 def test_global_channels_survive_save_pretrained(tmp_path):
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, global_channels=2,
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, global_channels=2,
                               readout_skip=True)
     with torch.no_grad():
         proc.readout_weight.normal_()
     proc.save_pretrained(tmp_path / "m")
     loaded = EmbeddingProcessor.from_pretrained(tmp_path / "m")
-    assert loaded.global_channels == 2
+    assert loaded.config.global_channels == 2
     x = torch.randn(4, 24)
     assert torch.equal(loaded(x), proc(x))
 
 
 def test_save_pretrained_round_trip_is_exact_and_loading_is_strict(tmp_path):
     torch.manual_seed(0)
-    proc = EmbeddingProcessor(24, (2, 3, 4), state_size=3, hidden_size=5, steps=2, reshaping_method="adaptive",
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, reshaping_method="adaptive",
                               position_channels=2, readout_skip=True)
     proc.reshaper.fit(torch.randn(12, 24))
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cubecore import CubeTrainer, TrainingConfig
-from cubecore.training.trainer import prepare_data
+from cubecore.data import prepare_data
 from test_data import FakeEncoder
 
 
@@ -35,7 +35,7 @@ def test_a_few_epochs_reduce_the_loss_in_each_mode(tmp_path, dialogue_file, mode
         data_path = str(tmp_path / "texts.txt")
         (tmp_path / "texts.txt").write_text("\n".join(f"sentence {i}" for i in range(60)))
     cfg = tiny_config(tmp_path, mode=mode, data=data_path, epochs=12, learning_rate=3e-2, readout_skip=skip)
-    data = prepare_data(cfg, FakeEncoder())
+    data = prepare_data(cfg.data, cfg.seed, FakeEncoder())
     trainer = CubeTrainer(cfg)
     trainer.initialize_components(dim=data.train[0].shape[1])
     x, y = data.train
@@ -50,6 +50,8 @@ def test_a_few_epochs_reduce_the_loss_in_each_mode(tmp_path, dialogue_file, mode
         assert before < 1e-6 and after < 0.05, (before, after)
     else:  # in mixed mode half the pairs map an answer to itself, which the skip path's start already solves
         assert after < (0.98 if skip and mode == "mixed" else 0.9) * before, (before, after)
+    assert set(trainer.evaluate(data.val, train_data=data.train)) == {"cube", "identity", "mean", "offset", "ridge"}
+    trainer.train_mlp_floor(data.train, data.val)
     results = trainer.evaluate(data.val, train_data=data.train)
     assert set(results) == {"cube", "identity", "mean", "offset", "ridge", "mlp"}
     assert ("semantic_preservation" in results["cube"]) == (mode == "autoencoder")
@@ -64,7 +66,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     loaded = CubeTrainer.from_checkpoint(path)
     assert torch.equal(loaded.predict(x), trainer.predict(x))
     assert loaded.epoch == trainer.epoch and loaded.history == trainer.history
-    assert loaded.get_info()["components_initialized"]
+    assert loaded.get_info()["parameters"] == sum(p.numel() for p in trainer.model.parameters())
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -79,10 +81,10 @@ def test_a_checkpoint_saved_before_a_key_existed_loads_as_the_model_it_trained(t
     trainer.fit((x, torch.roll(x, 1, dims=1)), progress=False)
     state = load_checkpoint_file(trainer.save_checkpoint(tmp_path / "ck.pt"))
     for key in ("readout_skip", "global_channels"):
-        del state["config"][key]
+        del state["config"]["model"][key]
     save_checkpoint_file(state, tmp_path / "old.pt")
     loaded = CubeTrainer.from_checkpoint(tmp_path / "old.pt")
-    assert not loaded.config.readout_skip and loaded.config.global_channels == 0
+    assert not loaded.config.model.readout_skip and loaded.config.model.global_channels == 0
     assert torch.equal(loaded.predict(x), trainer.predict(x))
 
 
@@ -352,7 +354,7 @@ def test_a_run_directory_has_one_owner(tmp_path, fake_teacher, dialogue_file, ca
     (out / "last.pt.x1y2.tmp").write_bytes(b"half")
     assert cli(tmp_path, dialogue_file, out, "hidden_size=6", "--overwrite", epochs=1) == 0
     assert epochs_in(out) == [1] and not list(out.glob("*.tmp"))
-    assert CubeTrainer.from_checkpoint(out / "last.pt").config.hidden_size == 6
+    assert CubeTrainer.from_checkpoint(out / "last.pt").config.model.hidden_size == 6
 
 
 def test_best_weights_are_kept_beside_the_last(tmp_path, fake_teacher, dialogue_file):
@@ -527,7 +529,7 @@ def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teach
     from PIL import Image
 
     with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step and the start
-        assert gif.n_frames == trainer.config.steps + 1
+        assert gif.n_frames == trainer.config.model.steps + 1
     assert "rollout.gif" in (out / "report.md").read_text()
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
-from ..checks import check_choice, check_int, check_number
+from ..checks import check_choice, check_int, check_keys, check_number
 from ..data.config import DataConfig
 from ..errors import CubecoreError, InvalidValueError, UnknownKeyError
 from ..model.config import ModelConfig
@@ -126,6 +126,8 @@ class TrainingConfig(ConfigSection):
         """Flat, dotted and nested keys as one nested mapping (a section given whole and key by key merges)."""
         nested: Dict[str, Any] = {}
         for key, value in values.items():
+            if key in SECTIONS and isinstance(value, ConfigSection):
+                value = value.to_dict()
             if key in SECTIONS and isinstance(value, Mapping):
                 for name, inner in value.items():
                     nested.setdefault(key, {})[name] = inner
@@ -147,6 +149,19 @@ class TrainingConfig(ConfigSection):
         nested = cls._nest(values)
         sections = {name: (c.from_saved if saved else c.from_dict)(nested.pop(name, {})) for name, c in SECTIONS.items()}
         return cls(**nested, **sections)
+
+    def __init__(self, **values: Any) -> None:
+        """Keyword settings by any key ``from_dict`` takes: ``TrainingConfig(learning_rate=1e-3, steps=6)``, or
+        sections given whole (``model=ModelConfig(...)``)."""
+        nested = self._nest(values)
+        sections = {name: c.from_dict(nested.pop(name, {})) for name, c in SECTIONS.items()}
+        own = {f.name: f for f in dataclasses.fields(self) if f.name not in SECTIONS}
+        check_keys("config", nested, own)
+        for name, f in own.items():
+            setattr(self, name, nested.get(name, f.default))
+        for name, section in sections.items():
+            setattr(self, name, section)
+        self.__post_init__()
 
     @classmethod
     def from_saved(cls, values: Mapping[str, Any]) -> "TrainingConfig":

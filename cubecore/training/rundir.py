@@ -85,8 +85,10 @@ class RunDirectory:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None and self._created and [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
-            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        left = {p.name for p in self.path.iterdir()}
+        if exc_type is not None and self._created and left <= {LOCK_NAME, FILE_NAMES["log"]}:
+            for name in left:  # a folder this run made and could not use: its log said nothing the console did not
+                (self.path / name).unlink(missing_ok=True)
             self.release()
             self.path.rmdir()
             return

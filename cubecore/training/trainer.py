@@ -35,7 +35,7 @@ from ..model.processor import EmbeddingProcessor
 from ..errors import InvalidTypeError, InvalidValueError, NotReadyError, TrainingDivergedError
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]
-log = logging.getLogger("cubecore")
+log = logging.getLogger("cubecore.epochs")  # one line per epoch (``--quiet`` leaves them out of the console)
 
 
 def _as_pairs(data, name: str) -> Pairs:
