@@ -1,5 +1,6 @@
-"""Shared helpers: random problems of the cell rule at a given size."""
+"""Shared helpers: random problems of the cell rule, a fake teacher, a tiny training config and data file."""
 
+import hashlib
 import itertools
 import os
 from typing import List
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import cubecore
+from cubecore import CubeTrainer, TrainingConfig
 
 RULES = list(itertools.product(["wall", "periodic", "reflect"], ["tanh", "relu", "sigmoid"], ["replace", "residual"]))
 # (B, X, Y, Z, S, H, E): odd lattices, B = 1 and B > 1, E = 0 and E > 0.
@@ -85,3 +87,43 @@ def umask():
     os.umask(old)
     yield set_mask
     os.umask(old)
+
+
+class FakeEncoder:
+    """Embeds a text as a fixed random vector seeded by its hash; counts how often it runs."""
+
+    def __init__(self, dim=12, name="fake"):
+        self.dim, self.name, self.calls = dim, name, 0
+
+    def fingerprint(self):
+        return {"model": self.name, "dim": self.dim}
+
+    def encode(self, texts):
+        self.calls += 1
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(lattice_size=(2, 2, 3), state_size=4, hidden_size=8, steps=2, epochs=3, batch_size=8,
+                learning_rate=1e-2, warmup_epochs=0.5, output_dir=str(tmp_path / "run"), device="cpu",
+                cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+@pytest.fixture
+def dialogue_file(tmp_path):
+    path = tmp_path / "dialogue.txt"
+    path.write_text("\n".join(f"question {i % 25}\tanswer {i}" for i in range(80)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def fake_teacher(monkeypatch):
+    teacher = FakeEncoder(dim=12)
+    monkeypatch.setattr(CubeTrainer, "teacher", property(lambda self: teacher))
+    return teacher

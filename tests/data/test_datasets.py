@@ -1,7 +1,6 @@
 """Embedding cache, file readers, named sources and the datasets.  A fake encoder (deterministic, counts its
 calls) keeps most tests fast; the real default teacher is used where the texts' meaning matters."""
 
-import hashlib
 import json
 import os
 import stat
@@ -11,28 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FakeEncoder
+
 from cubecore import (AutoencoderDataset, DataConfig, DialogueDataset, EmbeddingCache,
                       create_dialogue_dataset, create_file_dataset, create_text_dataset)
 from cubecore.errors import UnknownKeyError
 from cubecore.data import conversations_to_pairs, filter_pairs, load_conversations, read_dialogue, split_indices
 
 
-class FakeEncoder:
-    """Embeds a text as a fixed random vector seeded by its hash; counts how often it runs."""
-
-    def __init__(self, dim=12, name="fake"):
-        self.dim, self.name, self.calls = dim, name, 0
-
-    def fingerprint(self):
-        return {"model": self.name, "dim": self.dim}
-
-    def encode(self, texts):
-        self.calls += 1
-        rows = []
-        for t in texts:
-            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
-            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(rows)
 
 
 TEXTS = [f"text number {i}" for i in range(40)]

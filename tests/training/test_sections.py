@@ -15,7 +15,7 @@ from cubecore import EmbeddingProcessor, ModelConfig, TrainingConfig
 from cubecore.data import DataConfig
 from cubecore.errors import UnknownKeyError
 
-LEGACY_RUN = Path(__file__).parent / "fixtures" / "legacy_run"  # written by python -m cubecore.train before sections
+LEGACY_RUN = Path(__file__).parents[1] / "fixtures" / "legacy_run"  # written by python -m cubecore.train before sections
 
 
 @pytest.mark.parametrize("key", ["steps", "model.steps"])

@@ -127,9 +127,17 @@ def test_bad_forward_inputs_raise():
         core(torch.randn(1, 2, 3, 4, 1, dtype=torch.float64))
 
 
-def test_top_level_exports():
+def test_top_level_exports_are_the_layers_public_names():
+    """Every public name is importable from cubecore and is the object its layer defines."""
+    from cubecore import data, model, ops, training
+
     for name in cubecore.__all__:
         assert hasattr(cubecore, name), name
+    for layer in (ops, model, data, training):
+        for name in layer.__all__:
+            if name in cubecore.__all__:
+                assert getattr(cubecore, name) is getattr(layer, name), name
+    assert cubecore.ModelConfig is model.config.ModelConfig and cubecore.TrainingConfig is training.TrainingConfig
 
 
 @pytest.mark.parametrize("backend", [pytest.param("kernel", marks=requires_kernel), "reference"])

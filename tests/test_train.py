@@ -1,142 +1,24 @@
-"""CubeTrainer and the CLIs: learning in every mode, checkpoints, exact resume, corrupt files, the commands."""
+"""`python -m cubecore.train` and `python -m cubecore.evaluate`: the commands end to end (runs, resume, Ctrl-C,
+seeds, the run directory, the files a run writes, user mistakes as one error line)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from cubecore import CubeTrainer, TrainingConfig
-from cubecore.data import prepare_data
-from test_data import FakeEncoder
+from conftest import FakeEncoder, tiny_config  # noqa: F401
+from cubecore import CubeTrainer, TrainingConfig  # noqa: F401
+from cubecore import evaluate as evaluate_cli
+from cubecore import train as train_cli
+from cubecore.training.checkpoint import CheckpointError  # noqa: F401
+from cubecore.training.rundir import RunDirectory  # noqa: F401
 
-
-def tiny_config(tmp_path, **kw):
-    base = dict(lattice_size=(2, 2, 3), state_size=4, hidden_size=8, steps=2, epochs=3, batch_size=8,
-                learning_rate=1e-2, warmup_epochs=0.5, output_dir=str(tmp_path / "run"), device="cpu",
-                cache_dir=str(tmp_path / "cache"))
-    base.update(kw)
-    return TrainingConfig(**base)
-
-
-@pytest.fixture
-def dialogue_file(tmp_path):
-    path = tmp_path / "dialogue.txt"
-    path.write_text("\n".join(f"question {i % 25}\tanswer {i}" for i in range(80)) + "\n")
-    return str(path)
-
-
-@pytest.mark.parametrize("skip", [False, True], ids=["plain", "readout_skip"])
-@pytest.mark.parametrize("mode", ["autoencoder", "dialogue", "mixed"])
-def test_a_few_epochs_reduce_the_loss_in_each_mode(tmp_path, dialogue_file, mode, skip):
-    data_path = dialogue_file
-    if mode == "autoencoder":
-        data_path = str(tmp_path / "texts.txt")
-        (tmp_path / "texts.txt").write_text("\n".join(f"sentence {i}" for i in range(60)))
-    cfg = tiny_config(tmp_path, mode=mode, data=data_path, epochs=12, learning_rate=3e-2, readout_skip=skip)
-    data = prepare_data(cfg.data, cfg.seed, FakeEncoder())
-    trainer = CubeTrainer(cfg)
-    trainer.initialize_components(dim=data.train[0].shape[1])
-    x, y = data.train
-
-    def train_loss():
-        return trainer.loss(trainer.predict(x), y).item()
-
-    before = train_loss()
-    trainer.fit(data.train, data.val, progress=False)
-    after = train_loss()
-    if skip and mode == "autoencoder":  # the skip path starts as the identity: already the answer
-        assert before < 1e-6 and after < 0.05, (before, after)
-    else:  # in mixed mode half the pairs map an answer to itself, which the skip path's start already solves
-        assert after < (0.98 if skip and mode == "mixed" else 0.9) * before, (before, after)
-    assert set(trainer.evaluate(data.val, train_data=data.train)) == {"cube", "identity", "mean", "offset", "ridge"}
-    trainer.train_mlp_floor(data.train, data.val)
-    results = trainer.evaluate(data.val, train_data=data.train)
-    assert set(results) == {"cube", "identity", "mean", "offset", "ridge", "mlp"}
-    assert ("semantic_preservation" in results["cube"]) == (mode == "autoencoder")
-
-
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    torch.manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
-    trainer = CubeTrainer(tiny_config(tmp_path))
-    trainer.fit((x, x), progress=False)
-    path = trainer.save_checkpoint(tmp_path / "ck.pt")
-    loaded = CubeTrainer.from_checkpoint(path)
-    assert torch.equal(loaded.predict(x), trainer.predict(x))
-    assert loaded.epoch == trainer.epoch and loaded.history == trainer.history
-    assert loaded.get_info()["parameters"] == sum(p.numel() for p in trainer.model.parameters())
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_a_checkpoint_saved_before_a_key_existed_loads_as_the_model_it_trained(tmp_path):
-    """Runs saved before readout_skip and global_channels existed trained without them: loading one must not
-    give it today's defaults (a missing weight, or a skip path it never had)."""
-    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
-
-    torch.manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
-    trainer = CubeTrainer(tiny_config(tmp_path, readout_skip=False, global_channels=0))
-    trainer.fit((x, torch.roll(x, 1, dims=1)), progress=False)
-    state = load_checkpoint_file(trainer.save_checkpoint(tmp_path / "ck.pt"))
-    for key in ("readout_skip", "global_channels"):
-        del state["config"]["model"][key]
-    save_checkpoint_file(state, tmp_path / "old.pt")
-    loaded = CubeTrainer.from_checkpoint(tmp_path / "old.pt")
-    assert not loaded.config.model.readout_skip and loaded.config.model.global_channels == 0
-    assert torch.equal(loaded.predict(x), trainer.predict(x))
-
-
-def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    torch.manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(50, 12), dim=-1)
-    y = torch.roll(x, 1, dims=1)
-    straight = CubeTrainer(tiny_config(tmp_path, epochs=4))
-    straight.fit((x, y), (x[:10], y[:10]), progress=False)
-
-    first = CubeTrainer(tiny_config(tmp_path, epochs=4))
-    first.fit((x, y), (x[:10], y[:10]), epochs=2, progress=False)  # "killed" after epoch 2
-    first.save_checkpoint(tmp_path / "half.pt")
-    del first
-    resumed = CubeTrainer.from_checkpoint(tmp_path / "half.pt")
-    resumed.fit((x, y), (x[:10], y[:10]), progress=False)
-    assert resumed.epoch == straight.epoch == 4
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    x = torch.randn(20, 12)
-    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
-    trainer.fit((x, x), progress=False)
-    path = trainer.save_checkpoint(tmp_path / "ck.pt")
-    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        CubeTrainer.from_checkpoint(tmp_path / "cut.pt")
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a cubecore checkpoint"):
-        CubeTrainer.from_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(FileNotFoundError):
-        CubeTrainer.from_checkpoint(tmp_path / "missing.pt")
-
-
-def test_bad_training_data_raises(tmp_path):
-    trainer = CubeTrainer(tiny_config(tmp_path))
-    with pytest.raises(ValueError, match="NaN"):
-        trainer.fit((torch.full((4, 12), float("nan")), torch.zeros(4, 12)), progress=False)
-    with pytest.raises(ValueError, match="matching"):
-        trainer.fit((torch.zeros(4, 12), torch.zeros(5, 12)), progress=False)
-    with pytest.raises(ValueError, match="lattice_size"):
-        CubeTrainer(tiny_config(tmp_path)).initialize_components(dim=10)
-
-
-def test_target_similarity_stops_early(tmp_path):
-    x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
-    trainer = CubeTrainer(tiny_config(tmp_path, epochs=50, target_similarity=-1.0))
-    history = trainer.fit((x, x), (x, x), progress=False)
-    assert len(history) == 1 and "target_similarity" in history[-1]["stopped"]
+TINY = ["lattice_size=[2, 2, 3]", "state_size=4", "hidden_size=8", "steps=2", "batch_size=8", "device=cpu",
+        "learning_rate=1e-2", "--quiet"]
 
 
 def run_cli(*args, cwd):
@@ -144,10 +26,49 @@ def run_cli(*args, cwd):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_cli_help():
-    for module in ("cubecore.train", "cubecore.evaluate"):
+def cli(tmp_path, data, out, *extra, epochs=None):
+    argv = ["--data", str(data), "--output-dir", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY, *extra]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
+    return train_cli.main(argv)
+
+
+def weights(path):
+    return CubeTrainer.from_checkpoint(path).model.state_dict()
+
+
+def assert_same_weights(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def epochs_in(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _interrupt_at_step(monkeypatch, step):
+    original = CubeTrainer.loss
+
+    def loss(self, pred, target):
+        if torch.is_grad_enabled() and self.step == step:
+            raise KeyboardInterrupt
+        return original(self, pred, target)
+
+    monkeypatch.setattr(CubeTrainer, "loss", loss)
+    return original
+
+
+def test_cli_help_lists_every_option():
+    """--help of each command names every option its parser has (none hidden, none stale)."""
+    for module, parser in (("cubecore.train", train_cli.build_parser()), ("cubecore.evaluate", None)):
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
-        assert result.returncode == 0 and "--data" in result.stdout
+        assert result.returncode == 0, result.stderr
+        options = ([o for a in parser._actions for o in a.option_strings] if parser is not None
+                   else ["--data", "--device", "--weights"])
+        for option in options:
+            assert option in result.stdout, (module, option)
 
 
 def test_cli_rejects_bad_keys(tmp_path):
@@ -189,100 +110,6 @@ def test_torchrun_two_cpu_processes(tmp_path, dialogue_file):
     assert (out / "last.pt").is_file() and (out / "report.md").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2, "only rank 0 writes metrics"
-
-
-# --- trustworthy runs: the command in-process, on a fake teacher ------------------------------------------------
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-
-from cubecore import train as train_cli  # noqa: E402
-from cubecore import evaluate as evaluate_cli  # noqa: E402
-from cubecore.training.checkpoint import CheckpointError  # noqa: E402
-from cubecore.training.rundir import RunDirectory  # noqa: E402
-
-TINY = ["lattice_size=[2, 2, 3]", "state_size=4", "hidden_size=8", "steps=2", "batch_size=8", "device=cpu",
-        "learning_rate=1e-2", "--quiet"]
-
-
-@pytest.fixture
-def fake_teacher(monkeypatch):
-    teacher = FakeEncoder(dim=12)
-    monkeypatch.setattr(CubeTrainer, "teacher", property(lambda self: teacher))
-    return teacher
-
-
-def cli(tmp_path, data, out, *extra, epochs=None):
-    argv = ["--data", str(data), "--output-dir", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY, *extra]
-    if epochs is not None:
-        argv += ["--epochs", str(epochs)]
-    return train_cli.main(argv)
-
-
-def weights(path):
-    return CubeTrainer.from_checkpoint(path).model.state_dict()
-
-
-def assert_same_weights(a, b):
-    a, b = weights(a), weights(b)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def epochs_in(out):
-    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_malicious_checkpoint_runs_nothing(tmp_path, fake_teacher, dialogue_file, capsys):
-    marker = tmp_path / "pwned"
-    from cubecore.training.checkpoint import MAGIC
-    import hashlib, io
-    buffer = io.BytesIO()
-    torch.save({"model": _Evil(marker)}, buffer)
-    inner = buffer.getvalue()  # an evil payload under a correct header and checksum
-    (tmp_path / "wrapped.pt").write_bytes(MAGIC + hashlib.sha256(inner).hexdigest().encode() + b"\n" + inner)
-    torch.save(_Evil(marker), tmp_path / "plain.pt")
-    for name in ("wrapped.pt", "plain.pt"):
-        with pytest.raises(CheckpointError, match="refused"):
-            CubeTrainer.from_checkpoint(tmp_path / name)
-        assert evaluate_cli.main([str(tmp_path / name)]) == 2
-        assert cli(tmp_path, dialogue_file, tmp_path / "r", "--resume", str(tmp_path / name)) == 2
-        assert "refused" in capsys.readouterr().err
-    assert not marker.exists()
-
-
-def test_every_damaged_byte_of_a_checkpoint_is_an_error_naming_the_file(tmp_path):
-    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
-    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
-    good = trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes()
-    bad = tmp_path / "flipped.pt"
-    for offset in list(range(0, 200)) + list(range(200, len(good), max(1, len(good) // 60))):
-        data = bytearray(good)
-        data[offset] ^= 0x10
-        bad.write_bytes(bytes(data))
-        with pytest.raises(ValueError, match="flipped.pt"):
-            CubeTrainer.from_checkpoint(bad)
-
-
-def _interrupt_at_step(monkeypatch, step):
-    original = CubeTrainer.loss
-
-    def loss(self, pred, target):
-        if torch.is_grad_enabled() and self.step == step:
-            raise KeyboardInterrupt
-        return original(self, pred, target)
-
-    monkeypatch.setattr(CubeTrainer, "loss", loss)
-    return original
 
 
 def test_ctrl_c_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, fake_teacher, dialogue_file,
@@ -396,23 +223,6 @@ def test_user_mistakes_are_one_error_line(tmp_path, fake_teacher, capsys, setup,
     assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("method", ["adaptive", "semantic"])
-def test_fitting_reshapers_are_fit_on_the_training_inputs_and_saved(tmp_path, method):
-    """adaptive / semantic place embedding dimensions by a fit on the training inputs; the fit travels with the
-    checkpoint (not the identity permutation of an unfitted reshaper)."""
-    gen = torch.Generator().manual_seed(0)
-    scale = torch.linspace(0.1, 3.0, 12)[torch.randperm(12, generator=gen)]
-    x = torch.randn(40, 12, generator=gen) * scale
-    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1, reshaping_method=method))
-    trainer.fit((x, x), progress=False)
-    reshaper = trainer.model.reshaper
-    assert reshaper.is_fitted
-    assert not torch.equal(reshaper.permutation, torch.arange(12)), "the fit placed the dimensions"
-    loaded = CubeTrainer.from_checkpoint(trainer.save_checkpoint(tmp_path / "ck.pt"))
-    assert loaded.model.reshaper.is_fitted
-    assert torch.equal(loaded.predict(x), trainer.predict(x))
-
-
 def test_seeds_train_one_run_each_and_report_mean_and_spread(tmp_path, fake_teacher, dialogue_file):
     out = tmp_path / "study"
     assert cli(tmp_path, dialogue_file, out, "--seeds", "3,4", epochs=2) == 0
@@ -423,22 +233,6 @@ def test_seeds_train_one_run_each_and_report_mean_and_spread(tmp_path, fake_teac
     assert summary["cube"]["mrr"][0] == pytest.approx(sum(values) / 2)
     assert summary["cube"]["mrr"][1] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item())
     assert "± " in (out / "seeds.md").read_text() and "| mlp |" in (out / "seeds.md").read_text()
-
-
-# --- found by a hostile run of the above ------------------------------------------------------------------------
-
-
-def test_a_damaged_header_or_a_directory_is_named_as_such_not_as_malicious(tmp_path):
-    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
-    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
-    data = bytearray(trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes())
-    data[5] ^= 1
-    (tmp_path / "header.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="header is damaged"):
-        CubeTrainer.from_checkpoint(tmp_path / "header.pt")
-    (tmp_path / "adir.pt").mkdir()
-    with pytest.raises(CheckpointError, match="is a directory"):
-        CubeTrainer.from_checkpoint(tmp_path / "adir.pt")
 
 
 def test_resume_into_another_folder_neither_replaces_a_run_nor_misreports_a_ctrl_c(
@@ -551,9 +345,6 @@ def test_tensorboard_logger_writes_steps_epochs_and_hparams(tmp_path, fake_teach
     assert epochs_in(out) == [1, 2], "the metrics files are written with any logger"
 
 
-# --- found by a hostile review of the learning and ecosystem options ---------------------------------------------
-
-
 def test_resume_accepts_the_same_relative_data_path(tmp_path, fake_teacher, dialogue_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rel = os.path.relpath(dialogue_file, tmp_path)
@@ -575,16 +366,6 @@ def test_tensorboard_after_ctrl_c_and_resume_shows_each_step_once(tmp_path, fake
     for tag in ("train/loss", "epoch/val_loss"):
         steps = [e.step for e in events.Scalars(tag)]
         assert len(steps) == len(set(steps)), (tag, steps)
-
-
-def test_infonce_without_negatives_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="batch_size"):
-        TrainingConfig(loss_function="infonce", batch_size=1)
-    x = torch.randn(20, 12)
-    same = torch.randn(1, 12).expand(20, 12).clone()
-    trainer = CubeTrainer(tiny_config(tmp_path, loss_function="infonce"))
-    with pytest.raises(ValueError, match="two different targets"):
-        trainer.fit((x, same), progress=False)
 
 
 def test_every_seed_is_checked_before_the_first_run(tmp_path, fake_teacher, dialogue_file, capsys):

@@ -20,7 +20,7 @@ from conftest import RULES, SHAPES, make_problem
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
 from cubecore.ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, trajectory_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
 SCHEDULES = [("round", "forward"), ("warp", "reverse")]
 H100_OPTIN = 232448  # opt-in shared memory per block; 0 sends every lattice down the per-step forward

@@ -1,0 +1,52 @@
+"""What the commands share: a user's mistake is one error line with status 2, a bug keeps its traceback, and
+the console output goes through logging (per-epoch lines left out with --quiet, kept in the log file)."""
+
+import logging
+
+import pytest
+
+from cubecore.cli import USAGE_ERROR, log_to_file, run_command, setup_logging
+from cubecore.errors import CubecoreError, InvalidValueError, UnknownKeyError
+from cubecore.training.checkpoint import CheckpointError
+from cubecore.training.rundir import RunDirectoryError
+
+
+@pytest.mark.parametrize("error", [InvalidValueError("bad value"), UnknownKeyError("bad key"),
+                                   CheckpointError("bad file"), RunDirectoryError("busy"), FileNotFoundError("gone")])
+def test_a_users_mistake_is_one_error_line(error, capsys):
+    def body():
+        raise error
+
+    assert run_command(body) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bug", [KeyError("internal"), TypeError("internal"), RuntimeError("internal"),
+                                 ZeroDivisionError("internal")])
+def test_a_bug_keeps_its_traceback(bug):
+    def body():
+        raise bug
+
+    with pytest.raises(type(bug)):
+        run_command(body)
+
+
+def test_every_package_error_has_the_one_base():
+    for error in (InvalidValueError, UnknownKeyError, CheckpointError, RunDirectoryError):
+        assert issubclass(error, CubecoreError)
+    assert issubclass(InvalidValueError, ValueError) and issubclass(UnknownKeyError, KeyError)
+
+
+def test_quiet_leaves_out_epoch_lines_on_the_console_but_not_in_the_log(tmp_path, capsys):
+    setup_logging(quiet=True)
+    with log_to_file(tmp_path / "train.log", first="plan"):
+        logging.getLogger("cubecore").info("a run line")
+        logging.getLogger("cubecore.epochs").info("epoch 1/2: loss 0.5")
+    out = capsys.readouterr().out
+    assert "a run line" in out and "epoch 1/2" not in out
+    log = (tmp_path / "train.log").read_text()
+    assert log.splitlines()[0].endswith("plan") and "a run line" in log and "epoch 1/2" in log
+    setup_logging()
+    logging.getLogger("cubecore.epochs").info("epoch 2/2: loss 0.4")
+    assert "epoch 2/2" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""Checkpoint files: weights-only loading runs no code; a damaged, foreign or truncated file is an error naming it."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from cubecore import CubeTrainer
+from cubecore import evaluate as evaluate_cli
+from cubecore import train as train_cli
+from cubecore.training.checkpoint import CheckpointError
+
+TINY = ["lattice_size=[2, 2, 3]", "state_size=4", "hidden_size=8", "steps=2", "batch_size=8", "device=cpu",
+        "learning_rate=1e-2", "--quiet"]
+
+
+def cli(tmp_path, data, out, *extra):
+    return train_cli.main(["--data", str(data), "--output-dir", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY, *extra])
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    x = torch.randn(20, 12)
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((x, x), progress=False)
+    path = trainer.save_checkpoint(tmp_path / "ck.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        CubeTrainer.from_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a cubecore checkpoint"):
+        CubeTrainer.from_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        CubeTrainer.from_checkpoint(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path, fake_teacher, dialogue_file, capsys):
+    marker = tmp_path / "pwned"
+    from cubecore.training.checkpoint import MAGIC
+    import hashlib, io
+    buffer = io.BytesIO()
+    torch.save({"model": _Evil(marker)}, buffer)
+    inner = buffer.getvalue()  # an evil payload under a correct header and checksum
+    (tmp_path / "wrapped.pt").write_bytes(MAGIC + hashlib.sha256(inner).hexdigest().encode() + b"\n" + inner)
+    torch.save(_Evil(marker), tmp_path / "plain.pt")
+    for name in ("wrapped.pt", "plain.pt"):
+        with pytest.raises(CheckpointError, match="refused"):
+            CubeTrainer.from_checkpoint(tmp_path / name)
+        assert evaluate_cli.main([str(tmp_path / name)]) == 2
+        assert cli(tmp_path, dialogue_file, tmp_path / "r", "--resume", str(tmp_path / name)) == 2
+        assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_every_damaged_byte_of_a_checkpoint_is_an_error_naming_the_file(tmp_path):
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    good = trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes()
+    bad = tmp_path / "flipped.pt"
+    for offset in list(range(0, 200)) + list(range(200, len(good), max(1, len(good) // 60))):
+        data = bytearray(good)
+        data[offset] ^= 0x10
+        bad.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="flipped.pt"):
+            CubeTrainer.from_checkpoint(bad)
+
+
+def test_a_damaged_header_or_a_directory_is_named_as_such_not_as_malicious(tmp_path):
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    data = bytearray(trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes())
+    data[5] ^= 1
+    (tmp_path / "header.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header is damaged"):
+        CubeTrainer.from_checkpoint(tmp_path / "header.pt")
+    (tmp_path / "adir.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        CubeTrainer.from_checkpoint(tmp_path / "adir.pt")
