@@ -12,14 +12,38 @@
 
 namespace cubecore {
 
-// Codes as passed by cubecore/ops.py (the position of the name in its tuple of choices).
-enum Boundary : int64_t { kWall = 0, kPeriodic = 1, kReflect = 2 };
+// Codes as passed by cubecore/ops/front.py (the position of the name in its tuple of choices in
+// cubecore/ops/rule.py).
+enum Neighbourhood : int64_t { kVonNeumann = 0, kMoore = 1 };
+enum Boundary : int64_t { kZeros = 0, kCircular = 1, kReplicate = 2, kReflect = 3 };
 enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
+enum OutputActivation : int64_t { kOutputTanh = 0, kOutputIdentity = 1 };
 enum Update : int64_t { kReplace = 0, kResidual = 1 };
 
-// The state slots a cell reads: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1), then itself.
+// The state slots a cell reads in the von Neumann neighbourhood: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1),
+// then itself; in the Moore neighbourhood, the 27 cells of its 3x3x3 block in row-major (dx, dy, dz) order.
 constexpr int kNeighbours = 6;
 constexpr int kSlots = kNeighbours + 1;
+constexpr int kMooreSlots = 27;
+constexpr int kMaxSlots = kMooreSlots;
+
+CUBECORE_HD int slots_of(int64_t neighbourhood) { return neighbourhood == kMoore ? kMooreSlots : kSlots; }
+
+// The offset (dx, dy, dz) of a slot.
+CUBECORE_HD void slot_offset(int64_t neighbourhood, int slot, int* dx, int* dy, int* dz) {
+  if (neighbourhood == kMoore) {
+    *dx = slot / 9 - 1;
+    *dy = slot / 3 % 3 - 1;
+    *dz = slot % 3 - 1;
+    return;
+  }
+  *dx = *dy = *dz = 0;
+  if (slot >= kNeighbours) return;
+  const int d = (slot & 1) ? 1 : -1;
+  if (slot < 2) *dx = d;
+  else if (slot < 4) *dy = d;
+  else *dz = d;
+}
 
 // Inputs of a cell's first layer: the states of its slots, then its external input (W1 has this many columns).
 CUBECORE_HD int64_t inputs_per_cell(int64_t S, int64_t E) { return kSlots * S + E; }
@@ -28,17 +52,27 @@ CUBECORE_HD int64_t inputs_per_cell(int64_t S, int64_t E) { return kSlots * S + 
 // per-thread array of this length.  Python reads it from the extension (cubecore.ops.CUDA_MAX_STATE).
 constexpr int kMaxCudaState = 64;
 
-// The coordinate that a cell at `c` reads through offset `d` (+1 or -1) on an axis of length `n`,
-// or -1 where it reads zeros (a wall).
+// The coordinate that a cell at `c` reads through offset `d` (-1, 0 or +1) on an axis of length `n`, or -1
+// where it reads zeros.  (reflect reads the mirror cell, so it needs n >= 2: the front checks it.)
 CUBECORE_HD int64_t neighbour_coord(int64_t c, int64_t d, int64_t n, int64_t boundary) {
   const int64_t v = c + d;
   if (v >= 0 && v < n) return v;
-  if (boundary == kPeriodic) return v < 0 ? v + n : v - n;
-  if (boundary == kReflect) return c;
+  if (boundary == kCircular) return v < 0 ? v + n : v - n;
+  if (boundary == kReplicate) return v < 0 ? 0 : n - 1;
+  if (boundary == kReflect) return v < 0 ? -v : 2 * n - 2 - v;
   return -1;
 }
 
-// Cell index (within one sample, row-major over X, Y, Z) read by cell (x, y, z) through `slot`,
+// Cell index (within one sample, row-major over X, Y, Z) that cell (x, y, z) reads through offset
+// (dx, dy, dz), or -1 for zeros.
+CUBECORE_HD int64_t cell_read(int64_t x, int64_t y, int64_t z, int dx, int dy, int dz, int64_t X, int64_t Y,
+                              int64_t Z, int64_t boundary) {
+  const int64_t u = neighbour_coord(x, dx, X, boundary), v = neighbour_coord(y, dy, Y, boundary),
+                w = neighbour_coord(z, dz, Z, boundary);
+  return (u < 0 || v < 0 || w < 0) ? -1 : (u * Y + v) * Z + w;
+}
+
+// Cell index (within one sample, row-major over X, Y, Z) read by cell (x, y, z) through von Neumann `slot`,
 // or -1 for zeros.  Slot 6 is the cell itself.
 CUBECORE_HD int64_t neighbour_index(int64_t x, int64_t y, int64_t z, int slot, int64_t X, int64_t Y,
                                     int64_t Z, int64_t boundary) {
@@ -64,9 +98,10 @@ CUBECORE_HD int64_t neighbour_index(int64_t x, int64_t y, int64_t z, int slot, i
   }
 }
 
-// The backward pass gathers instead of scattering: for a cell at `c` on an axis of length `n`, the cells
+// The CUDA backward gathers instead of scattering: for a cell at `c` on an axis of length `n`, the cells
 // that read it through the slot with offset `d` are at most two: the one at `c - d` (`*other`, or -1 if
-// none) and the cell itself (`*self` true) where a reflecting edge makes it read itself.
+// none) and the cell itself (`*self` true) where a replicating edge makes it read itself.  (For zeros,
+// circular and replicate boundaries only: the CUDA kernels do not take reflect.)
 CUBECORE_HD void readers_through_slot(int64_t c, int64_t d, int64_t n, int64_t boundary, int64_t* other,
                                       bool* self) {
   const int64_t back = c - d;
@@ -74,10 +109,10 @@ CUBECORE_HD void readers_through_slot(int64_t c, int64_t d, int64_t n, int64_t b
   *other = -1;
   if (back >= 0 && back < n) {
     *other = back;
-  } else if (boundary == kPeriodic) {
+  } else if (boundary == kCircular) {
     *other = back < 0 ? back + n : back - n;
   }
-  if (boundary == kReflect && (c + d < 0 || c + d >= n)) *self = true;
+  if (boundary == kReplicate && (c + d < 0 || c + d >= n)) *self = true;
 }
 
 // Where forward step t (of `steps`) writes its states.  With a kept trajectory [steps + 1][state], its slot

@@ -23,8 +23,8 @@ constexpr int kAccumulators = 8;
 // Output vectors one product computes at a time; wider outputs are done in chunks of this many.  Four keeps
 // the loads per FMA low: a block of 4 cells x 4 vectors loads 4 weight vectors and 4 inputs for 16 FMAs.
 constexpr int kMaxVectors = 4;
-// Segments of a cell's input row: the states of its seven slots, then its external input.
-constexpr int kSegments = kSlots + 1;
+// Segments of a cell's input row, at most: the states of its 27 slots (moore), then its external input.
+constexpr int kMaxSegments = kMaxSlots + 1;
 
 // Bytes of the SIMD vectors, set by the file that includes this one (32 or 64): those over the hidden features
 // (and over a cell's packed input-state gradients) and those over the state features.  They differ where a
@@ -103,18 +103,21 @@ struct DenseRows {
   const T* in;
   int64_t ld, length;
   int segments() const { return 1; }
+  int state_segments() const { return 0; }
   int64_t length_of(int) const { return length; }
   const T* row(int64_t i, int) const { return in + i * ld; }
 };
-// L > 0: the seven state segments are L values long, known when compiling, so their loops unroll.
+// L > 0: the first `nstate` segments (the states of the slots a cell reads) are L values long, known when
+// compiling, so their loops unroll.
 template <typename T, int L = 0>
 struct CellRows {
   static constexpr int kMaxBlock = 8;  // one pointer per cell of a block must fit the general registers
   static constexpr int kStateLength = L;
   const T* const* ptr;
-  int nseg;
+  int nseg, nstate;
   const int64_t* lengths;
   int segments() const { return nseg; }
+  int state_segments() const { return nstate; }
   int64_t length_of(int s) const { return lengths[s]; }
   const T* row(int64_t i, int s) const { return ptr[i * nseg + s]; }
 };
@@ -158,7 +161,7 @@ inline void matmul_block(const Rows& rows, int64_t c0, const T* WT, int64_t ldw,
       }
     };
     constexpr int L = Rows::kStateLength;
-    if (L > 0 && s < kSlots) {
+    if (L > 0 && s < rows.state_segments()) {
 #pragma GCC unroll 8
       for (int k = 0; k < L; ++k) step(k);
       w += L * ldw;
@@ -246,7 +249,7 @@ void accumulate_outer_cols(const Rows& rows, int64_t C, const T* D, int64_t ldd,
   constexpr int KB = RV >= kAccumulators ? 1 : kAccumulators / RV;
   constexpr int L = Rows::kStateLength;
   for (int s = 0; s < rows.segments(); ++s) {
-    const int64_t length = L > 0 && s < kSlots ? L : rows.length_of(s);
+    const int64_t length = L > 0 && s < rows.state_segments() ? L : rows.length_of(s);
     int64_t k0 = 0;
     accumulate_outer_rows<Bytes, T, RV, KB>(rows, s, k0, length, C, D, ldd, G, ldg);
     G += length * ldg;
@@ -347,138 +350,252 @@ inline V activation_slope_vec(V a, int64_t activation) {
   return a * (1 - a);
 }
 
+// The output activation of the update net (tanh or identity) and its slope, in terms of its output.
+template <typename V>
+inline V output_vec(V v, int64_t output_activation) {
+  return output_activation == kOutputTanh ? tanh_vec(v) : v;
+}
+template <typename T>
+inline T output_slope(T c, int64_t output_activation) {
+  return output_activation == kOutputTanh ? T(1) - c * c : T(1);
+}
+
 // ---- the lattice ------------------------------------------------------------------------------------------
 
+// The problem of one call: sizes, the rule's codes, and the cell each slot reads.
 struct Geometry {
-  int64_t B, X, Y, Z, S, E, H, K;
-  int64_t cells;  // X * Y * Z
-  int64_t N;      // B * cells
-  int64_t boundary, activation, update;
+  int64_t B, X, Y, Z, S, E;
+  int64_t K;         // slots a cell reads: 7 (von Neumann) or 27 (Moore)
+  int64_t F;         // depthwise filters per channel, 0 for concat perception
+  int64_t H1, H2;    // hidden sizes (H2 = 0: one hidden layer)
+  int64_t In;        // inputs of the first layer: K*S + E (concat) or S*F + E (depthwise)
+  int64_t cells;     // X * Y * Z
+  int64_t N;         // B * cells
+  int64_t neighbourhood, boundary, activation, output_activation, update;
   double step_size;
-  int segments;                      // input segments of a cell: kSlots, plus one when E > 0
-  int64_t lengths[kSegments];        // their lengths: S for each slot, then E
-  std::vector<int64_t> neighbours;  // [cells][kSlots]: the cell each slot reads (-1: zeros), the same per sample
+  int64_t alive_channel;  // -1: no alive mask
+  double alive_threshold;
+  bool fire;              // a fire mask is given
+  int segments;                        // input segments of a cell's slots row: K, plus one when E > 0
+  int64_t lengths[kMaxSegments];       // their lengths: S for each slot, then E
+  int first_segments;                  // depthwise: segments of the first layer's row ([perception, external])
+  int64_t first_lengths[2];            // depthwise: S*F, E
+  std::vector<int64_t> neighbours;     // [cells][K]: the cell each slot reads (-1: zeros), the same per sample
 
-  Geometry(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, int64_t boundary_,
-           int64_t activation_, int64_t update_, double step_size_)
+  Geometry(const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+           const at::Tensor& w1, const c10::optional<at::Tensor>& wh, int64_t neighbourhood_, int64_t boundary_,
+           int64_t activation_, int64_t output_activation_, int64_t update_, double step_size_,
+           int64_t alive_channel_, double alive_threshold_, bool fire_)
       : B(state.size(0)), X(state.size(1)), Y(state.size(2)), Z(state.size(3)), S(state.size(4)),
-        E(external.size(4)), H(w1.size(0)), K(w1.size(1)), boundary(boundary_), activation(activation_),
-        update(update_), step_size(step_size_) {
+        E(external.size(4)), K(slots_of(neighbourhood_)), F(perception ? perception->size(1) : 0), H1(w1.size(0)),
+        H2(wh ? wh->size(0) : 0), In(w1.size(1)), neighbourhood(neighbourhood_), boundary(boundary_),
+        activation(activation_), output_activation(output_activation_), update(update_), step_size(step_size_),
+        alive_channel(alive_channel_), alive_threshold(alive_threshold_), fire(fire_) {
     cells = X * Y * Z;
     N = B * cells;
-    segments = E > 0 ? kSegments : kSlots;
-    for (int s = 0; s < kSlots; ++s) lengths[s] = S;
-    lengths[kSlots] = E;
-    neighbours.resize(cells * kSlots);
+    segments = static_cast<int>(K) + (E > 0 ? 1 : 0);
+    for (int s = 0; s < K; ++s) lengths[s] = S;
+    lengths[K] = E;
+    first_segments = E > 0 ? 2 : 1;
+    first_lengths[0] = S * F;
+    first_lengths[1] = E;
+    neighbours.resize(cells * K);
     for (int64_t x = 0; x < X; ++x)
       for (int64_t y = 0; y < Y; ++y)
         for (int64_t z = 0; z < Z; ++z)
-          for (int slot = 0; slot < kSlots; ++slot)
-            neighbours[((x * Y + y) * Z + z) * kSlots + slot] = neighbour_index(x, y, z, slot, X, Y, Z, boundary);
+          for (int slot = 0; slot < K; ++slot) {
+            int dx, dy, dz;
+            slot_offset(neighbourhood, slot, &dx, &dy, &dz);
+            neighbours[((x * Y + y) * Z + z) * K + slot] = cell_read(x, y, z, dx, dy, dz, X, Y, Z, boundary);
+          }
   }
+  bool depthwise() const { return F > 0; }
+  int64_t state_inputs() const { return depthwise() ? S * F : K * S; }  // first-layer inputs before external
   int64_t tiles() const { return (N + kTile - 1) / kTile; }
 };
 
 // The weights rearranged for the kernels: transposed where the kernels read them by input row, with feature
-// dimensions padded to whole vectors (the padding is zeros, so padded lanes stay out of every result).
+// dimensions padded to whole vectors (the padding is zeros, so padded lanes stay out of every result).  With
+// depthwise perception a cell's perception is kept filter-major (index f*S + c, so that each filter is one
+// pass of vector FMAs over the channels), and W1's perception columns are permuted to match.
 template <typename T>
 struct PackedWeights {
-  int64_t Hp, Sp, Ks;
-  at::Tensor w1t;  // [K][Hp]:  W1^T (forward: input -> hidden)
-  at::Tensor b1;   // [Hp]
-  at::Tensor w2t;  // [Hp][Sp]: W2^T (forward: hidden -> change)
-  at::Tensor b2;   // [Sp]
-  at::Tensor w2;   // [Sp][Hp]: W2   (backward: change gradient -> hidden gradient)
-  at::Tensor w1;   // [Hp][Ks]: W1's state columns (backward: hidden gradient -> state-slot gradients)
-  at::Tensor w1e;  // [E][Hp]:  W1's external columns, transposed (backward: hidden gradient -> external)
+  int64_t H1p, H2p, Hlp, Sp, Ks;
+  at::Tensor w1t;  // [In][H1p]:  W1^T (forward: input -> first hidden)
+  at::Tensor b1;   // [H1p]
+  at::Tensor wht;  // [H1p][H2p]: Wh^T (forward: first -> second hidden), two hidden layers only
+  at::Tensor bh;   // [H2p]
+  at::Tensor wh;   // [H2p][H1p]: Wh   (backward)
+  at::Tensor wot;  // [Hlp][Sp]:  Wo^T (forward: last hidden -> change)
+  at::Tensor bo;   // [Sp]
+  at::Tensor wo;   // [Sp][Hlp]:  Wo   (backward: change gradient -> last hidden gradient)
+  at::Tensor w1;   // [H1p][Ks]:  W1's state (or perception) columns (backward: -> their gradients)
+  at::Tensor w1e;  // [E][H1p]:   W1's external columns, transposed (backward: -> external)
+  at::Tensor wp;   // [F][K][S]:  the depthwise perception, filter-major
+  at::Tensor dead; // [S]:        the state of a dead cell
 
-  PackedWeights(const Geometry& g, const at::Tensor& W1, const at::Tensor& B1, const at::Tensor& W2,
-                const at::Tensor& B2)
-      : Hp(padded<T, kHiddenBytes>(g.H)),
+  PackedWeights(const Geometry& g, const c10::optional<at::Tensor>& P, const at::Tensor& W1, const at::Tensor& B1,
+                const c10::optional<at::Tensor>& WH, const c10::optional<at::Tensor>& BH, const at::Tensor& WO,
+                const at::Tensor& BO, const c10::optional<at::Tensor>& dead_state)
+      : H1p(padded<T, kHiddenBytes>(g.H1)),
+        H2p(g.H2 ? padded<T, kHiddenBytes>(g.H2) : 0),
+        Hlp(g.H2 ? H2p : H1p),
         Sp(padded<T, kStateBytes>(g.S)),
-        Ks(padded<T, kHiddenBytes>(kSlots * g.S)) {
-    const int64_t H = g.H, S = g.S, K = g.K;
+        Ks(padded<T, kHiddenBytes>(g.state_inputs())) {
+    const int64_t H1 = g.H1, S = g.S, SI = g.state_inputs(), Hl = g.H2 ? g.H2 : g.H1;
     auto opts = W1.options();
-    w1t = at::zeros({K, Hp}, opts);
-    w1t.narrow(1, 0, H).copy_(W1.t());
-    b1 = at::zeros({Hp}, opts);
-    b1.narrow(0, 0, H).copy_(B1);
-    w2t = at::zeros({Hp, Sp}, opts);
-    w2t.narrow(0, 0, H).narrow(1, 0, S).copy_(W2.t());
-    b2 = at::zeros({Sp}, opts);
-    b2.narrow(0, 0, S).copy_(B2);
-    w2 = at::zeros({Sp, Hp}, opts);
-    w2.narrow(0, 0, S).narrow(1, 0, H).copy_(W2);
-    w1 = at::zeros({Hp, Ks}, opts);
-    w1.narrow(0, 0, H).narrow(1, 0, kSlots * S).copy_(W1.narrow(1, 0, kSlots * S));
-    w1e = at::zeros({g.E, Hp}, opts);
-    w1e.narrow(1, 0, H).copy_(W1.narrow(1, kSlots * S, g.E).t());
+    // W1's state columns in the kernels' order: slot-major for concat (as given), filter-major for depthwise.
+    const at::Tensor w1s = g.depthwise()
+                               ? W1.narrow(1, 0, SI).reshape({H1, S, g.F}).permute({0, 2, 1}).reshape({H1, SI})
+                               : W1.narrow(1, 0, SI);
+    w1t = at::zeros({g.In, H1p}, opts);
+    w1t.narrow(0, 0, SI).narrow(1, 0, H1).copy_(w1s.t());
+    w1t.narrow(0, SI, g.E).narrow(1, 0, H1).copy_(W1.narrow(1, SI, g.E).t());
+    b1 = at::zeros({H1p}, opts);
+    b1.narrow(0, 0, H1).copy_(B1);
+    if (g.H2) {
+      wht = at::zeros({H1p, H2p}, opts);
+      wht.narrow(0, 0, H1).narrow(1, 0, g.H2).copy_(WH->t());
+      bh = at::zeros({H2p}, opts);
+      bh.narrow(0, 0, g.H2).copy_(*BH);
+      wh = at::zeros({H2p, H1p}, opts);
+      wh.narrow(0, 0, g.H2).narrow(1, 0, H1).copy_(*WH);
+    }
+    wot = at::zeros({Hlp, Sp}, opts);
+    wot.narrow(0, 0, Hl).narrow(1, 0, S).copy_(WO.t());
+    bo = at::zeros({Sp}, opts);
+    bo.narrow(0, 0, S).copy_(BO);
+    wo = at::zeros({Sp, Hlp}, opts);
+    wo.narrow(0, 0, S).narrow(1, 0, Hl).copy_(WO);
+    w1 = at::zeros({H1p, Ks}, opts);
+    w1.narrow(0, 0, H1).narrow(1, 0, SI).copy_(w1s);
+    w1e = at::zeros({g.E, H1p}, opts);
+    w1e.narrow(1, 0, H1).copy_(W1.narrow(1, SI, g.E).t());
+    if (g.depthwise()) wp = P->permute({1, 2, 0}).contiguous();
+    dead = dead_state ? dead_state->contiguous() : at::zeros({S}, opts);
   }
 };
 
 // Per-thread scratch for one tile.
 template <typename T>
 struct TileScratch {
-  std::vector<const T*> inputs;  // [kTile][segments]: where each input segment of a cell lies
-  std::vector<T> zeros;          // [S]: what a slot reads through a wall
-  std::vector<T> hid;            // [kTile][Hp]: hidden activations
-  std::vector<T> chg;            // [kTile][Sp]: cell changes after tanh (backward: then their gradients)
-  std::vector<T> dhid;           // [kTile][Hp]: backward: gradients of the hidden pre-activations
-  std::vector<T> dinput;         // [kTile][Ks]: backward: gradients of the state slots of the input rows
+  std::vector<const T*> inputs;  // [kTile][segments]: where each slot's state (and the external input) lies
+  std::vector<const T*> first;   // depthwise: [kTile][first_segments]: a cell's perception and external input
+  std::vector<T> zeros;          // [S]: what a slot reads beyond a zeros boundary
+  std::vector<T> perc;           // depthwise: [kTile][S*F]: perception, filter-major
+  std::vector<T> hid1;           // [kTile][H1p]: first hidden activations
+  std::vector<T> hid2;           // [kTile][H2p]: second hidden activations
+  std::vector<T> chg;            // [kTile][Sp]: cell changes (backward: then their pre-activation gradients)
+  std::vector<T> dhid1;          // backward: [kTile][H1p]: gradients of the first hidden pre-activations
+  std::vector<T> dhid2;          // backward: [kTile][H2p]: gradients of the second hidden pre-activations
+  std::vector<T> dinput;         // backward: [kTile][Ks]: gradients of the slots' states (or the perception)
   TileScratch(const Geometry& g, const PackedWeights<T>& w)
-      : inputs(kTile * kSegments), zeros(g.S), hid(kTile * w.Hp), chg(kTile * w.Sp) {}
+      : inputs(kTile * kMaxSegments), first(kTile * 2), zeros(g.S), perc(g.depthwise() ? kTile * g.S * g.F : 0),
+        hid1(kTile * w.H1p), hid2(kTile * w.H2p), chg(kTile * w.Sp) {}
   void for_backward(const PackedWeights<T>& w) {
-    dhid.resize(kTile * w.Hp);
+    dhid1.resize(kTile * w.H1p);
+    dhid2.resize(kTile * w.H2p);
     dinput.resize(kTile * w.Ks);
   }
+  const T* hid_last(const Geometry& g) const { return g.H2 ? hid2.data() : hid1.data(); }
 };
 
-// Points the input segments of cells n0 .. n0 + count at their slots' states and their external input.
+// Points the segments of cells n0 .. n0 + count at their slots' states and their external input.
 template <typename T, int L>
 CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, int64_t n0, int64_t count,
                          TileScratch<T>& s) {
-  const int nseg = g.segments;
+  const int nseg = g.segments, K = static_cast<int>(g.K);
   const int64_t S = L > 0 ? L : g.S;
   int64_t b = n0 / g.cells, cell = n0 - b * g.cells;
   const T* sample = state + b * g.cells * S;
   const T** row = s.inputs.data();
   for (int64_t l = 0; l < count; ++l, row += nseg) {
-    const int64_t* reads = g.neighbours.data() + cell * kSlots;
-    for (int slot = 0; slot < kSlots; ++slot) row[slot] = reads[slot] < 0 ? s.zeros.data() : sample + reads[slot] * S;
-    if (nseg > kSlots) row[kSlots] = external + (n0 + l) * g.E;
+    const int64_t* reads = g.neighbours.data() + cell * K;
+    for (int slot = 0; slot < K; ++slot) row[slot] = reads[slot] < 0 ? s.zeros.data() : sample + reads[slot] * S;
+    if (nseg > K) row[K] = external + (n0 + l) * g.E;
     if (++cell == g.cells) {
       cell = 0;
       sample += g.cells * S;
     }
   }
-  return CellRows<T, L>{s.inputs.data(), nseg, g.lengths};
+  return CellRows<T, L>{s.inputs.data(), nseg, K, g.lengths};
 }
 
-// Forward of one tile: s.hid gets the hidden activations, and on_change(c, col, acc, RV) the cell changes
-// after tanh, still in registers (on_change = nullptr: stop after the hidden activations).  Returns the
-// tile's input rows.
+// Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c].
+template <int L, typename T>
+void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<T, L>& slots, int64_t count,
+                   TileScratch<T>& s) {
+  const int64_t S = L > 0 ? L : g.S, F = g.F, K = g.K;
+  const T* wp = w.wp.template data_ptr<T>();
+  const T* zeros = s.zeros.data();
+  for (int64_t l = 0; l < count; ++l) {
+    T* p = s.perc.data() + l * S * F;
+    std::fill(p, p + S * F, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* x = slots.row(l, static_cast<int>(k));
+      if (x == zeros) continue;
+      for (int64_t f = 0; f < F; ++f) {
+        const T* wk = wp + (f * K + k) * S;
+        T* pf = p + f * S;
+#pragma GCC ivdep
+        for (int64_t c = 0; c < S; ++c) pf[c] += wk[c] * x[c];
+      }
+    }
+  }
+}
+
+// The first layer's input rows of a tile: its slots' states (concat) or its perception (depthwise), then its
+// external input.
+template <int L, typename T>
+CellRows<T, L> first_rows(const Geometry& g, const CellRows<T, L>& slots, const T* external, int64_t n0,
+                          int64_t count, TileScratch<T>& s) {
+  if (!g.depthwise()) return slots;
+  const int nseg = g.first_segments;
+  for (int64_t l = 0; l < count; ++l) {
+    s.first[l * nseg] = s.perc.data() + l * g.S * g.F;
+    if (nseg > 1) s.first[l * nseg + 1] = external + (n0 + l) * g.E;
+  }
+  return CellRows<T, L>{s.first.data(), nseg, 0, g.first_lengths};
+}
+
+// The rows a tile's backward needs again: its slots' states, and its first layer's inputs.
+template <typename T, int L>
+struct TileRows {
+  CellRows<T, L> slots, first;
+};
+
+// Forward of one tile: the hidden activations into s.hid1 (and s.hid2), and on_change(c, col, acc, RV) the
+// cell changes after the output activation, still in registers (on_change = nullptr: stop after the hidden
+// activations).
 template <int L, typename T, class OnChange>
-inline CellRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
+inline TileRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
                                    int64_t n0, int64_t count, TileScratch<T>& s, OnChange&& on_change) {
   using HV = typename HiddenVec<T>::type;
   using SV = typename StateVec<T>::type;
   constexpr int W = HiddenVec<T>::width;
-  const CellRows<T, L> rows = cell_rows<T, L>(g, state, external, n0, count, s);
-  T* hid = s.hid.data();
-  const int64_t Hp = w.Hp, activation = g.activation;
-  matmul<kHiddenBytes>(rows, count, w.w1t.template data_ptr<T>(), Hp, w.b1.template data_ptr<T>(),
-                       [&](int64_t c, int64_t col, HV* acc, auto rv) {
-                         for (int r = 0; r < decltype(rv)::value; ++r)
-                           vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
-                       });
+  const CellRows<T, L> slots = cell_rows<T, L>(g, state, external, n0, count, s);
+  if (g.depthwise()) perceive_tile<L>(g, w, slots, count, s);
+  const CellRows<T, L> rows = first_rows<L>(g, slots, external, n0, count, s);
+  const int64_t activation = g.activation;
+  auto hidden_store = [&](T* hid, int64_t Hp) {
+    return [=](int64_t c, int64_t col, HV* acc, auto rv) {
+      for (int r = 0; r < decltype(rv)::value; ++r) vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
+    };
+  };
+  matmul<kHiddenBytes>(rows, count, w.w1t.template data_ptr<T>(), w.H1p, w.b1.template data_ptr<T>(),
+                       hidden_store(s.hid1.data(), w.H1p));
+  if (g.H2)
+    matmul<kHiddenBytes>(DenseRows<T>{s.hid1.data(), w.H1p, w.H1p}, count, w.wht.template data_ptr<T>(), w.H2p,
+                         w.bh.template data_ptr<T>(), hidden_store(s.hid2.data(), w.H2p));
   if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
-    matmul<kStateBytes>(DenseRows<T>{hid, Hp, Hp}, count, w.w2t.template data_ptr<T>(), w.Sp,
-                        w.b2.template data_ptr<T>(), [&](int64_t c, int64_t col, SV* acc, auto rv) {
-                          for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = tanh_vec(acc[r]);
+    const int64_t output_activation = g.output_activation;
+    matmul<kStateBytes>(DenseRows<T>{s.hid_last(g), w.Hlp, w.Hlp}, count, w.wot.template data_ptr<T>(), w.Sp,
+                        w.bo.template data_ptr<T>(), [&](int64_t c, int64_t col, SV* acc, auto rv) {
+                          for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = output_vec(acc[r], output_activation);
                           on_change(c, col, acc, rv);
                         });
   }
-  return rows;
+  return {slots, rows};
 }
 
 // How the work is split over threads.  Samples are independent: where there are enough of them, each thread
@@ -490,10 +607,11 @@ inline bool split_by_sample(const Geometry& g) {
   return g.B % threads == 0 || g.B >= 4 * threads;
 }
 
-// One forward step of the cells n_begin .. n_end: state -> out.
+// One forward step of the cells n_begin .. n_end: state -> out, the change applied where `fire` (this step's
+// mask, [N], or nullptr: everywhere) is set.
 template <int L, typename T>
 void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external, T* out,
-                   int64_t n_begin, int64_t n_end, TileScratch<T>& s) {
+                   const uint8_t* fire, int64_t n_begin, int64_t n_end, TileScratch<T>& s) {
   using V = typename StateVec<T>::type;
   constexpr int W = StateVec<T>::width;
   const int64_t S = L > 0 ? L : g.S, Sp = w.Sp;
@@ -503,10 +621,15 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
     const int64_t count = std::min(kTile, n_end - n0);
     forward_tile<L>(g, w, state, external, n0, count, s, [&](int64_t c, int64_t col, V* acc, auto rv) {
+      const bool fires = fire == nullptr || fire[n0 + c];
       for (int r = 0; r < decltype(rv)::value; ++r) {
         const int64_t at = (n0 + c) * S + col + r * W;
         if (whole_vectors) {
-          vstore(out + at, residual ? vload<V>(state + at) + step * acc[r] : acc[r]);
+          if (!fires) {
+            vstore(out + at, vload<V>(state + at));
+          } else {
+            vstore(out + at, residual ? vload<V>(state + at) + step * acc[r] : acc[r]);
+          }
         } else {
           vstore(s.chg.data() + c * Sp + col + r * W, acc[r]);
         }
@@ -516,105 +639,155 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
     for (int64_t l = 0; l < count; ++l) {
       const int64_t n = n0 + l;
       const T* c = s.chg.data() + l * Sp;
+      if (fire != nullptr && !fire[n]) {
+        std::copy(state + n * S, state + n * S + S, out + n * S);
+        continue;
+      }
       for (int64_t i = 0; i < S; ++i) out[n * S + i] = residual ? state[n * S + i] + step * c[i] : c[i];
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
-    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
-    int64_t update, double step_size, bool keep_trajectory) {
-  check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
+// Whether the alive channel of `state` exceeds the threshold somewhere in the 3x3x3 block of cell n (cells
+// beyond the lattice ignored, whatever the boundary).
+template <typename T>
+inline bool alive_at(const Geometry& g, const T* state, int64_t n) {
+  const int64_t b = n / g.cells, cell = n - b * g.cells;
+  const int64_t x = cell / (g.Y * g.Z), y = cell / g.Z % g.Y, z = cell % g.Z;
+  const T* sample = state + b * g.cells * g.S + g.alive_channel;
+  const T threshold = static_cast<T>(g.alive_threshold);
+  for (int64_t u = std::max<int64_t>(x - 1, 0); u <= std::min(x + 1, g.X - 1); ++u)
+    for (int64_t v = std::max<int64_t>(y - 1, 0); v <= std::min(y + 1, g.Y - 1); ++v)
+      for (int64_t t = std::max<int64_t>(z - 1, 0); t <= std::min(z + 1, g.Z - 1); ++t)
+        if (sample[((u * g.Y + v) * g.Z + t) * g.S] > threshold) return true;
+  return false;
+}
+
+// The alive mask of one step for cells n_begin .. n_end: life[n] = alive before (in `before`) and after (in
+// `after`, the step's result before masking).
+template <typename T>
+void alive_masks(const Geometry& g, const T* before, const T* after, uint8_t* life, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) life[n] = alive_at(g, before, n) && alive_at(g, after, n);
+}
+
+// Dead cells (life[n] = 0) among n_begin .. n_end take the dead state.
+template <typename T>
+void bury(const Geometry& g, const T* dead, T* state, const uint8_t* life, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n)
+    if (!life[n]) std::copy(dead, dead + g.S, state + n * g.S);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
+    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
+    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
+  check_propagate_args(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
+                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
   TORCH_CHECK(state.device().is_cpu(), "propagate_forward_cpu: tensors must be on the CPU");
   TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
               "the CPU kernel supports float32 and float64, got ", state.scalar_type());
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
-  const Geometry g(s0, u, w1, boundary, activation, update, step_size);
+  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
+  const Geometry g(s0, u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
+                   step_size, alive_channel, alive_threshold, fire_mask.has_value());
+  const bool alive = alive_channel >= 0;
 
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t d : s0.sizes()) shape.push_back(d);
   at::Tensor traj = at::empty(shape, s0.options());
   at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
+  // The alive masks, one byte per cell and step: kept for the backward with the trajectory, else one step's.
+  const int64_t life_steps = alive ? (keep_trajectory ? steps : 1) : 0;
+  at::Tensor life = at::empty({life_steps, g.B, g.X, g.Y, g.Z}, s0.options().dtype(at::kByte));
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cpu", [&] {
     using T = scalar_t;
-    const PackedWeights<T> w(g, w1, b1, w2, b2);
+    const PackedWeights<T> w(g, perception, w1, b1, wh, bh, wo, bo, dead_state);
     const T* first = s0.data_ptr<T>();
     const T* up = u.data_ptr<T>();
+    const T* dead = w.dead.template data_ptr<T>();
     T* traj_p = traj.data_ptr<T>();
     T* spare_p = keep_trajectory ? nullptr : spare.data_ptr<T>();
+    const uint8_t* fire_p = g.fire ? static_cast<const uint8_t*>(fires.data_ptr()) : nullptr;
+    uint8_t* life_p = alive ? life.data_ptr<uint8_t>() : nullptr;
     auto destination = [&](int64_t t) { return step_destination(traj_p, spare_p, s0.numel(), t, steps, keep_trajectory); };
+    auto fire_at = [&](int64_t t) { return fire_p ? fire_p + t * g.N : nullptr; };
+    auto life_at = [&](int64_t t) { return life_p + (keep_trajectory ? t * g.N : 0); };
     with_state_length(g.S, [&](auto state_length) {
       constexpr int L = decltype(state_length)::value;
       if (split_by_sample(g)) {
         at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
           TileScratch<T> s(g, w);
           for (int64_t b = b_begin; b < b_end; ++b) {
+            const int64_t n_begin = b * g.cells, n_end = n_begin + g.cells;
             const T* cur = first;
             for (int64_t t = 0; t < steps; ++t) {
-              forward_cells<L>(g, w, cur, up, destination(t), b * g.cells, (b + 1) * g.cells, s);
-              cur = destination(t);
+              T* out = destination(t);
+              forward_cells<L>(g, w, cur, up, out, fire_at(t), n_begin, n_end, s);
+              if (alive) {
+                alive_masks(g, cur, out, life_at(t), n_begin, n_end);
+                bury(g, dead, out, life_at(t), n_begin, n_end);
+              }
+              cur = out;
             }
           }
         });
       } else {
         const T* cur = first;
         for (int64_t t = 0; t < steps; ++t) {
+          T* out = destination(t);
           at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
             TileScratch<T> s(g, w);
-            forward_cells<L>(g, w, cur, up, destination(t), begin * kTile, std::min(end * kTile, g.N), s);
+            forward_cells<L>(g, w, cur, up, out, fire_at(t), begin * kTile, std::min(end * kTile, g.N), s);
           });
-          cur = destination(t);
+          if (alive) {  // every cell's result first, then the masks (they read neighbours), then the burial
+            at::parallel_for(0, g.N, 256, [&](int64_t b, int64_t e) { alive_masks(g, cur, out, life_at(t), b, e); });
+            at::parallel_for(0, g.N, 256, [&](int64_t b, int64_t e) { bury(g, dead, out, life_at(t), b, e); });
+          }
+          cur = out;
         }
       }
     });
     if (keep_trajectory) traj[0].copy_(s0);
   });
-  return forward_outputs(traj, keep_trajectory);
+  auto outputs = forward_outputs(traj, keep_trajectory);
+  if (!keep_trajectory) life = life.narrow(0, 0, 0);
+  return {std::get<0>(outputs), std::get<1>(outputs), life};
 }
 
-// For the backward's gather: for every cell and neighbour slot k < kNeighbours, the offset (within its
-// sample's rows of neighbour-slot gradients, kNeighbours * S values per cell) of the gradient that the cell
-// that reads this one through k sends back, or -1 if none does; and whether the cell reads itself through k
-// (a reflecting edge).
-struct SlotReaders {
-  std::vector<int64_t> offset;  // [cells][kNeighbours]
-  std::vector<char> self;       // [cells][kNeighbours]
-  bool any_self = false;
-  SlotReaders() = default;
-  explicit SlotReaders(const Geometry& g) : offset(g.cells * kNeighbours), self(g.cells * kNeighbours) {
-    const int64_t extent[3] = {g.X, g.Y, g.Z};
-    for (int64_t x = 0; x < g.X; ++x)
-      for (int64_t y = 0; y < g.Y; ++y)
-        for (int64_t z = 0; z < g.Z; ++z) {
-          const int64_t cell = (x * g.Y + y) * g.Z + z;
-          for (int slot = 0; slot < kNeighbours; ++slot) {
-            const int axis = slot / 2;
-            int64_t c3[3] = {x, y, z};
-            int64_t other;
-            bool reads_itself;
-            readers_through_slot(c3[axis], (slot & 1) ? 1 : -1, extent[axis], g.boundary, &other, &reads_itself);
-            c3[axis] = other;
-            offset[cell * kNeighbours + slot] =
-                other < 0 ? -1 : ((c3[0] * g.Y + c3[1]) * g.Z + c3[2]) * kNeighbours * g.S + slot * g.S;
-            self[cell * kNeighbours + slot] = reads_itself;
-            any_self = any_self || reads_itself;
-          }
-        }
+// ---- the backward -----------------------------------------------------------------------------------------
+
+// The weight gradients of one thread: [w1^T (In x H1p) | b1 (H1p) | wh^T (H1p x H2p) | bh (H2p) | wo (Sp x Hlp)
+// | bo (Sp) | wp (F x K x S)], summed over threads once at the end.  The matrices are laid out with their
+// outputs' features last, so that every sum runs on hidden-width vectors.
+template <typename T>
+struct WeightGrads {
+  T *w1t, *b1, *wh, *bh, *wo, *bo, *wp;
+};
+
+struct GradOffsets {
+  int64_t w1t, b1, wh, bh, wo, bo, wp, size;
+  template <typename T>
+  GradOffsets(const Geometry& g, const PackedWeights<T>& w) {
+    w1t = 0;
+    b1 = w1t + g.In * w.H1p;
+    wh = b1 + w.H1p;
+    bh = wh + w.H1p * w.H2p;
+    wo = bh + w.H2p;
+    bo = wo + w.Sp * w.Hlp;
+    wp = bo + w.Sp;
+    // (each thread's accumulators rounded up to whole cache lines, so that two threads never write to one line)
+    size = (wp + g.F * g.K * g.S + 15) / 16 * 16;
   }
 };
 
-// The weight gradients of one thread: [w1^T (K x Hp) | b1 (Hp) | w2 (Sp x Hp) | b2 (Sp)], summed over
-// threads once at the end.  Both matrices are laid out with the hidden features last, so that both sums run
-// on hidden-width vectors.
-template <typename T>
-struct WeightGrads {
-  T *w1t, *b1, *w2, *b2;
-};
-
-// What the passes of one backward call share: the problem, the packed weights, the saved states, and where
-// the gradients go.
+// What the passes of one backward call share: the problem, the packed weights, the saved states and masks,
+// and where the gradients go.  A state's gradient reaches it from the cells that read it (its neighbours, and
+// itself) by scatter: each reader adds straight into it, race-free because a thread owns whole samples, or a
+// slab of planes that no slab run beside it reads (see scatter_slabs).
 template <typename T>
 struct Backward {
   const Geometry& g;
@@ -623,171 +796,171 @@ struct Backward {
   int64_t state_numel;      // N * S
   const T* external;        // [N][E]
   T* grad_external;         // [N][E]
-  // How the gradient of a state reaches it from the cells that read it (its neighbours, and itself through a
-  // reflecting edge).  scatter: each reader adds it straight into that state's gradient (where a thread owns
-  // whole samples, or a slab of planes that no slab run beside it reads: race-free either way).  Otherwise (a
-  // step split over tiles) the tile pass writes each cell's
-  // neighbour-slot gradients to `sent` ([N][kNeighbours * S]) and gather_sent collects them.
-  bool scatter;
-  T* sent;
-  const SlotReaders& readers;
-  T change_scale;           // d next state / d change: 1 (replace) or step_size (residual)
-  T* acc;                   // [threads][acc_size]: each thread's WeightGrads, on cache lines of its own
-  int64_t acc_size, threads;
+  const uint8_t* fire;      // [T][N]: where each step fired, or nullptr (everywhere)
+  const uint8_t* life;      // [T][N]: where each step's cells lived, or nullptr (no alive mask)
+  T change_scale;           // d next state / d change where a live cell fires: 1 (replace) or step_size (residual)
+  T* acc;                   // [threads][offsets.size]: each thread's WeightGrads, on cache lines of its own
+  GradOffsets offsets;
+  int64_t threads;
 
   WeightGrads<T> thread_grads() const {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "unexpected thread number ", tid);
-    T* base = acc + tid * acc_size;
-    const int64_t K = g.K, Hp = w.Hp, Sp = w.Sp;
-    return {base, base + K * Hp, base + K * Hp + Hp, base + K * Hp + Hp + Sp * Hp};
+    T* base = acc + tid * offsets.size;
+    return {base + offsets.w1t, base + offsets.b1, base + offsets.wh, base + offsets.bh,
+            base + offsets.wo,  base + offsets.bo, base + offsets.wp};
   }
 };
 
-// Backward step 1 of a tile: the gradient at the change's pre-activation, (1 - c^2) * scale * upstream, into
-// s.chg (padded rows), and its sum into b2's gradient.  `change` holds the tile's changes after tanh.
+// Backward step 1 of a tile: the gradient at the change's pre-activation, output_slope * scale * upstream where
+// a live cell fired (else zero), into s.chg (padded rows), and its sum into bo's gradient; and the state's own
+// path past the change into `out` (residual: every live cell; replace: live cells that did not fire).
 template <int L, typename T>
-inline void change_gradient(const Backward<T>& bw, const T* change, int64_t change_ld, const T* gp, int64_t n0,
-                            int64_t count, TileScratch<T>& s, T* grad_b2) {
-  using V = typename StateVec<T>::type;
-  constexpr int W = StateVec<T>::width;
-  const int64_t S = L > 0 ? L : bw.g.S, Sp = bw.w.Sp;
+inline void change_gradient(const Backward<T>& bw, const T* change, int64_t change_ld, const T* gp, int64_t t,
+                            int64_t n0, int64_t count, TileScratch<T>& s, T* grad_bo, T* out) {
+  const Geometry& g = bw.g;
+  const int64_t S = L > 0 ? L : g.S, Sp = bw.w.Sp;
+  const bool residual = g.update == kResidual;
+  const uint8_t* fire = bw.fire ? bw.fire + t * g.N : nullptr;
+  const uint8_t* life = bw.life ? bw.life + t * g.N : nullptr;
   T* dchg = s.chg.data();
-  if constexpr (L > 0 && L % W == 0) {
-    V b2_sum[L / W] = {};
-    for (int64_t l = 0; l < count; ++l)
-      for (int r = 0; r < L / W; ++r) {
-        const V c = vload<V>(change + l * change_ld + r * W);
-        const V d = (1 - c * c) * bw.change_scale * vload<V>(gp + (n0 + l) * S + r * W);
-        vstore(dchg + l * Sp + r * W, d);
-        b2_sum[r] += d;
-      }
-    for (int r = 0; r < L / W; ++r) vstore(grad_b2 + r * W, vload<V>(grad_b2 + r * W) + b2_sum[r]);
-  } else {
-    for (int64_t l = 0; l < count; ++l) {
-      T* d = dchg + l * Sp;
-      const T* c = change + l * change_ld;
-      const T* go = gp + (n0 + l) * S;
-      for (int64_t i = 0; i < S; ++i) d[i] = (T(1) - c[i] * c[i]) * bw.change_scale * go[i];
-      for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
-      add_into(grad_b2, d, Sp);
-    }
+  for (int64_t l = 0; l < count; ++l) {
+    const int64_t n = n0 + l;
+    const bool lives = life == nullptr || life[n], fired = fire == nullptr || fire[n];
+    const T scale = lives && fired ? bw.change_scale : T(0);
+    T* d = dchg + l * Sp;
+    const T* c = change + l * change_ld;
+    const T* go = gp + n * S;
+    for (int64_t i = 0; i < S; ++i) d[i] = scale * go[i] * output_slope(c[i], g.output_activation);
+    for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
+    add_into(grad_bo, d, Sp);
+    if (lives && (residual || !fired)) add_into(out + n * S, go, S);
   }
 }
 
-// Backward step 2 of a tile: the gradient at the hidden pre-activations, (W2^T dchg) * act', into s.dhid, its
-// sum into b1's gradient, and the external input's gradient (a dot product with W1's external columns).
+// Backward through one hidden layer: given the gradient at the next layer's pre-activations (`next`, rows of
+// `next_len` values) and the next layer's weight W [next_len][Hp], the gradient at this layer's pre-activations,
+// (W^T next) * act'(hid), into dhid, its sum into the bias's gradient, and for the first layer the external
+// input's gradient (a dot product with W1's external columns).
 template <typename T>
-inline void hidden_gradient(const Backward<T>& bw, int64_t n0, int64_t count, TileScratch<T>& s, T* grad_b1) {
+inline void hidden_gradient(const Backward<T>& bw, const T* next, int64_t next_len, const T* W, const T* hid,
+                            T* dhid, int64_t Hp, bool first, int64_t n0, int64_t count, T* grad_bias) {
   using V = typename HiddenVec<T>::type;
-  constexpr int W = HiddenVec<T>::width;
-  const int64_t Hp = bw.w.Hp, Sp = bw.w.Sp, E = bw.g.E;
-  const T* hid = s.hid.data();
-  T* dhid = s.dhid.data();
+  constexpr int W_ = HiddenVec<T>::width;
+  const int64_t E = first ? bw.g.E : 0;
   const T* w1e = bw.w.w1e.template data_ptr<T>();
-  matmul<kHiddenBytes>(DenseRows<T>{s.chg.data(), Sp, Sp}, count, bw.w.w2.template data_ptr<T>(), Hp, nullptr,
+  matmul<kHiddenBytes>(DenseRows<T>{next, next_len, next_len}, count, W, Hp, nullptr,
          [&](int64_t c, int64_t col, V* a, auto rv) {
            constexpr int RV = decltype(rv)::value;
            for (int r = 0; r < RV; ++r) {
-             const int64_t at = c * Hp + col + r * W;
+             const int64_t at = c * Hp + col + r * W_;
              const V d = a[r] * activation_slope_vec(vload<V>(hid + at), bw.g.activation);
              a[r] = d;
              vstore(dhid + at, d);
-             vstore(grad_b1 + col + r * W, vload<V>(grad_b1 + col + r * W) + d);
+             vstore(grad_bias + col + r * W_, vload<V>(grad_bias + col + r * W_) + d);
            }
            for (int64_t e = 0; e < E; ++e) {
              V dot = a[0] * vload<V>(w1e + e * Hp + col);
-             for (int r = 1; r < RV; ++r) dot += a[r] * vload<V>(w1e + e * Hp + col + r * W);
+             for (int r = 1; r < RV; ++r) dot += a[r] * vload<V>(w1e + e * Hp + col + r * W_);
              bw.grad_external[(n0 + c) * E + e] += horizontal_sum(dot);
            }
          });
 }
 
-// Backward step 3 of a tile: W1^T's state columns times s.dhid, the gradients of the seven states each cell
-// read.  The own-state part (with the residual path's upstream gradient) goes to `out`; the neighbour parts
-// are added into `out` at the states read (scatter) or written to bw.sent.  The product runs on hidden-width
-// vectors; its epilogue takes each in pieces of state width, so that a piece never straddles two slots where a
-// state is whole state-width vectors.
+// The last backward step of a tile: W1^T's state (or perception) columns times s.dhid1.  With concat
+// perception these are the gradients of the states each cell read, added into `out` at the states read; with
+// depthwise perception, the perception's gradient, from which the perception weight's gradient and the
+// states' gradients follow.  Where a state is whole state-width vectors (concat), each piece of the product
+// goes from the registers straight to the state it belongs to.
 template <int L, typename T>
-inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& rows, const T* st, const T* gp, T* out,
-                           int64_t n0, int64_t count, TileScratch<T>& s) {
+inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, const T* st, T* out, int64_t count,
+                           TileScratch<T>& s, T* grad_wp) {
   using HV = typename HiddenVec<T>::type;
   using V = typename StateVec<T>::type;
   constexpr int W = StateVec<T>::width, pieces = HiddenVec<T>::width / W;
   constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
-  const int64_t S = L > 0 ? L : bw.g.S, sent_len = kNeighbours * S, Hp = bw.w.Hp, Ks = bw.w.Ks;
-  const bool residual = bw.g.update == kResidual;
+  const Geometry& g = bw.g;
+  const bool straight = whole && !g.depthwise();
+  const int64_t S = L > 0 ? L : g.S, SI = g.state_inputs(), Ks = bw.w.Ks, K = g.K;
   const T* zeros = s.zeros.data();
   T* dinput = s.dinput.data();
-  matmul<kHiddenBytes>(DenseRows<T>{s.dhid.data(), Hp, Hp}, count, bw.w.w1.template data_ptr<T>(), Ks, nullptr,
-         [&](int64_t c, int64_t col, HV* a, auto rv) {
+  matmul<kHiddenBytes>(DenseRows<T>{s.dhid1.data(), bw.w.H1p, bw.w.H1p}, count, bw.w.w1.template data_ptr<T>(), Ks,
+         nullptr, [&](int64_t c, int64_t col, HV* a, auto rv) {
            for (int r = 0; r < decltype(rv)::value; ++r)
              for (int p = 0; p < pieces; ++p) {
                V piece;
                __builtin_memcpy(&piece, reinterpret_cast<const char*>(&a[r]) + p * sizeof(V), sizeof(V));
                const int64_t j = col + (r * pieces + p) * W;
-               if (whole && bw.scatter && j < sent_len) {
+               if (!straight) {
+                 vstore(dinput + c * Ks + j, piece);
+               } else if (j < SI) {
                  const int slot = static_cast<int>(j / S);
-                 const T* read = rows.row(c, slot);
+                 const T* read = slots.row(c, slot);
                  if (read != zeros) {
                    T* o = out + (read - st) + (j - slot * S);
                    vstore(o, vload<V>(o) + piece);
                  }
-               } else if (!bw.scatter && j + W <= sent_len) {
-                 vstore(bw.sent + (n0 + c) * sent_len + j, piece);
-               } else if (whole && j >= sent_len && j < sent_len + S) {
-                 const int64_t at = (n0 + c) * S + j - sent_len;
-                 const V own = residual ? piece + vload<V>(gp + at) : piece;
-                 vstore(out + at, bw.scatter ? vload<V>(out + at) + own : own);
-               } else {
-                 vstore(dinput + c * Ks + j, piece);
                }
              }
          });
-  if constexpr (!whole) {  // what the epilogue left in dinput: with the scatter, all 7S values of each cell;
-    // without, the vectors that straddle two slots (whole vectors of sent values went straight to bw.sent)
-    const int64_t sent_vectors_end = sent_len / W * W;
-    for (int64_t l = 0; l < count; ++l) {
-      const int64_t n = n0 + l;
-      const T* d = dinput + l * Ks;
-      if (bw.scatter) {
-        for (int slot = 0; slot < kNeighbours; ++slot) {
-          const T* read = rows.row(l, slot);
-          if (read != zeros) add_into(out + (read - st), d + slot * S, S);
-        }
-      } else {
-        for (int64_t j = sent_vectors_end; j < sent_len; ++j) bw.sent[n * sent_len + j] = d[j];
+  if (straight) return;
+  const T* wp = g.depthwise() ? bw.w.wp.template data_ptr<T>() : nullptr;
+  for (int64_t l = 0; l < count; ++l) {
+    const T* d = dinput + l * Ks;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* read = slots.row(l, static_cast<int>(k));
+      if (read == zeros) continue;
+      T* o = out + (read - st);
+      if (!g.depthwise()) {
+        add_into(o, d + k * S, S);
+        continue;
       }
-      const T* own = d + sent_len;
-      for (int64_t c = 0; c < S; ++c) {
-        const T v = own[c] + (residual ? gp[n * S + c] : T(0));
-        out[n * S + c] = bw.scatter ? out[n * S + c] + v : v;
+      for (int64_t f = 0; f < g.F; ++f) {
+        const T* wk = wp + (f * K + k) * S;
+        const T* df = d + f * S;
+        T* gk = grad_wp + (f * K + k) * S;
+#pragma GCC ivdep
+        for (int64_t c = 0; c < S; ++c) {
+          gk[c] += df[c] * read[c];
+          o[c] += wk[c] * df[c];
+        }
       }
     }
   }
 }
 
 // The backward of one tile of step t (mirrors forward_tile): recompute the step, then push the upstream
-// gradient `gp` through tanh and W2 (change_gradient), the activation (hidden_gradient) and W1
-// (input_gradient), adding both layers' weight gradients to this thread's accumulators on the way.
+// gradient `gp` back through the output layer, the hidden layers and the first layer (and the perception),
+// adding the weight gradients to this thread's accumulators on the way.
 template <int L, typename T>
 void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
                    TileScratch<T>& s) {
   const Geometry& g = bw.g;
-  const int64_t S = L > 0 ? L : g.S, Hp = bw.w.Hp, Sp = bw.w.Sp;
+  const PackedWeights<T>& w = bw.w;
+  const int64_t S = L > 0 ? L : g.S;
   const WeightGrads<T> grads = bw.thread_grads();
   const T* st = bw.traj + t * bw.state_numel;
-  // The change c after tanh: with update="replace" it is the next saved state itself, so only the hidden
+  // With update="replace" and no masks the change is the next saved state itself, so only the hidden
   // activations are recomputed.
-  const bool replace = g.update == kReplace;
-  const auto rows = replace ? forward_tile<L>(g, bw.w, st, bw.external, n0, count, s, nullptr)
-                            : forward_tile<L>(g, bw.w, st, bw.external, n0, count, s, store_rows(s.chg.data(), Sp));
-  const T* change = replace ? st + bw.state_numel + n0 * S : s.chg.data();
-  change_gradient<L>(bw, change, replace ? S : Sp, gp, n0, count, s, grads.b2);
-  accumulate_outer<kHiddenBytes>(DenseRows<T>{s.chg.data(), Sp, Sp}, count, s.hid.data(), grads.w2, Hp);
-  hidden_gradient(bw, n0, count, s, grads.b1);
-  accumulate_outer<kHiddenBytes>(rows, count, s.dhid.data(), grads.w1t, Hp);
-  input_gradient<L>(bw, rows, st, gp, out, n0, count, s);
+  const bool next_is_change = g.update == kReplace && bw.fire == nullptr && bw.life == nullptr;
+  const auto rows = next_is_change
+                        ? forward_tile<L>(g, w, st, bw.external, n0, count, s, nullptr)
+                        : forward_tile<L>(g, w, st, bw.external, n0, count, s, store_rows(s.chg.data(), w.Sp));
+  const T* change = next_is_change ? st + bw.state_numel + n0 * S : s.chg.data();
+  change_gradient<L>(bw, change, next_is_change ? S : w.Sp, gp, t, n0, count, s, grads.bo, out);
+  accumulate_outer<kHiddenBytes>(DenseRows<T>{s.chg.data(), w.Sp, w.Sp}, count, s.hid_last(g), grads.wo, w.Hlp);
+  if (g.H2) {
+    hidden_gradient(bw, s.chg.data(), w.Sp, w.wo.template data_ptr<T>(), s.hid2.data(), s.dhid2.data(), w.H2p,
+                    false, n0, count, grads.bh);
+    accumulate_outer<kHiddenBytes>(DenseRows<T>{s.hid1.data(), w.H1p, w.H1p}, count, s.dhid2.data(), grads.wh, w.H2p);
+    hidden_gradient(bw, s.dhid2.data(), w.H2p, w.wh.template data_ptr<T>(), s.hid1.data(), s.dhid1.data(), w.H1p,
+                    true, n0, count, grads.b1);
+  } else {
+    hidden_gradient(bw, s.chg.data(), w.Sp, w.wo.template data_ptr<T>(), s.hid1.data(), s.dhid1.data(), w.H1p,
+                    true, n0, count, grads.b1);
+  }
+  accumulate_outer<kHiddenBytes>(rows.first, count, s.dhid1.data(), grads.w1t, w.H1p);
+  input_gradient<L>(bw, rows.slots, st, out, count, s, grads.wp);
 }
 
 // The tile pass over the cells n_begin .. n_end of step t (mirrors forward_cells).
@@ -795,29 +968,6 @@ template <int L, typename T>
 void backward_cells(const Backward<T>& bw, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
                     TileScratch<T>& s) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) backward_tile<L>(bw, t, n0, std::min(kTile, n_end - n0), gp, out, s);
-}
-
-// The gather pass over the cells n_begin .. n_end: add the gradients sent back by the cells that read each
-// one (and by itself through a reflecting edge).
-template <int L, typename T>
-void gather_sent(const Backward<T>& bw, int64_t n_begin, int64_t n_end, T* out) {
-  const Geometry& g = bw.g;
-  const int64_t S = L > 0 ? L : g.S, sent_len = kNeighbours * S;
-  int64_t b = n_begin / g.cells, cell = n_begin - b * g.cells;
-  const T* sample = bw.sent + b * g.cells * sent_len;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    T* o = out + n * S;
-    const int64_t* offsets = bw.readers.offset.data() + cell * kNeighbours;
-    for (int slot = 0; slot < kNeighbours; ++slot)
-      if (offsets[slot] >= 0) add_into(o, sample + offsets[slot], S);
-    if (bw.readers.any_self)
-      for (int slot = 0; slot < kNeighbours; ++slot)
-        if (bw.readers.self[cell * kNeighbours + slot]) add_into(o, bw.sent + n * sent_len + slot * S, S);
-    if (++cell == g.cells) {
-      cell = 0;
-      sample += g.cells * sent_len;
-    }
-  }
 }
 
 // The state gradients that pass from step to step: step t + 1's (`upstream`: first the final state's
@@ -855,101 +1005,106 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, const StepGradient
   });
 }
 
-// The slabs of x-planes that backward_by_step cuts each sample into where it scatters: an even number, at most
-// two per thread, each at least two planes thick, so that no two even (or two odd) slabs write the same state:
-// a slab's cells are read only by cells within one plane of it, a periodic wrap included.  0 where the lattice
-// is too thin (X < 4) to cut so.
+// The slabs of x-planes that backward_by_step cuts each sample into: an even number, at most two per thread,
+// each at least two planes thick, so that no two even (or two odd) slabs write the same state: a slab's cells
+// are read only by cells within one plane of it, a circular wrap and a mirror included.  0 where the lattice is
+// too thin (X < 4) to cut so.
 inline int64_t scatter_slabs(const Geometry& g) {
   const int64_t slabs = std::min<int64_t>(2 * at::get_num_threads(), g.X / 2) / 2 * 2;
   return slabs >= 2 ? slabs : 0;
 }
 
-// All T steps, each step split across threads.  With the scatter, the x-planes of each sample are cut into
-// slabs (scatter_slabs) and the even slabs, then the odd ones, run in parallel, adding the gradients they send
-// straight into the states read, a barrier between.  Without (lattices of fewer than 4 x-planes), each step
-// is split over tiles of cells, then gathered, a barrier between.
+// All T steps, each step split across threads: the x-planes of each sample are cut into slabs (scatter_slabs)
+// and the even slabs, then the odd ones, run in parallel, adding the gradients they send straight into the
+// states read, a barrier between.
 template <int L, typename T>
 void backward_by_step(const Backward<T>& bw, int64_t steps, StepGradients<T> grads) {
   const Geometry& g = bw.g;
-  if (bw.scatter) {
-    const int64_t S = L > 0 ? L : g.S, plane = g.Y * g.Z, slabs = scatter_slabs(g);
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const T* gp = grads.upstream;
-      T* out = grads.written;
-      at::parallel_for(0, g.N * S, 1 << 14,
-                       [&](int64_t begin, int64_t end) { std::fill(out + begin, out + end, T(0)); });
-      for (int64_t b = 0; b < g.B; ++b)
-        for (int64_t parity = 0; parity < 2; ++parity)
-          at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {
-            TileScratch<T> s(g, bw.w);
-            s.for_backward(bw.w);
-            for (int64_t i = begin; i < end; ++i) {
-              const int64_t slab = 2 * i + parity, x0 = slab * g.X / slabs, x1 = (slab + 1) * g.X / slabs;
-              backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, gp, out, s);
-            }
-          });
-      grads.next_step();
-    }
-    return;
-  }
+  const int64_t S = L > 0 ? L : g.S, plane = g.Y * g.Z, slabs = scatter_slabs(g);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* gp = grads.upstream;
     T* out = grads.written;
-    at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
-      TileScratch<T> s(g, bw.w);
-      s.for_backward(bw.w);
-      backward_cells<L>(bw, t, begin * kTile, std::min(end * kTile, g.N), gp, out, s);
-    });
-    at::parallel_for(0, g.N, 256, [&](int64_t begin, int64_t end) { gather_sent<L>(bw, begin, end, out); });
+    at::parallel_for(0, g.N * S, 1 << 14, [&](int64_t begin, int64_t end) { std::fill(out + begin, out + end, T(0)); });
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t parity = 0; parity < 2; ++parity)
+        at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {
+          TileScratch<T> s(g, bw.w);
+          s.for_backward(bw.w);
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t slab = 2 * i + parity, x0 = slab * g.X / slabs, x1 = (slab + 1) * g.X / slabs;
+            backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, gp, out, s);
+          }
+        });
     grads.next_step();
   }
 }
 
-// The per-thread accumulators summed, the padding and transposes undone: (w1, b1, w2, b2) gradients.
+// The per-thread accumulators summed, the padding, transposes and perception order undone: the gradients of
+// (perception, w1, b1, wh, bh, wo, bo), undefined tensors for the absent ones.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gradients(const Geometry& g,
-                                                                            const PackedWeights<T>& w,
-                                                                            const at::Tensor& acc) {
-  const int64_t K = g.K, H = g.H, S = g.S, Hp = w.Hp, Sp = w.Sp;
+std::vector<at::Tensor> weight_gradients(const Geometry& g, const PackedWeights<T>& w, const GradOffsets& o,
+                                         const at::Tensor& acc) {
+  const int64_t H1 = g.H1, H2 = g.H2, S = g.S, SI = g.state_inputs(), Hl = H2 ? H2 : H1;
   const at::Tensor sums = acc.sum(0);
-  const at::Tensor gw1t = sums.narrow(0, 0, K * Hp).view({K, Hp});
-  const at::Tensor gb1 = sums.narrow(0, K * Hp, Hp);
-  const at::Tensor gw2 = sums.narrow(0, K * Hp + Hp, Sp * Hp).view({Sp, Hp});
-  const at::Tensor gb2 = sums.narrow(0, K * Hp + Hp + Sp * Hp, Sp);
-  // clone(): each gradient must own its storage (narrow views of one buffer would alias).
-  return {gw1t.narrow(1, 0, H).t().clone(at::MemoryFormat::Contiguous), gb1.narrow(0, 0, H).clone(),
-          gw2.narrow(0, 0, S).narrow(1, 0, H).clone(at::MemoryFormat::Contiguous), gb2.narrow(0, 0, S).clone()};
+  auto part = [&](int64_t offset, int64_t rows, int64_t cols) {
+    return sums.narrow(0, offset, rows * cols).view({rows, cols});
+  };
+  // clone / contiguous copies: each gradient must own its storage (narrow views of one buffer would alias).
+  const at::Tensor gw1t = part(o.w1t, g.In, w.H1p).narrow(1, 0, H1);
+  at::Tensor gw1 = at::empty({H1, g.In}, sums.options());
+  const at::Tensor state_cols = gw1t.narrow(0, 0, SI).t();  // [H1][SI], filter-major for depthwise
+  gw1.narrow(1, 0, SI).copy_(g.depthwise() ? state_cols.reshape({H1, g.F, S}).permute({0, 2, 1}).reshape({H1, SI})
+                                           : state_cols);
+  gw1.narrow(1, SI, g.E).copy_(gw1t.narrow(0, SI, g.E).t());
+  std::vector<at::Tensor> out(7);
+  if (g.depthwise()) out[0] = part(o.wp, g.F * g.K, S).view({g.F, g.K, S}).permute({2, 0, 1}).contiguous();
+  out[1] = gw1;
+  out[2] = sums.narrow(0, o.b1, H1).clone();
+  if (H2) {
+    out[3] = part(o.wh, w.H1p, w.H2p).narrow(0, 0, H1).narrow(1, 0, H2).t().contiguous();
+    out[4] = sums.narrow(0, o.bh, H2).clone();
+  }
+  out[5] = part(o.wo, w.Sp, w.Hlp).narrow(0, 0, S).narrow(1, 0, Hl).contiguous();
+  out[6] = sums.narrow(0, o.bo, S).clone();
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
-    const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-    int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  check_backward_args(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
+                       const at::Tensor& external, const c10::optional<at::Tensor>& perception, const at::Tensor& w1,
+                       const at::Tensor& b1, const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
+                       const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
+                       const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
+                       int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+                       double step_size, int64_t alive_channel) {
+  check_backward_args(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
+                      dead_state, steps, neighbourhood, boundary, activation, output_activation, update,
+                      alive_channel);
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
-  const Geometry g(traj[0], u, w1, boundary, activation, update, step_size);
-  const bool by_sample = split_by_sample(g);
-  const bool scatter = by_sample || scatter_slabs(g) > 0;
-  const SlotReaders readers = scatter ? SlotReaders() : SlotReaders(g);
+  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
+  const at::Tensor lives = alive_channel >= 0 ? life.contiguous() : at::Tensor();
+  const Geometry g(traj[0], u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
+                   step_size, alive_channel, 0.0, fire_mask.has_value());
+  // Each thread takes whole samples where there are enough, or where the lattice is too thin to cut into slabs.
+  const bool by_sample = split_by_sample(g) || scatter_slabs(g) == 0;
   // The final state's gradient, read in place, then the state gradients of the steps (StepGradients).
   const at::Tensor upstream = grad_final.contiguous();
   at::Tensor grad = at::empty_like(upstream);
   at::Tensor grad_spare = steps > 1 ? at::empty_like(upstream) : at::Tensor();
   at::Tensor grad_external = at::zeros_like(u);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_grads;
+  std::vector<at::Tensor> weight_grads;
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
     using T = scalar_t;
-    const PackedWeights<T> w(g, w1, b1, w2, b2);
-    at::Tensor sent = scatter ? at::Tensor() : at::empty({g.N, kNeighbours * g.S}, traj.options());
+    const PackedWeights<T> w(g, perception, w1, b1, wh, bh, wo, bo, dead_state);
+    const GradOffsets offsets(g, w);
     const int64_t threads = at::get_num_threads();
-    // (each thread's accumulators rounded up to whole cache lines, so that two threads never write to one line)
-    const int64_t acc_size = (g.K * w.Hp + w.Hp + w.Hp * w.Sp + w.Sp + 15) / 16 * 16;
-    at::Tensor acc = at::zeros({threads, acc_size}, traj.options());
+    at::Tensor acc = at::zeros({threads, offsets.size}, traj.options());
     const Backward<T> bw{g, w, traj.data_ptr<T>(), traj[0].numel(), u.data_ptr<T>(), grad_external.data_ptr<T>(),
-                         scatter, scatter ? nullptr : sent.data_ptr<T>(), readers,
-                         update == kReplace ? T(1) : static_cast<T>(step_size), acc.data_ptr<T>(), acc_size, threads};
+                         g.fire ? static_cast<const uint8_t*>(fires.data_ptr()) : nullptr,
+                         alive_channel >= 0 ? lives.data_ptr<uint8_t>() : nullptr,
+                         update == kReplace ? T(1) : static_cast<T>(step_size), acc.data_ptr<T>(), offsets, threads};
     with_state_length(g.S, [&](auto state_length) {
       constexpr int L = decltype(state_length)::value;
       const StepGradients<T> grads{upstream.data_ptr<T>(), grad.data_ptr<T>(),
@@ -963,10 +1118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // The first step writes the first buffer, the second the spare, and so on: after an even number of steps
     // the state gradient of step 0 is in the spare.
     if (steps % 2 == 0) std::swap(grad, grad_spare);
-    weight_grads = weight_gradients(g, w, acc);
+    weight_grads = weight_gradients(g, w, offsets, acc);
   });
-  return {grad, grad_external, std::get<0>(weight_grads), std::get<1>(weight_grads), std::get<2>(weight_grads),
-          std::get<3>(weight_grads)};
+  auto defined = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, traj.options()); };
+  return {grad, grad_external, defined(weight_grads[0]), weight_grads[1], weight_grads[2], defined(weight_grads[3]),
+          defined(weight_grads[4]), weight_grads[5], weight_grads[6]};
 }
 
 }  // namespace

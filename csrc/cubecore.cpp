@@ -1,14 +1,14 @@
 // Op schemas and CPU kernels of the lattice propagation op.
 //
-// The rule (see cubecore/reference.py): every cell gathers x = [n1..n6, s, u] (7S + E values), computes
-// h = act(W1 x + b1), c = tanh(W2 h + b2), and its new state is c ("replace") or s + step_size * c
-// ("residual").  The CPU kernels (csrc/cpu_kernels.h, built here for 32-byte and, with AVX-512, also 64-byte
+// The rule (see cubecore/ops/reference.py): every cell reads its slots' states (7 or 27), through a depthwise
+// perception or not, and its external input; one or two hidden layers and an output layer give its change c;
+// where it fires its new state is c ("replace") or s + step_size * c ("residual"); an alive mask may reset it.  The CPU kernels (csrc/cpu_kernels.h, built here for 32-byte and, with AVX-512, also 64-byte
 // vectors) work on tiles of cells, read each cell's inputs in place through a table of pointers, and
 // vectorise over the output features of every matrix product.
 //
-// The forward keeps the T + 1 states when asked (for the backward) and nothing else; the backward
-// recomputes each step's hidden activations from the saved state of that step (and, with update="residual",
-// its change; with "replace" the change is the next saved state).
+// The forward keeps the T + 1 states when asked (for the backward), and one byte per cell and step for the
+// alive masks when there are any, and nothing else; the backward recomputes each step's activations from the
+// saved state of that step.
 
 #include <Python.h>
 
@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cell_rule.h"
+#include "op_args.h"
 
 extern "C" {
 // The `cubecore._C` module: importing it loads this library, whose static initialisers register the op.  It
@@ -43,50 +44,95 @@ PyObject* PyInit__C(void) {
 
 namespace cubecore {
 
-// Shared with the CUDA file: the checks every backend runs on the op's arguments.
-void check_propagate_args(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
-                          const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-                          int64_t boundary, int64_t activation, int64_t update) {
+// The checks every backend runs on the op's arguments (declared in op_args.h).  The Python front checks them
+// first with messages for users; these guard direct calls of torch.ops.cubecore.
+void check_propagate_args(const at::Tensor& state, const at::Tensor& external,
+                          const c10::optional<at::Tensor>& perception, const at::Tensor& w1, const at::Tensor& b1,
+                          const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
+                          const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
+                          const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
+                          int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+                          int64_t alive_channel) {
   TORCH_CHECK(state.dim() == 5, "state must be [B, X, Y, Z, S], got ", state.sizes());
   TORCH_CHECK(external.dim() == 5, "external must be [B, X, Y, Z, E], got ", external.sizes());
   for (int d = 0; d < 4; ++d) {
     TORCH_CHECK(external.size(d) == state.size(d), "external ", external.sizes(),
                 " does not match state ", state.sizes(), " in its first four dimensions");
   }
-  const int64_t S = state.size(4), E = external.size(4);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == inputs_per_cell(S, E), "w1 must be [H, 7*S+E] = [H, ", inputs_per_cell(S, E), "], got ",
-              w1.sizes());
-  const int64_t H = w1.size(0);
-  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == H, "b1 must be [H] = [", H, "], got ", b1.sizes());
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == S && w2.size(1) == H, "w2 must be [S, H] = [", S, ", ", H,
-              "], got ", w2.sizes());
-  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == S, "b2 must be [S] = [", S, "], got ", b2.sizes());
-  for (const at::Tensor* t : {&external, &w1, &b1, &w2, &b2}) {
+  TORCH_CHECK(neighbourhood == kVonNeumann || neighbourhood == kMoore, "unknown neighbourhood code ", neighbourhood);
+  TORCH_CHECK(boundary >= kZeros && boundary <= kReflect, "unknown boundary code ", boundary);
+  TORCH_CHECK(activation >= kTanh && activation <= kSigmoid, "unknown activation code ", activation);
+  TORCH_CHECK(output_activation == kOutputTanh || output_activation == kOutputIdentity,
+              "unknown output activation code ", output_activation);
+  TORCH_CHECK(update == kReplace || update == kResidual, "unknown update code ", update);
+  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
+  const int64_t S = state.size(4), E = external.size(4), K = slots_of(neighbourhood);
+  if (boundary == kReflect) {
+    for (int d = 1; d < 4; ++d) TORCH_CHECK(state.size(d) >= 2, "boundary reflect needs every lattice side >= 2");
+  }
+  int64_t reads = K * S + E;
+  if (perception) {
+    TORCH_CHECK(perception->dim() == 3 && perception->size(0) == S && perception->size(2) == K &&
+                    perception->size(1) >= 1,
+                "perception must be [S, F, slots] = [", S, ", F, ", K, "], got ", perception->sizes());
+    reads = S * perception->size(1) + E;
+  }
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == reads && w1.size(0) >= 1, "w1 must be [H, ", reads, "], got ", w1.sizes());
+  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == w1.size(0), "b1 must be [", w1.size(0), "], got ", b1.sizes());
+  TORCH_CHECK(wh.has_value() == bh.has_value(), "wh and bh come together");
+  int64_t last = w1.size(0);
+  if (wh) {
+    TORCH_CHECK(wh->dim() == 2 && wh->size(1) == last && wh->size(0) >= 1, "wh must be [H2, ", last, "], got ",
+                wh->sizes());
+    TORCH_CHECK(bh->dim() == 1 && bh->size(0) == wh->size(0), "bh must be [", wh->size(0), "], got ", bh->sizes());
+    last = wh->size(0);
+  }
+  TORCH_CHECK(wo.dim() == 2 && wo.size(0) == S && wo.size(1) == last, "wo must be [", S, ", ", last, "], got ",
+              wo.sizes());
+  TORCH_CHECK(bo.dim() == 1 && bo.size(0) == S, "bo must be [", S, "], got ", bo.sizes());
+  std::vector<const at::Tensor*> tensors = {&external, &w1, &b1, &wo, &bo};
+  for (const c10::optional<at::Tensor>* t : {&perception, &wh, &bh, &dead_state})
+    if (t->has_value()) tensors.push_back(&t->value());
+  for (const at::Tensor* t : tensors) {
     TORCH_CHECK(t->scalar_type() == state.scalar_type(), "all tensors must have the dtype of state (",
                 state.scalar_type(), "), got ", t->scalar_type());
     TORCH_CHECK(t->device() == state.device(), "all tensors must be on the device of state (", state.device(),
                 "), got ", t->device());
   }
-  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
-  TORCH_CHECK(boundary >= kWall && boundary <= kReflect, "unknown boundary code ", boundary);
-  TORCH_CHECK(activation >= kTanh && activation <= kSigmoid, "unknown activation code ", activation);
-  TORCH_CHECK(update == kReplace || update == kResidual, "unknown update code ", update);
+  if (fire_mask) {
+    TORCH_CHECK(fire_mask->scalar_type() == at::kBool && fire_mask->dim() == 5 && fire_mask->size(0) == steps,
+                "fire_mask must be a bool [steps, B, X, Y, Z] tensor, got ", fire_mask->sizes());
+    for (int d = 0; d < 4; ++d) TORCH_CHECK(fire_mask->size(d + 1) == state.size(d), "fire_mask must be [steps, B, X, Y, Z]");
+    TORCH_CHECK(fire_mask->device() == state.device(), "fire_mask must be on the device of state");
+  }
+  TORCH_CHECK(alive_channel >= -1 && alive_channel < S, "alive_channel must be -1 (off) or < S, got ", alive_channel);
+  if (dead_state) TORCH_CHECK(dead_state->dim() == 1 && dead_state->size(0) == S, "dead_state must be [", S, "]");
 }
 
-// Shared with the CUDA file: the checks on the backward op's arguments.
-void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
-                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                         int64_t steps, int64_t boundary, int64_t activation, int64_t update) {
+// The checks on the backward op's arguments (declared in op_args.h).
+void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
+                         const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+                         const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+                         const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+                         const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
+                         int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
+                         int64_t output_activation, int64_t update, int64_t alive_channel) {
   TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
               "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
   TORCH_CHECK(grad_final.sizes() == trajectory[0].sizes(), "grad_final must be [B, X, Y, Z, S] = ",
               trajectory[0].sizes(), ", got ", grad_final.sizes());
   TORCH_CHECK(grad_final.scalar_type() == trajectory.scalar_type() && grad_final.device() == trajectory.device(),
               "grad_final must have the dtype and device of trajectory");
-  check_propagate_args(trajectory[0], external, w1, b1, w2, b2, steps, boundary, activation, update);
+  check_propagate_args(trajectory[0], external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
+                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
+  if (alive_channel >= 0) {
+    TORCH_CHECK(life.scalar_type() == at::kByte && life.dim() == 5 && life.size(0) == steps,
+                "life must be the forward's [steps, B, X, Y, Z] uint8 alive masks, got ", life.sizes());
+    for (int d = 0; d < 4; ++d) TORCH_CHECK(life.size(d + 1) == trajectory.size(d + 1), "life must be [steps, B, X, Y, Z]");
+  }
 }
 
-// Shared with the CUDA file: the forward op's two outputs from the buffer its steps were written to
+// The forward op's state outputs from the buffer its steps were written to
 // ([steps + 1, ...] when the trajectory is kept, else [1, ...]): the final state, and the kept trajectory
 // (else an empty [0, B, X, Y, Z, S]).  Two outputs, so that autograd hands the backward the final state's
 // gradient alone instead of a zero-filled one for every step; the final state is a copy where the trajectory
@@ -150,35 +196,51 @@ F* build_for(const at::Tensor& states, const at::Tensor& w1, F* narrow_fn, [[may
   return narrow_fn;
 }
 
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cpu(
-    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
-    int64_t update, double step_size, bool keep_trajectory) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
+    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
+    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
   const auto kernel = build_for(state, w1, narrow::propagate_forward_cpu, mixed::propagate_forward_cpu,
                                 wide::propagate_forward_cpu);
-  return kernel(state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep_trajectory);
+  return kernel(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, neighbourhood,
+                boundary, activation, output_activation, update, step_size, alive_channel, alive_threshold,
+                keep_trajectory);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cpu(
-    const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-    int64_t boundary, int64_t activation, int64_t update, double step_size) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
+                       const at::Tensor& external, const c10::optional<at::Tensor>& perception, const at::Tensor& w1,
+                       const at::Tensor& b1, const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
+                       const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
+                       const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
+                       int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+                       double step_size, int64_t alive_channel) {
   const auto kernel = build_for(trajectory, w1, narrow::propagate_backward_cpu, mixed::propagate_backward_cpu,
                                 wide::propagate_backward_cpu);
-  return kernel(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size);
+  return kernel(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state,
+                steps, neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(cubecore, m) {
+  // wh, bh: the second hidden layer (absent with one); wo, bo: the output layer.  Codes as in cell_rule.h;
+  // alive_channel -1 turns the alive mask off.  `life` holds the alive masks ([steps, B, X, Y, Z] uint8, kept
+  // with the trajectory), which the backward needs.
   m.def(
-      "propagate_forward(Tensor state, Tensor external, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-      "int steps, int boundary, int activation, int update, float step_size, bool keep_trajectory) "
-      "-> (Tensor final, Tensor trajectory)");
+      "propagate_forward(Tensor state, Tensor external, Tensor? perception, Tensor w1, Tensor b1, Tensor? wh, "
+      "Tensor? bh, Tensor wo, Tensor bo, Tensor? fire_mask, Tensor? dead_state, int steps, int neighbourhood, "
+      "int boundary, int activation, int output_activation, int update, float step_size, int alive_channel, "
+      "float alive_threshold, bool keep_trajectory) -> (Tensor final, Tensor trajectory, Tensor life)");
   m.def(
-      "propagate_backward(Tensor grad_final, Tensor trajectory, Tensor external, Tensor w1, Tensor b1, "
-      "Tensor w2, Tensor b2, int steps, int boundary, int activation, int update, float step_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "propagate_backward(Tensor grad_final, Tensor trajectory, Tensor life, Tensor external, Tensor? perception, "
+      "Tensor w1, Tensor b1, Tensor? wh, Tensor? bh, Tensor wo, Tensor bo, Tensor? fire_mask, Tensor? dead_state, "
+      "int steps, int neighbourhood, int boundary, int activation, int output_activation, int update, "
+      "float step_size, int alive_channel) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cubecore, CPU, m) {

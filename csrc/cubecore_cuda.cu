@@ -25,16 +25,11 @@
 #include <string>
 
 #include "cell_rule.h"
+#include "op_args.h"
 
 namespace cubecore {
 
-void check_propagate_args(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1,
-                          const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-                          int64_t boundary, int64_t activation, int64_t update);
-void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
-                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                         int64_t steps, int64_t boundary, int64_t activation, int64_t update);
-std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& written, bool keep_trajectory);
+
 
 namespace {
 
@@ -805,7 +800,6 @@ std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
     const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
     int64_t update, double step_size, bool keep_trajectory) {
-  check_propagate_args(state, external, w1, b1, w2, b2, steps, boundary, activation, update);
   check_cuda(state);
   const c10::cuda::CUDAGuard guard(state.device());
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
@@ -844,7 +838,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
     int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  check_backward_args(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update);
   check_cuda(trajectory[0]);
   const c10::cuda::CUDAGuard guard(trajectory.device());
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
@@ -929,11 +922,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad, grad_external, grad_w1.clone(), grad_b1.clone(), grad_w2.clone(), grad_b2.clone()};
 }
 
+// The CUDA kernels run the original rule of the family: von Neumann, concat perception, one hidden layer, a tanh
+// output, no fire or alive masks, zeros/circular/replicate boundaries (cubecore.ops.front.CUDA_RULE says so to
+// users, and sends other rules to the reference).
+void check_cuda_rule(const c10::optional<at::Tensor>& perception, const c10::optional<at::Tensor>& wh,
+                     const c10::optional<at::Tensor>& fire_mask, int64_t neighbourhood, int64_t boundary,
+                     int64_t output_activation, int64_t alive_channel) {
+  TORCH_CHECK(!perception && !wh && !fire_mask && neighbourhood == kVonNeumann && boundary != kReflect &&
+                  output_activation == kOutputTanh && alive_channel < 0,
+              "the CUDA kernel runs von_neumann neighbourhoods with concat perception, one hidden layer, a tanh "
+              "output, zeros/circular/replicate boundaries, no fire or alive masks");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_rule_cuda(
+    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
+    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
+    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
+  check_propagate_args(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
+                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
+  check_cuda_rule(perception, wh, fire_mask, neighbourhood, boundary, output_activation, alive_channel);
+  auto [final_state, trajectory] =
+      propagate_forward_cuda(state, external, w1, b1, wo, bo, steps, boundary, activation, update, step_size,
+                             keep_trajectory);
+  return {final_state, trajectory, at::empty({0, state.size(0), state.size(1), state.size(2), state.size(3)},
+                                             state.options().dtype(at::kByte))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+propagate_backward_rule_cuda(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
+                             const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+                             const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+                             const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+                             const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
+                             int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
+                             int64_t output_activation, int64_t update, double step_size, int64_t alive_channel) {
+  check_backward_args(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
+                      dead_state, steps, neighbourhood, boundary, activation, output_activation, update,
+                      alive_channel);
+  check_cuda_rule(perception, wh, fire_mask, neighbourhood, boundary, output_activation, alive_channel);
+  auto [gs, ge, gw1, gb1, gwo, gbo] = propagate_backward_cuda(grad_final, trajectory, external, w1, b1, wo, bo,
+                                                              steps, boundary, activation, update, step_size);
+  const at::Tensor none = at::empty({0}, trajectory.options());
+  return {gs, ge, none, gw1, gb1, none, none, gwo, gbo};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cubecore, CUDA, m) {
-  m.impl("propagate_forward", &propagate_forward_cuda);
-  m.impl("propagate_backward", &propagate_backward_cuda);
+  m.impl("propagate_forward", &propagate_forward_rule_cuda);
+  m.impl("propagate_backward", &propagate_backward_rule_cuda);
 }
 
 }  // namespace cubecore

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..checks import check_bool, check_choice, check_int, check_number, check_tensor
-from .reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, trajectory_reference
+from .reference import propagate_reference, trajectory_reference
+from .rule import MAX_HIDDEN_LAYERS, Rule
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 
 BACKENDS = ("auto", "kernel", "reference")
@@ -57,6 +58,9 @@ except ImportError as exc:  # A source checkout that was never built, a build fo
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
     CUDA_MAX_STATE = None  # no kernels at all
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
+# The part of the rule family that the CUDA kernels run so far.
+CUDA_RULE = ("the CUDA kernel runs von_neumann neighbourhoods with concat perception, one hidden layer, a tanh "
+             "output, zeros/circular/replicate boundaries, no fire or alive masks")
 
 
 
@@ -71,21 +75,37 @@ def _built_kernels() -> Dict[str, bool]:
 KERNEL_BUILT = _built_kernels()
 
 
-def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
-    """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size (None
-    if they can).  These are all the limits of every forward and backward path: a kernel that passes here
-    does not fail later for its sizes."""
+def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1, rule: Optional[Rule] = None,
+                        *, hidden_layers: int = 1, perception: bool = False, fire: bool = False) -> Optional[str]:
+    """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size, or
+    this rule (None if they can).  These are all the limits of every forward and backward path: a kernel that
+    passes here does not fail later for its sizes."""
     if device_type not in _KERNEL_DTYPES:
         return f"there is no cubecore kernel for device type {device_type!r}"
     if dtype not in _KERNEL_DTYPES[device_type]:
         return f"the {device_type} kernel supports {_dtype_names(device_type)}, not {str(dtype).replace('torch.', '')}"
-    if device_type == "cuda" and CUDA_MAX_STATE is not None and state_size > CUDA_MAX_STATE:
-        return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
+    if hidden_layers > MAX_HIDDEN_LAYERS:
+        return f"the kernels run at most {MAX_HIDDEN_LAYERS} hidden layers, got {hidden_layers}"
+    if device_type == "cuda":
+        if CUDA_MAX_STATE is not None and state_size > CUDA_MAX_STATE:
+            return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
+        rule = rule or Rule()
+        beyond = [name for name, used in (
+            ("neighbourhood='moore'", rule.neighbourhood != "von_neumann"),
+            ("boundary='reflect'", rule.boundary == "reflect"),
+            ("output_activation='identity'", rule.output_activation != "tanh"),
+            ("alive masks", rule.alive_channel is not None),
+            ("depthwise perception", perception), ("two hidden layers", hidden_layers > 1),
+            ("fire masks", fire)) if used]
+        if beyond:
+            return f"the CUDA kernel does not run {', '.join(beyond)} yet ({CUDA_RULE})"
     return None
 
 
-def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1) -> Optional[str]:
-    """Why the fused kernel cannot run on tensors of this device, dtype and state size (None if it can)."""
+def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1,
+                              rule: Optional[Rule] = None, **features) -> Optional[str]:
+    """Why the fused kernel cannot run on tensors of this device, dtype and state size, or this rule (None if
+    it can); ``features`` as for :func:`kernel_limit_reason`."""
     device = torch.device(device)
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
@@ -93,7 +113,7 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
         if device.type == "cuda":
             return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
         return f"there is no cubecore kernel for device type {device.type!r}"
-    return kernel_limit_reason(device.type, dtype, state_size)
+    return kernel_limit_reason(device.type, dtype, state_size, rule, **features)
 
 
 def info() -> Dict[str, object]:
@@ -116,8 +136,13 @@ def info() -> Dict[str, object]:
 
 def _limits_text(device_type: str) -> str:
     """Every limit of a device type's kernels, in words (``kernel_limit_reason`` checks them)."""
-    state = f"; state_size <= {CUDA_MAX_STATE}" if device_type == "cuda" and CUDA_MAX_STATE is not None else ""
-    return f"{_dtype_names(device_type)}{state}; any lattice, batch, hidden and external size"
+    rule = f"; at most {MAX_HIDDEN_LAYERS} hidden layers"
+    if device_type == "cuda":
+        rule += f"; state_size <= {CUDA_MAX_STATE}" if CUDA_MAX_STATE is not None else ""
+        rule += f"; {CUDA_RULE}"
+    else:
+        rule += "; every option of the rule"
+    return f"{_dtype_names(device_type)}{rule}; any lattice, batch, hidden and external size"
 
 
 def _dtype_names(device_type: str) -> str:
@@ -127,12 +152,14 @@ def _dtype_names(device_type: str) -> str:
 _WARNED: set = set()
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1) -> str:
-    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors; check an explicit choice."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1,
+                    rule: Optional[Rule] = None, **features) -> str:
+    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this rule; check an explicit
+    choice."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
-    reason = kernel_unavailable_reason(device, dtype, state_size)
+    reason = kernel_unavailable_reason(device, dtype, state_size, rule, **features)
     if reason is None:
         return "kernel"
     if backend == "kernel":
@@ -144,10 +171,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
     return "reference"
 
 
-def _code(name: str, value: str, choices: Tuple[str, ...]) -> int:
-    return choices.index(check_choice(name, value, choices))
-
-
 def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
     check_tensor(name, tensor, shape_doc, ndim=ndim)
     if not tensor.is_floating_point():
@@ -155,7 +178,13 @@ def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch
     return tensor
 
 
-def check_propagate_args(state, external, w1, b1, w2, b2, steps) -> torch.Tensor:
+def _weight_names(count: int) -> List[Tuple[str, str]]:
+    """The (weight, bias) names of an update net of ``count`` layers, as the docs call them."""
+    return [(f"w{i + 1}", f"b{i + 1}") for i in range(count)]
+
+
+def check_propagate_args(state, external, weights: Sequence[Optional[torch.Tensor]], perception, rule: Rule,
+                         steps, fire_mask=None, dead_state=None) -> torch.Tensor:
     """Check shapes, dtypes and devices, naming the argument at fault; return ``external`` (made [B,X,Y,Z,0]
     when None)."""
     _check_tensor("state", state, 5, "[B, X, Y, Z, S]")
@@ -168,52 +197,119 @@ def check_propagate_args(state, external, w1, b1, w2, b2, steps) -> torch.Tensor
         )
     if min(state.shape[:4]) < 1 or state.shape[4] < 1:
         raise InvalidValueError(f"state must have B, X, Y, Z, S >= 1, got {tuple(state.shape)}")
-    S, E = state.shape[4], external.shape[4]
-    _check_tensor("w1", w1, 2, "[H, 7*S+E]")
-    H = w1.shape[0]
-    if w1.shape[1] != 7 * S + E:
-        raise InvalidValueError(
-            f"w1 must have shape [H, 7*S+E] = [H, {7 * S + E}] for S={S}, E={E}, got {tuple(w1.shape)}"
-            + (" (does the external input size E match the one w1 was built for?)" if w1.shape[1] > 7 * S else "")
-        )
-    _check_tensor("b1", b1, 1, f"[H] = [{H}]")
-    if b1.shape[0] != H:
-        raise InvalidValueError(f"b1 must have shape [H] = [{H}], got {tuple(b1.shape)}")
-    _check_tensor("w2", w2, 2, f"[S, H] = [{S}, {H}]")
-    if tuple(w2.shape) != (S, H):
-        raise InvalidValueError(f"w2 must have shape [S, H] = [{S}, {H}], got {tuple(w2.shape)}")
-    _check_tensor("b2", b2, 1, f"[S] = [{S}]")
-    if b2.shape[0] != S:
-        raise InvalidValueError(f"b2 must have shape [S] = [{S}], got {tuple(b2.shape)}")
-    for name, t in (("external", external), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+    check_int("steps", steps, minimum=1)
+    rule.check_lattice(tuple(state.shape))
+    S, E, K = state.shape[4], external.shape[4], rule.slots
+    checked = [("external", external)]
+    if perception is not None:
+        _check_tensor("perception", perception, 3, f"[S, F, slots] = [{S}, F, {K}]")
+        if perception.shape[0] != S or perception.shape[2] != K or perception.shape[1] < 1:
+            raise InvalidValueError(f"perception must have shape [S, F, slots] = [{S}, F, {K}] (F >= 1) for "
+                                    f"state_size {S} and the {rule.neighbourhood} neighbourhood, got "
+                                    f"{tuple(perception.shape)}")
+        checked.append(("perception", perception))
+        reads, reads_doc = S * perception.shape[1] + E, "S*F+E"
+    else:
+        reads, reads_doc = K * S + E, f"{K}*S+E"
+    if len(weights) < 4 or len(weights) % 2:
+        raise InvalidValueError(f"the update net's tensors come in (weight, bias) pairs, at least two layers "
+                                f"(w1, b1, w_out, b_out), got {len(weights)} tensors")
+    names = _weight_names(len(weights) // 2)
+    for i, (wname, bname) in enumerate(names):
+        w, b = weights[2 * i], weights[2 * i + 1]
+        last = i == len(names) - 1
+        rows = "S" if last else "H"
+        if i == 0:
+            doc, cols = f"[{rows}, {reads_doc}]", reads
+        else:
+            doc, cols = f"[{rows}, {names[i - 1][0]}.shape[0]]", weights[2 * i - 2].shape[0]
+        _check_tensor(wname, w, 2, doc)
+        if w.shape[1] != cols or (last and w.shape[0] != S) or w.shape[0] < 1:
+            hint = (" (does the external input size E match the one w1 was built for?)"
+                    if i == 0 and perception is None and w.shape[1] > K * S else "")
+            raise InvalidValueError(f"{wname} must have shape {doc} = [{S if last else 'H'}, {cols}], got "
+                                    f"{tuple(w.shape)}{hint}")
+        checked.append((wname, w))
+        if b is not None:
+            _check_tensor(bname, b, 1, f"[{w.shape[0]}]")
+            if b.shape[0] != w.shape[0]:
+                raise InvalidValueError(f"{bname} must have shape [{w.shape[0]}], got {tuple(b.shape)}")
+            checked.append((bname, b))
+    if dead_state is not None:
+        _check_tensor("dead_state", dead_state, 1, f"[S] = [{S}]")
+        if dead_state.shape[0] != S:
+            raise InvalidValueError(f"dead_state must have shape [S] = [{S}], got {tuple(dead_state.shape)}")
+        checked.append(("dead_state", dead_state))
+    for name, t in checked:
         if t.dtype != state.dtype:
             raise InvalidTypeError(f"{name} has dtype {t.dtype} but state has {state.dtype}; all must match")
         if t.device != state.device:
             raise InvalidValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
-    check_int("steps", steps, minimum=1)
+    if fire_mask is not None:
+        doc = f"[steps, B, X, Y, Z] = [{steps}, {', '.join(map(str, state.shape[:4]))}]"
+        check_tensor("fire_mask", fire_mask, doc, ndim=5)
+        if fire_mask.dtype != torch.bool:
+            raise InvalidTypeError(f"fire_mask must be a bool tensor, got {fire_mask.dtype}")
+        if tuple(fire_mask.shape) != (steps, *state.shape[:4]):
+            raise InvalidValueError(f"fire_mask must have shape {doc}, got {tuple(fire_mask.shape)}")
+        if fire_mask.device != state.device:
+            raise InvalidValueError(f"fire_mask is on {fire_mask.device} but state is on {state.device}")
     return external
+
+
+def fire_masks(fire_rate: float, steps: int, state: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where each step's change applies, [steps, B, X, Y, Z] bool: Bernoulli(``fire_rate``) per cell and step
+    from torch's default generator (``torch.manual_seed`` reproduces it, on either backend); None at rate 1."""
+    if fire_rate >= 1.0:
+        return None
+    return torch.rand((steps, *state.shape[:4]), device=state.device) < fire_rate
 
 
 def propagate(
     state: torch.Tensor,
     external: Optional[torch.Tensor],
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    *,
+    *weights: Optional[torch.Tensor],
     steps: int,
-    boundary: str = "wall",
+    perception: Optional[torch.Tensor] = None,
+    neighbourhood: str = "von_neumann",
+    boundary: str = "zeros",
     activation: str = "tanh",
+    output_activation: str = "tanh",
     update: str = "replace",
     step_size: float = 1.0,
+    fire_rate: float = 1.0,
+    fire_mask: Optional[torch.Tensor] = None,
+    alive_channel: Optional[int] = None,
+    alive_threshold: float = 0.1,
+    dead_state: Optional[torch.Tensor] = None,
     backend: str = "auto",
     return_trajectory: bool = False,
 ) -> torch.Tensor:
     """Run ``steps`` synchronous steps of the cell rule and return the final state [B, X, Y, Z, S].
 
-    Differentiable in state, external, w1, b1, w2, b2.  ``external`` [B, X, Y, Z, E] may be None (E = 0).
-    Under autocast the rule computes in float32, whatever the inputs' lower precision (the op's autocast rule).
+    ``propagate(state, external, w1, b1, w_out, b_out, steps=...)`` runs one hidden layer,
+    ``propagate(state, external, w1, b1, w2, b2, w_out, b_out, steps=...)`` two.  ``external`` [B, X, Y, Z, E]
+    may be None (E = 0).  Each step, every cell:
+
+    - *perceives* the cells of its ``neighbourhood`` (``von_neumann``: the six faces and itself, slots x-1, x+1,
+      y-1, y+1, z-1, z+1, self; ``moore``: all 27, in the order of a 3x3x3 ``Conv3d`` kernel) under
+      ``boundary`` (``zeros``, ``circular``, ``replicate``, ``reflect``: PyTorch's padding modes; ``wall`` and
+      ``periodic`` are older names of the first two): without ``perception`` it reads their states concatenated,
+      then its external input (w1 is [H, slots*S + E]); with a depthwise ``perception`` weight [S, F, slots]
+      (``Conv3d(S, S*F, 3, groups=S, bias=False).weight.view(S, F, 27)`` for ``moore``) it reads channel
+      ``c*F + f`` = filter f over channel c, then its external input (w1 is [H, S*F + E]);
+    - computes a *change*: hidden layers with ``activation``, then w_out [S, H] with ``output_activation``
+      (``tanh`` or ``identity``); a bias may be None (no bias);
+    - *fires* where a Bernoulli(``fire_rate``) mask drawn from torch's generator is true, or where ``fire_mask``
+      [steps, B, X, Y, Z] (bool) is: ``update="replace"`` takes the change as the new state there,
+      ``"residual"`` adds ``step_size`` times it; a cell that does not fire keeps its state;
+    - stays *alive* (with ``alive_channel`` set) where the largest value of that channel over its 3x3x3 block
+      (cells beyond the lattice ignored) exceeds ``alive_threshold`` both before and after the step; other cells
+      are set to ``dead_state`` [S] (zeros when None).
+
+    Differentiable in state, external, perception and every weight and bias; the masks and ``dead_state`` are
+    constants of the step.  Under autocast the rule computes in float32, whatever the inputs' lower precision
+    (the op's autocast rule).
 
     ``return_trajectory=True`` returns instead the state of every step, [steps + 1, B, X, Y, Z, S]: entry 0 is
     the initial ``state``, entry ``t`` the state after ``t`` steps, the last entry the final state.  It is for
@@ -227,31 +323,43 @@ def propagate(
         # The same rule as the op's registered autocast kernel, applied before the argument checks so that
         # mixed inputs (a bf16 external from a projection layer, a float32 state) meet as float32 on both
         # backends, and the reference too runs with autocast off.
-        tensors = [_autocast_to_float32(t) for t in (state, external, w1, b1, w2, b2)]
+        state, external, perception, dead_state = (_autocast_to_float32(t) for t in
+                                                   (state, external, perception, dead_state))
+        weights = tuple(_autocast_to_float32(t) for t in weights)
         with torch.autocast(state.device.type, enabled=False):
-            return propagate(*tensors, steps=steps, boundary=boundary, activation=activation, update=update,
-                             step_size=step_size, backend=backend, return_trajectory=return_trajectory)
-    external = check_propagate_args(state, external, w1, b1, w2, b2, steps)
-    codes = (
-        _code("boundary", boundary, BOUNDARIES),
-        _code("activation", activation, ACTIVATIONS),
-        _code("update", update, UPDATES),
-    )
-    step_size = check_number("step_size", step_size)
+            return propagate(state, external, *weights, steps=steps, perception=perception,
+                             neighbourhood=neighbourhood, boundary=boundary, activation=activation,
+                             output_activation=output_activation, update=update, step_size=step_size,
+                             fire_rate=fire_rate, fire_mask=fire_mask, alive_channel=alive_channel,
+                             alive_threshold=alive_threshold, dead_state=dead_state, backend=backend,
+                             return_trajectory=return_trajectory)
+    rule = Rule(neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel,
+                alive_threshold)
+    external = check_propagate_args(state, external, weights, perception, rule, steps, fire_mask, dead_state)
+    fire_rate = check_number("fire_rate", fire_rate, minimum=0.0, maximum=1.0, strict_minimum=True)
+    if fire_mask is not None and fire_rate < 1.0:
+        raise InvalidValueError("pass fire_rate or fire_mask, not both (fire_mask says where every step fires)")
+    if dead_state is not None and alive_channel is None:
+        raise InvalidValueError("dead_state is the state of cells that the alive mask resets: set alive_channel "
+                                "too, or leave dead_state None")
     steps = int(steps)
-    chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1])
+    if fire_mask is None:
+        fire_mask = fire_masks(fire_rate, steps, state)
+    dead_state = None if dead_state is None else dead_state.detach()
+    hidden_layers = len(weights) // 2 - 1
+    chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], rule,
+                             hidden_layers=hidden_layers, perception=perception is not None,
+                             fire=fire_mask is not None)
     if chosen == "reference":
-        if return_trajectory:
-            return trajectory_reference(state, external, w1, b1, w2, b2, steps=steps, boundary=boundary,
-                                        activation=activation, update=update, step_size=float(step_size))
-        return propagate_reference(
-            state, external, w1, b1, w2, b2, steps=steps, boundary=boundary, activation=activation,
-            update=update, step_size=float(step_size),
-        )
-    keep = return_trajectory or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (state, external, w1, b1, w2, b2)))
-    final, trajectory = torch.ops.cubecore.propagate_forward(state, external, w1, b1, w2, b2, steps, *codes,
-                                                             float(step_size), keep)
+        run = trajectory_reference if return_trajectory else propagate_reference
+        return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,
+                   dead_state=dead_state, rule=rule)
+    tensors = _op_tensors(state, external, weights, perception, fire_mask, dead_state)
+    keep = return_trajectory or (torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+    alive = -1 if rule.alive_channel is None else rule.alive_channel
+    final, trajectory, _ = torch.ops.cubecore.propagate_forward(
+        *tensors, steps, *rule.codes(), rule.step_size, alive, rule.alive_threshold, keep)
     if return_trajectory:
         # The op's trajectory is non-differentiable; its last entry is replaced by the differentiable final
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
@@ -259,9 +367,23 @@ def propagate(
     return final
 
 
+def _op_tensors(state, external, weights, perception, fire_mask, dead_state) -> tuple:
+    """The op's tensor arguments: (state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
+    dead_state); a missing bias becomes zeros (a constant), a missing second hidden layer None."""
+    layers = [(weights[i], weights[i + 1] if weights[i + 1] is not None else weights[i].new_zeros(weights[i].shape[0]))
+              for i in range(0, len(weights), 2)]
+    (w1, b1), (wo, bo) = layers[0], layers[-1]
+    wh, bh = layers[1] if len(layers) == 3 else (None, None)
+    return state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state
+
+
 # --- registration of the op's fake (meta) kernels, autograd formula and autocast rule ----------------------
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+# The op's tensor arguments that take gradients, in order (fire_mask and dead_state are constants).
+_DIFFERENTIABLE = ("state", "external", "perception", "w1", "b1", "wh", "bh", "wo", "bo")
+_OP_TENSORS = len(_DIFFERENTIABLE) + 2  # then fire_mask, dead_state
+_OP_SCALARS = 9  # steps, the five codes, step_size, alive_channel, alive_threshold
 
 
 def _autocast_to_float32(t):
@@ -271,69 +393,86 @@ def _autocast_to_float32(t):
     return t
 
 
-
 def _contiguous_empty(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _forward_fake(state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep):
+def _forward_fake(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, neighbourhood,
+                  boundary, activation, output_activation, update, step_size, alive_channel, alive_threshold, keep):
     torch._check(steps >= 1)
-    return _contiguous_empty(state), state.new_empty((steps + 1 if keep else 0, *state.shape))
+    life_steps = steps if keep and alive_channel >= 0 else 0
+    return (_contiguous_empty(state), state.new_empty((steps + 1 if keep else 0, *state.shape)),
+            state.new_empty((life_steps, *state.shape[:4]), dtype=torch.uint8))
 
 
-def _backward_fake(grad_final, trajectory, external, w1, b1, w2, b2, steps, boundary, activation, update,
-                   step_size):
-    return tuple(_contiguous_empty(t) for t in (trajectory[0], external, w1, b1, w2, b2))
+def _backward_fake(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
+                   dead_state, *scalars):
+    return tuple(_contiguous_empty(t) if t is not None else grad_final.new_empty((0,))
+                 for t in (trajectory[0], external, perception, w1, b1, wh, bh, wo, bo))
 
 
 def _setup_context(ctx, inputs, output):
-    state, external, w1, b1, w2, b2, steps, boundary, activation, update, step_size, keep = inputs
-    final, trajectory = output
-    ctx.kept_trajectory = keep
-    ctx.rule = (steps, boundary, activation, update, step_size)
-    ctx.save_for_backward(trajectory, state, external, w1, b1, w2, b2)
+    tensors, scalars = inputs[:_OP_TENSORS], inputs[_OP_TENSORS:]
+    final, trajectory, life = output
+    ctx.kept_trajectory = scalars[-1]
+    ctx.scalars = scalars[:-2]  # steps .. alive_channel (the backward takes no threshold or keep flag)
+    ctx.rule_scalars = scalars
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(trajectory, life, *tensors)
     # The trajectory is what the backward recomputes from, not a result: no gradient flows into it, and
     # autograd does not build a zero-filled [steps + 1, ...] gradient for it (or for an unused final state).
-    ctx.mark_non_differentiable(trajectory)
+    ctx.mark_non_differentiable(trajectory, life)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_final, grad_trajectory):
+def _backward(ctx, grad_final, grad_trajectory, grad_life):
     if grad_final is None:
-        return (None,) * 12
+        return (None,) * (_OP_TENSORS + _OP_SCALARS + 1)
     if not ctx.kept_trajectory:
         raise RuntimeError(
             "cubecore.propagate_forward was called with keep_trajectory=False, so it cannot be differentiated; "
             "call cubecore.propagate, which keeps the trajectory whenever gradients are needed"
         )
-    trajectory, *inputs = ctx.saved_tensors
+    trajectory, life, *inputs = ctx.saved_tensors
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must itself be differentiable
         grads = _differentiable_backward(ctx, grad_final, inputs)
     else:
-        grads = torch.ops.cubecore.propagate_backward(
-            grad_final, trajectory, *inputs[1:], *ctx.rule  # the kernels make inputs contiguous
-        )
-    return (*grads, None, None, None, None, None, None)
+        # the kernels make inputs contiguous
+        grads = torch.ops.cubecore.propagate_backward(grad_final, trajectory, life, *inputs[1:], *ctx.scalars)
+        grads = [g if present else None for g, present in zip(grads, ctx.present)]
+    return (*grads, None, None) + (None,) * _OP_SCALARS + (None,)
 
 
 def _differentiable_backward(ctx, grad_final, inputs):
     """The gradients as a graph autograd can differentiate again (double backward, gradient penalties): the
     kernel's backward is not differentiable, so they come from the reference rule, recomputed from the
     saved inputs (the same values up to rounding)."""
-    steps, boundary, activation, update, step_size = ctx.rule
-    leaves = [t if t.requires_grad else t.detach() for t in inputs]
-    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+    steps, neighbourhood, boundary, activation, output_activation, update, step_size, alive, threshold, _ = (
+        ctx.rule_scalars)
+    codes = (neighbourhood, boundary, activation, output_activation, update)
+    rule = Rule(*(names[c] for names, c in zip(_CODE_NAMES, codes)), step_size, None if alive < 0 else alive,
+                threshold)
+    state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state = inputs
+    leaves = [t if t is None or t.requires_grad else t.detach() for t in inputs[:len(_DIFFERENTIABLE)]]
+    wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+    weights = leaves[3:5] + (leaves[5:7] if leaves[5] is not None else []) + leaves[7:9]
     with torch.enable_grad():
-        final = propagate_reference(*leaves, steps=steps, boundary=BOUNDARIES[boundary],
-                                    activation=ACTIVATIONS[activation], update=UPDATES[update],
-                                    step_size=step_size)
+        final = propagate_reference(leaves[0], leaves[1], *weights, steps=steps, perception=leaves[2],
+                                    fire_mask=fire_mask, dead_state=dead_state, rule=rule)
         found = torch.autograd.grad(final, [leaves[i] for i in wanted], grad_final, create_graph=True,
                                     allow_unused=True)
-    grads = [None] * len(inputs)
+    grads = [None] * len(_DIFFERENTIABLE)
     for i, g in zip(wanted, found):
         grads[i] = g
     return grads
 
+
+def _code_names():
+    from .rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
+    return NEIGHBOURHOODS, BOUNDARIES, ACTIVATIONS, OUTPUT_ACTIVATIONS, UPDATES
+
+
+_CODE_NAMES = _code_names()
 
 if EXTENSION_ERROR is None:
     torch.library.register_fake("cubecore::propagate_forward")(_forward_fake)

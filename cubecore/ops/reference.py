@@ -2,46 +2,75 @@
 
 This is the contract every backend computes: the oracle the kernels are tested against and the ``eager``
 baseline of the benchmarks.  It favours readability over speed and works on any device and float dtype.
+One step reads as an NCA step does: perceive, update, fire, alive.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import InvalidValueError
+from .rule import (ACTIVATIONS, BOUNDARIES, BOUNDARY_ALIASES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, PERCEPTIONS,
+                   SLOT_OFFSETS, UPDATES, Rule, canonical_boundary)
 
-BOUNDARIES = ("wall", "periodic", "reflect")
-ACTIVATIONS = ("tanh", "relu", "sigmoid")
-UPDATES = ("replace", "residual")
+__all__ = ["ACTIVATIONS", "BOUNDARIES", "BOUNDARY_ALIASES", "NEIGHBOURHOODS", "OUTPUT_ACTIVATIONS", "PERCEPTIONS",
+           "UPDATES", "Rule", "activate", "alive_mask", "neighbour_states", "pad", "perceive", "propagate_reference",
+           "step_reference", "trajectory_reference", "update_net"]
 
-# Neighbour slots in their fixed order: (lattice axis of a [B, X, Y, Z, S] tensor, offset).
-NEIGHBOUR_SLOTS = ((1, -1), (1, +1), (2, -1), (2, +1), (3, -1), (3, +1))
-
-
-def shift(state: torch.Tensor, axis: int, offset: int, boundary: str) -> torch.Tensor:
-    """Return ``n`` with ``n[..., i, ...] = state[..., i + offset, ...]`` under the given boundary."""
-    size = state.shape[axis]
-    if boundary == "periodic":
-        return torch.roll(state, shifts=-offset, dims=axis)
-    if offset < 0:
-        inner = state.narrow(axis, 0, size - 1)
-        edge = state.narrow(axis, 0, 1)
-    else:
-        inner = state.narrow(axis, 1, size - 1)
-        edge = state.narrow(axis, size - 1, 1)
-    if boundary == "wall":
-        edge = torch.zeros_like(edge)
-    elif boundary != "reflect":
-        raise InvalidValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
-    parts = [edge, inner] if offset < 0 else [inner, edge]
-    return torch.cat(parts, dim=axis)
+Layers = Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
-def neighbours(state: torch.Tensor, boundary: str) -> List[torch.Tensor]:
-    """The six neighbour states of every cell, in slot order x-1, x+1, y-1, y+1, z-1, z+1."""
-    return [shift(state, axis, offset, boundary) for axis, offset in NEIGHBOUR_SLOTS]
+def _edge_index(size: int, boundary: str, device: torch.device) -> torch.Tensor:
+    """For an axis of ``size`` cells padded by one on each side: which cell each padded position reads
+    (``size`` stands for a plane of zeros)."""
+    i = torch.arange(-1, size + 1, device=device)
+    if boundary == "zeros":
+        return torch.where((i >= 0) & (i < size), i, size)
+    if boundary == "circular":
+        return i % size
+    if boundary == "replicate":
+        return i.clamp(0, size - 1)
+    if boundary == "reflect":  # the mirror cell: -1 reads 1, size reads size - 2
+        return torch.where(i < 0, -i, torch.where(i >= size, 2 * size - 2 - i, i))
+    raise InvalidValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+
+
+def pad(state: torch.Tensor, boundary: str) -> torch.Tensor:
+    """``state`` [B, X, Y, Z, S] padded by one cell on each side of X, Y and Z under ``boundary`` (as
+    ``F.pad(mode=...)`` pads, by indexing, so that it differentiates to any order)."""
+    boundary = canonical_boundary(boundary)
+    for axis in (1, 2, 3):
+        size = state.shape[axis]
+        if boundary == "reflect" and size < 2:
+            raise InvalidValueError(f"boundary='reflect' needs every lattice side >= 2, got {size}")
+        zeros = state.new_zeros(state.shape[:axis] + (1,) + state.shape[axis + 1:])
+        state = torch.cat([state, zeros], dim=axis).index_select(axis, _edge_index(size, boundary, state.device))
+    return state
+
+
+def neighbour_states(state: torch.Tensor, neighbourhood: str = "von_neumann", boundary: str = "zeros"
+                     ) -> List[torch.Tensor]:
+    """The state each cell reads through every slot (``rule.SLOT_OFFSETS`` order), each [B, X, Y, Z, S]."""
+    padded = pad(state, boundary)
+    X, Y, Z = state.shape[1:4]
+    return [padded[:, 1 + dx:1 + dx + X, 1 + dy:1 + dy + Y, 1 + dz:1 + dz + Z] for dx, dy, dz in
+            SLOT_OFFSETS[neighbourhood]]
+
+
+def perceive(state: torch.Tensor, external: torch.Tensor, perception: Optional[torch.Tensor],
+             neighbourhood: str, boundary: str) -> torch.Tensor:
+    """What a cell's update net reads: with ``perception`` None (``concat``) its slots' states, then its
+    external input; with a depthwise weight [S, F, slots], channel ``c*F + f`` = filter f applied to channel c
+    over the slots (``Conv3d(S, S*F, 3, groups=S, bias=False)`` for ``moore``), then its external input."""
+    read = neighbour_states(state, neighbourhood, boundary)
+    if perception is None:
+        return torch.cat(read + [external], dim=-1)
+    S, F_, K = perception.shape
+    seen = torch.einsum("bxyzsk,sfk->bxyzsf", torch.stack(read, dim=-1), perception)
+    return torch.cat([seen.reshape(*state.shape[:-1], S * F_), external], dim=-1)
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -51,65 +80,97 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.relu(x)
     if activation == "sigmoid":
         return torch.sigmoid(x)
+    if activation == "identity":
+        return x
     raise InvalidValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def step_reference(
-    state: torch.Tensor,
-    external: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    boundary: str = "wall",
-    activation: str = "tanh",
-    update: str = "replace",
-    step_size: float = 1.0,
-) -> torch.Tensor:
-    """One synchronous step: every cell reads the previous states of its six neighbours and itself."""
-    inputs = torch.cat(neighbours(state, boundary) + [state, external], dim=-1)
-    hidden = activate(F.linear(inputs, w1, b1), activation)
-    change = torch.tanh(F.linear(hidden, w2, b2))
-    if update == "replace":
-        return change
-    if update == "residual":
-        return state + step_size * change
-    raise InvalidValueError(f"update must be one of {UPDATES}, got {update!r}")
+def update_net(inputs: torch.Tensor, layers: Layers, activation: str, output_activation: str) -> torch.Tensor:
+    """The cell's change: hidden layers with ``activation``, then the output layer with ``output_activation``."""
+    x = inputs
+    for weight, bias in layers[:-1]:
+        x = activate(F.linear(x, weight, bias), activation)
+    weight, bias = layers[-1]
+    return activate(F.linear(x, weight, bias), output_activation)
 
 
-def propagate_reference(
-    state: torch.Tensor,
-    external: Optional[torch.Tensor],
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    *,
-    steps: int,
-    boundary: str = "wall",
-    activation: str = "tanh",
-    update: str = "replace",
-    step_size: float = 1.0,
-) -> torch.Tensor:
+def alive_mask(state: torch.Tensor, channel: int, threshold: float) -> torch.Tensor:
+    """[B, X, Y, Z] bool: where the largest value of ``channel`` over the cell's 3x3x3 block (cells beyond the
+    lattice ignored) exceeds ``threshold``.  A constant of the step: no gradient flows through it."""
+    alive = state[..., channel].detach().unsqueeze(1)
+    return F.max_pool3d(alive, kernel_size=3, stride=1, padding=1).squeeze(1) > threshold
+
+
+def step_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weights: Optional[torch.Tensor],
+                   perception: Optional[torch.Tensor] = None, fire: Optional[torch.Tensor] = None,
+                   dead_state: Optional[torch.Tensor] = None, rule: Optional[Rule] = None,
+                   **rule_options) -> torch.Tensor:
+    """One synchronous step of every cell from the previous states; ``weights`` are w1, b1, ..., w_out, b_out
+    (a bias may be None); ``fire`` [B, X, Y, Z] bool, where the change applies (None: everywhere)."""
+    return _step(state, _external(state, external), _layers(weights), perception, fire, dead_state,
+                 rule or Rule(**rule_options))[0]
+
+
+def _step(state, external, layers, perception, fire, dead_state, rule: Rule):
+    change = update_net(perceive(state, external, perception, rule.neighbourhood, rule.boundary), layers,
+                        rule.activation, rule.output_activation)
+    if rule.update == "residual":
+        if fire is not None:
+            change = change * fire.unsqueeze(-1).to(change.dtype)
+        new = state + rule.step_size * change
+    elif fire is not None:
+        new = torch.where(fire.unsqueeze(-1), change, state)
+    else:
+        new = change
+    life = None
+    if rule.alive_channel is not None:
+        life = alive_mask(state, rule.alive_channel, rule.alive_threshold) & alive_mask(
+            new, rule.alive_channel, rule.alive_threshold)
+        dead = state.new_zeros(state.shape[-1]) if dead_state is None else dead_state
+        new = torch.where(life.unsqueeze(-1), new, dead)
+    return new, life
+
+
+def _external(state: torch.Tensor, external: Optional[torch.Tensor]) -> torch.Tensor:
+    return state.new_zeros(state.shape[:-1] + (0,)) if external is None else external
+
+
+def _layers(weights: Sequence[Optional[torch.Tensor]]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    if len(weights) < 4 or len(weights) % 2:
+        raise InvalidValueError(f"the update net's tensors come in (weight, bias) pairs, at least two layers "
+                                f"(w1, b1, w_out, b_out), got {len(weights)} tensors")
+    return [(weights[i], weights[i + 1]) for i in range(0, len(weights), 2)]
+
+
+def trajectory_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weights: Optional[torch.Tensor],
+                         steps: int, perception: Optional[torch.Tensor] = None,
+                         fire_mask: Optional[torch.Tensor] = None, dead_state: Optional[torch.Tensor] = None,
+                         rule: Optional[Rule] = None, **rule_options) -> torch.Tensor:
+    """The states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state), differentiable
+    throughout.  ``fire_mask`` [steps, B, X, Y, Z] bool: where each step's change applies (None: everywhere)."""
+    rule = rule or Rule(**rule_options)
+    rule.check_lattice(tuple(state.shape))
+    external, layers = _external(state, external), _layers(weights)
+    states = [state]
+    for t in range(steps):
+        fire = None if fire_mask is None else fire_mask[t]
+        states.append(_step(states[-1], external, layers, perception, fire, dead_state, rule)[0])
+    return torch.stack(states)
+
+
+def propagate_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weights: Optional[torch.Tensor],
+                        steps: int, perception: Optional[torch.Tensor] = None,
+                        fire_mask: Optional[torch.Tensor] = None, dead_state: Optional[torch.Tensor] = None,
+                        rule: Optional[Rule] = None, **rule_options) -> torch.Tensor:
     """Run ``steps`` synchronous steps from ``state`` [B, X, Y, Z, S] and return the final state.
 
-    ``external`` is [B, X, Y, Z, E] (or None for E = 0) and is fed to every step unchanged.
+    ``external`` is [B, X, Y, Z, E] (or None for E = 0) and is fed to every step unchanged; ``weights`` are the
+    update net's (weight, bias) pairs, first layer first (see :func:`cubecore.propagate` for every option).
     """
-    if external is None:
-        external = state.new_zeros(state.shape[:-1] + (0,))
-    for _ in range(steps):
-        state = step_reference(state, external, w1, b1, w2, b2, boundary, activation, update, step_size)
+    rule = rule or Rule(**rule_options)
+    rule.check_lattice(tuple(state.shape))
+    external, layers = _external(state, external), _layers(weights)
+    for t in range(steps):
+        fire = None if fire_mask is None else fire_mask[t]
+        state = _step(state, external, layers, perception, fire, dead_state, rule)[0]
     return state
-
-
-def trajectory_reference(state, external, w1, b1, w2, b2, *, steps: int, boundary: str = "wall",
-                         activation: str = "tanh", update: str = "replace", step_size: float = 1.0) -> torch.Tensor:
-    """The states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state), differentiable
-    throughout; its last entry is ``propagate_reference``'s result."""
-    if external is None:
-        external = state.new_zeros(state.shape[:-1] + (0,))
-    states = [state]
-    for _ in range(steps):
-        states.append(step_reference(states[-1], external, w1, b1, w2, b2, boundary, activation, update,
-                                     step_size))
-    return torch.stack(states)
