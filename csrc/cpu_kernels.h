@@ -1057,14 +1057,15 @@ std::vector<at::Tensor> weight_gradients(const Geometry& g, const PackedWeights<
                                            : state_cols);
   gw1.narrow(1, SI, g.E).copy_(gw1t.narrow(0, SI, g.E).t());
   std::vector<at::Tensor> out(7);
-  if (g.depthwise()) out[0] = part(o.wp, g.F * g.K, S).view({g.F, g.K, S}).permute({2, 0, 1}).contiguous();
+  const auto own = at::MemoryFormat::Contiguous;  // clone(own): a copy even where the view is contiguous
+  if (g.depthwise()) out[0] = part(o.wp, g.F * g.K, S).view({g.F, g.K, S}).permute({2, 0, 1}).clone(own);
   out[1] = gw1;
   out[2] = sums.narrow(0, o.b1, H1).clone();
   if (H2) {
-    out[3] = part(o.wh, w.H1p, w.H2p).narrow(0, 0, H1).narrow(1, 0, H2).t().contiguous();
+    out[3] = part(o.wh, w.H1p, w.H2p).narrow(0, 0, H1).narrow(1, 0, H2).t().clone(own);
     out[4] = sums.narrow(0, o.bh, H2).clone();
   }
-  out[5] = part(o.wo, w.Sp, w.Hlp).narrow(0, 0, S).narrow(1, 0, Hl).contiguous();
+  out[5] = part(o.wo, w.Sp, w.Hlp).narrow(0, 0, S).narrow(1, 0, Hl).clone(own);
   out[6] = sums.narrow(0, o.bo, S).clone();
   return out;
 }

@@ -8,7 +8,8 @@ from .data import (AutoencoderDataset, DataConfig, DialogueDataset, EmbeddingCac
                    create_dialogue_dataset, create_file_dataset, create_text_dataset, load_conversations)
 from .data.teacher import DEFAULT_TEACHER, TeacherEncoder
 from .ops.front import BACKENDS, info, kernel_unavailable_reason, propagate, resolve_backend
-from .ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, propagate_reference, step_reference
+from .ops.reference import propagate_reference, step_reference
+from .ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, PERCEPTIONS, UPDATES
 from .model.reshaper import EmbeddingReshaper
 from .model.config import ModelConfig
 from .errors import CubecoreError
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "NEIGHBOURHOODS",
+    "OUTPUT_ACTIVATIONS",
+    "PERCEPTIONS",
     "AutoencoderDataset",
     "BACKENDS",
     "BOUNDARIES",

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from ..checks import check_choice, check_int, check_ints, check_number
 from ..errors import InvalidValueError
 from ..ops.front import BACKENDS
-from ..ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES
+from ..ops.rule import (ACTIVATIONS, BOUNDARY_NAMES, MAX_HIDDEN_LAYERS, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS,
+                        PERCEPTIONS, UPDATES)
 from ..sections import ConfigSection
 from .reshaper import STRATEGIES, fitting_lattices
 
@@ -24,11 +25,20 @@ class ModelConfig(ConfigSection):
     lattice_size: Tuple[int, int, int] = (8, 8, 6)
     state_size: int = 8
     hidden_size: int = 32
+    hidden_layers: int = 1  # hidden layers of the update net, each of hidden_size
     steps: int = 4
-    boundary: str = "wall"
+    neighbourhood: str = "von_neumann"
+    perception: str = "concat"
+    perception_filters: int = 3  # learned filters per state channel, with perception='depthwise'
+    boundary: str = "zeros"
     activation: str = "tanh"
+    output_activation: str = "tanh"
+    output_bias: bool = True
     update: str = "residual"
     step_size: float = 0.5
+    fire_rate: float = 1.0  # the chance that a cell applies its change in a step
+    alive_channel: Optional[int] = None  # the channel whose 3x3x3 maximum keeps a cell alive (None: no mask)
+    alive_threshold: float = 0.1
     reshaping_method: str = "simple"  # how the embedding is laid onto the lattice (EmbeddingReshaper)
     position_channels: int = 0  # learned channels per cell added to the external input
     # learned projections of the whole embedding added to every cell's external input
@@ -38,15 +48,45 @@ class ModelConfig(ConfigSection):
     backend: str = "auto"
 
     def check(self) -> None:
-        for key, allowed in (("boundary", BOUNDARIES), ("activation", ACTIVATIONS), ("update", UPDATES),
-                             ("reshaping_method", STRATEGIES), ("backend", BACKENDS)):
+        for key, allowed in (("boundary", BOUNDARY_NAMES), ("activation", ACTIVATIONS), ("update", UPDATES),
+                             ("neighbourhood", NEIGHBOURHOODS), ("perception", PERCEPTIONS),
+                             ("output_activation", OUTPUT_ACTIVATIONS), ("reshaping_method", STRATEGIES),
+                             ("backend", BACKENDS)):
             check_choice(self.key(key), getattr(self, key), allowed)
-        for key in ("state_size", "hidden_size", "steps"):
+        for key in ("state_size", "hidden_size", "steps", "perception_filters"):
             check_int(self.key(key), getattr(self, key), minimum=1)
+        check_int(self.key("hidden_layers"), self.hidden_layers, minimum=1, maximum=MAX_HIDDEN_LAYERS)
         for key in ("position_channels", "global_channels"):
             check_int(self.key(key), getattr(self, key), minimum=0)
         check_ints(self.key("lattice_size"), self.lattice_size, 3, minimum=1)
         check_number(self.key("step_size"), self.step_size, minimum=0.0, strict_minimum=True)
+        check_number(self.key("fire_rate"), self.fire_rate, minimum=0.0, maximum=1.0, strict_minimum=True)
+        if self.alive_channel is not None:
+            check_int(self.key("alive_channel"), self.alive_channel, minimum=0, maximum=self.state_size - 1)
+        if self.boundary == "reflect" and min(self.lattice_size) < 2:
+            raise InvalidValueError(f"{self.key('boundary')} 'reflect' needs every lattice side >= 2, got "
+                                    f"{self.lattice_size} (use 'replicate')")
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]):
+        """As a run or model folder saved it.  Before the rule family (no ``neighbourhood`` key), ``reflect``
+        named what is now ``replicate`` (the edge cell read again); such a config loads as ``replicate``."""
+        if isinstance(values, Mapping) and "neighbourhood" not in values and values.get("boundary") == "reflect":
+            values = {**values, "boundary": "replicate"}
+        return super().from_saved(values)
+
+    def core_options(self) -> dict:
+        """The ``CubicCore`` options this section sets (everything but the lattice, sizes and input)."""
+        return dict(steps=self.steps, boundary=self.boundary, activation=self.activation, update=self.update,
+                    step_size=self.step_size, backend=self.backend, neighbourhood=self.neighbourhood,
+                    perception=self.perception, perception_filters=self.perception_filters,
+                    output_activation=self.output_activation, output_bias=self.output_bias,
+                    fire_rate=self.fire_rate, alive_channel=self.alive_channel,
+                    alive_threshold=self.alive_threshold)
+
+    @property
+    def hidden_sizes(self) -> Tuple[int, ...]:
+        return (self.hidden_size,) * self.hidden_layers
 
     @property
     def cells(self) -> int:

@@ -2,67 +2,123 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_int, check_ints, check_number, check_tensor
+from ..checks import check_bool, check_choice, check_int, check_ints, check_number, check_tensor
+from ..errors import InvalidTypeError, InvalidValueError
 from ..ops.front import BACKENDS, propagate, resolve_backend
-from ..ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES
-from ..errors import InvalidValueError
+from ..ops.rule import MAX_HIDDEN_LAYERS, PERCEPTIONS, Rule
 
 
 class CubicCore(nn.Module):
-    """A 3D lattice of cells that all share one small network, run for ``steps`` synchronous steps.
+    """A 3D lattice of cells that all share one small network, run for ``steps`` synchronous steps: a 3D neural
+    cellular automaton.
 
     ``forward(external, state=None)`` maps ``external`` [B, X, Y, Z, input_size] (None when input_size is 0)
     to the final state [B, X, Y, Z, state_size].  The initial state is zeros unless given.
     ``forward(..., return_trajectory=True)`` returns the state of every step instead, [steps + 1, B, X, Y, Z,
     state_size] (entry 0 the initial state, the last the final state), for inspection (:mod:`cubecore.training.viz`);
     gradients flow through its last entry on every backend (see :func:`cubecore.propagate`).
-    Weights: ``w1`` [hidden, 7*state+input], ``b1`` [hidden], ``w2`` [state, hidden], ``b2`` [state].
+    ``forward(..., fire_mask=M)`` replays a rollout with the fire masks M [steps, B, X, Y, Z] (bool) instead of
+    drawing them at ``fire_rate``.
+
+    The rule's options are those of :func:`cubecore.propagate`: ``neighbourhood``, ``perception`` (``concat``,
+    or ``depthwise`` with ``perception_filters`` learned filters per channel), ``hidden_size`` (an int for one
+    hidden layer, or a sequence of one or two sizes), ``activation``, ``output_activation``, ``output_bias``,
+    ``update``, ``step_size``, ``fire_rate``, ``alive_channel``, ``alive_threshold``, ``dead_state``, ``boundary``.
+    Weights: ``perception`` [state, F, slots] (depthwise only), then ``w1`` [hidden, inputs], ``b1``, and one
+    (weight, bias) pair per further layer, the last, ``w{n}`` [state, hidden], the output layer (its bias None
+    with ``output_bias=False``).
     """
 
     def __init__(
         self,
         lattice_size: Sequence[int] = (8, 8, 12),
         state_size: int = 8,
-        hidden_size: int = 16,
+        hidden_size: Union[int, Sequence[int]] = 16,
         input_size: int = 1,
         steps: int = 10,
-        boundary: str = "wall",
+        boundary: str = "zeros",
         activation: str = "tanh",
         update: str = "replace",
         step_size: float = 1.0,
         backend: str = "auto",
+        *,
+        neighbourhood: str = "von_neumann",
+        perception: str = "concat",
+        perception_filters: int = 3,
+        output_activation: str = "tanh",
+        output_bias: bool = True,
+        fire_rate: float = 1.0,
+        alive_channel: Optional[int] = None,
+        alive_threshold: float = 0.1,
+        dead_state: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         self.lattice_size = check_ints("lattice_size", lattice_size, 3, minimum=1)
         self.state_size = check_int("state_size", state_size, minimum=1)
-        self.hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        self.hidden_sizes = _hidden_sizes(hidden_size)
         self.input_size = check_int("input_size", input_size, minimum=0)
         self.steps = check_int("steps", steps, minimum=1)
-        self.boundary = check_choice("boundary", boundary, BOUNDARIES)
-        self.activation = check_choice("activation", activation, ACTIVATIONS)
-        self.update = check_choice("update", update, UPDATES)
         self.backend = check_choice("backend", backend, BACKENDS)
-        self.step_size = check_number("step_size", step_size)
-        S, H, E = self.state_size, self.hidden_size, self.input_size
-        self.w1 = nn.Parameter(torch.empty(H, 7 * S + E))
-        self.b1 = nn.Parameter(torch.empty(H))
-        self.w2 = nn.Parameter(torch.empty(S, H))
-        self.b2 = nn.Parameter(torch.empty(S))
+        self.rule = Rule(neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel,
+                         alive_threshold)
+        self.rule.check_lattice((1, *self.lattice_size, self.state_size))
+        self.perception_kind = check_choice("perception", perception, PERCEPTIONS)
+        self.perception_filters = check_int("perception_filters", perception_filters, minimum=1)
+        self.output_bias = check_bool("output_bias", output_bias)
+        self.fire_rate = check_number("fire_rate", fire_rate, minimum=0.0, maximum=1.0, strict_minimum=True)
+        S, E, K = self.state_size, self.input_size, self.rule.slots
+        if self.perception_kind == "depthwise":
+            self.perception = nn.Parameter(torch.empty(S, self.perception_filters, K))
+            reads = S * self.perception_filters + E
+        else:
+            self.register_parameter("perception", None)
+            reads = K * S + E
+        sizes = (reads, *self.hidden_sizes, S)
+        self.layer_names = tuple((f"w{i + 1}", f"b{i + 1}") for i in range(len(sizes) - 1))
+        for i, (wname, bname) in enumerate(self.layer_names):
+            setattr(self, wname, nn.Parameter(torch.empty(sizes[i + 1], sizes[i])))
+            last = i == len(self.layer_names) - 1
+            if last and not self.output_bias:
+                self.register_parameter(bname, None)
+            else:
+                setattr(self, bname, nn.Parameter(torch.empty(sizes[i + 1])))
+        if dead_state is not None:
+            if alive_channel is None:
+                raise InvalidValueError("dead_state is the state of cells that the alive mask resets: set "
+                                        "alive_channel too, or leave dead_state None")
+            dead = torch.as_tensor(dead_state, dtype=torch.get_default_dtype())
+            if dead.shape != (S,):
+                raise InvalidValueError(f"dead_state must hold state_size = {S} values, got shape {tuple(dead.shape)}")
+            self.register_buffer("dead_state", dead.clone())
+        else:
+            self.dead_state = None
         self.reset_parameters()
 
+    @property
+    def hidden_size(self) -> int:
+        """The first hidden layer's size."""
+        return self.hidden_sizes[0]
+
+    def layers(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """The update net's tensors in :func:`cubecore.propagate`'s order: w1, b1, ..., w_out, b_out."""
+        return tuple(getattr(self, name) for pair in self.layer_names for name in pair)
+
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.w1)
-        nn.init.xavier_uniform_(self.w2)
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
+        for wname, bname in self.layer_names:
+            nn.init.xavier_uniform_(getattr(self, wname))
+            if getattr(self, bname) is not None:
+                nn.init.zeros_(getattr(self, bname))
+        if self.perception is not None:  # each filter a weighted sum of its slots at the scale of one state
+            nn.init.normal_(self.perception, std=1.0 / math.sqrt(self.rule.slots))
 
     def forward(self, external: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None,
-                return_trajectory: bool = False) -> torch.Tensor:
+                return_trajectory: bool = False, fire_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         X, Y, Z = self.lattice_size
         if external is None and self.input_size > 0:
             raise InvalidValueError(f"external [B, {X}, {Y}, {Z}, {self.input_size}] is required (input_size > 0)")
@@ -80,28 +136,43 @@ class CubicCore(nn.Module):
             check_tensor("state", state, doc, ndim=5)
             if tuple(state.shape[1:]) != (X, Y, Z, self.state_size):
                 raise InvalidValueError(f"state must have shape {doc}, got {tuple(state.shape)}")
+        rule = self.rule
+        dead = None if self.dead_state is None else self.dead_state.to(state.dtype)
         return propagate(
-            state, external, self.w1, self.b1, self.w2, self.b2, steps=self.steps, boundary=self.boundary,
-            activation=self.activation, update=self.update, step_size=self.step_size, backend=self.backend,
-            return_trajectory=return_trajectory,
+            state, external, *self.layers(), steps=self.steps, perception=self.perception,
+            neighbourhood=rule.neighbourhood, boundary=rule.boundary, activation=rule.activation,
+            output_activation=rule.output_activation, update=rule.update, step_size=rule.step_size,
+            fire_rate=self.fire_rate if fire_mask is None else 1.0, fire_mask=fire_mask,
+            alive_channel=rule.alive_channel, alive_threshold=rule.alive_threshold, dead_state=dead,
+            backend=self.backend, return_trajectory=return_trajectory,
         )
 
     def active_backend(self) -> str:
         """The backend ``forward`` would use for this module's current device and dtype."""
-        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size)
+        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size, self.rule,
+                               hidden_layers=len(self.hidden_sizes), perception=self.perception is not None,
+                               fire=self.fire_rate < 1.0)
 
     def get_info(self) -> Dict[str, Any]:
         return {
             "lattice_size": self.lattice_size,
             "cells": self.lattice_size[0] * self.lattice_size[1] * self.lattice_size[2],
             "state_size": self.state_size,
-            "hidden_size": self.hidden_size,
+            "hidden_size": self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0],
             "input_size": self.input_size,
             "steps": self.steps,
-            "boundary": self.boundary,
-            "activation": self.activation,
-            "update": self.update,
-            "step_size": self.step_size,
+            "neighbourhood": self.rule.neighbourhood,
+            "perception": self.perception_kind,
+            "perception_filters": self.perception_filters if self.perception is not None else None,
+            "boundary": self.rule.boundary,
+            "activation": self.rule.activation,
+            "output_activation": self.rule.output_activation,
+            "output_bias": self.output_bias,
+            "update": self.rule.update,
+            "step_size": self.rule.step_size,
+            "fire_rate": self.fire_rate,
+            "alive_channel": self.rule.alive_channel,
+            "alive_threshold": self.rule.alive_threshold,
             "backend": self.backend,
             "active_backend": self.active_backend(),
             "parameters": sum(p.numel() for p in self.parameters()),
@@ -110,8 +181,26 @@ class CubicCore(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return (
-            f"lattice_size={self.lattice_size}, state_size={self.state_size}, hidden_size={self.hidden_size}, "
-            f"input_size={self.input_size}, steps={self.steps}, boundary={self.boundary!r}, "
-            f"activation={self.activation!r}, update={self.update!r}, backend={self.backend!r}"
-        )
+        rule = self.rule
+        text = (f"lattice_size={self.lattice_size}, state_size={self.state_size}, hidden_size="
+                f"{self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0]}, "
+                f"input_size={self.input_size}, steps={self.steps}, neighbourhood={rule.neighbourhood!r}, "
+                f"perception={self.perception_kind!r}, boundary={rule.boundary!r}, activation={rule.activation!r}, "
+                f"output_activation={rule.output_activation!r}, update={rule.update!r}, backend={self.backend!r}")
+        if self.fire_rate < 1.0:
+            text += f", fire_rate={self.fire_rate}"
+        if rule.alive_channel is not None:
+            text += f", alive_channel={rule.alive_channel}, alive_threshold={rule.alive_threshold}"
+        return text
+
+
+def _hidden_sizes(hidden_size: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    """One hidden size, or a sequence of 1 .. MAX_HIDDEN_LAYERS of them, as a tuple."""
+    if isinstance(hidden_size, (list, tuple)):
+        if not 1 <= len(hidden_size) <= MAX_HIDDEN_LAYERS:
+            raise InvalidValueError(f"hidden_size must be an int or 1 to {MAX_HIDDEN_LAYERS} ints (one per hidden "
+                                    f"layer), got {hidden_size!r}")
+        return tuple(check_int("hidden_size", h, minimum=1) for h in hidden_size)
+    if isinstance(hidden_size, str) or not hasattr(hidden_size, "__index__"):
+        raise InvalidTypeError(f"hidden_size must be an int or a sequence of ints, got {hidden_size!r}")
+    return (check_int("hidden_size", hidden_size, minimum=1),)

@@ -72,10 +72,9 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         self._hub_mixin_config = {"input_dim": input_dim, "config": config.to_dict()}  # what config.json holds
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.reshaper = EmbeddingReshaper(input_dim, config.lattice_size, strategy=config.reshaping_method)
-        self.core = CubicCore(config.lattice_size, config.state_size, config.hidden_size,
+        self.core = CubicCore(config.lattice_size, config.state_size, config.hidden_sizes,
                               input_size=self.reshaper.channels + config.position_channels + config.global_channels,
-                              steps=config.steps, boundary=config.boundary, activation=config.activation,
-                              update=config.update, step_size=config.step_size, backend=config.backend)
+                              **config.core_options())
         X, Y, Z = self.core.lattice_size
         out = self.reshaper.output_channels
         if config.position_channels:

@@ -18,7 +18,8 @@ import torch
 
 from conftest import RULES, SHAPES, make_problem
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
-from cubecore.ops.reference import ACTIVATIONS, BOUNDARIES, UPDATES, trajectory_reference
+from cubecore.ops.reference import trajectory_reference
+from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, UPDATES, canonical_boundary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
@@ -68,8 +69,33 @@ def emu():
     cuda_emu.set_optin_bytes(H100_OPTIN)
 
 
+# The CUDA kernels run the rule family's original member (von Neumann, concat, one hidden layer, tanh output, no
+# masks) with the zeros, circular and replicate boundaries.
+CUDA_RULES = [rule for rule in RULES if canonical_boundary(rule[0]) != "reflect"]
+
+
 def codes(boundary, activation, update):
-    return BOUNDARIES.index(boundary), ACTIVATIONS.index(activation), UPDATES.index(update)
+    return BOUNDARIES.index(canonical_boundary(boundary)), ACTIVATIONS.index(activation), UPDATES.index(update)
+
+
+def forward(ops, args, steps, c, step_size, keep):
+    """(final, trajectory) of the op for (state, external, w1, b1, w2, b2) and (boundary, activation, update)
+    codes: von Neumann, concat, one hidden layer, tanh output, no masks."""
+    state, external, w1, b1, w2, b2 = args
+    boundary, activation, update = c
+    final, traj, _ = ops.propagate_forward(state, external, None, w1, b1, None, None, w2, b2, None, None, steps, 0,
+                                           boundary, activation, 0, update, step_size, -1, 0.1, keep)
+    return final, traj
+
+
+def backward(ops, upstream, traj, args, steps, c, step_size):
+    """The gradients of (state, external, w1, b1, w2, b2) from the op's backward."""
+    _, external, w1, b1, w2, b2 = args
+    boundary, activation, update = c
+    life = torch.empty((0, *traj.shape[1:5]), dtype=torch.uint8)
+    grads = ops.propagate_backward(upstream, traj, life, external, None, w1, b1, None, None, w2, b2, None, None,
+                                   steps, 0, boundary, activation, 0, update, step_size, -1)
+    return [grads[i] for i in (0, 1, 3, 4, 7, 8)]
 
 
 def reference(args, rule, steps, step_size, seed=1):
@@ -141,16 +167,16 @@ def check_kernels(emu, shape, rule, dtype, steps, step_size, seed):
     for optin, fused in ((H100_OPTIN, fused_expected(shape, dtype)), (0, False)):
         cuda_emu.set_optin_bytes(optin)
         try:
-            (final, traj), n = launches(cuda_emu, lambda: ops.propagate_forward(*args, steps, *c, step_size, True))
+            (final, traj), n = launches(cuda_emu, lambda: forward(ops, args, steps, c, step_size, True))
             assert n == (1 if fused else steps), f"expected the {'fused' if fused else 'per-step'} forward"
             assert_close(f"trajectory (opt-in {optin})", traj, want_traj, tol)
             assert_close(f"final (opt-in {optin})", final, want_traj[-1], tol)
-            final, _ = ops.propagate_forward(*args, steps, *c, step_size, False)
+            final, _ = forward(ops, args, steps, c, step_size, False)
             assert_close(f"final without trajectory (opt-in {optin})", final, want_traj[-1], tol)
         finally:
             cuda_emu.set_optin_bytes(H100_OPTIN)
-    grads, n = launches(cuda_emu, lambda: ops.propagate_backward(upstream.to(dtype), want_traj.to(dtype), *args[1:],
-                                                                  steps, *c, step_size))
+    grads, n = launches(cuda_emu, lambda: backward(ops, upstream.to(dtype), want_traj.to(dtype), args, steps, c,
+                                                   step_size))
     # fast: the cell-and-weights kernel and the gather per step; general: cell, gather and weights; then the sum
     assert n == (2 if is_fast(shape) else 3) * steps + 1, f"expected the {'fast' if is_fast(shape) else 'general'} backward"
     for name, got, want in zip(["state", "external", "w1", "b1", "w2", "b2"], grads, want_grads):
@@ -169,7 +195,7 @@ def schedule(request, emu):
 # Every rule, each on two of the shapes (in turn, so that every shape meets several rules), in float64 and
 # float32; the forward on the path its sizes choose and on the per-step path, and the backward.
 CASES = [(rule, EMU_SHAPES[(2 * i + k) % len(EMU_SHAPES)], dtype)
-         for i, rule in enumerate(RULES) for k in range(2) for dtype in (torch.float64, torch.float32)]
+         for i, rule in enumerate(CUDA_RULES) for k in range(2) for dtype in (torch.float64, torch.float32)]
 
 
 @pytest.mark.parametrize("rule,shape,dtype", CASES,
@@ -220,14 +246,13 @@ def test_weight_gradients_are_the_same_bits_under_every_schedule(emu, state, hid
     run in (the emulator's schedules reorder all three), so torch.use_deterministic_algorithms holds."""
     cuda_emu, ops = emu
     args = make_problem(3, 5, 6, 7, state, hidden, 2, dtype=torch.float32, seed=5)  # 630 cells: three blocks
-    _, traj = ops.propagate_forward(*args, 3, *codes("reflect", "tanh", "residual"), 0.5, True)
+    _, traj = forward(ops, args, 3, codes("replicate", "tanh", "residual"), 0.5, True)
     upstream = torch.randn(traj[-1].shape, generator=torch.Generator().manual_seed(2))
     results = []
     try:
         for sched in cuda_emu.schedules():
             cuda_emu.set_schedule(*sched)
-            results.append(ops.propagate_backward(upstream, traj, *args[1:], 3,
-                                                  *codes("reflect", "tanh", "residual"), 0.5))
+            results.append(backward(ops, upstream, traj, args, 3, codes("replicate", "tanh", "residual"), 0.5))
     finally:
         cuda_emu.set_schedule(None, None)
     for other in results[1:]:
@@ -240,5 +265,5 @@ def test_state_size_over_the_limit_is_refused_with_the_reason(emu):
     S = CUDA_MAX_STATE + 1
     args = make_problem(1, 1, 1, 2, S, 2, 0, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=f"S <= {CUDA_MAX_STATE}"):
-        ops.propagate_forward(*args, 1, 0, 0, 0, 1.0, True)
+        forward(ops, args, 1, (0, 0, 0), 1.0, True)
     assert f"<= {CUDA_MAX_STATE}" in (kernel_limit_reason("cuda", torch.float32, S) or "")

@@ -1,0 +1,229 @@
+"""The rule family on the CPU kernel against the float64 reference: every combination of neighbourhood,
+perception, depth, output activation, fire, alive, boundary and update, forward and every gradient, on odd
+lattices, with 1, 2 and 3 threads; float32; the op's registration (opcheck, torch.compile) for the family."""
+
+import itertools
+
+import pytest
+import torch
+
+import cubecore
+from conftest import requires_kernel
+from cubecore import propagate
+from cubecore.ops.reference import propagate_reference
+from cubecore.ops.rule import BOUNDARIES
+
+NEIGHBOURHOODS = ("von_neumann", "moore")
+PERCEPTIONS = (0, 3)  # filters per channel; 0 = concat
+DEPTHS = (1, 2)
+OUTPUTS = ("tanh", "identity")
+FIRES = (False, True)
+ALIVES = (False, True)
+UPDATES = ("replace", "residual")
+COMBINATIONS = list(itertools.product(NEIGHBOURHOODS, PERCEPTIONS, DEPTHS, OUTPUTS, FIRES, ALIVES, BOUNDARIES,
+                                      UPDATES))
+# (B, X, Y, Z, S, E): odd lattices; B = 1 with X >= 4 (slabs), B = 2 (samples per thread), a thin X = 2 lattice that
+# one thread takes whole; S = 8 and 16 take the kernels' compile-time paths, the others the general one.
+SHAPES = [(2, 3, 4, 5, 3, 2), (1, 5, 2, 3, 8, 0), (3, 2, 3, 2, 5, 1), (1, 4, 3, 3, 16, 1), (2, 2, 2, 3, 2, 0)]
+ACTIVATIONS = ("tanh", "relu", "sigmoid")
+
+
+def family_problem(shape, neighbourhood, filters, depth, output_bias=True, alive=False, seed=0,
+                   dtype=torch.float64):
+    """(state, external, perception, weights) with random values large enough that every term matters; with
+    ``alive`` the alive channel (1) is sparse, so that cells die and are born."""
+    B, X, Y, Z, S, E = shape
+    gen = torch.Generator().manual_seed(seed)
+    K = 27 if neighbourhood == "moore" else 7
+
+    def rnd(*size, scale=0.5):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    state = rnd(B, X, Y, Z, S)
+    if alive:
+        state[..., 1] = torch.rand(B, X, Y, Z, generator=gen, dtype=torch.float64).to(dtype) * 0.25
+    external = rnd(B, X, Y, Z, E) if E else None
+    perception = rnd(S, filters, K) if filters else None
+    reads = (S * filters if filters else K * S) + E
+    sizes = [reads] + [6, 5][:depth] + [S]
+    weights = []
+    for i in range(len(sizes) - 1):
+        weights += [rnd(sizes[i + 1], sizes[i], scale=1.0 / sizes[i] ** 0.5 * 1.5), rnd(sizes[i + 1])]
+    if not output_bias:
+        weights[-1] = None
+    return state, external, perception, weights
+
+
+def run(backend, problem, **kw):
+    """Final state and the gradients of every tensor, for a fixed random upstream gradient."""
+    state, external, perception, weights = [
+        (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
+        [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
+    leaves = [t for t in [state, external, perception, *weights] if t is not None]
+    out = propagate(state, external, *weights, perception=perception, backend=backend, **kw)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+    return [out.detach()] + list(grads)
+
+
+def assert_same(got, want, atol):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.double(), w.double(), atol=atol * scale, rtol=0,
+                                   msg=lambda m, i=i: f"{'output' if i == 0 else f'gradient {i}'}: {m}")
+
+
+def options(neighbourhood, output, fire, alive, boundary, update, steps, shape, seed, activation="tanh"):
+    kw = dict(steps=steps, neighbourhood=neighbourhood, boundary=boundary, activation=activation,
+              output_activation=output, update=update, step_size=0.7)
+    if fire:
+        gen = torch.Generator().manual_seed(seed)
+        kw["fire_mask"] = torch.rand((steps, *shape[:4]), generator=gen) < 0.5
+    if alive:
+        kw.update(alive_channel=1, alive_threshold=0.1, dead_state=torch.arange(shape[4], dtype=torch.float64) / 4)
+    return kw
+
+
+@requires_kernel
+@pytest.mark.parametrize("combination", COMBINATIONS, ids=lambda c: "-".join(map(str, c)))
+def test_every_combination_matches_the_float64_reference(combination):
+    neighbourhood, filters, depth, output, fire, alive, boundary, update = combination
+    i = COMBINATIONS.index(combination)
+    shape = SHAPES[i % len(SHAPES)]
+    if boundary == "reflect" and min(shape[1:4]) < 2:
+        shape = SHAPES[0]
+    problem = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i)
+    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % 3])
+    if alive:
+        kw["dead_state"] = kw["dead_state"].to(problem[0].dtype)
+    with torch_threads(1 + i % 3):
+        got = run("kernel", problem, **kw)
+    assert_same(got, run("reference", problem, **kw), atol=1e-10)
+
+
+@requires_kernel
+@pytest.mark.parametrize("neighbourhood,filters,depth", [("moore", 3, 2), ("von_neumann", 1, 1), ("moore", 0, 2)])
+def test_float32_kernel_matches_the_float64_reference(neighbourhood, filters, depth):
+    shape = (2, 4, 3, 5, 8, 1)
+    problem = family_problem(shape, neighbourhood, filters, depth, alive=True, seed=3)
+    kw = options(neighbourhood, "identity", True, True, "reflect", "residual", 4, shape, 3, "relu")
+    want = run("reference", problem, **kw)
+    problem32 = family_problem(shape, neighbourhood, filters, depth, alive=True, seed=3, dtype=torch.float32)
+    kw["dead_state"] = kw["dead_state"].float()
+    assert_same(run("kernel", problem32, **kw), want, atol=2e-4)
+
+
+@requires_kernel
+def test_gradcheck_of_the_whole_family():
+    shape = (1, 3, 2, 3, 2, 1)
+    state, external, perception, weights = family_problem(shape, "moore", 2, 2, seed=5)
+    fire = torch.rand(2, 1, 3, 2, 3, generator=torch.Generator().manual_seed(0)) < 0.6
+    leaves = [t.requires_grad_() for t in (state, external, perception, *weights)]
+
+    def fn(s, u, p, *w):
+        return propagate(s, u, *w, perception=p, steps=2, neighbourhood="moore", boundary="reflect",
+                         output_activation="identity", update="residual", fire_mask=fire, backend="kernel")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+@requires_kernel
+def test_fire_rate_draws_the_same_masks_on_both_backends():
+    shape = (2, 4, 3, 3, 4, 0)
+    state, _, perception, weights = family_problem(shape, "moore", 3, 1, seed=2)
+    results = []
+    for backend in ("reference", "kernel"):
+        torch.manual_seed(123)
+        results.append(propagate(state, None, *weights, perception=perception, steps=5, neighbourhood="moore",
+                                 update="residual", fire_rate=0.5, backend=backend))
+    torch.testing.assert_close(results[0], results[1], atol=1e-12, rtol=0)
+    torch.manual_seed(124)
+    other = propagate(state, None, *weights, perception=perception, steps=5, neighbourhood="moore",
+                      update="residual", fire_rate=0.5, backend="kernel")
+    assert not torch.allclose(other, results[1])  # another seed, other masks
+
+
+@requires_kernel
+def test_opcheck_of_the_family():
+    shape = (2, 3, 2, 4, 3, 1)
+    state, external, perception, weights = family_problem(shape, "moore", 2, 2, alive=True, seed=4)
+    w1, b1, wh, bh, wo, bo = weights
+    fire = torch.rand(3, *shape[:4], generator=torch.Generator().manual_seed(1)) < 0.5
+    dead = torch.ones(3, dtype=torch.float64)
+    for keep, grad in ((True, True), (False, False)):
+        tensors = [t.detach().clone().requires_grad_(grad) for t in (state, external, perception, w1, b1, wh, bh, wo, bo)]
+        args = (*tensors, fire, dead, 3, 1, 3, 1, 1, 1, 0.5, 1, 0.1, keep)
+        torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, args)
+    final, traj, life = torch.ops.cubecore.propagate_forward(*args[:-1], True)
+    assert life.shape == (3, *shape[:4]) and life.dtype == torch.uint8
+    torch.library.opcheck(torch.ops.cubecore.propagate_backward.default,
+                          (torch.randn_like(final), traj, life, external, perception, w1, b1, wh, bh, wo, bo, fire,
+                           dead, 3, 1, 3, 1, 1, 1, 0.5, 1))
+
+
+@requires_kernel
+def test_torch_compile_fullgraph_runs_the_family():
+    torch.manual_seed(0)
+    core = cubecore.CubicCore((4, 3, 5), state_size=6, hidden_size=[8, 8], input_size=0, steps=3,
+                              neighbourhood="moore", perception="depthwise", output_activation="identity",
+                              output_bias=False, update="residual", alive_channel=0, backend="kernel")
+    state = torch.rand(2, 4, 3, 5, 6)
+    fire = torch.rand(3, 2, 4, 3, 5) < 0.5
+    compiled = torch.compile(core, fullgraph=True)
+    torch.testing.assert_close(compiled(state=state, fire_mask=fire), core(state=state, fire_mask=fire))
+
+
+def test_the_reference_backend_takes_deeper_nets_and_the_kernel_says_why_not():
+    shape = (1, 2, 2, 2, 2, 0)
+    state, _, _, weights = family_problem(shape, "von_neumann", 0, 2, seed=1)
+    deeper = weights[:4] + [torch.randn(5, 5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)] + weights[4:]
+    deeper[-2] = torch.randn(2, 5, dtype=torch.float64)
+    propagate_reference(state, None, *deeper, steps=2)
+    with pytest.raises(cubecore.errors.UnavailableError, match="at most 2 hidden layers"):
+        propagate(state, None, *deeper, steps=2, backend="kernel")
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(neighbourhood="hex"), ValueError, "neighbourhood"),
+    (dict(output_activation="relu"), ValueError, "output_activation"),
+    (dict(fire_rate=0.0), ValueError, "fire_rate"),
+    (dict(fire_rate=1.5), ValueError, "fire_rate"),
+    (dict(fire_rate=0.5, fire_mask=torch.ones(2, 1, 2, 3, 4, dtype=torch.bool)), ValueError, "not both"),
+    (dict(fire_mask=torch.ones(2, 1, 2, 3, 4)), TypeError, "fire_mask must be a bool"),
+    (dict(fire_mask=torch.ones(3, 1, 2, 3, 4, dtype=torch.bool)), ValueError, "fire_mask must have shape"),
+    (dict(alive_channel=2), ValueError, "alive_channel"),
+    (dict(alive_channel=-1), ValueError, "alive_channel"),
+    (dict(dead_state=torch.zeros(2, dtype=torch.float64)), ValueError, "alive_channel too"),
+    (dict(alive_channel=0, dead_state=torch.zeros(3, dtype=torch.float64)), ValueError, "dead_state"),
+    (dict(perception=torch.zeros(2, 3, 27, dtype=torch.float64)), ValueError, "perception must have shape"),
+    (dict(boundary="reflect"), ValueError, "reflect"),
+])
+def test_bad_rule_options_raise_naming_the_argument(kw, error, match):
+    state = torch.zeros(1, 2, 3, 1, 2, dtype=torch.float64) if kw.get("boundary") == "reflect" else \
+        torch.zeros(1, 2, 3, 4, 2, dtype=torch.float64)
+    w = [torch.zeros(3, 14, dtype=torch.float64), None, torch.zeros(2, 3, dtype=torch.float64), None]
+    with pytest.raises(error, match=match):
+        propagate(state, None, *w, steps=2, backend="reference", **kw)
+
+
+def test_old_boundary_names_keep_their_meaning():
+    state = torch.randn(1, 3, 2, 4, 2, dtype=torch.float64)
+    w = [torch.randn(3, 14, dtype=torch.float64), None, torch.randn(2, 3, dtype=torch.float64), None]
+    for old, new in (("wall", "zeros"), ("periodic", "circular")):
+        assert torch.equal(propagate_reference(state, None, *w, steps=2, boundary=old),
+                           propagate_reference(state, None, *w, steps=2, boundary=new))
+
+
+class torch_threads:
+    """torch's intra-op thread count set to n inside the block (the CPU kernels split their work by it)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
