@@ -3,6 +3,7 @@ options to the final state, and must agree with the float64 reference before it 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cubecore import propagate, propagate_reference, step_reference
+from cubecore.ops.rule import canonical_boundary
 from cubecore.ops.reference import activate
 
 Contestant = Callable[..., torch.Tensor]
@@ -35,9 +37,6 @@ def _face_kernel(w1: torch.Tensor, S: int) -> torch.Tensor:
     return weight
 
 
-_PAD_MODES = {"periodic": "circular", "reflect": "replicate"}
-
-
 def conv3d(state, external, w1, b1, w2, b2, *, steps, boundary="wall", activation="tanh", update="replace",
            step_size=1.0):
     """The rule as a masked 3x3x3 conv3d plus 1x1x1 convolutions, channels-first (oneDNN / cuDNN)."""
@@ -49,10 +48,11 @@ def conv3d(state, external, w1, b1, w2, b2, *, steps, boundary="wall", activatio
     drive = F.conv3d(u, w_ext, b1) if u.shape[1] else b1[None, :, None, None, None]
     w_out = w2[:, :, None, None, None]
     for _ in range(steps):
-        if boundary == "wall":
+        mode = canonical_boundary(boundary)  # PyTorch's padding mode
+        if mode == "zeros":
             pre = F.conv3d(s, weight, padding=1)
         else:
-            pre = F.conv3d(F.pad(s, (1, 1, 1, 1, 1, 1), mode=_PAD_MODES[boundary]), weight)
+            pre = F.conv3d(F.pad(s, (1, 1, 1, 1, 1, 1), mode=mode), weight)
         change = torch.tanh(F.conv3d(activate(pre + drive, activation), w_out, b2))
         s = change if update == "replace" else s + step_size * change
     return s.permute(0, 2, 3, 4, 1)
@@ -62,8 +62,9 @@ def checkpointed(state, external, w1, b1, w2, b2, *, steps, boundary="wall", act
                  update="replace", step_size=1.0):
     """The reference with each step under torch.utils.checkpoint: the pure-PyTorch way to save memory."""
     for _ in range(steps):
-        state = checkpoint(step_reference, state, external, w1, b1, w2, b2, boundary, activation, update,
-                           step_size, use_reentrant=False)
+        state = checkpoint(functools.partial(step_reference, boundary=boundary, activation=activation,
+                                             update=update, step_size=step_size),
+                           state, external, w1, b1, w2, b2, use_reentrant=False)
     return state
 
 
