@@ -175,3 +175,63 @@ def test_core_default_returns_the_final_state_only():
     assert core(u, return_trajectory=True).shape == (4, 1, 2, 3, 2, 2)
     with pytest.raises(TypeError, match="return_trajectory"):
         core(u, return_trajectory="yes")
+
+
+# --- the rule family as module options ---------------------------------------------------------------------------
+
+
+def test_family_options_shape_the_parameters():
+    core = cubecore.CubicCore((3, 4, 5), state_size=6, hidden_size=[10, 12], input_size=2, steps=2,
+                              neighbourhood="moore", perception="depthwise", perception_filters=2,
+                              output_activation="identity", output_bias=False, fire_rate=0.5, alive_channel=1,
+                              dead_state=[1, 0, 0, 0, 0, 0])
+    shapes = {name: tuple(p.shape) for name, p in core.named_parameters()}
+    assert shapes == {"perception": (6, 2, 27), "w1": (10, 6 * 2 + 2), "b1": (10,), "w2": (12, 10), "b2": (12,),
+                      "w3": (6, 12)}
+    assert core.b3 is None and core.layers()[-1] is None
+    assert torch.equal(core.dead_state, torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    info = core.get_info()
+    assert (info["neighbourhood"], info["perception"], info["hidden_size"], info["fire_rate"]) == (
+        "moore", "depthwise", (10, 12), 0.5)
+    assert "moore" in repr(core) and "alive_channel=1" in repr(core)
+    # The original module is unchanged: w1, b1, w2 (output), b2.
+    plain = cubecore.CubicCore((2, 2, 2), state_size=3, hidden_size=4, input_size=1)
+    assert [n for n, _ in plain.named_parameters()] == ["w1", "b1", "w2", "b2"]
+
+
+@requires_kernel
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_family_core_forward_replays_a_fire_mask_and_matches_the_functional_form(backend):
+    torch.manual_seed(0)
+    core = cubecore.CubicCore((4, 3, 5), state_size=5, hidden_size=[8, 6], input_size=0, steps=3,
+                              neighbourhood="moore", perception="depthwise", update="residual", fire_rate=0.5,
+                              alive_channel=0, boundary="reflect", backend=backend).double()
+    state = torch.rand(2, 4, 3, 5, 5, dtype=torch.float64)
+    mask = torch.rand(3, 2, 4, 3, 5) < 0.5
+    out = core(state=state, fire_mask=mask)
+    torch.testing.assert_close(core(state=state, fire_mask=mask), out, atol=0, rtol=0)  # replayed exactly
+    want = cubecore.propagate_reference(state, None, *core.layers(), steps=3, perception=core.perception,
+                                        neighbourhood="moore", boundary="reflect", update="residual",
+                                        fire_mask=mask, alive_channel=0)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    traj = core(state=state, fire_mask=mask, return_trajectory=True)
+    torch.testing.assert_close(traj[-1], out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(hidden_size=[4, 4, 4]), ValueError, "hidden_size"),
+    (dict(hidden_size=[]), ValueError, "hidden_size"),
+    (dict(hidden_size="8"), TypeError, "hidden_size"),
+    (dict(perception="learned"), ValueError, "perception"),
+    (dict(perception_filters=0), ValueError, "perception_filters"),
+    (dict(fire_rate=0), ValueError, "fire_rate"),
+    (dict(alive_channel=3), ValueError, "alive_channel"),
+    (dict(dead_state=[0, 0, 0]), ValueError, "alive_channel too"),
+    (dict(alive_channel=0, dead_state=[0, 0]), ValueError, "dead_state"),
+    (dict(boundary="reflect", lattice_size=(1, 2, 2)), ValueError, "reflect"),
+    (dict(output_bias=1), TypeError, "output_bias"),
+])
+def test_bad_family_settings_raise_naming_the_argument(kwargs, error, match):
+    base = dict(lattice_size=(2, 2, 2), state_size=3, input_size=0)
+    with pytest.raises(error, match=match):
+        cubecore.CubicCore(**{**base, **kwargs})

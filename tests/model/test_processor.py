@@ -1,9 +1,11 @@
 """EmbeddingProcessor: embedding -> lattice -> core -> per-cell readout -> embedding, for both reshapers."""
 
+import json
+
 import pytest
 import torch
 
-from cubecore import EmbeddingProcessor
+from cubecore import EmbeddingProcessor, ModelConfig
 
 
 @pytest.mark.parametrize("method,lattice", [("simple", (2, 2, 3)), ("projection", (3, 3, 3))])
@@ -152,3 +154,35 @@ def test_save_pretrained_round_trip_is_exact_and_loading_is_strict(tmp_path):
     save_file(weights, tmp_path / "m" / "model.safetensors")
     with pytest.raises(RuntimeError, match="readout_bias"):
         EmbeddingProcessor.from_pretrained(tmp_path / "m")
+
+
+def test_a_rule_family_processor_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=4, hidden_size=5, hidden_layers=2, steps=2,
+                              neighbourhood="moore", perception="depthwise", perception_filters=2,
+                              output_activation="identity", output_bias=False, boundary="reflect")
+    with torch.no_grad():
+        proc.readout_weight.normal_()
+    proc.save_pretrained(tmp_path / "m")
+    loaded = EmbeddingProcessor.from_pretrained(tmp_path / "m")
+    assert loaded.config == proc.config and loaded.core.perception.shape == (4, 2, 27)
+    x = torch.randn(3, 24)
+    assert torch.equal(loaded(x), proc(x))
+
+
+def test_a_model_saved_with_the_old_reflect_loads_as_replicate(tmp_path):
+    """Before the rule family, boundary 'reflect' read the edge cell again (PyTorch's 'replicate'); a model
+    saved then (its config has no 'neighbourhood') rebuilds that rule, while a new config's 'reflect' mirrors."""
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2, boundary="replicate")
+    proc.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key in ("neighbourhood", "perception", "perception_filters", "hidden_layers", "output_activation",
+                "output_bias", "fire_rate", "alive_channel", "alive_threshold"):
+        del config["config"][key]
+    config["config"]["boundary"] = "reflect"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = EmbeddingProcessor.from_pretrained(tmp_path / "m")
+    assert loaded.config.boundary == "replicate"
+    x = torch.randn(3, 24)
+    assert torch.equal(loaded(x), proc(x))
+    assert ModelConfig.from_saved({"boundary": "reflect", "neighbourhood": "moore"}).boundary == "reflect"
