@@ -4,6 +4,9 @@ Environment switches:
   CUBECORE_FORCE_CPU=1      build the CPU kernels only, even with CUDA available
   CUBECORE_CPU_ARCH=native  value of -march for the CPU kernels (default native: the package is built from
                             source on the machine that runs it; set e.g. x86-64-v3 for a portable build)
+  TORCH_CUDA_ARCH_LIST      the GPU architectures of the CUDA kernels (torch.utils.cpp_extension), e.g.
+                            "9.0" for an H100; default: the visible GPUs', or where none is visible (a login
+                            node, docker build, CI) DEFAULT_CUDA_ARCHS
   MAX_JOBS                  parallel compile jobs (torch.utils.cpp_extension)
 """
 
@@ -32,6 +35,19 @@ def cuda_wanted() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+# Where no GPU is visible torch cannot pick the architectures, and its build stops with an IndexError: build for
+# the data-centre GPUs of the last generations then, with PTX for newer ones.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_arch_list(environ, visible_gpus: int) -> None:
+    """Set TORCH_CUDA_ARCH_LIST to DEFAULT_CUDA_ARCHS where it is unset and no GPU is visible (saying so)."""
+    if not environ.get("TORCH_CUDA_ARCH_LIST") and visible_gpus == 0:
+        environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print(f"cubecore: no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: building the CUDA kernels for "
+              f"{DEFAULT_CUDA_ARCHS} (set TORCH_CUDA_ARCH_LIST to choose)", file=sys.stderr)
+
+
 def extension():
     arch = os.environ.get("CUBECORE_CPU_ARCH", "native")
     # -Wno-psabi: the kernels pass 32-byte vectors between their own inlined functions; GCC's note that the
@@ -39,6 +55,7 @@ def extension():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-psabi"] + ([f"-march={arch}"] if arch else [])
     sources = ["csrc/cubecore.cpp"]
     if cuda_wanted():
+        cuda_arch_list(os.environ, torch.cuda.device_count())
         sources.append("csrc/cubecore_cuda.cu")
         nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         return CUDAExtension("cubecore._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},

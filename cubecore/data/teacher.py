@@ -222,7 +222,9 @@ class TeacherEncoder:
             emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
                                     normalize_embeddings=self.normalize, show_progress_bar=bool(show),
                                     prompt_name=self.prompt_name)
-            return emb.float().cpu()
+            # sentence-transformers encodes under inference_mode; a copy made here is an ordinary tensor, so
+            # that a model may save it for backward (an inference tensor cannot be).
+            return emb.float().cpu().clone()
         out: List[torch.Tensor] = []
         starts = range(0, len(texts), self.batch_size)
         for start in tqdm(starts, desc=f"encoding with {self.name}", unit="batch", disable=not show):

@@ -30,6 +30,18 @@ def test_default_teacher_loads_offline_from_the_package(teacher):
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
 
 
+def test_embeddings_are_ordinary_tensors_that_a_model_can_save_for_backward(teacher):
+    """sentence-transformers encodes under inference_mode; its inference tensors cannot be saved for backward,
+    which made a model with global channels fail on them."""
+    from cubecore import EmbeddingProcessor
+
+    emb = teacher.encode(["hello there", "general kenobi"])
+    assert not emb.is_inference()
+    model = EmbeddingProcessor(384, lattice_size=(8, 8, 6), global_channels=2, steps=1)
+    model(emb).sum().backward()
+    assert model.global_projection.weight.grad is not None
+
+
 def test_similar_sentences_are_closer_than_unrelated_ones(teacher):
     a, b, c = teacher.encode(["How is the weather today?", "What is the weather like today?",
                               "The stock market fell by three percent."])
