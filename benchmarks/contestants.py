@@ -1,10 +1,11 @@
 """Every way we time the lattice rule.  Each contestant maps (state, external, w1, b1, w2, b2) and the rule's
-options to the final state, and must agree with the float64 reference before it is timed."""
+options to the final state, and must agree with the float64 reference before it is timed.  The `nca` size has
+contestants of its own (benchmarks.nca); ``contestants_for`` gives each size's."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch.utils.checkpoint import checkpoint
 from cubecore import propagate, propagate_reference, step_reference
 from cubecore.ops.rule import canonical_boundary
 from cubecore.ops.reference import activate
+
+from . import nca
+from .harness import Size
 
 Contestant = Callable[..., torch.Tensor]
 
@@ -84,3 +88,15 @@ def all_contestants(device: torch.device) -> Dict[str, Contestant]:
     if device.type == "cuda":
         found["compiled-ro"] = compiled("reduce-overhead")
     return found
+
+
+def contestants_for(size: Size, device: torch.device) -> Dict[str, Contestant]:
+    """The contestants of one size, made afresh (torch.compile starts clean): the `nca` family's own
+    (benchmarks.nca), or the lattice rule's."""
+    return nca.contestants(device) if size.family == "nca" else all_contestants(device)
+
+
+def contestant_names(device: torch.device) -> List[str]:
+    """Every contestant name of any size on this device, in table order."""
+    names = list(all_contestants(device))
+    return names + [n for n in nca.contestants(device) if n not in names]

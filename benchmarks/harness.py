@@ -30,6 +30,7 @@ class Size:
     E: int = 1
     T: int = 10
     boundary: str = "wall"
+    family: str = "lattice"  # "lattice": the suite's rule (one tanh layer, von Neumann); "nca": see benchmarks.nca
 
     @property
     def cells(self) -> int:
@@ -58,45 +59,72 @@ class Size:
         return 2 * (forward + backward) * self.cell_updates
 
 
+    def make_inputs(self, device, dtype, seed: int = 0) -> List[torch.Tensor]:
+        """(state, external, w1, b1, w2, b2); external and the weights require grad, as in training."""
+        gen = torch.Generator().manual_seed(seed)
+        K = 7 * self.S + self.E
+
+        def rnd(*shape, scale=1.0, grad=True):
+            t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+            return t.requires_grad_(grad)
+
+        return [
+            rnd(self.B, self.X, self.Y, self.Z, self.S, scale=0.5, grad=False),
+            rnd(self.B, self.X, self.Y, self.Z, self.E),
+            rnd(self.H, K, scale=(2.0 / (self.H + K)) ** 0.5),
+            rnd(self.H, scale=0.1),
+            rnd(self.S, self.H, scale=(2.0 / (self.S + self.H)) ** 0.5),
+            rnd(self.S, scale=0.1),
+        ]
+
+    def rule(self) -> Dict[str, object]:
+        """The keyword arguments every contestant takes besides the inputs."""
+        return dict(steps=self.T, boundary=self.boundary)
+
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        """The training loss on the final state that forward+backward differentiates."""
+        return out.sum()
+
+    def check(self, fn: Callable, device, tolerance: Optional[float] = None) -> Tuple[bool, float]:
+        """Run the contestant in float32 on `device` and the reference in float64 on the CPU, same inputs: the
+        largest error of the output and of every gradient, relative to that tensor's largest magnitude."""
+        tolerance = 1e-3 if tolerance is None else tolerance
+        want = _forward_backward(propagate_reference, self.make_inputs("cpu", torch.float64), self)
+        got = _forward_backward(fn, self.make_inputs(device, torch.float32), self)
+        worst = relative_error(got, want)
+        return worst <= tolerance, worst
+
+
 def make_inputs(size: Size, device, dtype, seed: int = 0) -> List[torch.Tensor]:
-    """(state, external, w1, b1, w2, b2); external and the weights require grad, as in training."""
-    gen = torch.Generator().manual_seed(seed)
-    K = 7 * size.S + size.E
-
-    def rnd(*shape, scale=1.0, grad=True):
-        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-        return t.requires_grad_(grad)
-
-    return [
-        rnd(size.B, size.X, size.Y, size.Z, size.S, scale=0.5, grad=False),
-        rnd(size.B, size.X, size.Y, size.Z, size.E),
-        rnd(size.H, K, scale=(2.0 / (size.H + K)) ** 0.5),
-        rnd(size.H, scale=0.1),
-        rnd(size.S, size.H, scale=(2.0 / (size.S + size.H)) ** 0.5),
-        rnd(size.S, scale=0.1),
-    ]
+    """The contestants' inputs at this size (see each size's ``make_inputs``); those that train require grad."""
+    return size.make_inputs(device, dtype, seed)
 
 
 def rule(size: Size) -> Dict[str, object]:
-    return dict(steps=size.T, boundary=size.boundary)
+    return size.rule()
 
 
 def _forward_backward(fn: Callable, inputs: List[torch.Tensor], size: Size):
-    out = fn(*inputs, **rule(size))
-    grads = torch.autograd.grad(out.sum(), [t for t in inputs if t.requires_grad])
+    out = fn(*inputs, **size.rule())
+    grads = torch.autograd.grad(size.loss(out), [t for t in inputs if t.requires_grad])
     return out, grads
 
 
-def check(fn: Callable, size: Size, device, tolerance: float = 1e-3) -> Tuple[bool, float]:
-    """Run the contestant in float32 on `device` and the reference in float64 on the CPU, same inputs: the
-    largest error of the output and of every gradient, relative to that tensor's largest magnitude."""
-    want_out, want_grads = _forward_backward(propagate_reference, make_inputs(size, "cpu", torch.float64), size)
-    got_out, got_grads = _forward_backward(fn, make_inputs(size, device, torch.float32), size)
+def relative_error(got, want) -> float:
+    """The largest error of the output and of every gradient, each relative to its wanted largest magnitude;
+    ``got`` and ``want`` are ``(out, grads)`` as ``_forward_backward`` returns them."""
+    (got_out, got_grads), (want_out, want_grads) = got, want
     worst = 0.0
-    for got, want in zip([got_out, *got_grads], [want_out, *want_grads]):
-        scale = max(want.abs().max().item(), 1e-12)
-        worst = max(worst, (got.detach().double().cpu() - want.detach()).abs().max().item() / scale)
-    return worst <= tolerance, worst
+    for g, w in zip([got_out, *got_grads], [want_out, *want_grads]):
+        scale = max(w.abs().max().item(), 1e-12)
+        worst = max(worst, (g.detach().double().cpu() - w.detach().double().cpu()).abs().max().item() / scale)
+    return worst
+
+
+def check(fn: Callable, size: Size, device, tolerance: Optional[float] = None) -> Tuple[bool, float]:
+    """Whether the contestant computes the size's rule (see each size's ``check``), and its largest relative
+    error."""
+    return size.check(fn, device, tolerance)
 
 
 def _sync(device) -> None:
@@ -186,7 +214,7 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
     row["max_rel_error"] = err
     if not ok:
         row["status"] = "wrong"
-        return row
+        return _noted(row, fn)
     inputs = make_inputs(size, device, torch.float32)
 
     def forward():
@@ -204,6 +232,14 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
     row["train_flops_per_s"] = 3 * size.forward_flops() / fb  # forward + backward ~ 3x forward FLOPs
     row["executed_flops_per_s"] = size.executed_train_flops(device.type) / fb  # what our kernel executes
     row["status"] = "ok"
+    return _noted(row, fn)
+
+
+def _noted(row: Dict[str, object], fn: Callable) -> Dict[str, object]:
+    """The row with the contestant's note, if it has one: how it had to fall back (a torch.compile that
+    failed), so that the table says what was timed."""
+    if getattr(fn, "note", None):
+        row["note"] = fn.note
     return row
 
 

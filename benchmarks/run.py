@@ -2,6 +2,10 @@
 machine's description, and a PNG of time and memory against lattice size.
 
     python -m benchmarks [--quick] [--device cpu|cuda] [--out benchmarks/results]
+    python -m benchmarks --sizes nca --largest-lattice --out benchmarks/results/nca
+
+The `nca` size is the published 3D artefacts NCA against the kernel (benchmarks.nca); ``--largest-lattice`` adds
+the largest cubic lattice that trains one step of that rule within an address-space limit, per contestant.
 """
 
 from __future__ import annotations
@@ -9,18 +13,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from .contestants import all_contestants
+from cubecore.ops.front import kernel_limit_reason
+from cubecore.ops.rule import Rule
+
+from .contestants import contestant_names, contestants_for
 from .harness import Size, describe_machine, machine_limits, measure
+from .nca import GIB, NcaSize, largest_lattice
 
 LATTICE_SERIES = ("original", "16^3", "32^3", "64^3")
 
 
+def nca_size() -> NcaSize:
+    """The 3D artefacts NCA's setting: C = 20, F = 3, hidden [64, 64], 32^3, B = 5, T = 48 (benchmarks.nca)."""
+    return NcaSize("nca", 5, 32, 32, 32)
+
+
+def _kernel_runs_nca(device: torch.device) -> bool:
+    size = nca_size()
+    rule = Rule("moore", size.boundary, "relu", "identity", "residual", 1.0, size.alive_channel, size.alive_threshold)
+    return kernel_limit_reason(device.type, torch.float32, size.S, rule, hidden_layers=2, perception=True,
+                               fire=True) is None
+
+
 def sizes_for(device: torch.device, quick: bool) -> List[Size]:
+    """The matrix: the lattice rule's sizes, then `nca` (on a GPU once the CUDA kernels run its rule)."""
     original = Size("original", 32, 8, 8, 12)
     if quick:
         return [original]
@@ -33,7 +55,7 @@ def sizes_for(device: torch.device, quick: bool) -> List[Size]:
         Size("64^3", 2 if gpu else 1, 64, 64, 64),
         Size("T=1", 32, 8, 8, 12, T=1),
         Size("T=50", 32, 8, 8, 12, T=50),
-    ]
+    ] + ([nca_size()] if _kernel_runs_nca(device) else [])
 
 
 def _row(rows, size: str, contestant: str) -> Optional[Dict]:
@@ -47,8 +69,11 @@ def _fb(r: Optional[Dict]) -> Optional[float]:
     return r["forward_backward"]["median_s"] if r else None
 
 
-def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float]) -> List[Dict]:
-    """The suite's goals, each with the measured ratio (None where a contestant could not be measured)."""
+def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float],
+            largest: Optional[Dict] = None) -> List[Dict]:
+    """The suite's goals, each with the measured ratio (None where a contestant could not be measured); the
+    "every size" goals are over the lattice rule's sizes, the `nca` size has goals of its own, and the largest
+    lattice (``largest``, when searched) one more."""
     out = []
 
     def ratio_target(name, size, others, goal, what="forward+backward time"):
@@ -60,12 +85,13 @@ def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float]) ->
 
     def smallest_over_sizes(name, goal, value_of, what):
         """The worst size's value of value_of(size) (None where a size lacks the rows it needs)."""
-        values = {r["size"]: value_of(r["size"]) for r in rows if r["contestant"] == "kernel"}
+        values = {r["size"]: value_of(r["size"]) for r in rows
+                  if r["contestant"] == "kernel" and r.get("family", "lattice") == "lattice"}
         known = {k: v for k, v in values.items() if v is not None}
         worst = min(known, key=known.get) if known else None
         value = known[worst] if known and len(known) == len(values) else None
         out.append({"target": name, "goal": goal, "measured": value, "met": value is not None and value >= goal,
-                    "what": f"{what}, the smallest over sizes ({worst})"})
+                    "what": f"{what}, the smallest over the lattice sizes ({worst})"})
 
     def executed_fraction(size):
         k = _row(rows, size, "kernel")
@@ -102,6 +128,23 @@ def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float]) ->
     mem = e["peak_bytes"] / k["peak_bytes"] if k and e and k.get("peak_bytes") else None
     out.append({"target": "peak memory T=10: kernel <= 1/5 eager", "goal": 5.0, "measured": mem,
                 "met": mem is not None and mem >= 5.0, "what": "eager / kernel peak memory, size original"})
+    nca = next((r["size"] for r in rows if r.get("family") == "nca"), None)
+    if nca is not None:  # a run with the `nca` size (not the GPU's yet, nor --quick)
+        nca_pure = ["eager", "compiled", "checkpointed"] + (["compiled-ro"] if device.type == "cuda" else [])
+        ratio_target("nca: >= 3x the fastest pure PyTorch", nca, nca_pure, 3.0)
+        k, e = _row(rows, nca, "kernel"), _row(rows, nca, "eager")
+        mem = e["peak_bytes"] / k["peak_bytes"] if k and e and k.get("peak_bytes") else None
+        out.append({"target": "nca peak memory: kernel <= 1/10 eager", "goal": 10.0, "measured": mem,
+                    "met": mem is not None and mem >= 10.0, "what": f"eager / kernel peak memory, size {nca}"})
+    if largest is not None:
+        found = {r["contestant"]: r for r in largest["results"]}
+        k, e = found.get("kernel", {}).get("cells"), found.get("eager", {}).get("cells")
+        value = k / e if k and e else None
+        out.append({"target": "nca largest lattice: kernel >= 8x eager's cells", "goal": 8.0, "measured": value,
+                    "met": value is not None and value >= 8.0,
+                    "what": f"kernel / eager cells of the largest cubic lattice that trains one step (B = "
+                            f"{largest['batch']}, T = {largest['steps']}) within {largest['limit_bytes'] / GIB:g} GiB "
+                            f"of address space"})
     return out
 
 
@@ -109,7 +152,7 @@ def _ms(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
-def markdown(rows: List[Dict], goals: List[Dict], machine: Dict, limits: Dict) -> str:
+def markdown(rows: List[Dict], goals: List[Dict], machine: Dict, limits: Dict, largest: Optional[Dict] = None) -> str:
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; device `{machine['device']}`.",
@@ -132,7 +175,8 @@ def markdown(rows: List[Dict], goals: List[Dict], machine: Dict, limits: Dict) -
         lines.append(
             f"| {r['size']} | {r['contestant']} | {_ms(r['forward']['median_s'])} | {_ms(fb['median_s'])} "
             f"({_ms(fb['iqr_s'])}) | {ratio} | {peak / 2**20 if peak is not None else float('nan'):.1f} | "
-            f"{mem_ratio} | {r['cell_updates_per_s']:.3g} | {r['first_call_s']:.1f} | ok |"
+            f"{mem_ratio} | {r['cell_updates_per_s']:.3g} | {r['first_call_s']:.1f} | "
+            f"{'ok' + (' (' + r['note'] + ')' if r.get('note') else '')} |"
         )
     lines += ["", "| target | goal | measured | met |", "|---|---:|---:|---|"]
     for g in goals:
@@ -153,6 +197,24 @@ def markdown(rows: List[Dict], goals: List[Dict], machine: Dict, limits: Dict) -
     mem_method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
     if mem_method:
         lines += ["", f"Peak memory: {mem_method}, one forward+backward."]
+    if any(r.get("family") == "nca" for r in rows):
+        lines += ["", "Size `nca`: the 3D artefacts NCA (Sudhakaran et al. 2021, real-itu/3d-artefacts-nca) against "
+                      "the kernel: C = 20, 3 depthwise filters, update net [64, 64] ReLU, Moore, zeros boundary, "
+                      "fire rate 0.5, alive masks; `eager` is the upstream's own formulation (benchmarks/nca.py). "
+                      "Its check is in float64 (and float32 against it) at a reduced lattice; `first call s` is "
+                      "that check, not the full size's compile."]
+    if largest is not None:
+        eager_cells = next((r["cells"] for r in largest["results"] if r["contestant"] == "eager" and r["cells"]), None)
+        lines += ["", f"Largest cubic lattice that trains one step of the `nca` rule (forward + backward, B = "
+                      f"{largest['batch']}, T = {largest['steps']}, float32) within {largest['limit_bytes'] / GIB:g} "
+                      f"GiB of address space (RLIMIT_AS, a child process per try; the side doubles until a try "
+                      f"fails, then bisects):", "",
+                  "| contestant | side | cells | cells / eager | tries | search s | status |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in largest["results"]:
+            ratio = f"{r['cells'] / eager_cells:.2f}x" if r["cells"] and eager_cells else "-"
+            lines.append(f"| {r['contestant']} | {r['side'] or '-'} | {r['cells'] or '-'} | {ratio} | "
+                         f"{len(r['tries'])} | {r['seconds']:.0f} | {r.get('error') or 'ok'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,11 +227,12 @@ def plot(rows: List[Dict], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
+    series = [r for r in rows if r["size"] in LATTICE_SERIES and r.get("status") == "ok"]
+    if not series:  # e.g. a run of the `nca` size alone: nothing to draw
+        return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in sorted({r["contestant"] for r in rows}):
-        pts = [r for r in rows if r["contestant"] == name and r["size"] in LATTICE_SERIES and r.get("status") == "ok"]
-        if not pts:
-            continue
+    for name in sorted({r["contestant"] for r in series}):
+        pts = [r for r in series if r["contestant"] == name]
         cells = [r["B"] * r["X"] * r["Y"] * r["Z"] for r in pts]
         ax_t.plot(cells, [r["forward_backward"]["median_s"] * 1e3 for r in pts], "o-", label=name)
         ax_m.plot(cells, [max(r.get("peak_bytes") or 0, 1) / 2**20 for r in pts], "o-", label=name)
@@ -200,12 +263,24 @@ def main(argv=None) -> int:
     parser.add_argument("--contestants", default=None, help="comma-separated subset (default: all)")
     parser.add_argument("--sizes", default=None, help="comma-separated subset of size names (default: all)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
+    search = parser.add_argument_group("largest lattice (the `nca` rule)")
+    search.add_argument("--largest-lattice", action="store_true",
+                        help="also search the largest cubic lattice that trains one step of the nca rule within "
+                             "--lattice-limit-gib of address space, per contestant (a child process per try)")
+    search.add_argument("--lattice-contestants", default="eager,kernel", help="comma-separated (default eager,kernel)")
+    search.add_argument("--lattice-limit-gib", type=float, default=16.0, help="the address-space limit (default 16)")
+    search.add_argument("--lattice-batch", type=int, default=5, help="B (default 5)")
+    search.add_argument("--lattice-steps", type=int, default=64, help="T (default 64)")
+    search.add_argument("--lattice-start", type=int, default=16, help="the first side tried (default 16)")
+    search.add_argument("--lattice-force", action="store_true",
+                        help="search even if the machine has less memory available than the limit (a try may then "
+                             "exhaust the machine's memory instead of its own limit)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
     min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
-    names = list(all_contestants(device))
+    names = contestant_names(device)
     if args.contestants:
         wanted = args.contestants.split(",")
         unknown = set(wanted) - set(names)
@@ -215,6 +290,18 @@ def main(argv=None) -> int:
     sizes = sizes_for(device, args.quick)
     if args.sizes:
         sizes = [s for s in sizes if s.name in args.sizes.split(",")]
+    lattice_limit = int(args.lattice_limit_gib * GIB)
+    if args.largest_lattice:
+        known = set(contestant_names(torch.device("cpu")))
+        unknown = set(args.lattice_contestants.split(",")) - known
+        if unknown:
+            parser.error(f"unknown --lattice-contestants {sorted(unknown)}; choose from {sorted(known)}")
+        available = _available_memory()
+        if available is not None and available < lattice_limit and not args.lattice_force:
+            parser.error(f"the machine has {available / GIB:.1f} GiB of memory available, less than the "
+                         f"{args.lattice_limit_gib:g} GiB limit: a try could exhaust the machine (and other "
+                         f"processes) rather than its own limit; free memory, lower --lattice-limit-gib, or pass "
+                         f"--lattice-force")
 
     machine = describe_machine(device)
     limits = machine_limits(device, quick=args.quick)
@@ -223,24 +310,49 @@ def main(argv=None) -> int:
         # Fresh contestants per size: torch.compile starts clean instead of reaching its recompile limit
         # (past which it silently runs eager).
         torch._dynamo.reset()
-        contestants = all_contestants(device)
+        contestants = contestants_for(size, device)
         for name in names:
+            if name not in contestants:  # a contestant of another size's rule (conv3d has no `nca` form)
+                continue
             row = measure(name, contestants[name], size, device, repeats, min_time)
             rows.append(row)
             shown = _ms(row["forward_backward"]["median_s"]) if row.get("status") == "ok" else row.get("status")
             print(f"{size.name:>12} {name:>14}: fwd+bwd {shown} ms", file=sys.stderr, flush=True)
-    goals = targets(rows, device, limits)
+    largest = None
+    if args.largest_lattice:  # on the CPU, whatever --device: the limit is the process's address space
+        began = time.perf_counter()
+        largest = {"batch": args.lattice_batch, "steps": args.lattice_steps, "limit_bytes": lattice_limit,
+                   "device": "cpu", "results": [
+                       largest_lattice(name, batch=args.lattice_batch, steps=args.lattice_steps,
+                                       limit_bytes=lattice_limit, start=args.lattice_start)
+                       for name in args.lattice_contestants.split(",")]}
+        largest["seconds"] = time.perf_counter() - began
+    goals = targets(rows, device, limits, largest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = device.type + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"machine": machine, "limits": limits, "rows": rows, "targets": goals}, indent=2, default=str))
-    table = markdown(rows, goals, machine, limits)
+    report = {"machine": machine, "limits": limits, "rows": rows, "targets": goals}
+    if largest is not None:
+        report["largest_lattice"] = largest
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(rows, goals, machine, limits, largest)
     (out / f"{stem}.md").write_text(table)
     plotted = plot(rows, out / f"{stem}.png", f"cubecore on {machine.get('gpu', machine['cpu'])}")
     print(table)
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {out / (stem + '.png')}" if plotted else ""))
     return 0
+
+
+def _available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None off Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark harness itself works: every contestant agrees with the reference at a tiny size, a wrong
-contestant is caught rather than timed, and one run writes its table, JSON and plot."""
+contestant is caught rather than timed, and one run writes its table, JSON and plot.  The `nca` size: every
+contestant computes the kernel's final state and gradients in float64, and the largest-lattice search."""
 
 import gc
 import json
@@ -8,9 +9,9 @@ import time
 import pytest
 import torch
 
-from benchmarks import run
-from benchmarks.contestants import all_contestants, conv3d, eager
-from benchmarks.harness import Size, check, measure, time_it
+from benchmarks import nca, run
+from benchmarks.contestants import all_contestants, contestants_for, conv3d, eager
+from benchmarks.harness import Size, _forward_backward, check, measure, relative_error, time_it
 
 TINY = Size("tiny", 2, 3, 4, 5, S=3, H=5, E=2, T=3)
 
@@ -102,3 +103,136 @@ def test_learning_study_table_names_the_shared_overrides():
     text = learning.table(results, "chitchat", [42], ["max_samples=64000", "epochs=6"])
     assert "Every run: `max_samples=64000 epochs=6`" in text
     assert "| cube skip | readout_skip=true global_channels=0 |" in text
+
+
+# --- the `nca` size: the 3D artefacts NCA (benchmarks/nca.py) ----------------------------------------------
+
+# A lattice of unequal sides, so that an axis taken for another (D, H, W against X, Y, Z) shows.
+NCA_TINY = nca.NcaSize("nca-tiny", 2, 6, 7, 8, T=4)
+
+
+def test_nca_every_contestant_computes_the_kernels_state_and_gradients_in_float64():
+    """What makes the `nca` comparison fair: the upstream's formulation (eager), its torch.compile and its
+    checkpointed form give the kernel's final state and the gradients of the state and of every weight."""
+    inputs = NCA_TINY.make_inputs("cpu", torch.float64)
+    state, perception, w1, b1, w2, b2, w3, fire, dead = inputs
+    assert [t.requires_grad for t in inputs] == [True] * 7 + [False] * 2
+    assert fire.dtype == torch.bool and 0 < fire.float().mean() < 1  # some cells fire, some do not
+    assert perception.shape == (60, 1, 3, 3, 3) and w1.shape == (64, 60, 1, 1, 1) and w3.shape == (20, 64, 1, 1, 1)
+    want_out, want_grads = _forward_backward(nca.kernel, inputs, NCA_TINY)
+    # the masks matter here: some cells end dead (one-hot on channel 0), others alive
+    is_dead = (want_out.detach() == dead).all(-1)
+    assert 0 < is_dead.float().mean() < 1
+    contestants = contestants_for(NCA_TINY, torch.device("cpu"))
+    assert set(contestants) == {"kernel", "eager", "compiled", "checkpointed"}
+    for name, fn in contestants.items():
+        got = _forward_backward(fn, NCA_TINY.make_inputs("cpu", torch.float64), NCA_TINY)
+        assert len(got[1]) == 7
+        err = relative_error(got, (want_out, want_grads))
+        assert err < 1e-9, (name, err)
+        assert getattr(fn, "note", None) is None, (name, fn.note)  # compiled: the full graph, no fallback
+
+
+def test_nca_check_catches_a_wrong_contestant():
+    def off_by_a_little(state, perception, w1, *rest, **rule):
+        return nca.eager(state, perception, w1 * 1.01, *rest, **rule)
+
+    assert nca.NcaSize.check(NCA_TINY, nca.kernel, "cpu") == (True, pytest.approx(0, abs=1e-3))
+    ok, err = check(off_by_a_little, NCA_TINY, "cpu")
+    assert not ok and err > 1e-9
+
+
+def test_nca_compiled_falls_back_and_says_why(monkeypatch):
+    def fake_compile(fn, mode="default", dynamic=None, fullgraph=False):
+        if fullgraph:
+            def broken(*args):
+                raise RuntimeError("no full graph here")
+            return broken
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run_ = nca.compiled()
+    inputs = NCA_TINY.make_inputs("cpu", torch.float64)
+    out = run_(*inputs, **NCA_TINY.rule())
+    assert torch.equal(out, nca.eager(*inputs, **NCA_TINY.rule()))
+    assert "fullgraph compile failed (RuntimeError: no full graph here)" in run_.note
+    row = measure("compiled", run_, NCA_TINY, "cpu", repeats=1)
+    assert row["status"] == "ok" and "graph breaks" in row["note"]
+
+
+def test_nca_size_counts_its_multiply_adds():
+    """Per cell update: depthwise 20 x 3 x 27, then 64 x 60, 64 x 64 and 20 x 64; the kernel executes 4x the
+    forward (the backward recomputes the step, then a transpose and a weight gradient per product)."""
+    size = nca.NcaSize("nca", 5, 32, 32, 32)
+    assert (size.S, size.F, size.H, size.H2, size.E, size.T, size.B) == (20, 3, 64, 64, 0, 48, 5)
+    assert size.forward_macs() == 1620 + 3840 + 4096 + 1280
+    assert size.forward_flops() == 2 * 10836 * 5 * 32**3 * 48
+    assert size.executed_train_flops("cpu") == 4 * size.forward_flops()
+    assert run.nca_size() == size and size in run.sizes_for(torch.device("cpu"), quick=False)
+    assert size not in run.sizes_for(torch.device("cpu"), quick=True)
+
+
+def test_largest_lattice_doubles_then_bisects():
+    tried = []
+
+    def attempt(side):
+        tried.append(side)
+        return {"status": "fits" if side <= 37 else "too large", "seconds": 0.0}
+
+    found = nca.largest_lattice("eager", start=8, attempt=attempt, log=lambda line: None)
+    assert (found["side"], found["cells"]) == (37, 37**3) and "error" not in found
+    assert tried[:4] == [8, 16, 32, 64] and tried[4:] == [48, 40, 36, 38, 37]
+    assert [t["side"] for t in found["tries"]] == tried
+
+    def broken(side):
+        return {"status": "error", "reason": "boom"} if side > 16 else {"status": "fits"}
+
+    found = nca.largest_lattice("eager", start=8, attempt=broken, log=lambda line: None)
+    assert found["side"] == 16 and "boom" in found["error"]
+
+
+def test_a_try_fits_or_runs_out_of_its_address_space():
+    """One real child process each way: a tiny lattice within 3 GiB, a large one in 1.25 GiB (the
+    interpreter and torch alone take about 0.8 GiB of address space)."""
+    fits = nca.try_side("kernel", 6, batch=1, steps=2, limit_bytes=3 * nca.GIB)
+    assert fits["status"] == "fits", fits
+    assert 0 < fits["vm_peak_bytes"] <= 3 * nca.GIB and fits["train_step_s"] > 0
+    too_large = nca.try_side("eager", 96, batch=2, steps=4, limit_bytes=int(1.25 * nca.GIB))
+    assert too_large["status"] == "too large", too_large
+
+
+def test_run_reports_the_nca_size_and_the_largest_lattice(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "sizes_for", lambda device, quick: [NCA_TINY])
+    searched = []
+
+    def fake_search(name, *, batch, steps, limit_bytes, start):
+        searched.append((name, batch, steps, limit_bytes, start))
+        side = {"eager": 10, "kernel": 21}[name]
+        return {"contestant": name, "batch": batch, "steps": steps, "limit_bytes": limit_bytes, "side": side,
+                "cells": side**3, "tries": [{"side": side, "status": "fits"}], "seconds": 1.0}
+
+    monkeypatch.setattr(run, "largest_lattice", fake_search)
+    monkeypatch.setattr(run, "_available_memory", lambda: 64 * nca.GIB)
+    assert run.main(["--repeats", "1", "--min-time", "0", "--contestants", "kernel,eager,checkpointed,conv3d",
+                     "--largest-lattice", "--lattice-limit-gib", "2", "--lattice-batch", "2",
+                     "--lattice-steps", "4", "--out", str(tmp_path)]) == 0
+    assert searched == [("eager", 2, 4, 2 * nca.GIB, 16), ("kernel", 2, 4, 2 * nca.GIB, 16)]
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert [r["contestant"] for r in data["rows"]] == ["kernel", "eager", "checkpointed"]  # no conv3d form
+    assert all(r["status"] == "ok" and r["family"] == "nca" for r in data["rows"]), data["rows"]
+    goals = {g["target"]: g for g in data["targets"]}
+    assert goals["nca: >= 3x the fastest pure PyTorch"]["measured"] > 0
+    assert goals["nca peak memory: kernel <= 1/10 eager"]["measured"] > 0
+    assert goals["nca largest lattice: kernel >= 8x eager's cells"]["measured"] == pytest.approx(21**3 / 10**3)
+    assert goals["CPU every size: the fastest contestant"]["measured"] is None  # lattice sizes only
+    assert data["largest_lattice"]["results"][1]["side"] == 21
+    table = (tmp_path / "cpu.md").read_text()
+    assert "| nca-tiny | eager |" in table and "| kernel | 21 | 9261 | 9.26x |" in table
+    assert not (tmp_path / "cpu.png").exists()  # no lattice series to draw
+
+
+def test_largest_lattice_refuses_a_limit_above_the_available_memory(monkeypatch, capsys):
+    monkeypatch.setattr(run, "_available_memory", lambda: 4 * nca.GIB)
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--sizes", "none", "--largest-lattice", "--lattice-limit-gib", "16"])
+    assert exc.value.code == 2 and "--lattice-force" in capsys.readouterr().err
