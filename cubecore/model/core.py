@@ -10,7 +10,7 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, check_int, check_ints, check_number, check_tensor
 from ..errors import InvalidTypeError, InvalidValueError
-from ..ops.front import BACKENDS, propagate, resolve_backend
+from ..ops.front import BACKENDS, resolve_backend, run_rule
 from ..ops.rule import MAX_HIDDEN_LAYERS, PERCEPTIONS, Rule
 
 
@@ -136,16 +136,12 @@ class CubicCore(nn.Module):
             check_tensor("state", state, doc, ndim=5)
             if tuple(state.shape[1:]) != (X, Y, Z, self.state_size):
                 raise InvalidValueError(f"state must have shape {doc}, got {tuple(state.shape)}")
-        rule = self.rule
+        check_bool("return_trajectory", return_trajectory)
         dead = None if self.dead_state is None else self.dead_state.to(state.dtype)
-        return propagate(
-            state, external, *self.layers(), steps=self.steps, perception=self.perception,
-            neighbourhood=rule.neighbourhood, boundary=rule.boundary, activation=rule.activation,
-            output_activation=rule.output_activation, update=rule.update, step_size=rule.step_size,
-            fire_rate=self.fire_rate if fire_mask is None else 1.0, fire_mask=fire_mask,
-            alive_channel=rule.alive_channel, alive_threshold=rule.alive_threshold, dead_state=dead,
-            backend=self.backend, return_trajectory=return_trajectory,
-        )
+        # The rule's options were checked when the core was built (run_rule checks the tensors only).
+        return run_rule(state, external, self.layers(), self.rule, self.steps, perception=self.perception,
+                        fire_rate=self.fire_rate, fire_mask=fire_mask, dead_state=dead, backend=self.backend,
+                        return_trajectory=return_trajectory)
 
     def active_backend(self) -> str:
         """The backend ``forward`` would use for this module's current device and dtype."""

@@ -184,9 +184,9 @@ def _weight_names(count: int) -> List[Tuple[str, str]]:
 
 
 def check_propagate_args(state, external, weights: Sequence[Optional[torch.Tensor]], perception, rule: Rule,
-                         steps, fire_mask=None, dead_state=None) -> torch.Tensor:
+                         steps: int, fire_mask=None, dead_state=None) -> torch.Tensor:
     """Check shapes, dtypes and devices, naming the argument at fault; return ``external`` (made [B,X,Y,Z,0]
-    when None)."""
+    when None).  ``steps`` is checked already."""
     _check_tensor("state", state, 5, "[B, X, Y, Z, S]")
     if external is None:
         external = state.new_zeros(state.shape[:-1] + (0,))
@@ -197,7 +197,6 @@ def check_propagate_args(state, external, weights: Sequence[Optional[torch.Tenso
         )
     if min(state.shape[:4]) < 1 or state.shape[4] < 1:
         raise InvalidValueError(f"state must have B, X, Y, Z, S >= 1, got {tuple(state.shape)}")
-    check_int("steps", steps, minimum=1)
     rule.check_lattice(tuple(state.shape))
     S, E, K = state.shape[4], external.shape[4], rule.slots
     checked = [("external", external)]
@@ -246,12 +245,12 @@ def check_propagate_args(state, external, weights: Sequence[Optional[torch.Tenso
         if t.device != state.device:
             raise InvalidValueError(f"{name} is on {t.device} but state is on {state.device}; all must match")
     if fire_mask is not None:
-        doc = f"[steps, B, X, Y, Z] = [{steps}, {', '.join(map(str, state.shape[:4]))}]"
-        check_tensor("fire_mask", fire_mask, doc, ndim=5)
+        check_tensor("fire_mask", fire_mask, "[steps, B, X, Y, Z]", ndim=5)
         if fire_mask.dtype != torch.bool:
             raise InvalidTypeError(f"fire_mask must be a bool tensor, got {fire_mask.dtype}")
         if tuple(fire_mask.shape) != (steps, *state.shape[:4]):
-            raise InvalidValueError(f"fire_mask must have shape {doc}, got {tuple(fire_mask.shape)}")
+            raise InvalidValueError(f"fire_mask must have shape [steps, B, X, Y, Z] = "
+                                    f"{[steps, *state.shape[:4]]}, got {tuple(fire_mask.shape)}")
         if fire_mask.device != state.device:
             raise InvalidValueError(f"fire_mask is on {fire_mask.device} but state is on {state.device}")
     return external
@@ -335,14 +334,25 @@ def propagate(
                              return_trajectory=return_trajectory)
     rule = Rule(neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel,
                 alive_threshold)
-    external = check_propagate_args(state, external, weights, perception, rule, steps, fire_mask, dead_state)
+    steps = check_int("steps", steps, minimum=1)
     fire_rate = check_number("fire_rate", fire_rate, minimum=0.0, maximum=1.0, strict_minimum=True)
     if fire_mask is not None and fire_rate < 1.0:
         raise InvalidValueError("pass fire_rate or fire_mask, not both (fire_mask says where every step fires)")
     if dead_state is not None and alive_channel is None:
         raise InvalidValueError("dead_state is the state of cells that the alive mask resets: set alive_channel "
                                 "too, or leave dead_state None")
-    steps = int(steps)
+    return run_rule(state, external, weights, rule, steps, perception=perception, fire_rate=fire_rate,
+                    fire_mask=fire_mask, dead_state=dead_state, backend=backend, return_trajectory=return_trajectory)
+
+
+def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Sequence[Optional[torch.Tensor]],
+             rule: Rule, steps: int, *, perception: Optional[torch.Tensor] = None, fire_rate: float = 1.0,
+             fire_mask: Optional[torch.Tensor] = None, dead_state: Optional[torch.Tensor] = None,
+             backend: str = "auto", return_trajectory: bool = False) -> torch.Tensor:
+    """:func:`propagate` for a rule whose options are already checked (a ``CubicCore``'s, checked when it was
+    built): the tensors are checked here, the plain numbers not again, so that ``torch.compile(dynamic=True)``
+    can trace it with symbolic ones."""
+    external = check_propagate_args(state, external, weights, perception, rule, steps, fire_mask, dead_state)
     if fire_mask is None:
         fire_mask = fire_masks(fire_rate, steps, state)
     dead_state = None if dead_state is None else dead_state.detach()

@@ -227,3 +227,17 @@ class torch_threads:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
+
+
+@requires_kernel
+def test_torch_compile_dynamic_traces_a_core_with_symbolic_sizes():
+    """dynamic=True makes the core's plain numbers symbolic: the options are checked when the core is built,
+    not again in the traced forward (a math.isfinite on a symbolic step_size failed there)."""
+    torch.manual_seed(0)
+    core = cubecore.CubicCore((3, 4, 5), state_size=4, hidden_size=8, input_size=2, steps=3, update="residual",
+                              step_size=0.5, fire_rate=0.5, backend="kernel")
+    compiled = torch.compile(core, dynamic=True, fullgraph=True)
+    for batch in (2, 3):
+        u = torch.randn(batch, 3, 4, 5, 2)
+        mask = torch.rand(3, batch, 3, 4, 5) < 0.5
+        torch.testing.assert_close(compiled(u, fire_mask=mask), core(u, fire_mask=mask))
