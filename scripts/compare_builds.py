@@ -53,7 +53,9 @@ print(json.dumps({"file": cubecore.__file__, "times": times}))
 def measure(root: str, size, repeats: int) -> list:
     env = dict(os.environ, PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", CHILD, root, *map(str, size[1:]), str(repeats)], env=env,
-                         capture_output=True, text=True, check=True, cwd=root)
+                         capture_output=True, text=True, cwd=root)
+    if out.returncode != 0:
+        raise SystemExit(f"error: the measurement in {root} failed:\n{out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if not os.path.abspath(result["file"]).startswith(os.path.abspath(root)):
         raise SystemExit(f"error: {root} imported cubecore from {result['file']}")

@@ -159,7 +159,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
-    reason = kernel_unavailable_reason(device, dtype, state_size, rule, **features)
+    reason = FORWARD_AD if features.pop("forward_ad", False) else kernel_unavailable_reason(
+        device, dtype, state_size, rule, **features)
     if reason is None:
         return "kernel"
     if backend == "kernel":
@@ -169,6 +170,29 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
         _WARNED.add(key)
         warnings.warn(f"cubecore: using the pure-PyTorch reference because {reason}", RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+FORWARD_AD = ("forward-mode differentiation (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is in use and "
+              "the kernel has no forward-mode rule: the reference computes the tangents")
+
+
+def _forward_mode_ad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether forward-mode AD traces this call: torch.func's jvp (jacfwd) transform, or dual tensors of
+    torch.autograd.forward_ad.  (The kernel's tangents would be zeros under the first, an error under the
+    second.)"""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import TransformType, peek_interpreter_stack
+
+        interpreter = peek_interpreter_stack()
+        if interpreter is not None and interpreter.key() == TransformType.Jvp:
+            return True
+    except (ImportError, AttributeError):  # another torch's internals: only dual tensors are seen then
+        pass
+    import torch.autograd.forward_ad as forward_ad
+
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
@@ -357,9 +381,12 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         fire_mask = fire_masks(fire_rate, steps, state)
     dead_state = None if dead_state is None else dead_state.detach()
     hidden_layers = len(weights) // 2 - 1
-    chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], rule,
-                             hidden_layers=hidden_layers, perception=perception is not None,
-                             fire=fire_mask is not None)
+    if backend != "reference" and _forward_mode_ad(state, external, perception, *weights):
+        chosen = resolve_backend(backend, state.device, state.dtype, forward_ad=True)
+    else:
+        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], rule,
+                                 hidden_layers=hidden_layers, perception=perception is not None,
+                                 fire=fire_mask is not None)
     if chosen == "reference":
         run = trajectory_reference if return_trajectory else propagate_reference
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,

@@ -241,3 +241,38 @@ def test_torch_compile_dynamic_traces_a_core_with_symbolic_sizes():
         u = torch.randn(batch, 3, 4, 5, 2)
         mask = torch.rand(3, batch, 3, 4, 5) < 0.5
         torch.testing.assert_close(compiled(u, fire_mask=mask), core(u, fire_mask=mask))
+
+
+@requires_kernel
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "forward_ad"])
+def test_forward_mode_differentiation_gives_the_references_tangents(transform):
+    """The kernel has no forward-mode rule: under torch.func.jvp its tangents were zeros. backend='auto' now
+    computes them with the reference (saying so once), backend='kernel' refuses."""
+    import warnings
+
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    core = cubecore.CubicCore((2, 3, 2), state_size=2, hidden_size=3, input_size=1, steps=2).double()
+    u = torch.randn(1, 2, 3, 2, 1, dtype=torch.float64)
+    t = torch.randn_like(u)
+    eps = 1e-6
+    finite = (core(u + eps * t) - core(u - eps * t)) / (2 * eps)
+
+    def tangent(module):
+        if transform == "jvp":
+            return torch.func.jvp(module, (u,), (t,))[1]
+        if transform == "jacfwd":
+            jac = torch.func.jacfwd(module)(u)
+            return (jac.reshape(finite.numel(), u.numel()) @ t.flatten()).reshape(finite.shape)
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(module(forward_ad.make_dual(u, t))).tangent
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = tangent(core)
+    torch.testing.assert_close(got, finite, atol=1e-7, rtol=1e-6)
+    assert got.abs().max() > 1e-3
+    core.backend = "kernel"
+    with pytest.raises(cubecore.errors.UnavailableError, match="forward-mode"):
+        tangent(core)
