@@ -37,6 +37,10 @@ from ..errors import InvalidTypeError, InvalidValueError, NotReadyError, Trainin
 Pairs = Tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger("cubecore.epochs")  # one line per epoch (``--quiet`` leaves them out of the console)
 
+# What to look at when the loss or its gradient stops being finite.
+DIVERGENCE_KEYS = ("the loss's scale (cosine_weight, mse_weight, infonce_weight, temperature) or learning_rate "
+                   "is likely too large or too small for float32")
+
 
 def _as_pairs(data, name: str) -> Pairs:
     """(inputs, targets) from a tuple of tensors or a dataset with ``split_tensors``."""
@@ -224,11 +228,16 @@ class CubeTrainer:
                 loss = self.loss(pred, yb)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
-                                             f"try a lower learning_rate")
+                                                f"{DIVERGENCE_KEYS}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # The gradient norm (clipped where grad_clip > 0): a non-finite one would make every update NaN or
+                # be clipped to nothing, leaving the model where it started without a word.
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                      cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if not torch.isfinite(norm):
+                    raise TrainingDivergedError(f"the gradient norm became {norm.item()} at epoch {self.epoch + 1}, "
+                                                f"step {self.step} (the loss was {loss.item():.4g}); {DIVERGENCE_KEYS}")
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1

@@ -139,3 +139,16 @@ def test_infonce_without_negatives_is_refused_before_training(tmp_path):
     trainer = CubeTrainer(tiny_config(tmp_path, loss_function="infonce"))
     with pytest.raises(ValueError, match="two different targets"):
         trainer.fit((x, same), progress=False)
+
+
+@pytest.mark.parametrize("settings", [dict(cosine_weight=1e30, mse_weight=1e30), dict(mse_weight=1e38)])
+def test_a_gradient_that_overflows_stops_the_run_naming_the_step_and_the_keys(tmp_path, settings):
+    """Weights this large overflow the gradient norm in float32: the updates used to vanish and the cube stayed
+    the identity without a word."""
+    from cubecore.errors import TrainingDivergedError
+
+    torch.manual_seed(0)
+    trainer = CubeTrainer(tiny_config(tmp_path, **settings))
+    x = torch.randn(16, 12)
+    with pytest.raises(TrainingDivergedError, match=r"step 0.*cosine_weight, mse_weight"):
+        trainer.fit((x, x.roll(1, 1)), progress=False)
