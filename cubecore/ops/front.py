@@ -58,6 +58,8 @@ except ImportError as exc:  # A source checkout that was never built, a build fo
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
     CUDA_MAX_STATE = None  # no kernels at all
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
+# Cell-state values times steps that one call of the op computes at most (propagate splits longer rollouts).
+STEP_CHUNK_WORK = 1 << 26
 # The part of the rule family that the CUDA kernels run so far.
 CUDA_RULE = ("the CUDA kernel runs von_neumann neighbourhoods with concat perception, one hidden layer, a tanh "
              "output, zeros/circular/replicate boundaries, no fire or alive masks")
@@ -395,13 +397,22 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
     keep = return_trajectory or (torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
     alive = -1 if rule.alive_channel is None else rule.alive_channel
-    final, trajectory, _ = torch.ops.cubecore.propagate_forward(
-        *tensors, steps, *rule.codes(), rule.step_size, alive, rule.alive_threshold, keep)
+    scalars = (*rule.codes(), rule.step_size, alive, rule.alive_threshold, keep)
+    # Long rollouts run as several calls of the op, so that Python sees Ctrl-C between them (a kernel call does
+    # not return until its steps are done); each call's steps are a few seconds of work at most.
+    chunk = steps if torch.compiler.is_compiling() else max(1, STEP_CHUNK_WORK // state.numel())
+    trajectories = []
+    for first in range(0, steps, chunk):
+        count = min(chunk, steps - first)
+        fire = None if fire_mask is None else fire_mask[first:first + count]
+        state, trajectory, _ = torch.ops.cubecore.propagate_forward(
+            state, *tensors[1:9], fire, dead_state, count, *scalars)
+        trajectories.append(trajectory[:-1])
     if return_trajectory:
         # The op's trajectory is non-differentiable; its last entry is replaced by the differentiable final
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
-        return torch.cat([trajectory[:-1], final.unsqueeze(0)])
-    return final
+        return torch.cat([*trajectories, state.unsqueeze(0)])
+    return state
 
 
 def _op_tensors(state, external, weights, perception, fire_mask, dead_state) -> tuple:

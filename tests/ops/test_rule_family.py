@@ -276,3 +276,48 @@ def test_forward_mode_differentiation_gives_the_references_tangents(transform):
     core.backend = "kernel"
     with pytest.raises(cubecore.errors.UnavailableError, match="forward-mode"):
         tangent(core)
+
+
+@requires_kernel
+def test_ctrl_c_stops_a_long_rollout_within_a_chunk():
+    """A kernel call does not return until its steps are done: a rollout of a million steps ignored Ctrl-C for
+    minutes.  propagate runs long rollouts as calls of a few seconds' work, and Python sees the signal between."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import torch, cubecore\n"
+            "core = cubecore.CubicCore((8, 8, 6), state_size=8, hidden_size=32, input_size=1, steps=1000000)\n"
+            "print('started', flush=True)\n"
+            "with torch.no_grad():\n"
+            "    core(torch.randn(32, 8, 8, 6, 1))\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        time.sleep(2.0)
+        child.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = child.communicate(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        child.kill()
+    assert "KeyboardInterrupt" in err
+    assert waited < 15, f"the rollout took {waited:.1f} s to stop after Ctrl-C"
+
+
+@requires_kernel
+def test_a_rollout_in_several_calls_is_the_rollout_in_one(monkeypatch):
+    shape = (2, 4, 3, 3, 5, 1)
+    problem = family_problem(shape, "moore", 2, 2, alive=True, seed=8)
+    kw = options("moore", "identity", True, True, "circular", "residual", 7, shape, 8, "relu")
+    whole = run("kernel", problem, **kw)
+    traj_whole = propagate(problem[0], problem[1], *problem[3], perception=problem[2], backend="kernel",
+                           return_trajectory=True, **kw)
+    monkeypatch.setattr(cubecore.ops.front, "STEP_CHUNK_WORK", problem[0].numel() * 3)  # calls of 3, 3 and 1 steps
+    # (the gradients of tensors every step reads are summed over the calls in another order)
+    assert_same(run("kernel", problem, **kw), whole, atol=1e-12)
+    traj = propagate(problem[0], problem[1], *problem[3], perception=problem[2], backend="kernel",
+                     return_trajectory=True, **kw)
+    assert traj.shape == traj_whole.shape == (8, *problem[0].shape)
+    torch.testing.assert_close(traj, traj_whole, atol=0, rtol=0)
