@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
@@ -25,20 +26,24 @@ class ModelConfig(ConfigSection):
     lattice_size: Tuple[int, int, int] = (8, 8, 6)
     state_size: int = 8
     hidden_size: int = 32
-    hidden_layers: int = 1  # hidden layers of the update net, each of hidden_size
+    # hidden layers of the update net, each of hidden_size
+    hidden_layers: int = field(default=1, metadata={"saved_before": 1})
     steps: int = 4
-    neighbourhood: str = "von_neumann"
-    perception: str = "concat"
-    perception_filters: int = 3  # learned filters per state channel, with perception='depthwise'
+    neighbourhood: str = field(default="von_neumann", metadata={"saved_before": "von_neumann"})
+    perception: str = field(default="concat", metadata={"saved_before": "concat"})
+    # learned filters per state channel, with perception='depthwise'
+    perception_filters: int = field(default=3, metadata={"saved_before": 3})
     boundary: str = "zeros"
     activation: str = "tanh"
-    output_activation: str = "tanh"
-    output_bias: bool = True
+    output_activation: str = field(default="tanh", metadata={"saved_before": "tanh"})
+    output_bias: bool = field(default=True, metadata={"saved_before": True})
     update: str = "residual"
     step_size: float = 0.5
-    fire_rate: float = 1.0  # the chance that a cell applies its change in a step
-    alive_channel: Optional[int] = None  # the channel whose 3x3x3 maximum keeps a cell alive (None: no mask)
-    alive_threshold: float = 0.1
+    # the chance that a cell applies its change in a step
+    fire_rate: float = field(default=1.0, metadata={"saved_before": 1.0})
+    # the channel whose 3x3x3 maximum keeps a cell alive (None: no mask)
+    alive_channel: Optional[int] = field(default=None, metadata={"saved_before": None})
+    alive_threshold: float = field(default=0.1, metadata={"saved_before": 0.1})
     reshaping_method: str = "simple"  # how the embedding is laid onto the lattice (EmbeddingReshaper)
     position_channels: int = 0  # learned channels per cell added to the external input
     # learned projections of the whole embedding added to every cell's external input
@@ -71,8 +76,15 @@ class ModelConfig(ConfigSection):
     def from_saved(cls, values: Mapping[str, Any]):
         """As a run or model folder saved it.  Before the rule family (no ``neighbourhood`` key), ``reflect``
         named what is now ``replicate`` (the edge cell read again); such a config loads as ``replicate``."""
-        if isinstance(values, Mapping) and "neighbourhood" not in values and values.get("boundary") == "reflect":
-            values = {**values, "boundary": "replicate"}
+        if isinstance(values, Mapping):
+            if "neighbourhood" not in values and values.get("boundary") == "reflect":
+                values = {**values, "boundary": "replicate"}
+            # A saved model must say what it is: a key missing (and not added after it was saved) would
+            # silently take today's default and build another model than the one that was trained.
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+                       and "saved_before" not in f.metadata and f.name != "backend"]
+            if missing:
+                raise InvalidValueError(f"the saved model config lacks the key(s) {missing}")
         return super().from_saved(values)
 
     def core_options(self) -> dict:

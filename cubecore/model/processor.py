@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -36,6 +37,49 @@ model = EmbeddingProcessor.from_pretrained("path/to/this/folder")
 
 {{ results | default("", true) }}
 """
+
+
+WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_KEY = "cubecore_sha256"
+
+
+def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_weights_file(path: Path, cls, input_dim: int, config: ModelConfig) -> None:
+    """Refuse a weight file that is not this model's before the model is built: its tensors' names and shapes
+    against those of the model the config describes (built on the meta device, so that a config asking for
+    billions of parameters allocates nothing), and its checksum where it has one."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the folder holds no weights")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(input_dim, config).state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            checksum = (f.metadata() or {}).get(CHECKSUM_KEY)
+            if checksum is not None and weights_checksum({k: f.get_tensor(k) for k in found}) != checksum:
+                raise InvalidValueError(f"{path} is corrupted: its values do not match the checksum written with "
+                                        f"them")
+    except SafetensorError as exc:
+        raise InvalidValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{k}: {found[k]} in the file, {expected[k]} for the config" for k in sorted(expected)
+             if k in found and found[k] != expected[k]]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
+                                          "; ".join(wrong[:3])]))
+        raise InvalidValueError(f"{path} does not hold the model its config.json describes: {detail}")
 
 
 class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license="mit",
@@ -147,7 +191,17 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
             except CubecoreError as exc:
                 raise type(exc)(f"{config}: {exc}") from None
             kwargs.setdefault("input_dim", saved["input_dim"])
+            check_weights_file(path / WEIGHTS_FILE, cls, kwargs["input_dim"], kwargs["config"])
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The weights as safetensors, with a checksum of their values in the file's metadata (from_pretrained
+        checks it: a corrupted file is refused rather than loaded)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(save_directory) / WEIGHTS_FILE),
+                  metadata={"format": "pt", CHECKSUM_KEY: weights_checksum(state)})
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

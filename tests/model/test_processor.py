@@ -152,7 +152,7 @@ def test_save_pretrained_round_trip_is_exact_and_loading_is_strict(tmp_path):
     weights = load_file(tmp_path / "m" / "model.safetensors")
     weights.pop("readout_bias")
     save_file(weights, tmp_path / "m" / "model.safetensors")
-    with pytest.raises(RuntimeError, match="readout_bias"):
+    with pytest.raises(ValueError, match="missing.*readout_bias"):
         EmbeddingProcessor.from_pretrained(tmp_path / "m")
 
 
@@ -185,4 +185,50 @@ def test_a_model_saved_with_the_old_reflect_loads_as_replicate(tmp_path):
     assert loaded.config.boundary == "replicate"
     x = torch.randn(3, 24)
     assert torch.equal(loaded(x), proc(x))
-    assert ModelConfig.from_saved({"boundary": "reflect", "neighbourhood": "moore"}).boundary == "reflect"
+    assert ModelConfig.from_saved({**ModelConfig().to_dict(), "boundary": "reflect"}).boundary == "reflect"
+
+
+def _saved(tmp_path):
+    torch.manual_seed(0)
+    proc = EmbeddingProcessor(24, lattice_size=(2, 3, 4), state_size=3, hidden_size=5, steps=2)
+    proc.save_pretrained(tmp_path / "m")
+    return proc, tmp_path / "m"
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_before_building(tmp_path):
+    """hidden_size 20,000,000 in config.json allocated gigabytes before the size mismatch showed."""
+    _, folder = _saved(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["config"]["hidden_size"] = 20_000_000
+    (folder / "config.json").write_text(json.dumps(config))
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"model.safetensors does not hold the model.*core.w1"):
+        EmbeddingProcessor.from_pretrained(folder)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB traced before the refusal"
+
+
+def test_a_saved_config_missing_a_key_is_refused(tmp_path):
+    """A missing 'steps' used to load with today's default: another model than the one trained."""
+    _, folder = _saved(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    del config["config"]["steps"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json.*lacks the key\(s\) \['steps'\]"):
+        EmbeddingProcessor.from_pretrained(folder)
+
+
+def test_a_corrupted_weight_file_is_refused(tmp_path):
+    proc, folder = _saved(tmp_path)
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0x10  # a bit flip in the last tensor's values
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupted"):
+        EmbeddingProcessor.from_pretrained(folder)
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        EmbeddingProcessor.from_pretrained(folder)
