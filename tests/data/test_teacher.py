@@ -72,6 +72,8 @@ def test_missing_model_error_names_it_and_how_to_provide_it(monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match="no-such-org/no-such-model") as info:
         TeacherEncoder("no-such-org/no-such-model")
     assert "local directory" in str(info.value)
+    assert "hf download no-such-org/no-such-model" in str(info.value), "huggingface_hub 2 has no huggingface-cli"
+    assert "huggingface-cli" not in str(info.value)
 
 
 def test_local_directory_model(teacher, tmp_path):
@@ -170,3 +172,30 @@ def test_the_default_max_length_fits_a_model_that_takes_fewer_tokens(tiny_st_mod
     assert TeacherEncoder().max_length == 256
     with pytest.raises(ValueError, match="max_length must be <= 64"):
         TeacherEncoder(tiny_st_model, max_length=65)
+
+
+def test_weights_retrained_in_place_are_another_cache_entry(tiny_st_model, tmp_path):
+    """New weights of the same names and sizes (a model retrained and saved over the old one, even with the old
+    modification time) must not be served the old model's cached embeddings."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cubecore.data.cache import encode_cached
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_st_model, model)
+    texts = ["How are you?", "Fine, thanks."]
+    old = encode_cached(TeacherEncoder(str(model)), texts, cache_dir=tmp_path / "cache")
+    weights = next(model.rglob("model.safetensors"))
+    before = weights.stat()
+    tensors = load_file(weights)
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size
+    retrained = TeacherEncoder(str(model))
+    new = encode_cached(retrained, texts, cache_dir=tmp_path / "cache")
+    assert retrained.calls == 1, "the retrained weights ran, not the old model's cache entry"
+    torch.testing.assert_close(new, retrained.encode(texts))
+    assert (new - old).abs().max() > 1e-3
