@@ -35,9 +35,13 @@ def trained_run(tiny_st_model, tmp_path_factory):
 
 
 def trainer_prediction(run, texts, weights):
+    """The trainer's prediction (unit length, as the exported query route gives it where the teacher
+    normalises), the teacher's embedding, and the epoch of the weights."""
     trainer = CubeTrainer.from_checkpoint(run / "last.pt")
+    assert trainer.teacher.normalize
     with trainer.weights_of(weights) as epoch:
-        return trainer.predict(trainer.teacher.encode(texts)), trainer.teacher.encode(texts), epoch
+        prediction = torch.nn.functional.normalize(trainer.predict(trainer.teacher.encode(texts)), dim=-1)
+        return prediction, trainer.teacher.encode(texts), epoch
 
 
 @pytest.mark.parametrize("weights", ["best", "last"])
@@ -49,6 +53,8 @@ def test_encode_query_is_the_trainers_prediction_and_encode_document_the_teacher
         model = SentenceTransformer(str(out), trust_remote_code=True, local_files_only=True)
         query = model.encode_query(QUESTIONS, convert_to_tensor=True)
         torch.testing.assert_close(query, expected, atol=1e-6, rtol=0)
+        # unit length like the documents, so that an inner-product index ranks as cosine does
+        torch.testing.assert_close(query.norm(dim=-1), torch.ones(len(QUESTIONS)), atol=1e-5, rtol=0)
         torch.testing.assert_close(model.encode_document(QUESTIONS, convert_to_tensor=True), teacher, atol=1e-6,
                                    rtol=0)
         torch.testing.assert_close(model.encode(QUESTIONS, convert_to_tensor=True), teacher, atol=1e-6, rtol=0)
@@ -65,7 +71,8 @@ def test_best_and_last_weights_are_exported_as_chosen(trained_run, tmp_path):
     predictions = {}
     for weights in ("best", "last"):
         with trainer.weights_of(weights):
-            predictions[weights] = trainer.predict(trainer.teacher.encode(QUESTIONS))
+            predictions[weights] = torch.nn.functional.normalize(trainer.predict(trainer.teacher.encode(QUESTIONS)),
+                                                                 dim=-1)
         export.export_run(checkpoint, tmp_path / weights, weights=weights)
         model = SentenceTransformer(str(tmp_path / weights), trust_remote_code=True)
         torch.testing.assert_close(model.encode_query(QUESTIONS, convert_to_tensor=True), predictions[weights],
@@ -96,7 +103,7 @@ def test_a_teacher_pooled_by_transformers_exports_to_the_same_numbers(tiny_st_mo
     embedded = teacher.encode(QUESTIONS)
     torch.testing.assert_close(model.encode_document(QUESTIONS, convert_to_tensor=True), embedded, atol=1e-5, rtol=0)
     with torch.no_grad():
-        expected = processor(embedded)
+        expected = torch.nn.functional.normalize(processor(embedded), dim=-1)  # the teacher normalises
     torch.testing.assert_close(model.encode_query(QUESTIONS, convert_to_tensor=True), expected, atol=1e-5, rtol=0)
 
 

@@ -75,13 +75,17 @@ def teacher_modules(teacher: TeacherEncoder) -> List[Module]:
 
 
 def query_adapter(teacher: TeacherEncoder, processor: EmbeddingProcessor) -> SentenceTransformer:
-    """A SentenceTransformer whose ``encode_query`` is ``processor(teacher.encode(texts))`` and whose
-    ``encode_document`` (and plain ``encode``) is ``teacher.encode(texts)``."""
+    """A SentenceTransformer whose ``encode_query`` is ``processor(teacher.encode(texts))`` (normalised to unit
+    length where the teacher normalises) and whose ``encode_document`` (and plain ``encode``) is
+    ``teacher.encode(texts)``."""
     if processor.input_dim != teacher.dim:
         raise InvalidValueError(f"the processor takes {processor.input_dim}-D embeddings, the teacher {teacher.name} "
                          f"gives {teacher.dim}-D")
     shared = teacher_modules(teacher)
-    router = Router.for_query_document(query_modules=[*shared, CubeAdapter(processor)], document_modules=shared)
+    # Where the teacher gives unit vectors, so does the query route: the cube's prediction is normalised as the
+    # documents are, so that inner-product indexes (FAISS) rank as cosine does.
+    query = [*shared, CubeAdapter(processor)] + ([Normalize()] if teacher.normalize else [])
+    router = Router.for_query_document(query_modules=query, document_modules=shared)
     return SentenceTransformer(modules=[router], device="cpu", similarity_fn_name="cosine")
 
 
