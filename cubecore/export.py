@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -77,6 +78,30 @@ def check_destination(run: Path, out: Path, overwrite: bool) -> None:
                               f"those: choose a new folder")
 
 
+def staging_prefix(out: Path) -> str:
+    """The name of a folder an export to ``out`` is written in before it is renamed, up to the writer's pid."""
+    return f".{out.name}.staging-"
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of exports to ``out`` whose process is gone (killed mid-export) are removed."""
+    prefix = staging_prefix(out)
+    for folder in out.parent.glob(f"{prefix}*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path:
     """Writes the query adapter of a run (see the module docstring) to ``out`` and returns it."""
     run, out = Path(run), Path(out)
@@ -97,7 +122,8 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
         processor = copy.deepcopy(trainer.model).float().eval()
     model = query_adapter(trainer.teacher, processor)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         staging.chmod(0o777 & ~current_umask())  # a folder like any other (mkdtemp makes it private)
         model.save(str(staging))

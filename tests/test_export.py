@@ -186,3 +186,19 @@ def test_an_autoencoder_run_is_not_exported_as_a_query_adapter(trained_run, tmp_
     assert export.main([str(checkpoint), "--to", str(tmp_path / "st")]) == 2
     assert "autoencoder run" in capsys.readouterr().err
     assert not (tmp_path / "st").exists()
+
+
+def test_staging_left_by_a_killed_export_is_removed_by_the_next(trained_run, tmp_path):
+    """kill -9 during an export left its hidden staging folder (88 MB with a real teacher) for ever."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{export.staging_prefix(tmp_path / 'st')}{dead.stdout.strip()}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"{export.staging_prefix(tmp_path / 'st')}{__import__('os').getpid()}-def"
+    alive.mkdir()  # a running export's (this process is alive): kept
+    export.export_run(trained_run, tmp_path / "st")
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["st", alive.name])
