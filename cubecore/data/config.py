@@ -3,7 +3,7 @@ data layer (``cubecore.data``).  The run's ``seed`` (``TrainingConfig``) also fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..checks import check_choice, check_int, check_number
@@ -12,6 +12,7 @@ from ..sections import ConfigSection
 from .teacher import DEFAULT_TEACHER
 
 MODES = ("autoencoder", "dialogue", "mixed")
+LONG_PAIRS = ("truncate", "drop")  # a question or answer over max_length characters: cut to it, or drop the pair
 
 
 @dataclass
@@ -32,8 +33,11 @@ class DataConfig(ConfigSection):
     text_field: str = "text"  # the field of a JSON/CSV text file
     # dialogue: how conversations become pairs, and which pairs are kept
     context_window: int = 1  # turns joined into the question when pairs come from conversations
-    min_length: int = 1  # characters, both sides
-    max_length: int = 1000
+    min_length: int = 1  # characters, both sides; a shorter pair is dropped
+    max_length: Optional[int] = 1000  # characters, both sides; null: no limit (the teacher cuts at its tokens)
+    # a longer question or answer: "truncate" cuts it to max_length and keeps the pair, "drop" drops the pair
+    # (runs saved before this key dropped them)
+    long_pairs: str = field(default="truncate", metadata={"saved_before": "drop"})
     remove_duplicates: bool = True
     question_field: str = "question"
     answer_field: str = "answer"
@@ -48,10 +52,12 @@ class DataConfig(ConfigSection):
             check_int(self.key("max_samples"), self.max_samples, minimum=1)
         self.context_window = check_int(self.key("context_window"), self.context_window, minimum=1)
         check_int(self.key("min_length"), self.min_length, minimum=0)
-        check_int(self.key("max_length"), self.max_length, minimum=0)
-        if self.min_length > self.max_length:
-            raise InvalidValueError(f"{self.key('min_length')} must be <= max_length, got {self.min_length} > "
-                                    f"{self.max_length}")
+        check_choice(self.key("long_pairs"), self.long_pairs, LONG_PAIRS)
+        if self.max_length is not None:
+            check_int(self.key("max_length"), self.max_length, minimum=1)
+            if self.min_length > self.max_length:
+                raise InvalidValueError(f"{self.key('min_length')} must be <= max_length, got {self.min_length} > "
+                                        f"{self.max_length}")
         for key in ("source", "teacher", "separator"):
             if not getattr(self, key):
                 raise InvalidValueError(f"{self.key(key)} must not be empty")

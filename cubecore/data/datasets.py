@@ -8,6 +8,7 @@ Indexing and ``len`` cover the training split; ``get_dataloader(validation=True)
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from .sources import is_named_source, load_conversations
 from ..errors import InvalidTypeError, InvalidValueError
 
 Pair = Tuple[str, str]
+log = logging.getLogger("cubecore.data")  # what the data filters did, in a run's output
 
 
 def check_validation_split(value: object) -> float:
@@ -164,8 +166,12 @@ class AutoencoderDataset(_EmbeddingPairs):
         self.encoder = encoder
         if texts is not None:
             texts = check_texts(texts)
+            total = len(texts)
             if config.max_samples:
                 texts = texts[: config.max_samples]
+            log.info(f"autoencoder data: {total} text(s), {len(texts)} used"
+                     + (f"; {total - len(texts)} left out by data.max_samples={config.max_samples}"
+                        if total > len(texts) else ""))
             embeddings, self.encoder = _encode(texts, config, encoder)
             self.texts = texts
         else:
@@ -217,24 +223,52 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
+FILTER_COUNTS = ("empty", "too_short", "too_long", "duplicate", "truncated")
+
+
 def filter_pairs(pairs: Iterable[Pair], config: DataConfig) -> Tuple[List[Pair], Dict[str, int]]:
-    """Drop empty or missing (``empty``), too short or too long (``length``), and duplicate (``duplicate``)
-    pairs; count what was dropped and why."""
+    """The quality filter: drops empty or missing (``empty``), too short (``too_short``, under ``min_length``
+    characters) and duplicate (``duplicate``) pairs; a question or answer over ``max_length`` characters is cut
+    to it (``truncated``, kept) or, with ``long_pairs="drop"``, its pair dropped (``too_long``).  Returns the
+    kept pairs and every count."""
     kept: List[Pair] = []
-    dropped = Counter()
+    counts = Counter()
     seen = set()
+    limit = config.max_length
     for q, a in pairs:
         q, a = _text(q), _text(a)
         if not q or not a:
-            dropped["empty"] += 1
-        elif min(len(q), len(a)) < config.min_length or max(len(q), len(a)) > config.max_length:
-            dropped["length"] += 1
-        elif config.remove_duplicates and (q, a) in seen:
-            dropped["duplicate"] += 1
-        else:
-            seen.add((q, a))
-            kept.append((q, a))
-    return kept, {"empty": dropped["empty"], "length": dropped["length"], "duplicate": dropped["duplicate"]}
+            counts["empty"] += 1
+            continue
+        if min(len(q), len(a)) < config.min_length:
+            counts["too_short"] += 1
+            continue
+        if limit is not None and max(len(q), len(a)) > limit:
+            if config.long_pairs == "drop":
+                counts["too_long"] += 1
+                continue
+            q, a = q[:limit], a[:limit]
+            counts["truncated"] += 1
+        if config.remove_duplicates and (q, a) in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add((q, a))
+        kept.append((q, a))
+    return kept, {key: counts[key] for key in FILTER_COUNTS}
+
+
+def describe_filter(total: int, kept: int, report: Dict[str, int], config: DataConfig, used: int) -> str:
+    """One line of what the quality filter and ``max_samples`` did to ``total`` pairs, every count named with the
+    key that sets it."""
+    limit = "no limit" if config.max_length is None else f"{config.max_length} characters"
+    text = (f"dialogue data: {total} pair(s), {used} used; dropped {report['empty']} empty, "
+            f"{report['too_short']} shorter than data.min_length ({config.min_length} characters), "
+            f"{report['too_long']} longer than data.max_length ({limit}; data.long_pairs={config.long_pairs}), "
+            f"{report['duplicate']} duplicate(s) (data.remove_duplicates={config.remove_duplicates}); "
+            f"{report['truncated']} truncated to data.max_length")
+    if kept > used:
+        text += f"; {kept - used} left out by data.max_samples={config.max_samples}"
+    return text
 
 
 class DialogueDataset(_EmbeddingPairs):
@@ -267,11 +301,12 @@ class DialogueDataset(_EmbeddingPairs):
             all_pairs += conversations_to_pairs(conversations, config.context_window)
         if not all_pairs:
             raise InvalidValueError("no dialogue given: pairs and conversations are empty")
-        kept, self.filter_report = filter_pairs(all_pairs, config)
-        if config.max_samples:
-            kept = kept[: config.max_samples]
+        filtered, self.filter_report = filter_pairs(all_pairs, config)
+        kept = filtered[: config.max_samples] if config.max_samples else filtered
+        summary = describe_filter(len(all_pairs), len(filtered), self.filter_report, config, len(kept))
         if not kept:
-            raise InvalidValueError(f"every pair was filtered out ({self.filter_report})")
+            raise InvalidValueError(f"every pair was filtered out ({summary})")
+        log.info(summary)
         self.questions = [q for q, _ in kept]
         self.answers = [a for _, a in kept]
         emb, self.encoder = _encode(self.questions + self.answers, config, encoder)
@@ -297,7 +332,8 @@ class DialogueDataset(_EmbeddingPairs):
 
     def get_statistics(self) -> Dict[str, object]:
         stats = super().get_statistics()
-        stats["dropped"] = dict(self.filter_report)
+        stats["dropped"] = {k: v for k, v in self.filter_report.items() if k != "truncated"}
+        stats["truncated"] = self.filter_report.get("truncated", 0)
         return stats
 
 

@@ -330,11 +330,50 @@ def test_dialogue_files_and_pairs(tmp_path):
 
 
 def test_quality_filter_counts_what_it_drops():
-    cfg = DataConfig(min_length=2, max_length=20)
+    cfg = DataConfig(min_length=2, max_length=20, long_pairs="drop")
     pairs = [("hi", "hello"), ("hi", "hello"), ("", "x"), ("q", "too short q"), ("ok", "x" * 30), ("why?", "because")]
     kept, report = filter_pairs(pairs, cfg)
     assert kept == [("hi", "hello"), ("why?", "because")]
-    assert report == {"empty": 1, "length": 2, "duplicate": 1}
+    assert report == {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1, "truncated": 0}
+    kept, report = filter_pairs(pairs, cfg.replace(long_pairs="truncate"))
+    assert kept == [("hi", "hello"), ("ok", "x" * 20), ("why?", "because")]
+    assert report == {"empty": 1, "too_short": 1, "too_long": 0, "duplicate": 1, "truncated": 1}
+    kept, report = filter_pairs(pairs, cfg.replace(max_length=None))
+    assert ("ok", "x" * 30) in kept and report["truncated"] == 0
+
+
+def test_long_pairs_are_truncated_not_dropped_and_every_count_is_in_the_run_output(tmp_path, caplog):
+    """60 pairs with 50 answers over 1,000 characters used to become 10 pairs without a word."""
+    from cubecore import TrainingConfig
+    from cubecore.data import prepare_data
+
+    path = tmp_path / "long.jsonl"
+    long = "word " * 300  # 1,500 characters
+    path.write_text("\n".join(json.dumps({"question": f"question {i}", "answer": f"answer {i} " + long * (i >= 10)})
+                              for i in range(60)) + "\n")
+    enc = FakeEncoder()
+    with caplog.at_level("INFO", logger="cubecore"):
+        ds = create_dialogue_dataset(path, encoder=enc, use_cache=False)
+    assert len(ds) + len(ds.validation) == 60
+    assert max(len(a) for a in ds.answers) == 1000
+    assert ds.get_statistics()["truncated"] == 50 and sum(ds.get_statistics()["dropped"].values()) == 0
+    line = caplog.records[-1].getMessage()
+    assert caplog.records[-1].name.startswith("cubecore.")
+    assert "60 pair(s), 60 used" in line and "50 truncated to data.max_length" in line, line
+    for count in ("0 empty", "0 shorter than data.min_length", "0 longer than data.max_length", "0 duplicate"):
+        assert count in line, line
+    # the old behaviour, asked for by the data option of a run's config
+    config = TrainingConfig(**{"data.source": str(path), "data.long_pairs": "drop", "data.use_cache": False})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cubecore"):
+        data = prepare_data(config.data, config.seed, enc)
+    assert data.train[0].shape[0] + data.val[0].shape[0] == 10
+    assert "50 longer than data.max_length (1000 characters; data.long_pairs=drop)" in caplog.text
+    with pytest.raises(ValueError, match="long_pairs"):
+        DataConfig(long_pairs="cut")
+    with pytest.raises(ValueError, match="max_length"):
+        DataConfig(max_length=0)
+    assert DataConfig(max_length=None).max_length is None
 
 
 def test_missing_answers_are_dropped_and_counted_not_the_text_none(tmp_path):
