@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import sys
 import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -50,10 +52,41 @@ def _lines(path: Path) -> List[str]:
     return read_text_file(path).splitlines()
 
 
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
+
+
+def _lone_surrogate(text: str) -> Optional[Tuple[int, str]]:
+    """(offset, escape) of the first ``\\uD800``-``\\uDFFF`` escape in JSON text that is not half of a pair: Python's
+    json reads it as a string no UTF-8 text can hold, which fails later without saying where."""
+    pending = None  # (offset, escape, end) of a high surrogate waiting for its low half
+    for m in _ESCAPE.finditer(text):
+        code = int(m.group(1), 16) if m.group(1) else None
+        if pending is not None:
+            if code is not None and 0xDC00 <= code <= 0xDFFF and m.start() == pending[2]:
+                pending = None
+                continue
+            return pending[:2]
+        if code is not None and 0xD800 <= code <= 0xDBFF:
+            pending = (m.start(), m.group(0), m.end())
+        elif code is not None and 0xDC00 <= code <= 0xDFFF:
+            return m.start(), m.group(0)
+    return pending[:2] if pending is not None else None
+
+
+def _check_surrogates(path: Path, text: str, first_line: int = 1) -> None:
+    found = _lone_surrogate(text)
+    if found is not None:
+        offset, escape = found
+        line = first_line + text.count("\n", 0, offset)
+        raise InvalidValueError(f"{path}:{line}: the JSON escape {escape} is half of a surrogate pair, not a "
+                                f"character (text cut inside an emoji or similar); fix or remove it")
+
+
 def _records(path: Path) -> List[Tuple[str, object]]:
     """(where, item) for the items of a .jsonl (one JSON value a line) or .json (a list) file; ``where`` is
     ``path:line`` or ``path: item i`` for messages."""
     text = read_text_file(path)
+    _check_surrogates(path, text)
     if path.suffix.lower() == ".jsonl":
         out = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -98,14 +131,25 @@ def _field(record: object, field: str, where: str) -> str:
 
 
 def _csv_rows(path: Path, columns: Sequence[str]) -> List[Tuple[str, dict]]:
-    """(where, row) for the rows of a CSV file; a cell that a short row lacks is empty."""
-    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), restval="")
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
-    if missing:
-        raise UnknownKeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+    """(where, row) for the rows of a CSV file; a cell that a short row lacks is empty.  A cell may be as long as
+    the file (csv's own limit of 131,072 characters is lifted while the file is read); a file csv cannot parse is
+    an error naming the file and the line."""
+    text = read_text_file(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")
     rows = []
-    for row in reader:
-        rows.append((f"{path}:{reader.line_num}", {k: ("" if v is None else v) for k, v in row.items()}))
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, min(len(text) + 1, sys.maxsize)))
+    try:
+        fields = reader.fieldnames or []
+        missing = [c for c in columns if c not in fields]
+        if missing:
+            raise UnknownKeyError(f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}")
+        for row in reader:
+            rows.append((f"{path}:{reader.line_num}", {k: ("" if v is None else v) for k, v in row.items()}))
+    except csv.Error as exc:
+        raise InvalidValueError(f"{path}:{reader.reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
     return rows
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -287,4 +288,11 @@ def check_texts(texts: Sequence[str], name: str = "texts") -> List[str]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise InvalidTypeError(f"{name} must hold only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    broken = next((i for i, t in enumerate(texts) if _SURROGATE.search(t)), None)
+    if broken is not None:
+        raise InvalidValueError(f"{name} item {broken} holds a lone surrogate ({_SURROGATE.search(texts[broken])[0]!r}"
+                                f"), half of a UTF-16 pair that no UTF-8 text can hold; fix or remove it")
     return texts
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -240,6 +240,42 @@ def test_bad_files_raise_clear_errors(tmp_path):
         create_file_dataset(tmp_path / "b.xml", encoder=enc)
 
 
+def test_a_csv_cell_over_csvs_field_limit_is_read_and_a_bad_csv_names_file_and_line(tmp_path, monkeypatch):
+    """A cell over 131,072 characters gave a raw _csv.Error traceback from train and evaluate."""
+    import csv
+
+    from cubecore.errors import CubecoreError
+
+    long = "x" * 200_000
+    (tmp_path / "long.csv").write_text(f"question,answer\nhi,hello\nwhy?,{long}\n")
+    pairs, _ = read_dialogue(tmp_path / "long.csv")
+    assert pairs == [("hi", "hello"), ("why?", long)]
+    (tmp_path / "long_text.csv").write_text(f"text\nshort\n{long}\n")
+    assert create_file_dataset(tmp_path / "long_text.csv", encoder=FakeEncoder(), use_cache=False).texts[1] == long
+    assert csv.field_size_limit() == 131072, "csv's limit is lifted only while cubecore reads a file"
+    # a file csv still refuses (here: with csv's limit kept) is one clear error naming the file and line
+    monkeypatch.setattr(csv, "field_size_limit", lambda *new: 131072)
+    with pytest.raises(CubecoreError, match=r"long\.csv:3: not valid CSV \(field larger than field limit"):
+        read_dialogue(tmp_path / "long.csv")
+
+
+def test_a_lone_surrogate_json_escape_names_the_file_and_line(tmp_path):
+    """json reads "\\ud800" as a string UTF-8 cannot hold; it failed later in the cache without a file or line."""
+    from cubecore.errors import CubecoreError
+
+    enc = FakeEncoder()
+    (tmp_path / "d.jsonl").write_text('{"question": "hi", "answer": "a"}\n{"question": "bad \\ud800 x", "answer": "b"}\n')
+    with pytest.raises(CubecoreError, match=r"d\.jsonl:2: the JSON escape \\ud800 is half of a surrogate pair"):
+        create_dialogue_dataset(tmp_path / "d.jsonl", encoder=enc, cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "t.json").write_text('[\n"fine \\ud83d\\ude00 emoji",\n"also \\\\ud800 fine",\n"cut \\ud83d"\n]')
+    with pytest.raises(CubecoreError, match=r"t\.json:4: the JSON escape \\ud83d"):
+        create_file_dataset(tmp_path / "t.json", encoder=enc, cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "ok.json").write_text('["fine \\ud83d\\ude00 emoji", "also \\\\ud800 fine"]')
+    assert create_file_dataset(tmp_path / "ok.json", encoder=enc, use_cache=False).texts[0] == "fine \U0001F600 emoji"
+    with pytest.raises(CubecoreError, match=r"texts item 1 holds a lone surrogate"):
+        create_text_dataset(["ok", "bad \ud800"], encoder=enc, cache_dir=str(tmp_path / "cache"))
+
+
 def test_missing_texts_are_skipped_not_the_text_none(tmp_path):
     enc = FakeEncoder()
     (tmp_path / "t.csv").write_text("id,text\n1,first\n2\n3,\n4,second\n")  # row 2 has no cell, row 3 an empty one
