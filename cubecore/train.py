@@ -3,10 +3,12 @@
 With no arguments: dialogue mode on the shipped chatterbot Q->A data, the shipped default teacher
 (all-MiniLM-L6-v2), an 8x8x6 lattice; offline, under a minute on a 2-core CPU.  The run's files (config.yaml,
 metrics, last.pt, best.pt, model/, report.md, results.json, curves.png, rollout.gif, train.log) go to
---output-dir, which the run owns while it lives; a fresh run refuses a folder that holds another run unless
---overwrite.  Interrupt with Ctrl-C: last.pt keeps the last saved epoch, and --resume continues from it exactly
-as if never interrupted.  Settings: --config FILE and key=value overrides (model.steps=6, or steps=6 where the
-key names one field); see config/cube_training.yaml for every key.
+--output-dir (or output_dir=), which the run owns while it lives; a fresh run refuses a folder that holds
+another run unless --overwrite, which replaces only a cubecore run and only once the new run has saved its
+first checkpoint (until then the old run is kept aside and comes back if the new one ends).  Interrupt with
+Ctrl-C: last.pt keeps the last saved epoch, and --resume continues from it exactly as if never interrupted.
+Settings: --config FILE and key=value overrides (model.steps=6, or steps=6 where the key names one field); see
+config/cube_training.yaml for every key.
 
 Examples:
   python -m cubecore.train
@@ -14,6 +16,7 @@ Examples:
   python -m cubecore.train --config config/cube_training.yaml learning_rate=0.001 model.steps=6
   python -m cubecore.train --resume                 # continue runs/cube/last.pt
   python -m cubecore.train --resume --epochs 60     # train a finished run on, on purpose
+  python -m cubecore.train --seeds 42,1,2 --resume  # go on with a --seeds study stopped part-way
   torchrun --nproc_per_node=2 -m cubecore.train      # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
 Under torchrun each process trains on its share of every epoch (batch_size is per process); only rank 0
@@ -44,7 +47,7 @@ from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
 from .training.report import (example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                               seed_table, write_metrics)
-from .training.rundir import RunDirectory, RunFiles
+from .training.rundir import RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
 from .training.tracking import TensorBoardTracker
 from .training.trainer import CubeTrainer
 from .training.viz import rollout_gif
@@ -54,6 +57,8 @@ log = logging.getLogger("cubecore")
 # Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
 RESUMABLE_KEYS = ("epochs", "output_dir", "device", "model.backend", "data.cache_dir", "checkpoint_every",
                   "patience", "convergence_threshold", "target_similarity", "logger")
+# Keys in which the seeds of one --seeds study may differ: where and how each ran, not what or how long it trained.
+STUDY_FREE_KEYS = ("output_dir", "device", "model.backend", "data.cache_dir", "checkpoint_every", "logger")
 
 
 def _lattice(text: str):
@@ -96,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the run's files go (default runs/cube; with --resume CHECKPOINT, "
                                         "the checkpoint's folder)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                   help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
+                   help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt; with --seeds "
+                        "(no path): go on with the study in OUTPUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the cubecore run already in --output-dir "
+                                                            "(kept aside until this run's first checkpoint)")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
                                                 "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines on the console "
@@ -108,11 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def given_values(args) -> dict:
-    """The settings given on the command line (flags and key=value overrides), by full config key."""
-    values = {FLAG_KEYS[flag]: getattr(args, flag) for flag in FLAG_KEYS if getattr(args, flag) is not None}
+    """The settings given on the command line (flags and key=value overrides), by full config key.  A key given
+    both as a flag and as an override (``--output-dir A output_dir=B``) with different values is an error: no
+    spelling silently beats the other (of repeated overrides, the last counts)."""
+    values, given_as = {}, {}
+    for flag in FLAG_KEYS:
+        if getattr(args, flag) is not None:
+            values[FLAG_KEYS[flag]] = getattr(args, flag)
+            given_as[FLAG_KEYS[flag]] = f"--{flag.replace('_', '-')} {getattr(args, flag)}"
     for item in args.overrides:
         key, value = parse_override(item)
-        values[TrainingConfig.resolve_key(key)] = value
+        full = TrainingConfig.resolve_key(key)
+        if full in values and given_as[full].startswith("--") and values[full] != value:
+            raise InvalidValueError(f"{full} is given twice, as {given_as[full]} and as {item}: give it once")
+        values[full], given_as[full] = value, item
     source = values.get("data.source")
     if isinstance(source, str) and Path(source).is_file():  # a data file by its absolute path: resumable anywhere
         values["data.source"] = str(Path(source).resolve())
@@ -170,11 +186,13 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
     if args.config:
         raise InvalidValueError("--config cannot be combined with --resume: the run's settings come from its "
                                 "checkpoint")
-    default_dir = Path(args.output_dir or TrainingConfig().output_dir)
+    values = given_values(args)
+    given_dir = values.get("output_dir")  # --output-dir or output_dir=, the same key
+    default_dir = Path(given_dir or TrainingConfig().output_dir)
     checkpoint = Path(args.resume) if args.resume else RunFiles(default_dir).last
-    out = Path(args.output_dir) if args.output_dir else (checkpoint.parent if args.resume else default_dir)
-    trainer = CubeTrainer.from_checkpoint(checkpoint, device=args.device)
-    values = {**given_values(args), "output_dir": str(out)}
+    out = Path(given_dir) if given_dir else (checkpoint.parent if args.resume else default_dir)
+    trainer = CubeTrainer.from_checkpoint(checkpoint, device=values.get("device"))
+    values = {**values, "output_dir": str(out)}
     epochs = values.get("epochs")
     config = trainer.config
     config.override(**values)  # unknown keys and bad values are errors here, as on a fresh run
@@ -199,7 +217,6 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
 def _main(args) -> int:
     if args.seeds:
         return _main_seeds(args)
-    main_process = _rank() == 0
     resume = args.resume is not None
     if resume and args.overwrite:
         raise InvalidValueError("--overwrite and --resume exclude each other: resume continues the run, overwrite "
@@ -217,24 +234,34 @@ def _main(args) -> int:
         trainer = CubeTrainer(config_from_args(args))
         source, mode = None, "overwrite" if args.overwrite else "fresh"
         out = Path(trainer.config.output_dir)
+    return _run(trainer, out, source, mode, args.quiet)
+
+
+def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, quiet: bool,
+         resume_hint: Optional[str] = None) -> int:
+    """Train ``trainer`` into ``out`` (a RunDirectory mode) and report; ``resume_hint``: how to continue after a
+    Ctrl-C, where that is not --resume of the run's own checkpoint (a --seeds study)."""
+    main_process = _rank() == 0
     config = trainer.config
     files = RunFiles(out)
     # Everything that can be checked is checked before any work or write: the lattice against the teacher once.
     dim = trainer.dim if trainer.components_initialized else trainer.teacher.dim
     config.model.check_fits(dim)
-    progress = not args.quiet and main_process and sys.stderr.isatty()
+    progress = not quiet and main_process and sys.stderr.isatty()
     if not progress:
         from transformers.utils import logging as hf_logging
 
         trainer.teacher.show_progress = False
         hf_logging.disable_progress_bar()
     with ExitStack() as stack:
+        rundir = None
         if main_process:  # only rank 0 writes, so only it owns the folder
+            # --overwrite sets the previous run aside; it goes only when this run saves its first checkpoint
+            # (rundir.commit), and comes back if this run ends before that, whatever ends it.
             rundir = stack.enter_context(RunDirectory(out, mode))
             plan = _plan(trainer, out, source)
             log.info(plan)
             data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the embedding cache ...
-            rundir.clear()  # --overwrite: the previous run's files go only now that this run can start
             stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
         _barrier()
         if not main_process:
@@ -248,7 +275,7 @@ def _main(args) -> int:
             log.info(f"{data.train[0].shape[0]} training pairs, {data.val[0].shape[0]} validation pairs; model: "
                      f"{info['parameters']:,} parameters, {info['active_backend']} backend, {trainer.world_size} "
                      f"process(es)")
-        return _train_and_report(trainer, data, files, source, main_process, progress)
+        return _train_and_report(trainer, data, files, source, main_process, progress, rundir, resume_hint)
 
 
 def _plan(trainer: CubeTrainer, out: Path, source: Optional[Path]) -> str:
@@ -262,50 +289,108 @@ def _plan(trainer: CubeTrainer, out: Path, source: Optional[Path]) -> str:
             f"writing to {out}")
 
 
+def _seed_state(files: RunFiles) -> str:
+    """Where one seed of a study stands: ``new`` (no run there), ``finished`` (its results written), ``started``
+    (a checkpoint to resume from) or ``unsaved`` (files of a run killed before its first checkpoint)."""
+    if not files.present():
+        return "new"
+    if files.checkpoint() is None:
+        return "unsaved"
+    return "finished" if files.results.is_file() else "started"
+
+
 def _main_seeds(args) -> int:
-    """One run per seed, each in its own folder, then the mean and spread of every metric over the seeds."""
-    if args.resume is not None:
-        raise InvalidValueError("--seeds cannot be combined with --resume: resume each seed's folder on its own")
+    """One run per seed, each in its own folder OUTPUT_DIR/seed-N, then the mean and spread of every metric over
+    the seeds.  With --resume a study stopped part-way goes on: finished seeds are kept, a seed with a checkpoint
+    resumes from it, the others start; the settings must be the ones the study started with."""
+    resume = args.resume is not None
+    if args.resume:
+        raise InvalidValueError(f"--seeds --resume continues the study in --output-dir and takes no checkpoint (got "
+                                f"{args.resume}); to resume one seed's run alone, leave out --seeds")
+    if resume and args.overwrite:
+        raise InvalidValueError("--overwrite and --resume exclude each other: resume continues the study, "
+                                "overwrite replaces it")
     if "seed" in given_values(args):
         raise InvalidValueError("give the seeds with --seeds alone, not also seed=...")
-    base = config_from_args(args)
-    files = RunFiles(base.output_dir)
-    for seed in args.seeds:  # every seed is checked before the first run starts
-        base.override(seed=seed)
+    base = config_from_args(args)  # its output_dir (--output-dir or output_dir=) is the study's folder
+    study = RunFiles(base.output_dir)
+    # Every seed and every seed's folder is checked before the first run starts.
+    configs = {seed: base.override(seed=seed, output_dir=str(study.seed(seed).root)) for seed in args.seeds}
+    check_not_foreign(study, "the --seeds study folder")
     for seed in args.seeds:
-        run = argparse.Namespace(**{**vars(args), "seeds": None, "output_dir": str(files.seed(seed).root),
-                                    "overrides": [*args.overrides, f"seed={seed}",
-                                                  f"output_dir={files.seed(seed).root}"]})
-        log.info(f"== seed {seed}: {run.output_dir}")
-        status = _main(run)
+        check_not_foreign(study.seed(seed))
+    states = {seed: _seed_state(study.seed(seed)) for seed in args.seeds}
+    if not resume and not args.overwrite:
+        used = [f"seed-{seed}" for seed in args.seeds if states[seed] != "new"]
+        used += [path.name for path in (study.seeds_json, study.seeds_md) if path.exists()]
+        if used:
+            raise RunDirectoryError(f"{study.root} already holds a --seeds study ({', '.join(used)}): continue it "
+                                    f"with the same command and --resume, replace it with --overwrite, or choose "
+                                    f"another --output-dir")
+    if resume:
+        for seed in args.seeds:
+            checkpoint = study.seed(seed).checkpoint()
+            if checkpoint is None:
+                continue
+            saved = TrainingConfig.from_saved(load_checkpoint_file(checkpoint)["config"]).flat()
+            changed = sorted(k for k, v in configs[seed].flat().items()
+                             if k not in STUDY_FREE_KEYS and saved.get(k) != v)
+            if changed:
+                raise InvalidValueError(
+                    f"{checkpoint} was trained with other {changed} than this command gives: --seeds --resume "
+                    f"continues a study with the settings it started with (only {list(STUDY_FREE_KEYS)} may "
+                    f"change)")
+    for seed in args.seeds:
+        files, state = study.seed(seed), states[seed]
+        hint = (f"the same --seeds command plus --resume (finished seeds are kept, seed {seed} goes on from its "
+                f"checkpoint)")
+        if resume and state == "finished":
+            log.info(f"== seed {seed}: finished in {files.root}, kept")
+            continue
+        log.info(f"== seed {seed}: {files.root}")
+        if resume and state == "started":
+            checkpoint = files.checkpoint()
+            trainer = CubeTrainer.from_checkpoint(checkpoint, device=configs[seed].device)
+            trainer.config = trainer.config.override(**{k: configs[seed].get(k) for k in STUDY_FREE_KEYS})
+            status = _run(trainer, files.root, checkpoint, "resume", args.quiet, hint)
+        else:  # a new seed; with --resume, one killed before its first checkpoint starts again
+            mode = "overwrite" if args.overwrite or (resume and state == "unsaved") else "fresh"
+            status = _run(CubeTrainer(configs[seed]), files.root, None, mode, args.quiet, hint)
         if status != 0:
             return status
     if _rank() == 0:
-        runs = {seed: json.loads(files.seed(seed).results.read_text()) for seed in args.seeds}
+        runs = {seed: json.loads(study.seed(seed).results.read_text()) for seed in args.seeds}
         summary = seed_summary(runs)
-        atomic_write_text(files.seeds_json, json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
-        atomic_write_text(files.seeds_md, seed_table(summary, args.seeds) + "\n")
+        study.mark(kind="seeds", seeds=args.seeds)
+        atomic_write_text(study.seeds_json, json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
+        atomic_write_text(study.seeds_md, seed_table(summary, args.seeds) + "\n")
         log.info(seed_table(summary, args.seeds))
     return 0
 
 
-def interrupted_message(files: RunFiles, epoch: int, source: Optional[Path]) -> str:
-    """What a Ctrl-C during ``epoch`` left to resume from, read off the disk."""
+def interrupted_message(files: RunFiles, epoch: int, source: Optional[Path], resume_hint: Optional[str] = None,
+                        replaced: bool = False) -> str:
+    """What a Ctrl-C during ``epoch`` left to resume from, read off the disk (``resume_hint``: how to continue,
+    where that is not ``--resume CHECKPOINT``; ``replaced``: an --overwrite run's predecessor comes back)."""
     head = f"interrupted during epoch {epoch}"
     if files.last.is_file():
         saved = load_checkpoint_file(files.last)["epoch"]
         return (f"{head}; {files.last} holds epoch {saved} (what came after it is not saved): continue with "
-                f"--resume {files.last}")
+                f"{resume_hint or f'--resume {files.last}'}")
     if source is not None:
         return f"{head}; nothing was saved in {files.root}: resume again from {source}, which is unchanged"
     if files.best.is_file():
         return (f"{head}; {files.root} holds no last.pt yet, but {files.best} does (epoch "
-                f"{load_checkpoint_file(files.best)['epoch']}): continue with --resume {files.best}")
-    return f"{head}, before any checkpoint was saved: nothing to resume; start again with --overwrite"
+                f"{load_checkpoint_file(files.best)['epoch']}): continue with "
+                f"{resume_hint or f'--resume {files.best}'}")
+    kept = "the run it was to replace is kept there" if replaced else "it is left as it was before this run"
+    return (f"{head}, before any checkpoint was saved in {files.root}: nothing to resume, and {kept}; start "
+            f"again with {resume_hint or 'the same command'}")
 
 
 def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optional[Path], main_process: bool,
-                      progress: bool) -> int:
+                      progress: bool, rundir: Optional[RunDirectory] = None, resume_hint: Optional[str] = None
+                      ) -> int:
     config = trainer.config
     tracker = (TensorBoardTracker(files.tensorboard, resume_step=trainer.step)
                if main_process and config.logger == "tensorboard" else None)
@@ -323,13 +408,18 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
                 t.save_checkpoint(files.best)
             if t.epoch % config.checkpoint_every == 0 or t.finished:
                 t.save_checkpoint(files.last)
+            if rundir is not None and files.checkpoint() is not None:
+                rundir.commit()  # the folder's run is this one now
 
     try:
         try:
-            trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, on_step_end=on_step_end, progress=progress)
+            if trainer.finished is None:  # (a --seeds study resumed after a seed's last epoch goes to its report)
+                trainer.fit(data.train, data.val, on_epoch_end=on_epoch_end, on_step_end=on_step_end,
+                            progress=progress)
         except KeyboardInterrupt:
             if main_process:
-                log.error("\n" + interrupted_message(files, trainer.epoch + 1, source))
+                log.error("\n" + interrupted_message(files, trainer.epoch + 1, source, resume_hint,
+                                                      replaced=rundir is not None and rundir.backup.is_dir()))
             return 130
         if trainer.distributed:  # every rank must end with the same weights
             digests = [None] * trainer.world_size
@@ -343,6 +433,8 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
             _barrier()  # stay in the process group until rank 0 has written its report: all ranks leave together
             return 0
         try:
+            if rundir is not None:
+                rundir.commit()  # a run resumed after its last epoch saved nothing yet; _report saves last.pt
             return _report(trainer, data, files, tracker)
         finally:
             _barrier()

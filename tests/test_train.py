@@ -386,3 +386,97 @@ def test_from_pretrained_names_the_mistake(tmp_path, fake_teacher, dialogue_file
     (out / "model" / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         EmbeddingProcessor.from_pretrained(out / "model")
+
+
+def _same_answer_file(tmp_path):
+    path = tmp_path / "same_answer.txt"
+    path.write_text("\n".join(f"question {i}\tthe only answer" for i in range(40)) + "\n")
+    return path
+
+
+def test_overwrite_replaces_the_old_run_only_once_the_new_one_saves_a_checkpoint(tmp_path, fake_teacher,
+                                                                                dialogue_file, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "config.yaml", "results.json")}
+    # fails in the trainer, after the data loaded and the model was built: InfoNCE with one target
+    assert cli(tmp_path, _same_answer_file(tmp_path), out, "loss_function=infonce", "--overwrite", epochs=1) == 2
+    assert "two different targets" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "model").is_dir() and not (out / ".replaced").exists()
+    _interrupt_at_step(monkeypatch, 1)  # Ctrl-C in the new run's first epoch
+    assert cli(tmp_path, dialogue_file, out, "hidden_size=6", "--overwrite", epochs=2) == 130
+    assert "the run it was to replace is kept" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_failed_fresh_start_leaves_nothing_that_asks_for_resume(tmp_path, fake_teacher, dialogue_file, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli(tmp_path, _same_answer_file(tmp_path), out, "loss_function=infonce", epochs=1) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["notes.txt"]
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0, "the next fresh run starts"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_never_removes_a_folder_that_is_not_a_cubecore_run(tmp_path, fake_teacher, dialogue_file,
+                                                                      capsys):
+    other = tmp_path / "other_project"
+    for name in ("model", "tensorboard"):
+        (other / name).mkdir(parents=True)
+        (other / name / "data.bin").write_text(name)
+    (other / "config.yaml").write_text("theirs: true\n")
+    for extra in ((), ("--overwrite",)):
+        assert cli(tmp_path, dialogue_file, other, *extra, epochs=1) == 2
+        err = capsys.readouterr().err
+        assert f"{other} holds config.yaml, model, tensorboard but is not a cubecore run" in err, err
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "model", "tensorboard"]
+    assert (other / "model" / "data.bin").read_text() == "model" and (other / "config.yaml").read_text() == \
+        "theirs: true\n"
+
+
+def test_where_a_run_writes_has_one_rule(tmp_path, fake_teacher, dialogue_file, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_cli.main(["--data", dialogue_file, "--output-dir", str(a), f"output_dir={b}", *TINY,
+                           "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir is given twice" in err and str(a) in err and str(b) in err, err
+    assert not a.exists() and not b.exists()
+    study = tmp_path / "study"  # the override names the study's folder; each seed still trains in its own
+    for extra in ((), ("--overwrite",)):
+        assert train_cli.main(["--data", dialogue_file, f"output_dir={study}", f"cache_dir={tmp_path / 'cache'}",
+                               *TINY, "--epochs", "1", "--seeds", "1,2", *extra]) == 0
+        assert sorted(p.name for p in study.iterdir()) == ["cubecore_run.json", "seed-1", "seed-2", "seeds.json",
+                                                           "seeds.md"]
+        assert CubeTrainer.from_checkpoint(study / "seed-2" / "last.pt").config.output_dir == str(study / "seed-2")
+
+
+def test_seeds_continue_after_ctrl_c_with_resume(tmp_path, fake_teacher, dialogue_file, monkeypatch, capsys):
+    study = tmp_path / "study"
+    original = CubeTrainer.loss
+
+    def loss(self, pred, target):  # Ctrl-C in the second epoch of seed 4's cube
+        if (torch.is_grad_enabled() and self.config.seed == 4 and self.model_factory is None and self.epoch == 1):
+            raise KeyboardInterrupt
+        return original(self, pred, target)
+
+    monkeypatch.setattr(CubeTrainer, "loss", loss)
+    assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", epochs=2) == 130
+    err = capsys.readouterr().err
+    assert "--seeds command plus --resume" in err, err
+    monkeypatch.setattr(CubeTrainer, "loss", original)
+    finished = (study / "seed-3" / "last.pt").read_bytes()
+    assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", epochs=2) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", "--resume", "learning_rate=0.5", epochs=2) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", "--resume", epochs=2) == 0
+    said = capsys.readouterr().out
+    assert "seed 3: finished" in said and "resuming" in said
+    assert (study / "seed-3" / "last.pt").read_bytes() == finished, "a finished seed is kept"
+    assert epochs_in(study / "seed-4") == [1, 2] and epochs_in(study / "seed-5") == [1, 2]
+    assert json.loads((study / "seeds.json").read_text())["seeds"] == [3, 4, 5]
+    assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", "--resume", epochs=2) == 0, "nothing left to do"

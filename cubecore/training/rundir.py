@@ -2,27 +2,40 @@
 
 A run takes an exclusive lock on ``RUN_DIR/.lock`` for as long as it lives (released by the OS if the process
 dies), so a second run into the same folder stops at once instead of interleaving its epochs with the first.
-A fresh run wants a folder without a previous run's files; ``overwrite`` removes those files once the run is
-ready to write (``clear``, after its data loaded), and a resumed run keeps them.  Temporary files that a
-killed write of a run file left behind are removed either way.  A folder that the run created and left
-empty is removed again if the run fails before writing.
+A run marks its folder as a cubecore run (``cubecore_run.json``); a folder whose files are named like a run's
+but that is neither marked nor holds a cubecore checkpoint belongs to something else and is never replaced.
+
+A fresh run wants a folder without a previous run's files.  ``overwrite`` sets the previous run's files aside
+(in ``RUN_DIR/.replaced``) and drops them only once the new run has saved its first checkpoint (``commit``);
+a run that ends before that, by an error, Ctrl-C or a kill, leaves the folder as it found it: its own files
+are removed and the previous run's come back (after a kill, on the next run into the folder).  A resumed run
+keeps the files.  Temporary files that a killed write of a run file left behind are removed either way, and
+a folder that the run created and left empty is removed again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
+
+from ..atomic import atomic_write_text
 from ..errors import CubecoreError, InvalidValueError
 
 # Every file a run writes, by role: the one place their names are written.
 FILE_NAMES = {"config": "config.yaml", "metrics_csv": "metrics.csv", "metrics_jsonl": "metrics.jsonl",
               "last": "last.pt", "best": "best.pt", "curves": "curves.png", "report": "report.md",
               "results": "results.json", "model": "model", "tensorboard": "tensorboard", "rollout": "rollout.gif",
-              "log": "train.log", "seeds_json": "seeds.json", "seeds_md": "seeds.md"}
+              "log": "train.log", "seeds_json": "seeds.json", "seeds_md": "seeds.md", "marker": "cubecore_run.json"}
 RUN_FILES = tuple(FILE_NAMES.values())
+MARKER = FILE_NAMES["marker"]
+CHECKPOINTS = (FILE_NAMES["last"], FILE_NAMES["best"])
+CHECKPOINT_MAGIC = b"CUBECORE-CHECKPOINT"  # the start of every checkpoint file's header (training.checkpoint)
+log = logging.getLogger("cubecore")
 
 
 class RunFiles:
@@ -38,10 +51,53 @@ class RunFiles:
         return RunFiles(self.root / f"seed-{seed}")
 
     def written(self) -> list:
-        """The run's files that exist, in the order of ``FILE_NAMES``."""
-        return [self.root / name for name in FILE_NAMES.values() if (self.root / name).exists()]
+        """The run's files that exist, in the order of ``FILE_NAMES`` (the marker left out)."""
+        return [self.root / name for name in FILE_NAMES.values() if name != MARKER and (self.root / name).exists()]
+
+    def present(self) -> List[str]:
+        """The names of the run files in the folder, sorted."""
+        return sorted(name for name in RUN_FILES if (self.root / name).exists())
+
+    def checkpoint(self) -> Optional[Path]:
+        """The checkpoint a run in this folder continues from: last.pt, else best.pt, else None."""
+        return next((self.root / name for name in CHECKPOINTS if (self.root / name).is_file()), None)
+
+    def is_cubecore_run(self) -> bool:
+        """Whether the folder is marked as a cubecore run, or (a run from before the marker) holds a file with
+        a cubecore checkpoint's header, or (a --seeds study from before the marker) a seed folder that is one."""
+        if self.marker.is_file():
+            return True
+        if any(RunFiles(folder).is_cubecore_run() for folder in self.root.glob("seed-*") if folder.is_dir()):
+            return True
+        for name in CHECKPOINTS:
+            try:
+                with open(self.root / name, "rb") as f:
+                    if f.read(len(CHECKPOINT_MAGIC)) == CHECKPOINT_MAGIC:
+                        return True
+            except OSError:
+                continue
+        return False
+
+    def mark(self, **info) -> None:
+        """Mark the folder as a cubecore run (``info``: what else the marker says)."""
+        atomic_write_text(self.marker, json.dumps({"cubecore": "run", **info}, indent=2) + "\n")
+
+
+def check_not_foreign(files: RunFiles, what: str = "output directory") -> None:
+    """Refuse a folder that holds files named like a run's but is no cubecore run: they belong to another
+    project, and neither a fresh run nor --overwrite may mix with them or remove them."""
+    present = files.present()
+    if present and not files.is_cubecore_run():
+        raise RunDirectoryError(
+            f"{what} {files.root} holds {', '.join(present)} but is not a cubecore run (it has no {MARKER} and no "
+            f"cubecore checkpoint), so cubecore neither writes into it nor replaces it, even with --overwrite: "
+            f"choose another --output-dir")
+
+
 OPEN_MODES = ("fresh", "overwrite", "resume")
 LOCK_NAME = ".lock"
+BACKUP_NAME = ".replaced"  # an --overwrite run's predecessor, until the new run's first checkpoint
+SET_ASIDE = ".complete"  # in BACKUP_NAME once every file of the predecessor is in it
 
 
 class RunDirectoryError(CubecoreError, RuntimeError):
@@ -49,7 +105,8 @@ class RunDirectoryError(CubecoreError, RuntimeError):
 
 
 class RunDirectory:
-    """``with RunDirectory(path, mode):`` holds the lock on ``path`` for the block."""
+    """``with RunDirectory(path, mode):`` holds the lock on ``path`` for the block; call ``commit()`` once the
+    run has saved a checkpoint, which makes it the folder's run (until then, leaving the block undoes it)."""
 
     def __init__(self, path: os.PathLike, mode: str = "fresh") -> None:
         if mode not in OPEN_MODES:
@@ -57,14 +114,19 @@ class RunDirectory:
         self.path = Path(path)
         self.files = RunFiles(self.path)
         self.mode = mode
+        self.backup = self.path / BACKUP_NAME
+        self.committed = mode == "resume"  # a resumed run replaces nothing, and keeps what it wrote
         self._lock: Optional[int] = None
         self._created = False
+        self._lock_existed = False
+        self._taken = False  # the folder checked and taken for this run: from then on, what is in it is its
 
     def __enter__(self) -> "RunDirectory":
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"output directory {self.path} is a file")
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_existed = (self.path / LOCK_NAME).exists()
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,41 +142,80 @@ class RunDirectory:
         try:
             self._prepare()
         except BaseException:
-            self.release()
+            self._leave()
             raise
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        left = {p.name for p in self.path.iterdir()}
-        if exc_type is not None and self._created and left <= {LOCK_NAME, FILE_NAMES["log"]}:
-            for name in left:  # a folder this run made and could not use: its log said nothing the console did not
-                (self.path / name).unlink(missing_ok=True)
-            self.release()
-            self.path.rmdir()
-            return
-        self.release()
+        self._leave()
 
-    def clear(self) -> None:
-        """With mode ``overwrite``: remove the previous run's files (call once the new run is ready to write)."""
-        if self.mode == "overwrite":
-            for name in RUN_FILES:
-                path = self.path / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+    def commit(self) -> None:
+        """The run has saved a checkpoint: it is the folder's run now, and the one it replaces goes."""
+        if not self.committed:
+            self.committed = True
+            shutil.rmtree(self.backup, ignore_errors=True)
 
     def release(self) -> None:
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor drops the lock
             self._lock = None
 
+    def _leave(self) -> None:
+        """Undo a run that saved no checkpoint (its files go, the replaced run's come back), then unlock; a
+        folder this run made and left empty goes too."""
+        try:
+            if self._taken and not self.committed:
+                self._undo()
+        finally:
+            if not self.committed and not self._lock_existed:  # the folder as this run found it, lock file too
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+            if self._created and not any(self.path.iterdir()):
+                self.release()
+                self.path.rmdir()
+            self.release()
+
+    def _undo(self) -> None:
+        for name in self.files.present():  # all written by this run: a fresh one starts without any
+            _remove(self.path / name)
+        self._put_back()
+
+    def _put_back(self) -> None:
+        if self.backup.is_dir():
+            (self.backup / SET_ASIDE).unlink(missing_ok=True)
+            for item in self.backup.iterdir():
+                os.replace(item, self.path / item.name)
+            self.backup.rmdir()
+
     def _prepare(self) -> None:
         for name in RUN_FILES:  # a write killed between creating and renaming its file (cubecore.atomic)
             for stale in self.path.glob(f"{name}*.tmp"):
                 stale.unlink(missing_ok=True)
-        existing = sorted(name for name in RUN_FILES if (self.path / name).exists())
+        if self.backup.is_dir():  # an --overwrite run was stopped by a kill: had it saved a checkpoint, it stays
+            if (self.backup / SET_ASIDE).is_file() and self.files.checkpoint() is not None:
+                shutil.rmtree(self.backup)
+            else:  # killed while setting the previous run aside, or before the new run's first checkpoint
+                self._undo() if (self.backup / SET_ASIDE).is_file() else self._put_back()
+                log.warning(f"{self.path}: put back the previous run, which an --overwrite run stopped before its "
+                            f"first checkpoint had set aside in {self.backup}")
+        check_not_foreign(self.files)
+        existing = self.files.present()
         if self.mode == "fresh" and existing:
+            resume = "continue it with --resume, " if self.files.checkpoint() is not None else ""
             raise RunDirectoryError(
-                f"output directory {self.path} already holds a run ({', '.join(existing)}): continue it with "
-                f"--resume, replace it with --overwrite, or choose another --output-dir")
+                f"output directory {self.path} already holds a run ({', '.join(existing)}): {resume}replace it "
+                f"with --overwrite, or choose another --output-dir")
+        if self.mode == "overwrite" and existing:
+            self.backup.mkdir()
+            for name in existing:  # renames within the folder: nothing is copied, nothing is lost
+                os.replace(self.path / name, self.backup / name)
+            (self.backup / SET_ASIDE).touch()
+        self._taken = True
+        if not self.files.marker.is_file():
+            self.files.mark()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
