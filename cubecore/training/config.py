@@ -229,7 +229,34 @@ class TrainingConfig(ConfigSection):
 
 class _Loader(yaml.SafeLoader):
     """YAML as users write numbers: ``1e-3``, ``3E5`` and ``.5`` are floats (YAML 1.1 reads the first two as
-    strings, since it wants a dot and a signed exponent)."""
+    strings, since it wants a dot and a signed exponent).  A key given twice in one mapping is an error (YAML
+    would keep the last silently), and so is an alias (``*name``): a config needs none, and nested aliases
+    ("billion laughs") expand a few lines into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found an alias (*{event.anchor}); config files take no anchors and aliases: write "
+                            f"the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: Dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    mark = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader says so
+                    continue
+                if mark is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found the key {key!r} twice in one mapping (first at line {mark.line + 1}); "
+                                    f"give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

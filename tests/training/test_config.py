@@ -93,6 +93,33 @@ def test_empty_or_broken_yaml_is_a_clear_error(tmp_path):
     assert TrainingConfig.from_yaml(tmp_path / "bom.yaml").epochs == 3
 
 
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys silently: epochs 5 won over epochs 3 without a word."""
+    (tmp_path / "twice.yaml").write_text("cube_training:\n  epochs: 3\n  model:\n    steps: 2\n  epochs: 5\n")
+    with pytest.raises(ValueError, match=r"twice.yaml: not valid YAML \(found the key 'epochs' twice in one mapping "
+                                         r"\(first at line 2\).*at line 5"):
+        TrainingConfig.from_yaml(tmp_path / "twice.yaml")
+    with pytest.raises(ValueError, match="'steps' twice"):
+        parse_override("model={steps: 2, steps: 3}")
+    assert parse_override("x=[{a: 1}, {a: 2}]")[1] == [{"a": 1}, {"a": 2}], "equal keys in different mappings"
+
+
+def test_a_billion_laughs_yaml_is_refused_at_once(tmp_path):
+    """Nested aliases took 40 s and built a multi-GB message; a config takes no aliases."""
+    import time
+
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\ncube_training:\n  epochs: *i\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"laughs.yaml: not valid YAML \(found an alias \(\*a\).*line 2") as info:
+        TrainingConfig.from_yaml(tmp_path / "laughs.yaml")
+    assert time.perf_counter() - start < 1.0 and len(str(info.value)) < 300
+    (tmp_path / "alias.yaml").write_text("cube_training:\n  epochs: &n 3\n  patience: *n\n")
+    with pytest.raises(ValueError, match=r"found an alias \(\*n\).*line 3"):
+        TrainingConfig.from_yaml(tmp_path / "alias.yaml")
+
+
 def test_numpy_integers_are_ints():
     np = pytest.importorskip("numpy")
     cfg = TrainingConfig(epochs=np.int64(3), lattice_size=np.array([8, 8, 6]).tolist(), seed=np.int32(5))
