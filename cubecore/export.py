@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .atomic import current_umask
+from .atomic import atomic_write_dir, staging_prefix  # noqa: F401 (staging_prefix: where an export stages)
 from .errors import InvalidTypeError, InvalidValueError
 from .training.checkpoint import rng_states, set_rng_states
 from .cli import CommandParser, add_weights_argument, run_command
@@ -78,30 +75,6 @@ def check_destination(run: Path, out: Path, overwrite: bool) -> None:
                               f"those: choose a new folder")
 
 
-def staging_prefix(out: Path) -> str:
-    """The name of a folder an export to ``out`` is written in before it is renamed, up to the writer's pid."""
-    return f".{out.name}.staging-"
-
-
-def remove_stale_staging(out: Path) -> None:
-    """Staging folders of exports to ``out`` whose process is gone (killed mid-export) are removed."""
-    prefix = staging_prefix(out)
-    for folder in out.parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix):].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path:
     """Writes the query adapter of a run (see the module docstring) to ``out`` and returns it."""
     run, out = Path(run), Path(out)
@@ -121,22 +94,17 @@ def export_run(run, out, weights: str = "best", overwrite: bool = False) -> Path
     with trainer.weights_of(weights) as epoch:
         processor = copy.deepcopy(trainer.model).float().eval()
     model = query_adapter(trainer.teacher, processor)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(out)}{os.getpid()}-", dir=out.parent))
-    try:
-        staging.chmod(0o777 & ~current_umask())  # a folder like any other (mkdtemp makes it private)
+    info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.data.teacher,
+            "mode": trainer.config.data.mode, "data": trainer.config.data.source}
+
+    def write(staging: Path) -> None:
         model.save(str(staging))
-        info = {"run": str(run.resolve()), "epoch": epoch, "weights": weights, "teacher": trainer.config.data.teacher,
-                "mode": trainer.config.data.mode, "data": trainer.config.data.source}
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(CARD.format(**info), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    # Written in a hidden folder beside OUT, then renamed: whole or not at all (staging folders of killed
+    # exports are removed by the next).
+    atomic_write_dir(out, write)
     return out
 
 

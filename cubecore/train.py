@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_dir, atomic_write_text
 from .cli import CommandParser, log_to_file, run_command, setup_logging
 from .data import MODES, prepare_data
 from .errors import InvalidValueError
@@ -203,9 +203,12 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
                                 f"them); keys that may change on resume: {list(RESUMABLE_KEYS)}")
     trainer.config = config.override(**{k: v for k, v in values.items() if k in RESUMABLE_KEYS})
     if trainer.finished is not None and epochs is None:
-        return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}); "
-                              f"nothing to do. To train it further on purpose, add --epochs N with N > "
-                              f"{trainer.epoch} (and target_similarity=null if that is what stopped it).")
+        if RunFiles(out).missing_outputs():  # stopped while reporting: the report phase runs again
+            return trainer, out, None
+        return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}) "
+                              f"and {out} holds its report, results and model; nothing to do. To train it further "
+                              f"on purpose, add --epochs N with N > {trainer.epoch} (and target_similarity=null if "
+                              f"that is what stopped it).")
     if epochs is not None and epochs <= trainer.epoch:
         raise InvalidValueError(f"epochs {epochs} is not more than the {trainer.epoch} epochs {checkpoint} has "
                                 f"trained; with --resume, --epochs is the new total")
@@ -282,8 +285,14 @@ def _plan(trainer: CubeTrainer, out: Path, source: Optional[Path]) -> str:
     """The first line a run prints: what it will do."""
     c = trainer.config
     lattice = "x".join(str(n) for n in c.model.lattice_size)
-    what = (f"resuming {source} after epoch {trainer.epoch} (step {trainer.step})" if source is not None
-            else "training")
+    if source is not None and trainer.finished is not None:
+        missing = ", ".join(RunFiles(out).missing_outputs())
+        what = (f"finishing {source}, trained {trainer.epoch} epochs ({trainer.finished}): writing what it lacks "
+                f"({missing})")
+    elif source is not None:
+        what = f"resuming {source} after epoch {trainer.epoch} (step {trainer.step})"
+    else:
+        what = "training"
     return (f"{what}: {c.data.mode} mode on {c.data.source!r} with teacher {c.data.teacher!r}; lattice {lattice}, "
             f"state {c.model.state_size}, {c.model.steps} steps; up to {c.epochs} epochs on {trainer.device}; "
             f"writing to {out}")
@@ -436,6 +445,11 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
             if rundir is not None:
                 rundir.commit()  # a run resumed after its last epoch saved nothing yet; _report saves last.pt
             return _report(trainer, data, files, tracker)
+        except KeyboardInterrupt:
+            log.error(f"\ninterrupted while writing the report of the finished run; {files.last} holds it: "
+                      f"{resume_hint or f'--resume {files.last}'} writes what is missing "
+                      f"({', '.join(files.missing_outputs())})")
+            return 130
         finally:
             _barrier()
     finally:
@@ -447,9 +461,10 @@ def _report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[Tenso
     """Rank 0, after training: the mlp floor (trained once, stored in last.pt), the evaluation against the
     floors, curves, rollout, report, results and the model folder."""
     config = trainer.config
-    log.info("training the mlp floor (as many parameters as the cube, the same settings)")
-    trainer.train_mlp_floor(data.train, data.val)
-    trainer.save_checkpoint(files.last)
+    if trainer.mlp_floor is None:  # (a report written again after an interruption has it in last.pt)
+        log.info("training the mlp floor (as many parameters as the cube, the same settings)")
+        trainer.train_mlp_floor(data.train, data.val)
+        trainer.save_checkpoint(files.last)
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None
     with trainer.weights_of("best") as scored, torch.no_grad():
@@ -464,7 +479,8 @@ def _report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[Tenso
     note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
             f"{trainer.epoch} epochs ({files.last.name}).")
     atomic_write_text(files.report, markdown_report(results, trainer.get_info(), examples, note=note))
-    trainer.save_pretrained(files.model, results)  # EmbeddingProcessor.from_pretrained(RUN_DIR/model)
+    # EmbeddingProcessor.from_pretrained(RUN_DIR/model); written whole or not at all, like every run file
+    atomic_write_dir(files.model, lambda folder: trainer.save_pretrained(folder, results))
     if tracker is not None:
         tracker.finish(config.flat(), results)
     finite = {m: {k: (v if math.isfinite(v) else None) for k, v in r.items()} for m, r in results.items()}

@@ -39,3 +39,27 @@ def test_current_umask_reads_without_changing_it(umask):
     umask(0o027)
     assert current_umask() == 0o027
     assert current_umask() == 0o027
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path, umask):
+    from cubecore.atomic import atomic_write_dir
+
+    umask(0o027)
+
+    def write(texts):
+        def into(folder):
+            for name, text in texts.items():
+                if text is None:
+                    raise OSError(28, "No space left on device")
+                (folder / name).write_text(text)
+        return into
+
+    out = atomic_write_dir(tmp_path / "model", write({"a": "1", "b": "2"}))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750 and stat.S_IMODE((out / "a").stat().st_mode) == 0o640
+    with pytest.raises(OSError, match="No space left on device.*model"):  # the error names the folder
+        atomic_write_dir(out, write({"a": "new", "b": None}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging folder left"
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    atomic_write_dir(out, write({"c": "3"}))  # replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["c"]

@@ -480,3 +480,57 @@ def test_seeds_continue_after_ctrl_c_with_resume(tmp_path, fake_teacher, dialogu
     assert epochs_in(study / "seed-4") == [1, 2] and epochs_in(study / "seed-5") == [1, 2]
     assert json.loads((study / "seeds.json").read_text())["seeds"] == [3, 4, 5]
     assert cli(tmp_path, dialogue_file, study, "--seeds", "3,4,5", "--resume", epochs=2) == 0, "nothing left to do"
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "full disk"])
+def test_a_run_stopped_while_reporting_is_finished_by_resume(tmp_path, fake_teacher, dialogue_file, monkeypatch,
+                                                             capsys, stop):
+    """Ctrl-C, kill -9 or a full disk after the last checkpoint left no report.md, results.json or model/, and
+    --resume said "nothing to do"; model/ was written in place, so a full disk left a part of it."""
+    from cubecore import EmbeddingProcessor
+
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert cli(tmp_path, dialogue_file, straight, epochs=2) == 0
+    original = EmbeddingProcessor.generate_model_card
+
+    def broken(self, *args, **kwargs):  # after the weights and config.json are written into model/
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EmbeddingProcessor, "generate_model_card", broken)
+    assert cli(tmp_path, dialogue_file, cut, epochs=2) == (130 if stop == "ctrl-c" else 2)
+    err = capsys.readouterr().err
+    assert ("--resume" in err) if stop == "ctrl-c" else ("No space left on device" in err and "model" in err), err
+    assert not (cut / "model").exists(), "model/ is written whole or not at all"
+    assert not (cut / "results.json").exists() and not [p for p in cut.iterdir() if "staging" in p.name]
+    monkeypatch.setattr(EmbeddingProcessor, "generate_model_card", original)
+    assert train_cli.main(["--resume", "--output-dir", str(cut), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "finishing" in said and "results.json" in said, said
+    assert json.loads((cut / "results.json").read_text()) == json.loads((straight / "results.json").read_text())
+    assert EmbeddingProcessor.from_pretrained(cut / "model") is not None and (cut / "report.md").is_file()
+    assert_same_weights(straight / "last.pt", cut / "last.pt")
+    assert epochs_in(cut) == [1, 2]
+    assert train_cli.main(["--resume", "--output-dir", str(cut), "--quiet"]) == 0
+    assert "nothing to do" in capsys.readouterr().out, "a run with all its outputs is left alone"
+
+
+def test_a_failed_model_write_keeps_the_previous_model_folder(tmp_path, fake_teacher, dialogue_file, monkeypatch):
+    from cubecore import EmbeddingProcessor
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    (out / "results.json").unlink()
+    monkeypatch.setattr(EmbeddingProcessor, "generate_model_card",
+                        lambda self, *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 2
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    # a staging folder left by a kill -9 while writing model/ is removed by the next run into the folder
+    stale = out / ".model.staging-999999999-abc"
+    stale.mkdir()
+    monkeypatch.undo()
+    monkeypatch.setattr(CubeTrainer, "teacher", property(lambda self: fake_teacher))
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0
+    assert not stale.exists() and (out / "results.json").is_file()

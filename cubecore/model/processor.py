@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
 
+from ..atomic import atomic_write
 from ..checks import check_int, check_tensor
 from ..errors import CubecoreError, InvalidTypeError, InvalidValueError
 from .config import ModelConfig
@@ -196,12 +197,14 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The weights as safetensors, with a checksum of their values in the file's metadata (from_pretrained
-        checks it: a corrupted file is refused rather than loaded)."""
-        from safetensors.torch import save_file
+        checks it: a corrupted file is refused rather than loaded).  Serialised in memory, then written
+        atomically: a full disk is an OSError naming the file, never a raw SafetensorError or a part of a file,
+        and the file's mode follows the umask like the folder's other files."""
+        from safetensors.torch import save
 
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(Path(save_directory) / WEIGHTS_FILE),
-                  metadata={"format": "pt", CHECKSUM_KEY: weights_checksum(state)})
+        data = save(state, metadata={"format": "pt", CHECKSUM_KEY: weights_checksum(state)})
+        atomic_write(Path(save_directory) / WEIGHTS_FILE, lambda f: f.write(data))
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

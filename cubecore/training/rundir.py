@@ -9,8 +9,8 @@ A fresh run wants a folder without a previous run's files.  ``overwrite`` sets t
 (in ``RUN_DIR/.replaced``) and drops them only once the new run has saved its first checkpoint (``commit``);
 a run that ends before that, by an error, Ctrl-C or a kill, leaves the folder as it found it: its own files
 are removed and the previous run's come back (after a kill, on the next run into the folder).  A resumed run
-keeps the files.  Temporary files that a killed write of a run file left behind are removed either way, and
-a folder that the run created and left empty is removed again.
+keeps the files.  Temporary files and folders that a killed write of a run file left behind are removed either
+way, and a folder that the run created and left empty is removed again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_staging
 from ..errors import CubecoreError, InvalidValueError
 
 # Every file a run writes, by role: the one place their names are written.
@@ -32,6 +32,9 @@ FILE_NAMES = {"config": "config.yaml", "metrics_csv": "metrics.csv", "metrics_js
               "results": "results.json", "model": "model", "tensorboard": "tensorboard", "rollout": "rollout.gif",
               "log": "train.log", "seeds_json": "seeds.json", "seeds_md": "seeds.md", "marker": "cubecore_run.json"}
 RUN_FILES = tuple(FILE_NAMES.values())
+# What a run writes after its last epoch (the report phase), results.json last: a finished run whose folder
+# lacks one of them was stopped while reporting, and --resume writes them.
+OUTPUTS = ("curves", "rollout", "report", "model", "results")
 MARKER = FILE_NAMES["marker"]
 CHECKPOINTS = (FILE_NAMES["last"], FILE_NAMES["best"])
 CHECKPOINT_MAGIC = b"CUBECORE-CHECKPOINT"  # the start of every checkpoint file's header (training.checkpoint)
@@ -57,6 +60,10 @@ class RunFiles:
     def present(self) -> List[str]:
         """The names of the run files in the folder, sorted."""
         return sorted(name for name in RUN_FILES if (self.root / name).exists())
+
+    def missing_outputs(self) -> List[str]:
+        """The names of the report phase's outputs that are not in the folder."""
+        return [FILE_NAMES[role] for role in OUTPUTS if not (self.root / FILE_NAMES[role]).exists()]
 
     def checkpoint(self) -> Optional[Path]:
         """The checkpoint a run in this folder continues from: last.pt, else best.pt, else None."""
@@ -187,9 +194,10 @@ class RunDirectory:
             self.backup.rmdir()
 
     def _prepare(self) -> None:
-        for name in RUN_FILES:  # a write killed between creating and renaming its file (cubecore.atomic)
+        for name in RUN_FILES:  # a write killed between creating and renaming its file or folder (cubecore.atomic)
             for stale in self.path.glob(f"{name}*.tmp"):
-                stale.unlink(missing_ok=True)
+                _remove(stale)
+            remove_stale_staging(self.path / name)
         if self.backup.is_dir():  # an --overwrite run was stopped by a kill: had it saved a checkpoint, it stays
             if (self.backup / SET_ASIDE).is_file() and self.files.checkpoint() is not None:
                 shutil.rmtree(self.backup)

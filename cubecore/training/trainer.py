@@ -279,9 +279,11 @@ class CubeTrainer:
         return self.history
 
     def reopen(self) -> None:
-        """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts."""
+        """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts,
+        and the ``mlp`` floor, trained for the old length, is trained again at the end."""
         self.finished = None
         self.epochs_without_improvement = 0
+        self.mlp_floor = None
 
     def _update_early_stop(self, record: Dict[str, float]) -> Optional[str]:
         cfg = self.config

@@ -1,6 +1,10 @@
 """EmbeddingProcessor: embedding -> lattice -> core -> per-cell readout -> embedding, for both reshapers."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -232,3 +236,34 @@ def test_a_corrupted_weight_file_is_refused(tmp_path):
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         EmbeddingProcessor.from_pretrained(folder)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE")
+def test_a_full_disk_while_saving_is_an_os_error_naming_the_file_and_leaves_no_part(tmp_path):
+    """safetensors raised its own SafetensorError and left a zero-byte or partial model.safetensors."""
+    script = f"""
+import resource, signal, sys
+import torch
+from cubecore import EmbeddingProcessor
+model = EmbeddingProcessor(384)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    model.save_pretrained({str(tmp_path / "m")!r})
+except OSError as exc:
+    print("OSError", exc)
+except Exception as exc:
+    print("other", type(exc).__name__, exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith("OSError") and "model.safetensors" in result.stdout, result.stdout + result.stderr
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_saved_weights_follow_the_umask_like_the_other_files(tmp_path, umask):
+    umask(0o022)
+    EmbeddingProcessor(16, ModelConfig(lattice_size=(2, 2, 4), state_size=2, hidden_size=4, steps=1)).save_pretrained(
+        tmp_path / "m")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
