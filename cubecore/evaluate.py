@@ -29,6 +29,10 @@ def main(argv=None) -> int:
         trainer = CubeTrainer.from_checkpoint(args.checkpoint, device=args.device)
         config = trainer.config.override(**{"data.source": args.data}) if args.data else trainer.config
         data = prepare_data(config.data, config.seed, trainer.teacher)
+        saved = trainer.data_fingerprint
+        if not args.data and saved is not None and saved.get("sha256") != data.fingerprint.get("sha256"):
+            log.warning(f"data {config.data.source!r} has changed since {args.checkpoint} trained on it (other "
+                        f"pairs): the scores below are on the data as it is now, not on the run's validation split")
         log.info(results_table(trainer.evaluate(data.val, train_data=data.train, weights=args.weights)))
         if trainer.mlp_floor is None:
             log.info(f"The mlp floor is not stored in {args.checkpoint} (written before floors were stored with the "

@@ -265,10 +265,12 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
             plan = _plan(trainer, out, source)
             log.info(plan)
             data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the embedding cache ...
+            trainer.use_data(data.fingerprint, config.data.source)  # a resumed run: the data it trained on
             stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
         _barrier()
         if not main_process:
             data = prepare_data(config.data, config.seed, trainer.teacher)  # ... the others read it
+            trainer.use_data(data.fingerprint, config.data.source)
         if not trainer.components_initialized:
             trainer.initialize_components(dim=dim)  # the model, built once
         if main_process:

@@ -534,3 +534,33 @@ def test_a_failed_model_write_keeps_the_previous_model_folder(tmp_path, fake_tea
     monkeypatch.setattr(CubeTrainer, "teacher", property(lambda self: fake_teacher))
     assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0
     assert not stale.exists() and (out / "results.json").is_file()
+
+
+def test_resume_on_other_data_is_refused_by_name(tmp_path, fake_teacher, dialogue_file, capsys):
+    """A data file replaced between runs was trained on, and the best epoch chosen across two validation splits."""
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    original = open(dialogue_file).read()
+    open(dialogue_file, "w").write(original.replace("answer 7\n", "another answer\n"))  # same number of pairs
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "train.log", "metrics.jsonl")}
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert dialogue_file in err and "not the data this run trained on" in err, err
+    assert {name: (out / name).read_bytes() for name in before} == before, "nothing written"
+    assert evaluate_cli.main([str(out / "last.pt")]) == 0  # evaluate scores the data as it is, and says so
+    assert "has changed since" in capsys.readouterr().err
+    (out / "results.json").unlink()  # finishing a stopped report on other data: refused the same way
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 2
+    assert "not the data this run trained on" in capsys.readouterr().err
+    open(dialogue_file, "w").write(original)
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--epochs", "2", "--quiet"]) == 0
+    # A checkpoint saved before fingerprints were stored resumes, with a warning that it cannot be checked.
+    state = load_checkpoint_file(out / "last.pt")
+    del state["data"]
+    save_checkpoint_file(state, out / "last.pt")
+    open(dialogue_file, "w").write(original.replace("answer 7\n", "another answer\n"))
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--epochs", "3", "--quiet"]) == 0
+    assert "no fingerprint of its data" in capsys.readouterr().err
+    assert "data" in load_checkpoint_file(out / "last.pt"), "stored from then on"

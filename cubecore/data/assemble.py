@@ -3,7 +3,7 @@ itself), dialogue (question -> answer) or mixed (dialogue pairs plus answers to 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -16,12 +16,15 @@ Pairs = Tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainingData:
-    """Training and validation pairs of one mode, with the validation texts (for example predictions)."""
+    """Training and validation pairs of one mode, with the validation texts (for example predictions) and the
+    data's ``fingerprint`` (what the pairs of each split are: a run stores it, and a resume on other data is
+    refused)."""
 
     def __init__(self, train: Pairs, val: Pairs, val_questions: Optional[List[str]] = None,
-                 val_answers: Optional[List[str]] = None) -> None:
+                 val_answers: Optional[List[str]] = None, fingerprint: Optional[Dict[str, object]] = None) -> None:
         self.train, self.val = train, val
         self.val_questions, self.val_answers = val_questions, val_answers
+        self.fingerprint = fingerprint
 
 
 def prepare_data(config: DataConfig, seed: int, encoder: Optional[TeacherEncoder] = None) -> TrainingData:
@@ -29,12 +32,12 @@ def prepare_data(config: DataConfig, seed: int, encoder: Optional[TeacherEncoder
     an empty side is an error that says why, before any training."""
     if config.mode == "autoencoder":
         ds = AutoencoderDataset.from_files(config.source, config=config, encoder=encoder, seed=seed)
-        return _checked(TrainingData(*_splits(ds, config)), config)
+        return _checked(TrainingData(*_splits(ds, config), fingerprint=ds.fingerprint()), config)
     dialogue = DialogueDataset.from_source(config.source, config=config, encoder=encoder, seed=seed)
     vq, va = dialogue.texts(validation=True) if dialogue.questions is not None else (None, None)
     train, val = _splits(dialogue, config)
     if config.mode == "dialogue":
-        return _checked(TrainingData(train, val, vq, va), config)
+        return _checked(TrainingData(train, val, vq, va, dialogue.fingerprint()), config)
     # mixed: dialogue pairs plus autoencoder pairs (each answer to itself), in the configured proportion;
     # validation stays dialogue, the harder task.
     qx, qy = train
@@ -45,7 +48,7 @@ def prepare_data(config: DataConfig, seed: int, encoder: Optional[TeacherEncoder
     auto = qy[pick]
     inputs = torch.cat([qx, auto]) if f > 0 else auto
     targets = torch.cat([qy, auto]) if f > 0 else auto
-    return _checked(TrainingData((inputs, targets), val, vq, va), config)
+    return _checked(TrainingData((inputs, targets), val, vq, va, dialogue.fingerprint()), config)
 
 
 def _splits(dataset, config: DataConfig) -> Tuple[Pairs, Pairs]:

@@ -8,6 +8,8 @@ Indexing and ``len`` cover the training split; ``get_dataloader(validation=True)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -119,6 +121,23 @@ class _EmbeddingPairs(Dataset):
         part = self._val if validation else self._train
         return part.inputs, part.targets
 
+    def fingerprint(self) -> Dict[str, object]:
+        """What the pairs of each split are, as a SHA-256 (with the splits' sizes): of their texts where the data
+        has texts (the teacher's embeddings of the same texts may differ in their last bits between devices),
+        else of their embeddings.  A run stores it, and a resume on other data is refused."""
+        digest = hashlib.sha256()
+        for name, indices in (("train", self.train_indices), ("validation", self.val_indices)):
+            digest.update(f"{name} {len(indices)}\n".encode())
+            for item in self._items(indices.tolist()):
+                digest.update(item)
+        return {"sha256": digest.hexdigest(), "train": len(self.train_indices),
+                "validation": len(self.val_indices)}
+
+    def _items(self, indices: List[int]) -> Iterable[bytes]:
+        """The bytes that say what each pair is (``fingerprint``): here its embeddings."""
+        for i in indices:
+            yield self.inputs[i].numpy().tobytes() + self.targets[i].numpy().tobytes()
+
     def get_dataloader(self, batch_size: int = 32, validation: bool = False, shuffle: Optional[bool] = None,
                        **kwargs) -> DataLoader:
         """Batches of ``(input_emb, target_emb)``; the training side is shuffled unless told otherwise."""
@@ -181,6 +200,13 @@ class AutoencoderDataset(_EmbeddingPairs):
             if config.max_samples:
                 embeddings = embeddings[: config.max_samples]
         self._build(embeddings, embeddings, config, seed)
+
+    def _items(self, indices: List[int]) -> Iterable[bytes]:
+        if self.texts is None:
+            yield from super()._items(indices)
+            return
+        for i in indices:
+            yield json.dumps(self.texts[i]).encode() + b"\n"
 
     @classmethod
     def from_files(cls, file_paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]],
@@ -322,6 +348,13 @@ class DialogueDataset(_EmbeddingPairs):
             return cls(conversations=load_conversations(str(source)), config=config, encoder=encoder, seed=seed)
         pairs, conversations = read_dialogue(source, config.question_field, config.answer_field, config.separator)
         return cls(pairs=pairs, conversations=conversations or None, config=config, encoder=encoder, seed=seed)
+
+    def _items(self, indices: List[int]) -> Iterable[bytes]:
+        if self.questions is None:
+            yield from super()._items(indices)
+            return
+        for i in indices:
+            yield json.dumps([self.questions[i], self.answers[i]]).encode() + b"\n"
 
     def texts(self, validation: bool = False) -> Tuple[List[str], List[str]]:
         """(questions, answers) of one split, in the order of its tensors."""

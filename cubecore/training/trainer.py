@@ -77,6 +77,7 @@ class CubeTrainer:
         self.finished: Optional[str] = None  # why training ended (early stop or all epochs), None while it goes on
         self._teacher = None
         self.mlp_floor: Optional[Dict[str, object]] = None  # the trained mlp floor: hidden size, epoch, weights
+        self.data_fingerprint: Optional[Dict[str, object]] = None  # what the run trains on (use_data)
 
     local_only = False  # True: train in this process alone, even under torchrun
 
@@ -278,6 +279,30 @@ class CubeTrainer:
                 break
         return self.history
 
+    def use_data(self, fingerprint: Optional[Dict[str, object]], source: str = "the data") -> None:
+        """Train on the data of ``fingerprint`` (``TrainingData.fingerprint``): a new run stores it with its
+        checkpoints; a resumed run must be given the data it trained on, else an InvalidValueError names
+        ``source`` (training on would mix two data sets in one run and pick its best epoch across two
+        validation splits).  A checkpoint saved before fingerprints were stored is not checked."""
+        saved = self.data_fingerprint
+        if fingerprint is None or saved is None:
+            if saved is None and self.epoch > 0 and fingerprint is not None:
+                logging.getLogger("cubecore").warning(
+                    f"the checkpoint holds no fingerprint of its data (saved before they were stored): cannot check "
+                    f"that {source!r} is the data it trained on")
+            self.data_fingerprint = fingerprint if saved is None else saved
+            return
+        if saved.get("sha256") != fingerprint.get("sha256"):
+            def sizes(f):
+                return (f"{f.get('train')} training and {f.get('validation')} validation pairs, sha256 "
+                        f"{str(f.get('sha256'))[:12]}")
+
+            raise InvalidValueError(
+                f"data {source!r} is not the data this run trained on for {self.epoch} epochs ({sizes(saved)}); "
+                f"it now gives other pairs ({sizes(fingerprint)}). Resuming would train on other data and choose "
+                f"the best epoch across two validation splits, so it is refused: put the data back as it was, or "
+                f"train a new run on it (another --output-dir, or --overwrite)")
+
     def reopen(self) -> None:
         """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts,
         and the ``mlp`` floor, trained for the old length, is trained again at the end."""
@@ -408,6 +433,8 @@ class CubeTrainer:
             "best_epoch": self.best_epoch, "best_model": self.best_state, "finished": self.finished,
             "rng": rng_states(),
         }
+        if self.data_fingerprint is not None:
+            state["data"] = self.data_fingerprint
         if self.mlp_floor is not None:
             state["mlp_floor"] = self.mlp_floor
         return save_checkpoint_file(state, path)
@@ -439,6 +466,7 @@ class CubeTrainer:
             trainer.best_state = state["best_model"]
             trainer.finished = state["finished"]
             trainer.mlp_floor = state.get("mlp_floor")  # absent in checkpoints written before floors were stored
+            trainer.data_fingerprint = state.get("data")  # ... and before data fingerprints were
             set_rng_states(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise InvalidValueError(f"{path} does not hold a consistent cubecore training state "

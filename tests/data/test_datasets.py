@@ -484,3 +484,28 @@ def test_named_source_works_where_a_path_does():
     ds = create_file_dataset("chatterbot", encoder=enc, use_cache=False, max_samples=30)
     assert len(ds) + len(ds.validation) == 30
     assert all(isinstance(t, str) and t for t in ds.texts)
+
+
+def test_the_fingerprint_says_what_the_pairs_of_each_split_are(tmp_path):
+    from cubecore.data import prepare_data
+
+    def fingerprint(lines, mode="dialogue", seed=42, **kw):
+        path = tmp_path / "d.txt"
+        path.write_text("\n".join(lines) + "\n")
+        config = DataConfig(source=str(path), mode=mode, cache_dir=str(tmp_path / "cache"), **kw)
+        return prepare_data(config, seed, FakeEncoder(dim=8)).fingerprint
+
+    lines = [f"question {i % 9}\tanswer {i}" for i in range(40)]
+    same = fingerprint(lines)
+    assert same == fingerprint(lines) and same["train"] + same["validation"] == 40
+    changed = [fingerprint(lines[:-1] + ["question 1\tanother answer"]),  # one text
+               fingerprint(lines, validation_split=0.3),  # the split
+               fingerprint(lines, seed=1)]
+    assert len({f["sha256"] for f in [same, *changed]}) == 4  # (the mode is a setting, checked as one on resume)
+    embeddings = tmp_path / "e.pt"  # data without texts: its embeddings
+    torch.save(torch.randn(20, 8), embeddings)
+    config = DataConfig(source=str(embeddings), mode="autoencoder")
+    first = prepare_data(config, 42).fingerprint
+    assert first == prepare_data(config, 42).fingerprint
+    torch.save(torch.randn(20, 8), embeddings)
+    assert prepare_data(config, 42).fingerprint["sha256"] != first["sha256"]
