@@ -1,6 +1,8 @@
 """`python -m cubecore.export RUN_DIR --to OUT`: a training run as a sentence-transformers query adapter.
 
-OUT loads offline with ``SentenceTransformer(OUT, trust_remote_code=True)``: ``encode_query`` gives the run's
+OUT loads offline with ``cubecore.model.adapter.load_adapter(OUT)``, which runs no code from the folder (it
+refuses module classes other than sentence-transformers' own and cubecore's adapter; ``SentenceTransformer(OUT,
+trust_remote_code=True)`` loads it too, for folders you trust): ``encode_query`` gives the run's
 prediction for a question (teacher, then cube, with the weights of its best epoch; ``--weights last`` for the
 last), ``encode_document`` (and plain ``encode``) the teacher's embedding of an answer.  RUN_DIR is a
 dialogue or mixed training run's folder (its last.pt is read) or a checkpoint file.  OUT is written whole or
@@ -44,12 +46,15 @@ mode {mode}, data {data}).  Queries go through the teacher `{teacher}` and then 
 through the teacher alone.
 
 ```python
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("path/to/this/folder", trust_remote_code=True)  # the cube's module is in cubecore
+from cubecore.model.adapter import load_adapter
+model = load_adapter("path/to/this/folder")  # a SentenceTransformer; runs no code from the folder
 queries = model.encode_query(["How are you?"])
 documents = model.encode_document(["I am fine, thanks."])
 scores = model.similarity(queries, documents)
 ```
+
+`SentenceTransformer("path/to/this/folder", trust_remote_code=True)` loads it too, but imports whatever class
+the folder's files name, code in the folder included: use it only for a folder you trust.
 """
 
 
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         out = export_run(args.run, args.to, weights=args.weights, overwrite=args.overwrite)
-        print(f"wrote {out}: SentenceTransformer({str(out)!r}, trust_remote_code=True); encode_query = teacher + "
-              f"cube, encode_document = teacher")
+        print(f"wrote {out}: cubecore.model.adapter.load_adapter({str(out)!r}) loads it as a SentenceTransformer; "
+              f"encode_query = teacher + cube, encode_document = teacher")
         return 0
 
     return run_command(body)

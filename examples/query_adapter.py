@@ -23,6 +23,7 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 from cubecore import export, train
 from cubecore.data import prepare_data
 from cubecore.training.trainer import CubeTrainer
+from cubecore.model.adapter import load_adapter
 
 
 def retrieval_task(questions, answers):
@@ -55,7 +56,7 @@ def main() -> None:
     queries, corpus, relevant = retrieval_task(data.val_questions, data.val_answers)
     evaluator = InformationRetrievalEvaluator(queries, corpus, relevant, name="chatterbot-val",
                                               accuracy_at_k=[1, 10], mrr_at_k=[10], show_progress_bar=False)
-    adapter = SentenceTransformer(str(exported), trust_remote_code=True)
+    adapter = load_adapter(exported)  # runs no code from the folder
     teacher = SentenceTransformer(trainer.teacher.location)
     print(f"held-out retrieval: {len(queries)} questions, {len(corpus)} distinct answers")
     for name, model in (("teacher alone", teacher), ("teacher + cube", adapter)):

@@ -202,3 +202,37 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next(trained_run, tmp
     export.export_run(trained_run, tmp_path / "st")
     assert not stale.exists() and alive.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["st", alive.name])
+
+
+def test_load_adapter_runs_no_code_from_the_folder(trained_run, tmp_path):
+    """The documented load needed trust_remote_code=True, which ran a module file named by a tampered router
+    config without a warning."""
+    from cubecore.errors import CubecoreError
+    from cubecore.model.adapter import load_adapter
+
+    out = tmp_path / "st"
+    export.export_run(trained_run, out)
+    expected, teacher, _ = trainer_prediction(trained_run, QUESTIONS, "best")
+    model = load_adapter(out)
+    torch.testing.assert_close(model.encode_query(QUESTIONS, convert_to_tensor=True), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.encode_document(QUESTIONS, convert_to_tensor=True), teacher, atol=1e-6, rtol=0)
+    ran = tmp_path / "ran"
+    (out / "evil.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(ran)!r}).write_text('ran')\n"
+        "from cubecore.model.adapter import CubeAdapter as Evil\n")
+    router = json.loads((out / "router_config.json").read_text())
+    cube = next(name for name, ref in router["types"].items() if ref.endswith("CubeAdapter"))
+    router["types"][cube] = "evil.Evil"
+    (out / "router_config.json").write_text(json.dumps(router))
+    with pytest.raises(CubecoreError, match="router_config.json.*evil.Evil"):
+        load_adapter(out)
+    assert not ran.exists()
+    router["types"][cube] = "cubecore.model.adapter.CubeAdapter"
+    (out / "router_config.json").write_text(json.dumps(router))
+    modules = json.loads((out / "modules.json").read_text())
+    modules[0]["type"] = "evil.Evil"
+    (out / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(CubecoreError, match="modules.json.*evil.Evil"):
+        load_adapter(out)
+    assert not ran.exists()
