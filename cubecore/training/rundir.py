@@ -25,6 +25,7 @@ from typing import List, Optional
 
 from ..atomic import atomic_write_text, remove_stale_staging
 from ..errors import CubecoreError, InvalidValueError
+from .checkpoint import is_checkpoint_file
 
 # Every file a run writes, by role: the one place their names are written.
 FILE_NAMES = {"config": "config.yaml", "metrics_csv": "metrics.csv", "metrics_jsonl": "metrics.jsonl",
@@ -37,7 +38,6 @@ RUN_FILES = tuple(FILE_NAMES.values())
 OUTPUTS = ("curves", "rollout", "report", "model", "results")
 MARKER = FILE_NAMES["marker"]
 CHECKPOINTS = (FILE_NAMES["last"], FILE_NAMES["best"])
-CHECKPOINT_MAGIC = b"CUBECORE-CHECKPOINT"  # the start of every checkpoint file's header (training.checkpoint)
 log = logging.getLogger("cubecore")
 
 
@@ -70,20 +70,13 @@ class RunFiles:
         return next((self.root / name for name in CHECKPOINTS if (self.root / name).is_file()), None)
 
     def is_cubecore_run(self) -> bool:
-        """Whether the folder is marked as a cubecore run, or (a run from before the marker) holds a file with
-        a cubecore checkpoint's header, or (a --seeds study from before the marker) a seed folder that is one."""
+        """Whether the folder is marked as a cubecore run, or (a run from before the marker) holds a cubecore
+        checkpoint, or (a --seeds study from before the marker) a seed folder that is one."""
         if self.marker.is_file():
             return True
         if any(RunFiles(folder).is_cubecore_run() for folder in self.root.glob("seed-*") if folder.is_dir()):
             return True
-        for name in CHECKPOINTS:
-            try:
-                with open(self.root / name, "rb") as f:
-                    if f.read(len(CHECKPOINT_MAGIC)) == CHECKPOINT_MAGIC:
-                        return True
-            except OSError:
-                continue
-        return False
+        return any(is_checkpoint_file(self.root / name) for name in CHECKPOINTS)
 
     def mark(self, **info) -> None:
         """Mark the folder as a cubecore run (``info``: what else the marker says)."""

@@ -51,7 +51,11 @@ def test_a_malicious_checkpoint_runs_nothing(tmp_path, fake_teacher, dialogue_fi
     inner = buffer.getvalue()  # an evil payload under a correct header and checksum
     (tmp_path / "wrapped.pt").write_bytes(MAGIC + hashlib.sha256(inner).hexdigest().encode() + b"\n" + inner)
     torch.save(_Evil(marker), tmp_path / "plain.pt")
-    for name in ("wrapped.pt", "plain.pt"):
+    from cubecore.training.checkpoint import TRAILER
+
+    inner = inner[:-2] + (len(TRAILER) + 64).to_bytes(2, "little")  # an evil torch file with a correct trailer
+    (tmp_path / "trailed.pt").write_bytes(inner + TRAILER + hashlib.sha256(inner).hexdigest().encode())
+    for name in ("wrapped.pt", "plain.pt", "trailed.pt"):
         with pytest.raises(CheckpointError, match="refused"):
             CubeTrainer.from_checkpoint(tmp_path / name)
         assert evaluate_cli.main([str(tmp_path / name)]) == 2
@@ -76,11 +80,36 @@ def test_every_damaged_byte_of_a_checkpoint_is_an_error_naming_the_file(tmp_path
 def test_a_damaged_header_or_a_directory_is_named_as_such_not_as_malicious(tmp_path):
     trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
     trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    from cubecore.training.checkpoint import TRAILER_SIZE
+
     data = bytearray(trainer.save_checkpoint(tmp_path / "ck.pt").read_bytes())
-    data[5] ^= 1
+    data[-TRAILER_SIZE + 5] ^= 1
     (tmp_path / "header.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="header is damaged"):
+    with pytest.raises(CheckpointError, match="checksum is damaged"):
         CubeTrainer.from_checkpoint(tmp_path / "header.pt")
     (tmp_path / "adir.pt").mkdir()
     with pytest.raises(CheckpointError, match="is a directory"):
         CubeTrainer.from_checkpoint(tmp_path / "adir.pt")
+
+
+def test_a_checkpoint_is_a_plain_torch_file(tmp_path):
+    """The docs said a checkpoint loads with torch.load(weights_only=True); its header line made torch.load fail
+    (and torch's hint, weights_only=False, failed too)."""
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=1))
+    trainer.fit((torch.randn(20, 12), torch.randn(20, 12)), progress=False)
+    path = trainer.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["model"].keys() == trainer.model.state_dict().keys()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(state["model"][name], tensor), name
+
+
+def test_a_checkpoint_of_the_previous_format_still_loads():
+    """tests/fixtures/legacy_run/last.pt: a header line with the checksum before the torch file."""
+    from pathlib import Path
+
+    from cubecore.training.checkpoint import MAGIC
+
+    path = Path(__file__).parents[1] / "fixtures" / "legacy_run" / "last.pt"
+    assert path.read_bytes().startswith(MAGIC)
+    assert CubeTrainer.from_checkpoint(path).epoch > 0
