@@ -45,10 +45,7 @@ CUBECORE_HD void slot_offset(int64_t neighbourhood, int slot, int* dx, int* dy, 
   else *dz = d;
 }
 
-// Inputs of a cell's first layer: the states of its slots, then its external input (W1 has this many columns).
-CUBECORE_HD int64_t inputs_per_cell(int64_t S, int64_t E) { return kSlots * S + E; }
-
-// The largest state size the CUDA kernels take: their general kernels keep a cell's state change in a
+// The largest state size the CUDA kernels take: their backward gather keeps a cell's state gradient in a
 // per-thread array of this length.  Python reads it from the extension (cubecore.ops.CUDA_MAX_STATE).
 constexpr int kMaxCudaState = 64;
 
@@ -72,47 +69,21 @@ CUBECORE_HD int64_t cell_read(int64_t x, int64_t y, int64_t z, int dx, int dy, i
   return (u < 0 || v < 0 || w < 0) ? -1 : (u * Y + v) * Z + w;
 }
 
-// Cell index (within one sample, row-major over X, Y, Z) read by cell (x, y, z) through von Neumann `slot`,
-// or -1 for zeros.  Slot 6 is the cell itself.
-CUBECORE_HD int64_t neighbour_index(int64_t x, int64_t y, int64_t z, int slot, int64_t X, int64_t Y,
-                                    int64_t Z, int64_t boundary) {
-  const int64_t d = (slot & 1) ? 1 : -1;
-  switch (slot) {
-    case 0:
-    case 1: {
-      const int64_t v = neighbour_coord(x, d, X, boundary);
-      return v < 0 ? -1 : (v * Y + y) * Z + z;
-    }
-    case 2:
-    case 3: {
-      const int64_t v = neighbour_coord(y, d, Y, boundary);
-      return v < 0 ? -1 : (x * Y + v) * Z + z;
-    }
-    case 4:
-    case 5: {
-      const int64_t v = neighbour_coord(z, d, Z, boundary);
-      return v < 0 ? -1 : (x * Y + y) * Z + v;
-    }
-    default:
-      return (x * Y + y) * Z + z;
+// The CUDA backward gathers instead of scattering: the coordinates r on an axis of length n that read the
+// coordinate c through offset d (neighbour_coord(r, d, n, boundary) == c), into out[0..4), their number
+// returned.  Besides r = c - d these are the wrapped c - d (circular), c itself (replicate, at an edge) and
+// c + d (reflect: the edge cell reads its mirror); every candidate is checked, so small axes come out right.
+CUBECORE_HD int readers_on_axis(int64_t c, int d, int64_t n, int64_t boundary, int64_t* out) {
+  const int64_t candidates[4] = {c - d, ((c - d) % n + n) % n, c, c + d};
+  int count = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = candidates[i];
+    if (r < 0 || r >= n || neighbour_coord(r, d, n, boundary) != c) continue;
+    bool seen = false;
+    for (int j = 0; j < count; ++j) seen = seen || out[j] == r;
+    if (!seen) out[count++] = r;
   }
-}
-
-// The CUDA backward gathers instead of scattering: for a cell at `c` on an axis of length `n`, the cells
-// that read it through the slot with offset `d` are at most two: the one at `c - d` (`*other`, or -1 if
-// none) and the cell itself (`*self` true) where a replicating edge makes it read itself.  (For zeros,
-// circular and replicate boundaries only: the CUDA kernels do not take reflect.)
-CUBECORE_HD void readers_through_slot(int64_t c, int64_t d, int64_t n, int64_t boundary, int64_t* other,
-                                      bool* self) {
-  const int64_t back = c - d;
-  *self = false;
-  *other = -1;
-  if (back >= 0 && back < n) {
-    *other = back;
-  } else if (boundary == kCircular) {
-    *other = back < 0 ? back + n : back - n;
-  }
-  if (boundary == kReplicate && (c + d < 0 || c + d >= n)) *self = true;
+  return count;
 }
 
 // Where forward step t (of `steps`) writes its states.  With a kept trajectory [steps + 1][state], its slot

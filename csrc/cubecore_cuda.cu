@@ -1,19 +1,33 @@
-// CUDA kernels of the lattice propagation op (float32 and float64), in two sets behind one op.
+// CUDA kernels of the lattice propagation op (float32 and float64): the whole rule family (see
+// cubecore/ops/reference.py and csrc/cpu_kernels.h) in one kernel family.
 //
-// The fast kernels (compiled for (S, H) in with_fast_sizes) keep the weights in shared memory and a cell's
-// vectors in registers; the general kernels take every other size.  Both: the forward runs all T steps of
-// one sample in one block where its lattice fits in shared memory and B blocks occupy the GPU at least as
-// well as per-step launches would, else one launch per step, one thread per cell.
-// General backward, per step from the last: (A) one thread per cell recomputes the step from the saved state
-// once, keeping its hidden activations, the gradient at W2's pre-activation and at W1's pre-activation (in
-// global scratch rows); (B) one thread per cell pulls the pre-activation gradients of the cells that read it
-// back through W1 (a gather: no atomics on states); (C) one thread per (weight, chunk of cells) sums that
-// weight's gradient terms over its chunk in a register and adds the sum to its own slot of a [chunks,
-// weights] table.  The fast backward fuses A and C per block (see the fast kernels' section) into a
-// [blocks, weights] table.  After the last step (D) sums the table in a fixed order.  No atomics anywhere:
-// the gradients are the same bits on every run of a given GPU (the tables' shapes follow its SM count and
-// shared memory), and the general path keeps no weight gradient in shared memory (no size limit but
-// S <= kMaxState).
+// Every kernel is a template over the state size L, compiled for the common sizes (with_cuda_state_length:
+// S = 8, 16, 20) and once with L = 0 for every other size, as the CPU kernels' with_state_length does.  A
+// thread works on one cell at a time; the vectors of its cell (perception, hidden activations, change, and in
+// the backward their gradients) live in a row of its own ("scratch row"), in shared memory where a block's
+// rows fit, else in a global buffer (the same code: a row is a pointer).  Weights are read from global memory:
+// every thread of a warp reads the same weight at once (a broadcast from L1).
+//
+// Forward: all T steps of one sample in one block where its states, input and rows fit in shared memory and B
+// blocks keep the GPU at least as busy as per-step launches would (forward_fused_kernel); else one launch per
+// step, one thread per cell (forward_step_kernel), and with alive masks two more per step (alive_kernel: the
+// mask from the states before and after; bury_kernel: dead cells take the dead state).  Fire masks come in as
+// bytes ([T][N]); the alive masks go out as bytes ([T][N], kept with the trajectory for the backward).
+//
+// Backward, per step from the last: (A+C) backward_tile_kernel: a block takes tiles of blockDim.x cells in
+// turn; per tile each thread recomputes its cell's step in its row, pushes the upstream gradient back to the
+// first layer (the change, the hidden layers, the perception), adds the external input's gradient, leaves
+// what its readers need (W1's input gradient dH1, or the perception's gradient) in a global [N] buffer; then,
+// after a barrier, thread w sums weight w's terms over the tile's rows in a register and adds the sum to
+// partial[block, w], a slot no other block writes.  (B) backward_gather_kernel: one thread per cell pulls
+// its state gradient from the cells that read it (a gather: no atomics on states).  After the last step
+// (D) reduce_partials_kernel sums the [blocks, weights] table in block order.  No atomics anywhere: the
+// gradients are the same bits on every run of a given GPU (the table's shape follows its SM count and
+// shared memory), whatever order threads, warps and blocks run in.
+//
+// The choices (compile-time size or not, fused or per-step forward, rows in shared or global memory, threads
+// and blocks) are made once per call from the sizes and the device; cubecore_cuda_force_paths (a test hook, a
+// plain C function) overrides them.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,25 +35,50 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "cell_rule.h"
 #include "op_args.h"
 
 namespace cubecore {
-
-
-
 namespace {
 
-constexpr int kMaxState = kMaxCudaState;  // a cell's state change lives in a per-thread array
 constexpr int kThreads = 256;
 
+// What cubecore_cuda_force_paths sets (tests); zeros: the choices the sizes make.
+struct ForcedPaths {
+  int runtime_sizes = 0;        // 1: the L = 0 kernels for every size
+  int global_rows = 0;          // 1: scratch rows in global memory even where they fit in shared memory
+  int forward = 0;              // 0: as the sizes choose; 1: per step; 2: fused wherever it fits
+  int64_t backward_blocks = 0;  // > 0: at most this many blocks in the backward (a block then takes more tiles)
+};
+ForcedPaths forced_paths;
+
+// The problem of one call: sizes and the rule's codes.
 struct Dims {
-  int64_t B, X, Y, Z, S, E, H, K, cells, N;
-  int64_t boundary, activation, update;
-  double step_size;
+  int64_t B, X, Y, Z, S, E, K, F, H1, H2, In, SI, cells, N;
+  int64_t neighbourhood, boundary, activation, output_activation, update, alive_channel;
+  double step_size, alive_threshold;
+  int64_t stride;  // values of a scratch row (odd, so that rows of neighbouring threads fall in other banks)
+};
+
+// A scratch row: [perception SF | h1 H1 | h2 H2 | change S | dh2 H2 | dh1 H1 | dperception SF]; the change's
+// slot takes its gradient in the backward.  Offsets:
+__host__ __device__ __forceinline__ int64_t row_h1(const Dims& d) { return d.S * d.F; }
+__host__ __device__ __forceinline__ int64_t row_h2(const Dims& d) { return row_h1(d) + d.H1; }
+__host__ __device__ __forceinline__ int64_t row_change(const Dims& d) { return row_h2(d) + d.H2; }
+__host__ __device__ __forceinline__ int64_t row_dh2(const Dims& d) { return row_change(d) + d.S; }
+__host__ __device__ __forceinline__ int64_t row_dh1(const Dims& d) { return row_dh2(d) + d.H2; }
+__host__ __device__ __forceinline__ int64_t row_dperception(const Dims& d) { return row_dh1(d) + d.H1; }
+__host__ __device__ __forceinline__ int64_t row_length(const Dims& d) { return row_dperception(d) + d.S * d.F; }
+
+// The weights, as the op takes them: perception [S][F][K] (nullptr: concat), w1 [H1][In], b1, wh [H2][H1] and
+// bh (nullptr: one hidden layer), wo [S][Hlast], bo; dead [S], the state of a dead cell.
+template <typename T>
+struct Net {
+  const T *wp, *w1, *b1, *wh, *bh, *wo, *bo, *dead;
 };
 
 template <typename T>
@@ -57,6 +96,16 @@ __device__ __forceinline__ T activation_grad(T a, int64_t activation) {
   return a * (T(1) - a);
 }
 
+template <typename T>
+__device__ __forceinline__ T output_activate(T v, int64_t output_activation) {
+  return output_activation == kOutputTanh ? tanh(v) : v;
+}
+
+template <typename T>
+__device__ __forceinline__ T output_slope(T c, int64_t output_activation) {
+  return output_activation == kOutputTanh ? T(1) - c * c : T(1);
+}
+
 __device__ __forceinline__ void decode(const Dims& d, int64_t n, int64_t* b, int64_t* x, int64_t* y, int64_t* z) {
   int64_t rest = n;
   *z = rest % d.Z;
@@ -67,65 +116,159 @@ __device__ __forceinline__ void decode(const Dims& d, int64_t n, int64_t* b, int
   *b = rest / d.X;
 }
 
-// Pre-activation of hidden unit j of the cell whose seven source rows are `src` (nullptr: zeros).
-template <typename T>
-__device__ __forceinline__ T hidden_pre(const Dims& d, const T* const* src, const T* u, const T* w1, const T* b1,
-                                        int64_t j) {
-  const T* wr = w1 + j * d.K;
-  T a = b1[j];
-  for (int slot = 0; slot < kSlots; ++slot) {
-    const T* p = src[slot];
-    if (p == nullptr) continue;
-    const T* ws = wr + slot * d.S;
-    for (int64_t c = 0; c < d.S; ++c) a += ws[c] * p[c];
+// The cell (index over the batch) that cell n = (b; x, y, z) reads through each slot, -1 for zeros.
+__device__ __forceinline__ void find_slots(const Dims& d, int64_t n, int* nbr) {
+  int64_t b, x, y, z;
+  decode(d, n, &b, &x, &y, &z);
+  for (int k = 0; k < d.K; ++k) {
+    int dx, dy, dz;
+    slot_offset(d.neighbourhood, k, &dx, &dy, &dz);
+    const int64_t m = cell_read(x, y, z, dx, dy, dz, d.X, d.Y, d.Z, d.boundary);
+    nbr[k] = m < 0 ? -1 : static_cast<int>(b * d.cells + m);
   }
-  const T* we = wr + kSlots * d.S;
-  for (int64_t e = 0; e < d.E; ++e) a += we[e] * u[e];
-  return a;
 }
 
-// The cell change c = tanh(W2 act(W1 x + b1) + b2) of one cell, into chg[0..S); the hidden activations
-// also into hidden[0..H) where it is given (the backward keeps them).
-template <typename T>
-__device__ __forceinline__ void cell_change(const Dims& d, const T* const* src, const T* u, const T* w1,
-                                            const T* b1, const T* w2, const T* b2, T* chg, T* hidden = nullptr) {
-  for (int64_t i = 0; i < d.S; ++i) chg[i] = b2[i];
-  for (int64_t j = 0; j < d.H; ++j) {
-    const T h = activate(hidden_pre(d, src, u, w1, b1, j), d.activation);
-    if (hidden != nullptr) hidden[j] = h;
-    for (int64_t i = 0; i < d.S; ++i) chg[i] += w2[i * d.H + j] * h;
+// The step of one cell: its perception, hidden activations and change (after the output activation) into
+// its row.  `states` holds the cells nbr[] index (nbr = -1: zeros), `u` is its external input.
+template <int L, typename T>
+__device__ __forceinline__ void cell_forward(const Dims& d, const Net<T>& w, const T* states, const int* nbr,
+                                             const T* u, T* row) {
+  const int64_t S = L > 0 ? L : d.S, K = d.K, F = d.F, SF = S * F, H1 = d.H1, H2 = d.H2, In = d.In, SI = d.SI;
+  T* perception = row;
+  T* h1 = row + row_h1(d);
+  T* h2 = row + row_h2(d);
+  T* change = row + row_change(d);
+  if (F > 0) {  // perception[c*F + f] = sum over slots k of wp[c][f][k] * state_k[c]
+    for (int64_t cf = 0; cf < SF; ++cf) {
+      const int64_t c = cf / F;
+      const T* wk = w.wp + cf * K;
+      T a = T(0);
+      for (int k = 0; k < K; ++k)
+        if (nbr[k] >= 0) a += wk[k] * states[static_cast<int64_t>(nbr[k]) * S + c];
+      perception[cf] = a;
+    }
   }
-  for (int64_t i = 0; i < d.S; ++i) chg[i] = tanh(chg[i]);
-}
-
-// Source rows of cell (x, y, z) of a sample whose states start at `sample`.
-template <typename T>
-__device__ __forceinline__ void sources(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z,
-                                        const T** src) {
+  for (int64_t j = 0; j < H1; ++j) {
+    const T* wr = w.w1 + j * In;
+    T a = w.b1[j];
+    if (F > 0) {
+      for (int64_t i = 0; i < SF; ++i) a += wr[i] * perception[i];
+    } else {
+      for (int k = 0; k < K; ++k) {
+        if (nbr[k] < 0) continue;
+        const T* p = states + static_cast<int64_t>(nbr[k]) * S;
+        const T* ws = wr + k * S;
 #pragma unroll
-  for (int slot = 0; slot < kSlots; ++slot) {
-    const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
-    src[slot] = m < 0 ? nullptr : sample + m * d.S;
+        for (int64_t c = 0; c < S; ++c) a += ws[c] * p[c];
+      }
+    }
+    for (int64_t e = 0; e < d.E; ++e) a += wr[SI + e] * u[e];
+    h1[j] = activate(a, d.activation);
   }
+  const T* last = h1;
+  if (H2 > 0) {
+    for (int64_t i = 0; i < H2; ++i) {
+      const T* wr = w.wh + i * H1;
+      T a = w.bh[i];
+      for (int64_t j = 0; j < H1; ++j) a += wr[j] * h1[j];
+      h2[i] = activate(a, d.activation);
+    }
+    last = h2;
+  }
+  const int64_t Hl = H2 > 0 ? H2 : H1;
+#pragma unroll
+  for (int64_t i = 0; i < S; ++i) {
+    const T* wr = w.wo + i * Hl;
+    T a = w.bo[i];
+    for (int64_t j = 0; j < Hl; ++j) a += wr[j] * last[j];
+    change[i] = output_activate(a, d.output_activation);
+  }
+}
+
+// The new state of a cell from its old one and its change: where it fires, the change ("replace") or the old
+// state plus step_size times it ("residual"); elsewhere the old state.
+template <int L, typename T>
+__device__ __forceinline__ void store_step(const Dims& d, const T* change, const T* cur, bool fires, T* next) {
+  const int64_t S = L > 0 ? L : d.S;
+  const T step = static_cast<T>(d.step_size);
+#pragma unroll
+  for (int64_t i = 0; i < S; ++i)
+    next[i] = !fires ? cur[i] : d.update == kReplace ? change[i] : cur[i] + step * change[i];
+}
+
+// Whether the alive channel exceeds the threshold somewhere in the 3x3x3 block of cell (x, y, z) of a sample
+// whose states start at `sample` (cells beyond the lattice ignored, whatever the boundary).
+template <typename T>
+__device__ __forceinline__ bool alive_at(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z) {
+  const T threshold = static_cast<T>(d.alive_threshold);
+  for (int64_t u = x > 0 ? x - 1 : 0; u <= (x + 1 < d.X ? x + 1 : d.X - 1); ++u)
+    for (int64_t v = y > 0 ? y - 1 : 0; v <= (y + 1 < d.Y ? y + 1 : d.Y - 1); ++v)
+      for (int64_t t = z > 0 ? z - 1 : 0; t <= (z + 1 < d.Z ? z + 1 : d.Z - 1); ++t)
+        if (sample[((u * d.Y + v) * d.Z + t) * d.S + d.alive_channel] > threshold) return true;
+  return false;
+}
+
+// Where a kernel's scratch rows are: in the block's dynamic shared memory (global == nullptr), else its
+// block's part of a global buffer.  Rows of values first, then K ints per thread (the slots' cells).
+template <typename T>
+struct Rows {
+  T* values;
+  int* slots;
+  __device__ __forceinline__ T* row(int64_t r, const Dims& d) const { return values + r * d.stride; }
+  __device__ __forceinline__ int* nbr(int64_t r, const Dims& d) const { return slots + r * d.K; }
+};
+
+template <typename T>
+__device__ __forceinline__ Rows<T> block_rows(const Dims& d, unsigned char* shared, T* global_values,
+                                              int* global_slots) {
+  const int64_t threads = blockDim.x;
+  if (global_values == nullptr) {
+    T* values = reinterpret_cast<T*>(shared);
+    return {values, reinterpret_cast<int*>(values + threads * d.stride)};
+  }
+  return {global_values + blockIdx.x * threads * d.stride, global_slots + blockIdx.x * threads * d.K};
 }
 
 // ---- forward ---------------------------------------------------------------------------------------------
 
+// One step, one thread per cell: state -> out, the change applied where fire (this step's bytes, [N], or
+// nullptr: everywhere) is set.
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) forward_step_kernel(Dims d, Net<T> w, const T* __restrict__ state,
+                                                                const T* __restrict__ external,
+                                                                const uint8_t* __restrict__ fire, T* __restrict__ out,
+                                                                T* global_values, int* global_slots) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Rows<T> rows = block_rows<T>(d, smem_raw, global_values, global_slots);
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= d.N) return;
+  const int64_t S = L > 0 ? L : d.S;
+  T* row = rows.row(threadIdx.x, d);
+  int* nbr = rows.nbr(threadIdx.x, d);
+  find_slots(d, n, nbr);
+  cell_forward<L>(d, w, state, nbr, external + n * d.E, row);
+  store_step<L>(d, row + row_change(d), state + n * S, fire == nullptr || fire[n], out + n * S);
+}
+
+// The alive masks of one step, one thread per cell: life[n] = alive in `before` and in `after`.
 template <typename T>
-__global__ void forward_step_kernel(Dims d, const T* __restrict__ state, const T* __restrict__ external,
-                                    const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2,
-                                    const T* __restrict__ b2, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) alive_kernel(Dims d, const T* __restrict__ before,
+                                                         const T* __restrict__ after, uint8_t* __restrict__ life) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= d.N) return;
   int64_t b, x, y, z;
   decode(d, n, &b, &x, &y, &z);
-  const T* src[kSlots];
-  sources(d, state + b * d.cells * d.S, x, y, z, src);
-  T chg[kMaxState];
-  cell_change(d, src, external + n * d.E, w1, b1, w2, b2, chg);
-  const T step = static_cast<T>(d.step_size);
-  for (int64_t i = 0; i < d.S; ++i)
-    out[n * d.S + i] = d.update == kReplace ? chg[i] : state[n * d.S + i] + step * chg[i];
+  const int64_t sample = b * d.cells * d.S;
+  life[n] = alive_at(d, before + sample, x, y, z) && alive_at(d, after + sample, x, y, z);
+}
+
+// Dead cells (life[n] = 0) take the dead state.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bury_kernel(Dims d, const T* __restrict__ dead,
+                                                        const uint8_t* __restrict__ life, T* __restrict__ state) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= d.N || life[n]) return;
+  for (int64_t i = 0; i < d.S; ++i) state[n * d.S + i] = dead[i];
 }
 
 // The fused forward's output for this block's sample after step t (t = -1: the initial state): trajectory
@@ -139,44 +282,286 @@ __device__ __forceinline__ void save_fused_step(const Dims& d, int64_t t, int64_
   for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) dst[i] = state[i];
 }
 
-// All T steps of one sample in one block: states ping-pong between two shared-memory buffers.
-// trajectory: [T + 1, B, cells, S] when keep, else [1, B, cells, S] (the final state only).
+// Shared memory of the fused forward: the two state buffers, the external input, a byte per cell for the
+// alive masks (rounded to 16 bytes), then the threads' rows.
 template <typename T>
-__global__ void forward_fused_kernel(Dims d, int64_t steps, bool keep, const T* __restrict__ state,
-                                     const T* __restrict__ external, const T* __restrict__ w1,
-                                     const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2,
-                                     T* __restrict__ trajectory) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  const int64_t per_sample = d.cells * d.S;
-  T* buf[2] = {smem, smem + per_sample};
-  T* ext = smem + 2 * per_sample;
-  const int64_t b = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) buf[0][i] = state[b * per_sample + i];
-  for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
-  __syncthreads();
-  const T step = static_cast<T>(d.step_size);
-  for (int64_t t = 0; t < steps; ++t) {
-    const T* cur = buf[t & 1];
-    T* next = buf[(t + 1) & 1];
-    for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
-      const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
-      const T* src[kSlots];
-      sources(d, cur, x, y, z, src);
-      T chg[kMaxState];
-      cell_change(d, src, ext + cell * d.E, w1, b1, w2, b2, chg);
-      for (int64_t i = 0; i < d.S; ++i)
-        next[cell * d.S + i] = d.update == kReplace ? chg[i] : cur[cell * d.S + i] + step * chg[i];
-    }
-    __syncthreads();
-    save_fused_step(d, t, steps, keep, next, trajectory);
-  }
-  if (keep) save_fused_step(d, -1, steps, keep, state + blockIdx.x * d.cells * d.S, trajectory);
+__host__ __device__ __forceinline__ size_t fused_state_bytes(const Dims& d) {
+  const size_t values = sizeof(T) * static_cast<size_t>(2 * d.cells * d.S + d.cells * d.E);
+  const size_t life = d.alive_channel >= 0 ? static_cast<size_t>(d.cells) : 0;
+  return (values + life + 15) / 16 * 16;
 }
 
 template <typename T>
-size_t fused_shared_bytes(const Dims& d) {
-  return sizeof(T) * static_cast<size_t>(2 * d.cells * d.S + d.cells * d.E);
+__host__ __device__ __forceinline__ size_t row_bytes(const Dims& d) {
+  return sizeof(T) * static_cast<size_t>(d.stride) + sizeof(int) * static_cast<size_t>(d.K);
+}
+
+// All T steps of one sample in one block: states ping-pong between two shared-memory buffers.
+// trajectory: [T + 1, B, cells, S] when keep, else [1, B, cells, S] (the final state only); life: [T][N] when
+// keep, else nullptr.
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) forward_fused_kernel(Dims d, Net<T> w, int64_t steps, bool keep,
+                                                                 const T* __restrict__ state,
+                                                                 const T* __restrict__ external,
+                                                                 const uint8_t* __restrict__ fire,
+                                                                 uint8_t* __restrict__ life,
+                                                                 T* __restrict__ trajectory) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t S = L > 0 ? L : d.S, per_sample = d.cells * S, b = blockIdx.x, first = b * d.cells;
+  T* const even = reinterpret_cast<T*>(smem_raw);  // the states of steps 0, 2, 4, ...
+  T* const odd = even + per_sample;                 // and of steps 1, 3, 5, ...
+  T* const ext = odd + per_sample;
+  uint8_t* const lives = reinterpret_cast<uint8_t*>(ext + d.cells * d.E);
+  const Rows<T> rows = block_rows<T>(d, smem_raw + fused_state_bytes<T>(d), nullptr, nullptr);
+  T* row = rows.row(threadIdx.x, d);
+  int* nbr = rows.nbr(threadIdx.x, d);
+  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) even[i] = state[b * per_sample + i];
+  for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[first * d.E + i];
+  __syncthreads();
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* cur = (t & 1) ? odd : even;
+    T* next = (t & 1) ? even : odd;
+    for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
+      find_slots(d, cell, nbr);  // indices within the sample: cell < cells
+      cell_forward<L>(d, w, cur, nbr, ext + cell * d.E, row);
+      const bool fires = fire == nullptr || fire[t * d.N + first + cell];
+      store_step<L>(d, row + row_change(d), cur + cell * S, fires, next + cell * S);
+    }
+    __syncthreads();
+    if (d.alive_channel >= 0) {  // every cell's result first, then the masks (they read neighbours), then burial
+      for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
+        const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
+        const bool lived = alive_at(d, cur, x, y, z) && alive_at(d, next, x, y, z);
+        lives[cell] = lived;
+        if (life != nullptr) life[t * d.N + first + cell] = lived;
+      }
+      __syncthreads();
+      for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x)
+        if (!lives[cell])
+          for (int64_t i = 0; i < S; ++i) next[cell * S + i] = w.dead[i];
+      __syncthreads();
+    }
+    save_fused_step(d, t, steps, keep, next, trajectory);
+  }
+  if (keep) save_fused_step(d, -1, steps, keep, state + b * per_sample, trajectory);
+}
+
+// ---- backward --------------------------------------------------------------------------------------------
+
+// The weight gradients as one flat vector [wp (S*F*K) | w1 (H1*In) | b1 (H1) | wh (H2*H1) | bh (H2) |
+// wo (S*Hlast) | bo (S)].
+struct WeightOffsets {
+  int64_t wp, w1, b1, wh, bh, wo, bo, count;
+};
+
+__host__ __device__ __forceinline__ WeightOffsets weight_offsets(const Dims& d) {
+  WeightOffsets o;
+  o.wp = 0;
+  o.w1 = o.wp + d.S * d.F * d.K;
+  o.b1 = o.w1 + d.H1 * d.In;
+  o.wh = o.b1 + d.H1;
+  o.bh = o.wh + d.H2 * d.H1;
+  o.wo = o.bh + d.H2;
+  o.bo = o.wo + d.S * (d.H2 > 0 ? d.H2 : d.H1);
+  o.count = o.bo + d.S;
+  return o;
+}
+
+// Backward of one cell whose row holds its forward: the change's gradient (output slope times d next / d
+// change times the upstream gradient where a live cell fired, else zero) into the change's slot, then dh2,
+// dh1 and dperception; the external input's gradient added; what the cell's readers need into `send`.
+template <int L, typename T>
+__device__ __forceinline__ void cell_backward(const Dims& d, const Net<T>& w, int64_t n, bool gets_change,
+                                              const T* __restrict__ grad_out, T* row, T* grad_external, T* send) {
+  const int64_t S = L > 0 ? L : d.S, F = d.F, SF = S * F, H1 = d.H1, H2 = d.H2, In = d.In, SI = d.SI;
+  const T scale = !gets_change ? T(0) : d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
+  T* dchange = row + row_change(d);
+  T* h1 = row + row_h1(d);
+  T* h2 = row + row_h2(d);
+  T* dh1 = row + row_dh1(d);
+  T* dh2 = row + row_dh2(d);
+#pragma unroll
+  for (int64_t i = 0; i < S; ++i)
+    dchange[i] = scale * grad_out[n * S + i] * output_slope(dchange[i], d.output_activation);
+  const int64_t Hl = H2 > 0 ? H2 : H1;
+  T* dlast = H2 > 0 ? dh2 : dh1;
+  const T* last = H2 > 0 ? h2 : h1;
+  for (int64_t j = 0; j < Hl; ++j) {
+    T a = T(0);
+#pragma unroll
+    for (int64_t i = 0; i < S; ++i) a += w.wo[i * Hl + j] * dchange[i];
+    dlast[j] = a * activation_grad(last[j], d.activation);
+  }
+  if (H2 > 0) {
+    for (int64_t j = 0; j < H1; ++j) {
+      T a = T(0);
+      for (int64_t i = 0; i < H2; ++i) a += w.wh[i * H1 + j] * dh2[i];
+      dh1[j] = a * activation_grad(h1[j], d.activation);
+    }
+  }
+  for (int64_t e = 0; e < d.E; ++e) {
+    T a = T(0);
+    for (int64_t j = 0; j < H1; ++j) a += w.w1[j * In + SI + e] * dh1[j];
+    grad_external[n * d.E + e] += a;
+  }
+  if (F > 0) {
+    T* dperception = row + row_dperception(d);
+    for (int64_t i = 0; i < SF; ++i) {
+      T a = T(0);
+      for (int64_t j = 0; j < H1; ++j) a += w.w1[j * In + i] * dh1[j];
+      dperception[i] = a;
+      send[n * SF + i] = a;
+    }
+  } else {
+    for (int64_t j = 0; j < H1; ++j) send[n * H1 + j] = dh1[j];
+  }
+}
+
+// Passes A and C of one step, fused (see the top of the file).  fire, life: this step's bytes, or nullptr.
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) backward_tile_kernel(
+    Dims d, Net<T> w, const T* __restrict__ state, const T* __restrict__ external, const uint8_t* __restrict__ fire,
+    const uint8_t* __restrict__ life, const T* __restrict__ grad_out, T* __restrict__ grad_external,
+    T* __restrict__ send, T* __restrict__ partial, T* global_values, int* global_slots) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Rows<T> rows = block_rows<T>(d, smem_raw, global_values, global_slots);
+  const int64_t S = L > 0 ? L : d.S, F = d.F, K = d.K, H1 = d.H1, H2 = d.H2, In = d.In, SI = d.SI;
+  const int64_t Hl = H2 > 0 ? H2 : H1, C = blockDim.x, c = threadIdx.x, tiles = (d.N + C - 1) / C;
+  const WeightOffsets o = weight_offsets(d);
+  T* row = rows.row(c, d);
+  int* nbr = rows.nbr(c, d);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t n = tile * C + c;
+    if (n < d.N) {
+      find_slots(d, n, nbr);
+      cell_forward<L>(d, w, state, nbr, external + n * d.E, row);
+      const bool gets_change = (life == nullptr || life[n]) && (fire == nullptr || fire[n]);
+      cell_backward<L>(d, w, n, gets_change, grad_out, row, grad_external, send);
+    }
+    __syncthreads();
+    // Thread c sums weights c, c + C, ... over the tile's rows, in row order.
+    const int64_t count = d.N - tile * C < C ? d.N - tile * C : C;
+    for (int64_t wi = c; wi < o.count; wi += C) {
+      T acc = T(0);
+      if (wi < o.w1) {  // wp[ch][f][k]: dperception[ch*F + f] times the channel ch of the state slot k reads
+        const int64_t k = wi % K, cf = wi / K, ch = cf / F;
+        for (int64_t r = 0; r < count; ++r) {
+          const int m = rows.nbr(r, d)[k];
+          if (m >= 0) acc += rows.row(r, d)[row_dperception(d) + cf] * state[static_cast<int64_t>(m) * S + ch];
+        }
+      } else if (wi < o.b1) {  // w1[j][i]: dh1[j] times input i (a slot's state, the perception, the external)
+        const int64_t j = (wi - o.w1) / In, i = (wi - o.w1) % In;
+        for (int64_t r = 0; r < count; ++r) {
+          const T* rr = rows.row(r, d);
+          T in;
+          if (i >= SI) {
+            in = external[(tile * C + r) * d.E + (i - SI)];
+          } else if (F > 0) {
+            in = rr[i];
+          } else {
+            const int m = rows.nbr(r, d)[i / S];
+            in = m < 0 ? T(0) : state[static_cast<int64_t>(m) * S + i % S];
+          }
+          acc += rr[row_dh1(d) + j] * in;
+        }
+      } else if (wi < o.wh) {  // b1[j]
+        for (int64_t r = 0; r < count; ++r) acc += rows.row(r, d)[row_dh1(d) + (wi - o.b1)];
+      } else if (wi < o.bh) {  // wh[i][j]: dh2[i] times h1[j]
+        const int64_t i = (wi - o.wh) / H1, j = (wi - o.wh) % H1;
+        for (int64_t r = 0; r < count; ++r) {
+          const T* rr = rows.row(r, d);
+          acc += rr[row_dh2(d) + i] * rr[row_h1(d) + j];
+        }
+      } else if (wi < o.wo) {  // bh[i]
+        for (int64_t r = 0; r < count; ++r) acc += rows.row(r, d)[row_dh2(d) + (wi - o.bh)];
+      } else if (wi < o.bo) {  // wo[i][j]: dchange[i] times the last hidden activation j
+        const int64_t i = (wi - o.wo) / Hl, j = (wi - o.wo) % Hl;
+        const int64_t last = H2 > 0 ? row_h2(d) : row_h1(d);
+        for (int64_t r = 0; r < count; ++r) {
+          const T* rr = rows.row(r, d);
+          acc += rr[row_change(d) + i] * rr[last + j];
+        }
+      } else {  // bo[i]
+        for (int64_t r = 0; r < count; ++r) acc += rows.row(r, d)[row_change(d) + (wi - o.bo)];
+      }
+      partial[blockIdx.x * o.count + wi] += acc;
+    }
+    __syncthreads();  // the rows are rewritten by the next tile
+  }
+}
+
+// Pass B for one step: per cell n, its state gradient: its own path past the change (residual: where it
+// lived; replace: where it lived and did not fire) plus what its readers send back through each slot.
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) backward_gather_kernel(Dims d, Net<T> w, const uint8_t* __restrict__ fire,
+                                                                   const uint8_t* __restrict__ life,
+                                                                   const T* __restrict__ send,
+                                                                   const T* __restrict__ grad_out,
+                                                                   T* __restrict__ grad_in) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= d.N) return;
+  const int64_t S = L > 0 ? L : d.S, F = d.F, K = d.K, H1 = d.H1, In = d.In;
+  int64_t b, x, y, z;
+  decode(d, n, &b, &x, &y, &z);
+  const bool lived = life == nullptr || life[n], fired = fire == nullptr || fire[n];
+  const bool through = lived && (d.update == kResidual || !fired);
+  T acc[L > 0 ? L : kMaxCudaState];
+#pragma unroll
+  for (int64_t c = 0; c < S; ++c) acc[c] = through ? grad_out[n * S + c] : T(0);
+  for (int k = 0; k < K; ++k) {
+    int dx, dy, dz;
+    slot_offset(d.neighbourhood, k, &dx, &dy, &dz);
+    int64_t xs[4], ys[4], zs[4];
+    const int nx = readers_on_axis(x, dx, d.X, d.boundary, xs), ny = readers_on_axis(y, dy, d.Y, d.boundary, ys),
+              nz = readers_on_axis(z, dz, d.Z, d.boundary, zs);
+    for (int ix = 0; ix < nx; ++ix)
+      for (int iy = 0; iy < ny; ++iy)
+        for (int iz = 0; iz < nz; ++iz) {
+          const int64_t r = b * d.cells + (xs[ix] * d.Y + ys[iy]) * d.Z + zs[iz];
+          if (F > 0) {
+            const T* dp = send + r * S * F;
+#pragma unroll
+            for (int64_t c = 0; c < S; ++c)
+              for (int64_t f = 0; f < F; ++f) acc[c] += w.wp[(c * F + f) * K + k] * dp[c * F + f];
+          } else {
+            const T* dh = send + r * H1;
+            for (int64_t j = 0; j < H1; ++j) {
+              const T* ws = w.w1 + j * In + k * S;
+              const T v = dh[j];
+#pragma unroll
+              for (int64_t c = 0; c < S; ++c) acc[c] += ws[c] * v;
+            }
+          }
+        }
+  }
+#pragma unroll
+  for (int64_t c = 0; c < S; ++c) grad_in[n * S + c] = acc[c];
+}
+
+// Pass D, once after the last step: each weight's gradient is its column of the table summed in block order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(int64_t n_weights, int64_t blocks,
+                                                                   const T* __restrict__ partial,
+                                                                   T* __restrict__ grad_weights) {
+  const int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (w >= n_weights) return;
+  T acc = T(0);
+  for (int64_t c = 0; c < blocks; ++c) acc += partial[c * n_weights + w];
+  grad_weights[w] = acc;
+}
+
+// ---- launch choices ---------------------------------------------------------------------------------------
+
+// Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size (8 and
+// 16, the sizes cubecore's models use, and 20, the 3D artefacts NCA's), else with L = 0 (any size).
+template <class F>
+void with_cuda_state_length(int64_t S, bool runtime_only, F&& f) {
+  if (!runtime_only) {
+    if (S == 8) return f(std::integral_constant<int, 8>{});
+    if (S == 16) return f(std::integral_constant<int, 16>{});
+    if (S == 20) return f(std::integral_constant<int, 20>{});
+  }
+  f(std::integral_constant<int, 0>{});
 }
 
 int device_attribute(cudaDeviceAttr attribute) {
@@ -186,541 +571,17 @@ int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
-unsigned int blocks_for(int64_t n) { return blocks_of(n, kThreads); }
-
-// The fused forward runs one block per sample; it is chosen only where one sample fits in shared memory and
-// its B blocks keep at least as many SMs busy as the per-step launches would (B against the SM count): a few
-// samples of a large lattice go per step, spread over the whole GPU.
-// (`extra`: more shared bytes the kernel takes, the weights for the fast one.)
-template <typename T>
-bool use_fused_forward(const Dims& d, size_t extra = 0) {
-  if (fused_shared_bytes<T>(d) + extra > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)))
-    return false;
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  return d.B >= std::min<int64_t>(sms, blocks_for(d.N));
-}
-
-Dims make_dims(const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, int64_t boundary,
-               int64_t activation, int64_t update, double step_size) {
-  Dims d;
-  d.B = state.size(0);
-  d.X = state.size(1);
-  d.Y = state.size(2);
-  d.Z = state.size(3);
-  d.S = state.size(4);
-  d.E = external.size(4);
-  d.H = w1.size(0);
-  d.K = w1.size(1);
-  d.cells = d.X * d.Y * d.Z;
-  d.N = d.B * d.cells;
-  d.boundary = boundary;
-  d.activation = activation;
-  d.update = update;
-  d.step_size = step_size;
-  return d;
-}
-
-void check_cuda(const at::Tensor& state) {
-  TORCH_CHECK(state.is_cuda(), "the CUDA kernel needs CUDA tensors");
-  TORCH_CHECK(state.size(4) <= kMaxState, "the CUDA kernel supports state size S <= ", kMaxState, ", got ",
-              state.size(4));
-  TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
-              "the CUDA kernel supports float32 and float64, got ", state.scalar_type());
-}
-
-// ---- backward --------------------------------------------------------------------------------------------
-
-// Pass A for one step: per cell n, recompute the step once from the saved state, keeping the hidden
-// activations in hidden[n, H]; then the gradient at W2's pre-activation into dpre2[n, S] and at W1's
-// pre-activation into dhidden[n, H].
-template <typename T>
-__global__ void backward_cell_kernel(Dims d, const T* __restrict__ state, const T* __restrict__ external,
-                                     const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2,
-                                     const T* __restrict__ b2, const T* __restrict__ grad_out,
-                                     T* __restrict__ hidden, T* __restrict__ dpre2, T* __restrict__ dhidden) {
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= d.N) return;
-  int64_t b, x, y, z;
-  decode(d, n, &b, &x, &y, &z);
-  const T* src[kSlots];
-  sources(d, state + b * d.cells * d.S, x, y, z, src);
-  const T* u = external + n * d.E;
-  T* h = hidden + n * d.H;
-  T g[kMaxState];
-  cell_change(d, src, u, w1, b1, w2, b2, g, h);  // g: the change c, before it becomes c's gradient below
-  const T scale = d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
-  for (int64_t i = 0; i < d.S; ++i) {
-    g[i] = (T(1) - g[i] * g[i]) * scale * grad_out[n * d.S + i];
-    dpre2[n * d.S + i] = g[i];
-  }
-  for (int64_t j = 0; j < d.H; ++j) {
-    T dh = T(0);
-    for (int64_t i = 0; i < d.S; ++i) dh += w2[i * d.H + j] * g[i];
-    dhidden[n * d.H + j] = dh * activation_grad(h[j], d.activation);
-  }
-}
-
-// The dH rows (H values each, in dhidden) of the cells that read cell n = (b; x, y, z) through `slot`:
-// readers[0] its neighbour's (nullptr: none; slot 6: its own), readers[1] its own where it reads itself
-// through a reflecting edge (else nullptr).
-template <typename T>
-__device__ __forceinline__ void slot_readers(const Dims& d, int64_t n, int64_t b, int64_t x, int64_t y, int64_t z,
-                                             int slot, const T* dhidden, int64_t H, const T** readers) {
-  const T* own = dhidden + n * H;
-  readers[0] = readers[1] = nullptr;
-  if (slot == kSlots - 1) {
-    readers[0] = own;
-    return;
-  }
-  const int axis = slot / 2;
-  const int64_t coord = axis == 0 ? x : axis == 1 ? y : z, extent = axis == 0 ? d.X : axis == 1 ? d.Y : d.Z;
-  int64_t other;
-  bool self;
-  readers_through_slot(coord, (slot & 1) ? 1 : -1, extent, d.boundary, &other, &self);
-  if (other >= 0) {
-    const int64_t cx = axis == 0 ? other : x, cy = axis == 1 ? other : y, cz = axis == 2 ? other : z;
-    readers[0] = dhidden + (b * d.cells + (cx * d.Y + cy) * d.Z + cz) * H;
-  }
-  if (self) readers[1] = own;
-}
-
-// Pass B for one step: per cell, the state gradient pulled from the cells that read it, plus the residual
-// path; and the external input's gradient.
-template <typename T>
-__global__ void backward_gather_kernel(Dims d, const T* __restrict__ w1, const T* __restrict__ dhidden,
-                                       const T* __restrict__ grad_out,
-                                       T* __restrict__ grad_in, T* __restrict__ grad_external) {
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= d.N) return;
-  int64_t b, x, y, z;
-  decode(d, n, &b, &x, &y, &z);
-  const T* own = dhidden + n * d.H;
-  T acc[kMaxState];
-  for (int64_t c = 0; c < d.S; ++c) {
-    acc[c] = d.update == kResidual ? grad_out[n * d.S + c] : T(0);
-  }
-  for (int slot = 0; slot < kSlots; ++slot) {
-    const T* readers[2];
-    slot_readers(d, n, b, x, y, z, slot, dhidden, d.H, readers);
-    for (int r = 0; r < 2; ++r) {
-      const T* dh = readers[r];
-      if (dh == nullptr) continue;
-      for (int64_t j = 0; j < d.H; ++j) {
-        const T* ws = w1 + j * d.K + slot * d.S;
-        const T v = dh[j];
-        for (int64_t c = 0; c < d.S; ++c) acc[c] += ws[c] * v;
-      }
-    }
-  }
-  for (int64_t c = 0; c < d.S; ++c) grad_in[n * d.S + c] = acc[c];
-  for (int64_t e = 0; e < d.E; ++e) {
-    T g = T(0);
-    for (int64_t j = 0; j < d.H; ++j) g += w1[j * d.K + kSlots * d.S + e] * own[j];
-    grad_external[n * d.E + e] += g;
-  }
-}
-
-// The weight gradients as one flat vector [w1 (H*K) | b1 (H) | w2 (S*H) | b2 (S)].
-__host__ __device__ __forceinline__ int64_t weight_count(const Dims& d) {
-  return d.H * d.K + d.H + d.S * d.H + d.S;
-}
-
-// How pass C splits the cells: `chunks` chunks of `per_chunk` consecutive cells (the last may be shorter).
-// Fixed by the sizes alone, so that the summation order, and with it every bit of the result, is too.
-struct Chunking {
-  int64_t chunks, per_chunk;
-};
-
-constexpr int64_t kCellsPerChunk = 32;         // the fewest cells a chunk sums
-constexpr int64_t kMaxPartials = int64_t(1) << 22;  // entries of the [chunks, weights] table at most
-constexpr int64_t kMaxGridY = 65535;
-
-Chunking chunking(const Dims& d) {
-  const int64_t cap = std::max<int64_t>(1, std::min(kMaxGridY, kMaxPartials / weight_count(d)));
-  const int64_t wanted = std::min(cap, std::max<int64_t>(1, (d.N + kCellsPerChunk - 1) / kCellsPerChunk));
-  const int64_t per = std::max<int64_t>(1, (d.N + wanted - 1) / wanted);
-  return {(d.N + per - 1) / per, per};
-}
-
-// Pass C for one step: thread (w, chunk) sums weight w's gradient terms over its chunk of cells in a
-// register and adds the sum to partial[chunk, w], a slot no other thread writes.
-template <typename T>
-__global__ void backward_weight_kernel(Dims d, Chunking ch, const T* __restrict__ state,
-                                       const T* __restrict__ external, const T* __restrict__ hidden,
-                                       const T* __restrict__ dpre2, const T* __restrict__ dhidden,
-                                       T* __restrict__ partial) {
-  const int64_t n_weights = weight_count(d);
-  const int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (w >= n_weights) return;
-  const int64_t first = blockIdx.y * ch.per_chunk;
-  const int64_t last = first + ch.per_chunk < d.N ? first + ch.per_chunk : d.N;
-  T acc = T(0);
-  const int64_t w1_end = d.H * d.K, b1_end = w1_end + d.H, w2_end = b1_end + d.S * d.H;
-  if (w < w1_end) {  // w1[j, k]: dhidden[n, j] times the input k of cell n
-    const int64_t j = w / d.K, k = w % d.K;
-    const int slot = static_cast<int>(k / d.S);
-    for (int64_t n = first; n < last; ++n) {
-      T in;
-      if (slot < kSlots) {
-        int64_t b, x, y, z;
-        decode(d, n, &b, &x, &y, &z);
-        const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
-        in = m < 0 ? T(0) : state[(b * d.cells + m) * d.S + k % d.S];
-      } else {
-        in = external[n * d.E + (k - kSlots * d.S)];
-      }
-      acc += dhidden[n * d.H + j] * in;
-    }
-  } else if (w < b1_end) {  // b1[j]
-    const int64_t j = w - w1_end;
-    for (int64_t n = first; n < last; ++n) acc += dhidden[n * d.H + j];
-  } else if (w < w2_end) {  // w2[i, j]: dpre2[n, i] times hidden[n, j]
-    const int64_t i = (w - b1_end) / d.H, j = (w - b1_end) % d.H;
-    for (int64_t n = first; n < last; ++n) acc += dpre2[n * d.S + i] * hidden[n * d.H + j];
-  } else {  // b2[i]
-    const int64_t i = w - w2_end;
-    for (int64_t n = first; n < last; ++n) acc += dpre2[n * d.S + i];
-  }
-  partial[blockIdx.y * n_weights + w] += acc;
-}
-
-// Pass D, once after the last step: each weight's gradient is its column of the table summed in chunk order.
-template <typename T>
-__global__ void reduce_partials_kernel(int64_t n_weights, int64_t chunks, const T* __restrict__ partial,
-                                       T* __restrict__ grad_weights) {
-  const int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (w >= n_weights) return;
-  T acc = T(0);
-  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * n_weights + w];
-  grad_weights[w] = acc;
-}
-
-// ---- the fast kernels: compile-time S and H, weights on chip ----------------------------------------------
-//
-// For the common sizes (with_fast_sizes) the kernels below are compiled with S and H fixed: a cell's hidden
-// pre-activations, its state change and the source row being read live in registers (every loop over S or
-// H unrolls, so no array goes to local memory), and each block first copies the weights into shared memory,
-// where every thread of a warp reads the same weight at once (a broadcast).  Other sizes take the general
-// kernels above.  CUBECORE_CUDA_KERNELS=general forces those everywhere (for tests and comparisons).
-//
-// Backward: pass A and pass C become one kernel.  A block takes tiles of blockDim.x cells in turn; per tile
-// each thread recomputes its cell's step in registers and leaves the cell's inputs, hidden activations and
-// the two pre-activation gradients in shared-memory rows; then thread w sums weight w's terms over the
-// tile's cells (w, w + blockDim.x, ...) and adds the sum to partial[block, w], a slot no other block writes.
-// Pass D sums the [blocks, weights] table in block order.  No atomics: the same bits on every run.
-
-// W1's rows in shared memory are padded to a multiple of 4 values, so that with S a multiple of 4 every
-// slot's weights start on a 16-byte boundary and load as whole 16-byte vectors (one load per 4 products in
-// float32, per 2 in float64).
-__host__ __device__ __forceinline__ int64_t w1_stride(const Dims& d) { return (d.K + 3) / 4 * 4; }
-
-// Values the weights take in shared memory: [w1 (H x w1_stride) | b1 (H) | w2 (S x H) | b2 (S)].
-__host__ __device__ __forceinline__ int64_t shared_weight_count(const Dims& d) {
-  return d.H * w1_stride(d) + d.H + d.S * d.H + d.S;
-}
-
-template <typename T>
-struct SharedWeights {
-  const T *w1, *b1, *w2, *b2;
-  int64_t stride;  // of w1's rows
-};
-
-// Copies W1 into `smem` with padded rows (all threads of the block take part; no barrier).
-template <typename T>
-__device__ __forceinline__ void stage_w1(const Dims& d, T* smem, const T* w1) {
-  const int64_t stride = w1_stride(d);
-  for (int64_t i = threadIdx.x; i < d.H * stride; i += blockDim.x) {
-    const int64_t j = i / stride, k = i - j * stride;
-    smem[i] = k < d.K ? w1[j * d.K + k] : T(0);
-  }
-}
-
-// Copies the weights into `smem` (all threads of the block take part; a barrier follows).
-template <typename T>
-__device__ __forceinline__ SharedWeights<T> stage_weights(const Dims& d, T* smem, const T* w1, const T* b1,
-                                                          const T* w2, const T* b2) {
-  const int64_t hk = d.H * w1_stride(d), sh = d.S * d.H;
-  stage_w1(d, smem, w1);
-  for (int64_t i = threadIdx.x; i < d.H; i += blockDim.x) smem[hk + i] = b1[i];
-  for (int64_t i = threadIdx.x; i < sh; i += blockDim.x) smem[hk + d.H + i] = w2[i];
-  for (int64_t i = threadIdx.x; i < d.S; i += blockDim.x) smem[hk + d.H + sh + i] = b2[i];
-  __syncthreads();
-  return {smem, smem + hk, smem + hk + d.H, smem + hk + d.H + sh, w1_stride(d)};
-}
-
-// 16 bytes of consecutive values: the unit in which the fast kernels read weights from shared memory.
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int n = 16 / sizeof(T);
-  T v[n];
-};
-
-// sum over c < S of w[c] * x[c], w 16-byte aligned, reading w in 16-byte packs.
-template <int S, typename T>
-__device__ __forceinline__ T dot_packed(const T* w, const T (&x)[S], T acc) {
-  constexpr int P = Pack<T>::n;
-  static_assert(S % P == 0, "the fast sizes have S a multiple of 4");
-#pragma unroll
-  for (int c = 0; c < S; c += P) {
-    const Pack<T> q = *reinterpret_cast<const Pack<T>*>(w + c);
-#pragma unroll
-    for (int i = 0; i < P; ++i) acc += q.v[i] * x[c + i];
-  }
-  return acc;
-}
-
-// The change c = tanh(W2 act(W1 x + b1) + b2) of one cell, with S and H fixed: src(slot) is the row the cell
-// reads through the slot (nullptr: zeros), u its external input; hid gets the hidden activations.
-template <int S, int H, typename T, class Rows>
-__device__ __forceinline__ void cell_change_fast(const Dims& d, const SharedWeights<T>& w, Rows&& src,
-                                                 const T* u, T (&chg)[S], T (&hid)[H]) {
-  const int64_t K = w.stride;
-  T pre[H];
-#pragma unroll
-  for (int j = 0; j < H; ++j) pre[j] = w.b1[j];
-#pragma unroll 1  // one slot at a time: the registers hold one source row, not seven
-  for (int slot = 0; slot < kSlots; ++slot) {
-    const T* p = src(slot);
-    if (p == nullptr) continue;
-    T x[S];
-#pragma unroll
-    for (int c = 0; c < S; ++c) x[c] = p[c];
-#pragma unroll
-    for (int j = 0; j < H; ++j) pre[j] = dot_packed(w.w1 + j * K + slot * S, x, pre[j]);
-  }
-  for (int64_t e = 0; e < d.E; ++e) {
-    const T x = u[e];
-#pragma unroll
-    for (int j = 0; j < H; ++j) pre[j] += w.w1[j * K + kSlots * S + e] * x;
-  }
-#pragma unroll
-  for (int i = 0; i < S; ++i) chg[i] = w.b2[i];
-#pragma unroll
-  for (int j = 0; j < H; ++j) {
-    hid[j] = activate(pre[j], d.activation);
-#pragma unroll
-    for (int i = 0; i < S; ++i) chg[i] += w.w2[i * H + j] * hid[j];
-  }
-#pragma unroll
-  for (int i = 0; i < S; ++i) chg[i] = tanh(chg[i]);
-}
-
-// The rows that cell (x, y, z) of a sample whose states start at `sample` reads, slot by slot.
-template <int S, typename T>
-__device__ __forceinline__ auto neighbour_rows(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z) {
-  return [=, &d](int slot) -> const T* {
-    const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
-    return m < 0 ? nullptr : sample + m * S;
-  };
-}
-
-template <int S, typename T>
-__device__ __forceinline__ void store_step(const Dims& d, const T (&chg)[S], const T* cur, T* next) {
-  const T step = static_cast<T>(d.step_size);
-#pragma unroll
-  for (int i = 0; i < S; ++i) next[i] = d.update == kReplace ? chg[i] : cur[i] + step * chg[i];
-}
-
-template <typename T, int S, int H>
-__global__ void __launch_bounds__(kThreads) forward_step_fast_kernel(
-    Dims d, const T* __restrict__ state, const T* __restrict__ external, const T* __restrict__ w1,
-    const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2, T* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const SharedWeights<T> w = stage_weights(d, reinterpret_cast<T*>(smem_raw), w1, b1, w2, b2);
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= d.N) return;
-  int64_t b, x, y, z;
-  decode(d, n, &b, &x, &y, &z);
-  T chg[S], hid[H];
-  cell_change_fast(d, w, neighbour_rows<S>(d, state + b * d.cells * S, x, y, z), external + n * d.E, chg, hid);
-  store_step(d, chg, state + n * S, out + n * S);
-}
-
-// All T steps of one sample in one block, as forward_fused_kernel, with the weights in shared memory too.
-template <typename T, int S, int H>
-__global__ void __launch_bounds__(kThreads) forward_fused_fast_kernel(
-    Dims d, int64_t steps, bool keep, const T* __restrict__ state, const T* __restrict__ external,
-    const T* __restrict__ w1, const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2,
-    T* __restrict__ trajectory) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  const int64_t per_sample = d.cells * S;
-  T* const even = smem + shared_weight_count(d);  // the states of steps 0, 2, 4, ...
-  T* const odd = even + per_sample;                // and of steps 1, 3, 5, ... (selected, not indexed: registers)
-  T* ext = odd + per_sample;
-  const int64_t b = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < per_sample; i += blockDim.x) even[i] = state[b * per_sample + i];
-  for (int64_t i = threadIdx.x; i < d.cells * d.E; i += blockDim.x) ext[i] = external[b * d.cells * d.E + i];
-  const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);  // its barrier covers the copies above
-  for (int64_t t = 0; t < steps; ++t) {
-    const T* cur = (t & 1) ? odd : even;
-    T* next = (t & 1) ? even : odd;
-    for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
-      const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
-      T chg[S], hid[H];
-      cell_change_fast(d, w, neighbour_rows<S>(d, cur, x, y, z), ext + cell * d.E, chg, hid);
-      store_step(d, chg, cur + cell * S, next + cell * S);
-    }
-    __syncthreads();
-    save_fused_step(d, t, steps, keep, next, trajectory);
-  }
-  if (keep) save_fused_step(d, -1, steps, keep, state + blockIdx.x * d.cells * d.S, trajectory);
-}
-
-// The shared-memory rows of one tile of the fast backward, per cell: its inputs (K, padded to an odd
-// length so that rows of neighbouring threads fall in different banks), hidden activations (H), and the
-// gradients at W2's (S) and W1's (H) pre-activations.
-__host__ __device__ __forceinline__ int64_t input_row(const Dims& d) { return d.K | 1; }
-__host__ __device__ __forceinline__ int64_t tile_row(const Dims& d) { return input_row(d) + 2 * d.H + d.S; }
-
-// Passes A and C of one step, fused (see above).  dhidden[n, H] is left for the gather.
-template <typename T, int S, int H>
-__global__ void __launch_bounds__(kThreads) backward_cell_weights_fast_kernel(
-    Dims d, const T* __restrict__ state, const T* __restrict__ external, const T* __restrict__ w1,
-    const T* __restrict__ b1, const T* __restrict__ w2, const T* __restrict__ b2, const T* __restrict__ grad_out,
-    T* __restrict__ dhidden, T* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  const int64_t n_weights = weight_count(d), K = d.K, Kp = input_row(d), C = blockDim.x;
-  T* in_rows = smem + shared_weight_count(d);  // [C][Kp]
-  T* hid_rows = in_rows + C * Kp;  // [C][H]
-  T* dpre2_rows = hid_rows + C * H;  // [C][S]
-  T* dh_rows = dpre2_rows + C * S;   // [C][H]
-  const SharedWeights<T> w = stage_weights(d, smem, w1, b1, w2, b2);
-  const T scale = d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
-  const int64_t tiles = (d.N + C - 1) / C, c = threadIdx.x;
-  T* in = in_rows + c * Kp;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n = tile * C + c;
-    T hid[H], dpre2[S];
-    if (n < d.N) {
-      int64_t b, x, y, z;
-      decode(d, n, &b, &x, &y, &z);
-      const T* sample = state + b * d.cells * S;
-#pragma unroll 1
-      for (int slot = 0; slot < kSlots; ++slot) {
-        const int64_t m = neighbour_index(x, y, z, slot, d.X, d.Y, d.Z, d.boundary);
-#pragma unroll
-        for (int i = 0; i < S; ++i) in[slot * S + i] = m < 0 ? T(0) : sample[m * S + i];
-      }
-      for (int64_t e = 0; e < d.E; ++e) in[kSlots * S + e] = external[n * d.E + e];
-      T chg[S];
-      cell_change_fast(d, w, [in](int slot) -> const T* { return in + slot * S; }, in + kSlots * S, chg, hid);
-#pragma unroll
-      for (int i = 0; i < S; ++i) dpre2[i] = (T(1) - chg[i] * chg[i]) * scale * grad_out[n * S + i];
-    } else {  // past the last cell: rows of zeros add nothing to the sums
-      for (int64_t k = 0; k < K; ++k) in[k] = T(0);
-#pragma unroll
-      for (int j = 0; j < H; ++j) hid[j] = T(0);
-#pragma unroll
-      for (int i = 0; i < S; ++i) dpre2[i] = T(0);
-    }
-#pragma unroll
-    for (int i = 0; i < S; ++i) dpre2_rows[c * S + i] = dpre2[i];
-#pragma unroll
-    for (int j = 0; j < H; ++j) {
-      T dh = T(0);
-#pragma unroll
-      for (int i = 0; i < S; ++i) dh += w.w2[i * H + j] * dpre2[i];
-      dh *= activation_grad(hid[j], d.activation);
-      hid_rows[c * H + j] = hid[j];
-      dh_rows[c * H + j] = dh;
-      if (n < d.N) dhidden[n * H + j] = dh;
-    }
-    __syncthreads();
-    // Thread c sums weights c, c + C, ... over the tile's cells: consecutive threads read consecutive inputs
-    // (or hidden activations) of one cell, and all read the same gradient (a broadcast).
-    const int64_t w1_end = H * K, b1_end = w1_end + H, w2_end = b1_end + S * H;
-    for (int64_t wi = c; wi < n_weights; wi += C) {
-      T acc = T(0);
-      if (wi < w1_end) {
-        const int64_t j = wi / K, k = wi % K;
-        for (int64_t r = 0; r < C; ++r) acc += dh_rows[r * H + j] * in_rows[r * Kp + k];
-      } else if (wi < b1_end) {
-        for (int64_t r = 0; r < C; ++r) acc += dh_rows[r * H + (wi - w1_end)];
-      } else if (wi < w2_end) {
-        const int64_t i = (wi - b1_end) / H, j = (wi - b1_end) % H;
-        for (int64_t r = 0; r < C; ++r) acc += dpre2_rows[r * S + i] * hid_rows[r * H + j];
-      } else {
-        for (int64_t r = 0; r < C; ++r) acc += dpre2_rows[r * S + (wi - w2_end)];
-      }
-      partial[blockIdx.x * n_weights + wi] += acc;
-    }
-    __syncthreads();  // the rows are rewritten by the next tile
-  }
-}
-
-// Pass B with S and H fixed and W1 in shared memory: the state gradient of each cell, pulled from the cells
-// that read it, and the external input's gradient.
-template <typename T, int S, int H>
-__global__ void __launch_bounds__(kThreads) backward_gather_fast_kernel(
-    Dims d, const T* __restrict__ w1, const T* __restrict__ dhidden, const T* __restrict__ grad_out,
-    T* __restrict__ grad_in, T* __restrict__ grad_external) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* w1s = reinterpret_cast<T*>(smem_raw);
-  const int64_t K = w1_stride(d);
-  stage_w1(d, w1s, w1);
-  __syncthreads();
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= d.N) return;
-  int64_t b, x, y, z;
-  decode(d, n, &b, &x, &y, &z);
-  const T* own = dhidden + n * H;
-  T acc[S];
-#pragma unroll
-  for (int c = 0; c < S; ++c) acc[c] = d.update == kResidual ? grad_out[n * S + c] : T(0);
-#pragma unroll
-  for (int slot = 0; slot < kSlots; ++slot) {
-    const T* readers[2];
-    slot_readers(d, n, b, x, y, z, slot, dhidden, H, readers);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const T* dh = readers[r];
-      if (dh == nullptr) continue;
-#pragma unroll
-      for (int j = 0; j < H; ++j) {
-        const T v = dh[j];
-        const T* ws = w1s + j * K + slot * S;
-        constexpr int P = Pack<T>::n;
-#pragma unroll
-        for (int c = 0; c < S; c += P) {
-          const Pack<T> q = *reinterpret_cast<const Pack<T>*>(ws + c);
-#pragma unroll
-          for (int i = 0; i < P; ++i) acc[c + i] += q.v[i] * v;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < S; ++c) grad_in[n * S + c] = acc[c];
-  for (int64_t e = 0; e < d.E; ++e) {
-    T g = T(0);
-#pragma unroll
-    for (int j = 0; j < H; ++j) g += w1s[j * K + kSlots * S + e] * own[j];
-    grad_external[n * d.E + e] += g;
-  }
-}
-
-// The sizes compiled with S and H fixed: the original core (8, 16), the training default (8, 32) and the
-// larger state (16, 64).  f(S, H) as integral constants; false where the sizes are not among them, or the
-// general kernels are forced.
-template <class F>
-bool with_fast_sizes(const Dims& d, F&& f) {
-  const char* forced = std::getenv("CUBECORE_CUDA_KERNELS");
-  if (forced != nullptr && std::string(forced) == "general") return false;
-  using std::integral_constant;
-  if (d.S == 8 && d.H == 16) return f(integral_constant<int, 8>{}, integral_constant<int, 16>{});
-  if (d.S == 8 && d.H == 32) return f(integral_constant<int, 8>{}, integral_constant<int, 32>{});
-  if (d.S == 16 && d.H == 64) return f(integral_constant<int, 16>{}, integral_constant<int, 64>{});
-  return false;
-}
-
 constexpr size_t kDefaultShared = 48 * 1024;  // dynamic shared memory per block without the opt-in attribute
 
-// Shared memory a kernel may take: the opt-in limit, or the default where that is lower.
-size_t shared_limit() {
-  return std::max<size_t>(kDefaultShared, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+// The device's facts a call's choices depend on, read once per call.
+struct Device {
+  int64_t sms;
+  size_t shared;  // the opt-in shared memory per block, or the default where that is lower
+};
+
+Device device_facts() {
+  return {device_attribute(cudaDevAttrMultiProcessorCount),
+          std::max<size_t>(kDefaultShared, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))};
 }
 
 // Lets `kernel` take `bytes` of dynamic shared memory (past the default, the opt-in attribute says so).
@@ -730,211 +591,122 @@ void allow_shared(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// Threads per block (a multiple of 32, at most `most`) for one thread per cell over n cells: as many as
-// leave every SM at least one block, so that a few thousand cells spread over the whole GPU rather than
-// filling a few SMs.
-int64_t threads_to_fill(int64_t n, int64_t most) {
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  return std::max<int64_t>(32, std::min<int64_t>(most, n / sms / 32 * 32));
+unsigned int blocks_of(int64_t n, int64_t threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
+
+// Threads per block (a multiple of 32, at most `most`) for one thread per cell over n cells: as many as leave
+// every SM at least one block, so that a few thousand cells spread over the whole GPU rather than filling a
+// few SMs.
+int64_t threads_to_fill(const Device& dev, int64_t n, int64_t most) {
+  return std::max<int64_t>(32, std::min<int64_t>(most, n / dev.sms / 32 * 32));
 }
 
-
-// The forward's pointers, as the kernels take them.
-template <typename T>
-struct ForwardArgs {
-  const T *state, *external, *w1, *b1, *w2, *b2;
-  T *trajectory, *spare;  // spare: the second state buffer when the trajectory is not kept
+// Where a kernel's scratch rows go: `threads` per block, in shared memory (`shared` bytes per block) or, where
+// 32 rows do not fit beside `other` bytes (or the test hook says so), in a global buffer.
+struct RowPlan {
+  int64_t threads;
+  size_t shared;
+  bool global;
 };
 
-// Launches one forward with either set of kernels: all T steps of each sample in one block (fused_kernel,
-// with `extra_shared` bytes of weights beside the states) where use_fused_forward says so, else step_kernel
-// once per step over blocks of `step_threads` cells (with `extra_shared` bytes each).  Returns whether it
-// ran fused: the fused kernels write trajectory entry 0 themselves.
-template <typename T, class FusedKernel, class StepKernel>
-bool launch_forward(const Dims& d, int64_t steps, bool keep, const ForwardArgs<T>& a, size_t extra_shared,
-                    FusedKernel fused_kernel, StepKernel step_kernel, int64_t step_threads, cudaStream_t stream) {
-  if (use_fused_forward<T>(d, extra_shared)) {
-    const size_t shared = extra_shared + fused_shared_bytes<T>(d);
-    allow_shared(fused_kernel, shared);
-    const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((d.cells + 31) / 32) * 32));
-    fused_kernel<<<static_cast<unsigned int>(d.B), threads, shared, stream>>>(
-        d, steps, keep, a.state, a.external, a.w1, a.b1, a.w2, a.b2, a.trajectory);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
-  }
-  allow_shared(step_kernel, extra_shared);
-  const T* cur = a.state;
-  for (int64_t t = 0; t < steps; ++t) {
-    T* next = step_destination(a.trajectory, a.spare, d.N * d.S, t, steps, keep);
-    step_kernel<<<blocks_of(d.N, step_threads), static_cast<unsigned int>(step_threads), extra_shared, stream>>>(
-        d, cur, a.external, a.w1, a.b1, a.w2, a.b2, next);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cur = next;
-  }
-  return false;
-}
-
-// Threads per block of the fast backward: the most (a multiple of 32, at most kThreads) whose tile rows fit
-// in shared memory beside the weights; 0 if not even 32 do.
 template <typename T>
-int64_t fast_backward_threads(const Dims& d) {
-  const int64_t limit = static_cast<int64_t>(shared_limit() / sizeof(T)) - shared_weight_count(d);
-  const int64_t threads = std::min<int64_t>(kThreads, limit / tile_row(d) / 32 * 32);
-  return threads >= 32 ? threads_to_fill(d.N, threads) : 0;
+RowPlan plan_rows(const Dims& d, const Device& dev, int64_t wanted, size_t other = 0) {
+  const size_t per_row = row_bytes<T>(d);
+  const int64_t fit = dev.shared > other ? static_cast<int64_t>((dev.shared - other) / per_row) / 32 * 32 : 0;
+  if (fit >= 32 && !forced_paths.global_rows) {
+    const int64_t threads = std::min(wanted, fit);
+    return {threads, other + per_row * threads, false};
+  }
+  return {wanted, other, true};
 }
 
-// Blocks of the fast backward: at most four per SM (or CUBECORE_CUDA_BACKWARD_BLOCKS, which lets the tests
-// give a block several tiles on a small lattice), each taking tiles in turn, so that the table of block
-// partials stays small whatever the lattice.
-int64_t fast_backward_blocks(const Dims& d, int64_t threads) {
-  const int64_t tiles = (d.N + threads - 1) / threads;
-  const char* cap = std::getenv("CUBECORE_CUDA_BACKWARD_BLOCKS");
-  const int64_t most = cap != nullptr && std::atoll(cap) > 0 ? std::atoll(cap)
-                                                              : 4 * device_attribute(cudaDevAttrMultiProcessorCount);
-  return std::min<int64_t>(tiles, most);
+// The buffers of global scratch rows for `count` threads (empty where the rows are in shared memory).
+struct GlobalRows {
+  at::Tensor values, slots;
+  template <typename T>
+  T* values_ptr() const { return values.defined() ? values.data_ptr<T>() : nullptr; }
+  int* slots_ptr() const { return slots.defined() ? slots.data_ptr<int>() : nullptr; }
+};
+
+GlobalRows global_rows(const Dims& d, const RowPlan& plan, int64_t count, const at::TensorOptions& options) {
+  if (!plan.global) return {};
+  return {at::empty({count * d.stride}, options), at::empty({count * d.K}, options.dtype(at::kInt))};
+}
+
+// The fused forward's threads: fewer than the cells only where the rows would not fit beside the states; 0
+// where it does not fit at all, or where its B blocks would keep fewer SMs busy than the per-step launches
+// (B against the SM count: a few samples of a large lattice go per step, spread over the whole GPU).
+template <typename T>
+int64_t fused_threads(const Dims& d, const Device& dev) {
+  if (forced_paths.forward == 1) return 0;
+  const bool busy = d.B >= std::min<int64_t>(dev.sms, blocks_of(d.N, kThreads));
+  if (!busy && forced_paths.forward != 2) return 0;
+  for (int64_t threads = std::min<int64_t>(kThreads, (d.cells + 31) / 32 * 32); threads >= 32; threads /= 2)
+    if (fused_state_bytes<T>(d) + threads * row_bytes<T>(d) <= dev.shared) return threads;
+  return 0;
+}
+
+Dims make_dims(const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+               const at::Tensor& w1, const c10::optional<at::Tensor>& wh, int64_t neighbourhood, int64_t boundary,
+               int64_t activation, int64_t output_activation, int64_t update, double step_size,
+               int64_t alive_channel, double alive_threshold) {
+  Dims d;
+  d.B = state.size(0);
+  d.X = state.size(1);
+  d.Y = state.size(2);
+  d.Z = state.size(3);
+  d.S = state.size(4);
+  d.E = external.size(4);
+  d.K = slots_of(neighbourhood);
+  d.F = perception ? perception->size(1) : 0;
+  d.H1 = w1.size(0);
+  d.H2 = wh ? wh->size(0) : 0;
+  d.In = w1.size(1);
+  d.SI = d.In - d.E;
+  d.cells = d.X * d.Y * d.Z;
+  d.N = d.B * d.cells;
+  d.neighbourhood = neighbourhood;
+  d.boundary = boundary;
+  d.activation = activation;
+  d.output_activation = output_activation;
+  d.update = update;
+  d.alive_channel = alive_channel;
+  d.step_size = step_size;
+  d.alive_threshold = alive_threshold;
+  d.stride = row_length(d) | 1;
+  return d;
+}
+
+void check_cuda(const at::Tensor& state) {
+  TORCH_CHECK(state.is_cuda(), "the CUDA kernel needs CUDA tensors");
+  TORCH_CHECK(state.size(4) <= kMaxCudaState, "the CUDA kernel supports state size S <= ", kMaxCudaState, ", got ",
+              state.size(4));
+  TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
+              "the CUDA kernel supports float32 and float64, got ", state.scalar_type());
+}
+
+// The weights' tensors made contiguous, kept alive for the call; net<T>() their pointers.
+struct NetTensors {
+  at::Tensor wp, w1, b1, wh, bh, wo, bo, dead;
+  NetTensors(const c10::optional<at::Tensor>& perception, const at::Tensor& W1, const at::Tensor& B1,
+             const c10::optional<at::Tensor>& WH, const c10::optional<at::Tensor>& BH, const at::Tensor& WO,
+             const at::Tensor& BO, const c10::optional<at::Tensor>& dead_state, int64_t S)
+      : wp(perception ? perception->contiguous() : at::Tensor()), w1(W1.contiguous()), b1(B1.contiguous()),
+        wh(WH ? WH->contiguous() : at::Tensor()), bh(BH ? BH->contiguous() : at::Tensor()), wo(WO.contiguous()),
+        bo(BO.contiguous()), dead(dead_state ? dead_state->contiguous() : at::zeros({S}, W1.options())) {}
+  template <typename T>
+  Net<T> net() const {
+    auto p = [](const at::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    return {p(wp), p(w1), p(b1), p(wh), p(bh), p(wo), p(bo), p(dead)};
+  }
+};
+
+const uint8_t* bytes_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<const uint8_t*>(t.data_ptr()) : nullptr;
 }
 
 // ---- the ops ----------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> propagate_forward_cuda(
-    const at::Tensor& state, const at::Tensor& external, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, int64_t steps, int64_t boundary, int64_t activation,
-    int64_t update, double step_size, bool keep_trajectory) {
-  check_cuda(state);
-  const c10::cuda::CUDAGuard guard(state.device());
-  const at::Tensor s0 = state.contiguous(), u = external.contiguous();
-  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const Dims d = make_dims(s0, u, W1, boundary, activation, update, step_size);
-  std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
-  for (int64_t v : s0.sizes()) shape.push_back(v);
-  at::Tensor traj = at::empty(shape, s0.options());
-  if (d.N == 0) return forward_outputs(traj, keep_trajectory);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
-    using T = scalar_t;
-    at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
-    const ForwardArgs<T> a{s0.data_ptr<T>(), u.data_ptr<T>(), W1.data_ptr<T>(), B1.data_ptr<T>(), W2.data_ptr<T>(),
-                           B2.data_ptr<T>(), traj.data_ptr<T>(), keep_trajectory ? nullptr : spare.data_ptr<T>()};
-    bool fused = false;
-    const bool fast = with_fast_sizes(d, [&](auto s_, auto h_) {
-      constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
-      const size_t weights = sizeof(T) * shared_weight_count(d);
-      if (weights > shared_limit()) return false;
-      fused = launch_forward(d, steps, keep_trajectory, a, weights, forward_fused_fast_kernel<T, S, H>,
-                             forward_step_fast_kernel<T, S, H>, threads_to_fill(d.N, kThreads), stream);
-      return true;
-    });
-    if (!fast) {
-      fused = launch_forward(d, steps, keep_trajectory, a, 0, forward_fused_kernel<T>, forward_step_kernel<T>,
-                             kThreads, stream);
-    }
-    if (!fused && keep_trajectory) traj[0].copy_(s0);  // the fused kernels write it themselves
-  });
-  return forward_outputs(traj, keep_trajectory);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_backward_cuda(
-    const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& external,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t steps,
-    int64_t boundary, int64_t activation, int64_t update, double step_size) {
-  check_cuda(trajectory[0]);
-  const c10::cuda::CUDAGuard guard(trajectory.device());
-  const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
-  const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous(), B2 = b2.contiguous();
-  const Dims d = make_dims(traj[0], u, W1, boundary, activation, update, step_size);
-  const int64_t n_weights = weight_count(d);
-  at::Tensor grad = grad_final.contiguous().clone();
-  at::Tensor grad_next = at::empty_like(grad);
-  at::Tensor dhidden = at::empty({d.N, d.H}, traj.options());
-  at::Tensor grad_external = at::zeros_like(u);
-  at::Tensor grad_weights = at::zeros({n_weights}, traj.options());
-  if (d.N > 0) {
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-    AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
-      using T = scalar_t;
-      const T *ext = u.data_ptr<T>(), *w1p = W1.data_ptr<T>(), *b1p = B1.data_ptr<T>(), *w2p = W2.data_ptr<T>(),
-              *b2p = B2.data_ptr<T>();
-      auto reduce = [&](const at::Tensor& partial) {
-        reduce_partials_kernel<T><<<blocks_for(n_weights), kThreads, 0, stream>>>(
-            n_weights, partial.size(0), partial.data_ptr<T>(), grad_weights.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      const bool fast = with_fast_sizes(d, [&](auto s_, auto h_) {
-        constexpr int S = decltype(s_)::value, H = decltype(h_)::value;
-        const int64_t threads = fast_backward_threads<T>(d);
-        const size_t gather_bytes = sizeof(T) * d.H * w1_stride(d);
-        if (threads == 0 || gather_bytes > shared_limit()) return false;
-        const int64_t blocks = fast_backward_blocks(d, threads);
-        const int64_t gather_threads = threads_to_fill(d.N, kThreads);
-        const size_t cell_bytes = sizeof(T) * (shared_weight_count(d) + threads * tile_row(d));
-        auto cell_kernel = backward_cell_weights_fast_kernel<T, S, H>;
-        auto gather_kernel = backward_gather_fast_kernel<T, S, H>;
-        allow_shared(cell_kernel, cell_bytes);
-        allow_shared(gather_kernel, gather_bytes);
-        at::Tensor partial = at::zeros({blocks, n_weights}, traj.options());
-        for (int64_t t = steps - 1; t >= 0; --t) {
-          cell_kernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), cell_bytes, stream>>>(
-              d, traj[t].data_ptr<T>(), ext, w1p, b1p, w2p, b2p, grad.data_ptr<T>(), dhidden.data_ptr<T>(),
-              partial.data_ptr<T>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          gather_kernel<<<blocks_of(d.N, gather_threads), static_cast<unsigned int>(gather_threads), gather_bytes,
-                          stream>>>(
-              d, w1p, dhidden.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>(), grad_external.data_ptr<T>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          std::swap(grad, grad_next);
-        }
-        reduce(partial);
-        return true;
-      });
-      if (fast) return;
-      const Chunking ch = chunking(d);
-      at::Tensor hidden = at::empty({d.N, d.H}, traj.options());
-      at::Tensor dpre2 = at::empty({d.N, d.S}, traj.options());
-      at::Tensor partial = at::zeros({ch.chunks, n_weights}, traj.options());
-      const dim3 weight_grid(blocks_for(n_weights), static_cast<unsigned int>(ch.chunks));
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const T* s_t = traj[t].data_ptr<T>();
-        backward_cell_kernel<T><<<blocks_for(d.N), kThreads, 0, stream>>>(
-            d, s_t, ext, w1p, b1p, w2p, b2p, grad.data_ptr<T>(), hidden.data_ptr<T>(), dpre2.data_ptr<T>(),
-            dhidden.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        backward_gather_kernel<T><<<blocks_for(d.N), kThreads, 0, stream>>>(
-            d, w1p, dhidden.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>(), grad_external.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        backward_weight_kernel<T><<<weight_grid, kThreads, 0, stream>>>(
-            d, ch, s_t, ext, hidden.data_ptr<T>(), dpre2.data_ptr<T>(), dhidden.data_ptr<T>(), partial.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        std::swap(grad, grad_next);
-      }
-      reduce(partial);
-    });
-  }
-  int64_t off = 0;
-  at::Tensor grad_w1 = grad_weights.narrow(0, off, d.H * d.K).view({d.H, d.K});
-  off += d.H * d.K;
-  at::Tensor grad_b1 = grad_weights.narrow(0, off, d.H);
-  off += d.H;
-  at::Tensor grad_w2 = grad_weights.narrow(0, off, d.S * d.H).view({d.S, d.H});
-  off += d.S * d.H;
-  at::Tensor grad_b2 = grad_weights.narrow(0, off, d.S);
-  return {grad, grad_external, grad_w1.clone(), grad_b1.clone(), grad_w2.clone(), grad_b2.clone()};
-}
-
-// The CUDA kernels run the original rule of the family: von Neumann, concat perception, one hidden layer, a tanh
-// output, no fire or alive masks, zeros/circular/replicate boundaries (cubecore.ops.front.CUDA_RULE says so to
-// users, and sends other rules to the reference).
-void check_cuda_rule(const c10::optional<at::Tensor>& perception, const c10::optional<at::Tensor>& wh,
-                     const c10::optional<at::Tensor>& fire_mask, int64_t neighbourhood, int64_t boundary,
-                     int64_t output_activation, int64_t alive_channel) {
-  TORCH_CHECK(!perception && !wh && !fire_mask && neighbourhood == kVonNeumann && boundary != kReflect &&
-                  output_activation == kOutputTanh && alive_channel < 0,
-              "the CUDA kernel runs von_neumann neighbourhoods with concat perception, one hidden layer, a tanh "
-              "output, zeros/circular/replicate boundaries, no fire or alive masks");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_rule_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(
     const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
     const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
     const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
@@ -943,37 +715,164 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_rule_cuda(
     double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
   check_propagate_args(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
                        neighbourhood, boundary, activation, output_activation, update, alive_channel);
-  check_cuda_rule(perception, wh, fire_mask, neighbourhood, boundary, output_activation, alive_channel);
-  auto [final_state, trajectory] =
-      propagate_forward_cuda(state, external, w1, b1, wo, bo, steps, boundary, activation, update, step_size,
-                             keep_trajectory);
-  return {final_state, trajectory, at::empty({0, state.size(0), state.size(1), state.size(2), state.size(3)},
-                                             state.options().dtype(at::kByte))};
+  check_cuda(state);
+  const c10::cuda::CUDAGuard guard(state.device());
+  const ForcedPaths paths = forced_paths;
+  const at::Tensor s0 = state.contiguous(), u = external.contiguous();
+  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
+  const NetTensors weights(perception, w1, b1, wh, bh, wo, bo, dead_state, s0.size(4));
+  const Dims d = make_dims(s0, u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
+                           step_size, alive_channel, alive_threshold);
+  const bool alive = alive_channel >= 0;
+  std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
+  for (int64_t v : s0.sizes()) shape.push_back(v);
+  at::Tensor traj = at::empty(shape, s0.options());
+  // The alive masks, a byte per cell and step: kept for the backward with the trajectory, else one step's.
+  at::Tensor life = at::empty({alive ? (keep_trajectory ? steps : 1) : 0, d.B, d.X, d.Y, d.Z},
+                              s0.options().dtype(at::kByte));
+  if (d.N > 0) {
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const Device dev = device_facts();
+    AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
+      using T = scalar_t;
+      const Net<T> net = weights.template net<T>();
+      const uint8_t* fire = bytes_of(fires);
+      with_cuda_state_length(d.S, paths.runtime_sizes, [&](auto state_length) {
+        constexpr int L = decltype(state_length)::value;
+        if (const int64_t threads = fused_threads<T>(d, dev)) {
+          const size_t shared = fused_state_bytes<T>(d) + threads * row_bytes<T>(d);
+          allow_shared(forward_fused_kernel<T, L>, shared);
+          forward_fused_kernel<T, L><<<static_cast<unsigned int>(d.B), static_cast<unsigned int>(threads), shared,
+                                       stream>>>(d, net, steps, keep_trajectory, s0.data_ptr<T>(), u.data_ptr<T>(),
+                                                 fire, keep_trajectory && alive ? life.data_ptr<uint8_t>() : nullptr,
+                                                 traj.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+        const RowPlan plan = plan_rows<T>(d, dev, threads_to_fill(dev, d.N, kThreads));
+        const unsigned int blocks = blocks_of(d.N, plan.threads);
+        const GlobalRows scratch = global_rows(d, plan, static_cast<int64_t>(blocks) * plan.threads, s0.options());
+        allow_shared(forward_step_kernel<T, L>, plan.shared);
+        at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
+        T* spare_p = keep_trajectory ? nullptr : spare.data_ptr<T>();
+        const T* cur = s0.data_ptr<T>();
+        for (int64_t t = 0; t < steps; ++t) {
+          T* next = step_destination(traj.data_ptr<T>(), spare_p, d.N * d.S, t, steps, keep_trajectory);
+          forward_step_kernel<T, L><<<blocks, static_cast<unsigned int>(plan.threads), plan.shared, stream>>>(
+              d, net, cur, u.data_ptr<T>(), fire == nullptr ? nullptr : fire + t * d.N, next,
+              scratch.template values_ptr<T>(), scratch.slots_ptr());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (alive) {
+            uint8_t* life_t = life.data_ptr<uint8_t>() + (keep_trajectory ? t * d.N : 0);
+            alive_kernel<T><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(d, cur, next, life_t);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            bury_kernel<T><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(d, net.dead, life_t, next);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          cur = next;
+        }
+        if (keep_trajectory) traj[0].copy_(s0);  // the fused kernel writes it itself
+      });
+    });
+  }
+  auto outputs = forward_outputs(traj, keep_trajectory);
+  if (!keep_trajectory) life = life.narrow(0, 0, 0);
+  return {std::get<0>(outputs), std::get<1>(outputs), life};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-propagate_backward_rule_cuda(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
-                             const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-                             const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-                             const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-                             const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
-                             int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
-                             int64_t output_activation, int64_t update, double step_size, int64_t alive_channel) {
+propagate_backward_cuda(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
+                        const at::Tensor& external, const c10::optional<at::Tensor>& perception,
+                        const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
+                        const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
+                        const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
+                        int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
+                        int64_t output_activation, int64_t update, double step_size, int64_t alive_channel) {
   check_backward_args(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
                       dead_state, steps, neighbourhood, boundary, activation, output_activation, update,
                       alive_channel);
-  check_cuda_rule(perception, wh, fire_mask, neighbourhood, boundary, output_activation, alive_channel);
-  auto [gs, ge, gw1, gb1, gwo, gbo] = propagate_backward_cuda(grad_final, trajectory, external, w1, b1, wo, bo,
-                                                              steps, boundary, activation, update, step_size);
-  const at::Tensor none = at::empty({0}, trajectory.options());
-  return {gs, ge, none, gw1, gb1, none, none, gwo, gbo};
+  check_cuda(trajectory[0]);
+  const c10::cuda::CUDAGuard guard(trajectory.device());
+  const ForcedPaths paths = forced_paths;
+  const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
+  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
+  const at::Tensor lives = alive_channel >= 0 ? life.contiguous() : at::Tensor();
+  const NetTensors weights(perception, w1, b1, wh, bh, wo, bo, dead_state, traj.size(5));
+  const Dims d = make_dims(traj[0], u, perception, w1, wh, neighbourhood, boundary, activation, output_activation,
+                           update, step_size, alive_channel, 0.0);
+  const WeightOffsets o = weight_offsets(d);
+  at::Tensor grad = grad_final.contiguous().clone();
+  at::Tensor grad_next = at::empty_like(grad);
+  at::Tensor grad_external = at::zeros_like(u);
+  at::Tensor grad_weights = at::zeros({o.count}, traj.options());
+  if (d.N > 0) {
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const Device dev = device_facts();
+    // What a cell's readers need from it: W1's input gradient dh1 (concat) or the perception's gradient.
+    at::Tensor send = at::empty({d.N, d.F > 0 ? d.S * d.F : d.H1}, traj.options());
+    AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
+      using T = scalar_t;
+      const Net<T> net = weights.template net<T>();
+      const uint8_t *fire = bytes_of(fires), *lived = bytes_of(lives);
+      with_cuda_state_length(d.S, paths.runtime_sizes, [&](auto state_length) {
+        constexpr int L = decltype(state_length)::value;
+        const RowPlan plan = plan_rows<T>(d, dev, threads_to_fill(dev, d.N, kThreads));
+        const int64_t tiles = (d.N + plan.threads - 1) / plan.threads;
+        const int64_t blocks =
+            std::min<int64_t>(tiles, paths.backward_blocks > 0 ? paths.backward_blocks : 4 * dev.sms);
+        const GlobalRows scratch = global_rows(d, plan, blocks * plan.threads, traj.options());
+        at::Tensor partial = at::zeros({blocks, o.count}, traj.options());
+        allow_shared(backward_tile_kernel<T, L>, plan.shared);
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          const uint8_t* fire_t = fire == nullptr ? nullptr : fire + t * d.N;
+          const uint8_t* life_t = lived == nullptr ? nullptr : lived + t * d.N;
+          backward_tile_kernel<T, L><<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(plan.threads),
+                                       plan.shared, stream>>>(
+              d, net, traj[t].data_ptr<T>(), u.data_ptr<T>(), fire_t, life_t, grad.data_ptr<T>(),
+              grad_external.data_ptr<T>(), send.data_ptr<T>(), partial.data_ptr<T>(),
+              scratch.template values_ptr<T>(), scratch.slots_ptr());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          backward_gather_kernel<T, L><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(
+              d, net, fire_t, life_t, send.data_ptr<T>(), grad.data_ptr<T>(), grad_next.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          std::swap(grad, grad_next);
+        }
+        reduce_partials_kernel<T><<<blocks_of(o.count, kThreads), kThreads, 0, stream>>>(
+            o.count, blocks, partial.data_ptr<T>(), grad_weights.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  auto part = [&](int64_t offset, std::vector<int64_t> sizes) {
+    int64_t numel = 1;
+    for (int64_t s : sizes) numel *= s;
+    return grad_weights.narrow(0, offset, numel).view(sizes).clone();
+  };
+  const at::Tensor none = at::empty({0}, traj.options());
+  const int64_t Hl = d.H2 > 0 ? d.H2 : d.H1;
+  return {grad,
+          grad_external,
+          d.F > 0 ? part(o.wp, {d.S, d.F, d.K}) : none,
+          part(o.w1, {d.H1, d.In}),
+          part(o.b1, {d.H1}),
+          d.H2 > 0 ? part(o.wh, {d.H2, d.H1}) : none,
+          d.H2 > 0 ? part(o.bh, {d.H2}) : none,
+          part(o.wo, {d.S, Hl}),
+          part(o.bo, {d.S})};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cubecore, CUDA, m) {
-  m.impl("propagate_forward", &propagate_forward_rule_cuda);
-  m.impl("propagate_backward", &propagate_backward_rule_cuda);
+  m.impl("propagate_forward", &propagate_forward_cuda);
+  m.impl("propagate_backward", &propagate_backward_cuda);
 }
 
 }  // namespace cubecore
+
+// The test hook: overrides the kernels' choices for the following calls (all zeros: back to the choices the
+// sizes make).  runtime_sizes: the L = 0 kernels for every size; global_rows: scratch rows in global memory;
+// forward: 1 per step, 2 fused wherever it fits; backward_blocks: at most this many blocks in the backward.
+extern "C" void cubecore_cuda_force_paths(int runtime_sizes, int global_rows, int forward, int64_t backward_blocks) {
+  cubecore::forced_paths = {runtime_sizes, global_rows, forward, backward_blocks};
+}

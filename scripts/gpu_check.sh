@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build cubecore's CUDA kernels in place against the CUDA torch
 # already installed (nothing is installed or replaced), run the CUDA tests (kernel against the float64
-# reference, opcheck, torch.compile fullgraph) and the emulated ones beside them, then the benchmarks on the
-# GPU, then our kernel alone with the general CUDA kernels forced.  Results: benchmarks/results/cuda.{md,json,png}
-# and benchmarks/results/general-kernels/; the log on stdout.
+# reference, the rule family, opcheck, torch.compile fullgraph) and the emulated ones beside them, then the
+# benchmarks on the GPU: every size of the lattice rule and the `nca` size (the 3D artefacts NCA: C = 20, F = 3,
+# [64, 64], Moore, 32^3, B = 5, T = 48).  Results: benchmarks/results/cuda.{md,json,png}; the log on stdout.
 #   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the GPU's own), BENCH_ARGS (e.g. --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,9 @@ export MAX_JOBS="${MAX_JOBS:-8}"
 "$py" setup.py build_ext --inplace > build.log 2>&1 || { tail -n 40 build.log; exit 1; }
 "$py" -c "import cubecore, json; i = cubecore.info(); print(json.dumps(i)); assert i['cuda_kernel'], i"
 echo "== CUDA tests"
-"$py" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_cuda_emulated.py -k "cuda or emulated"
-echo "== benchmarks on the GPU"
+"$py" -m pytest -q -p no:cacheprovider tests/ops/test_front.py tests/ops/test_rule_family.py \
+  tests/ops/test_cuda_emulated.py -k "cuda or emulated"
+echo "== benchmarks on the GPU (every size, nca included)"
 # shellcheck disable=SC2086
-"$py" -m benchmarks --device cuda ${BENCH_ARGS:-}
-echo "== the general CUDA kernels forced (CUBECORE_CUDA_KERNELS=general), our kernel only: what the fast ones gain"
-# shellcheck disable=SC2086
-CUBECORE_CUDA_KERNELS=general "$py" -m benchmarks --device cuda --contestants kernel \
-  --out benchmarks/results/general-kernels ${BENCH_ARGS:-}
+"$py" -m benchmarks --device cuda --out benchmarks/results ${BENCH_ARGS:-}
+grep -q "nca" benchmarks/results/cuda.md || { echo "the nca size did not run on the GPU" >&2; exit 1; }

@@ -60,9 +60,6 @@ except ImportError as exc:  # A source checkout that was never built, a build fo
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 # Cell-state values times steps that one call of the op computes at most (propagate splits longer rollouts).
 STEP_CHUNK_WORK = 1 << 26
-# The part of the rule family that the CUDA kernels run so far.
-CUDA_RULE = ("the CUDA kernel runs von_neumann neighbourhoods with concat perception, one hidden layer, a tanh "
-             "output, zeros/circular/replicate boundaries, no fire or alive masks")
 
 
 
@@ -91,16 +88,6 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
     if device_type == "cuda":
         if CUDA_MAX_STATE is not None and state_size > CUDA_MAX_STATE:
             return f"the CUDA kernel supports state_size <= {CUDA_MAX_STATE} (S <= {CUDA_MAX_STATE}), got {state_size}"
-        rule = rule or Rule()
-        beyond = [name for name, used in (
-            ("neighbourhood='moore'", rule.neighbourhood != "von_neumann"),
-            ("boundary='reflect'", rule.boundary == "reflect"),
-            ("output_activation='identity'", rule.output_activation != "tanh"),
-            ("alive masks", rule.alive_channel is not None),
-            ("depthwise perception", perception), ("two hidden layers", hidden_layers > 1),
-            ("fire masks", fire)) if used]
-        if beyond:
-            return f"the CUDA kernel does not run {', '.join(beyond)} yet ({CUDA_RULE})"
     return None
 
 
@@ -141,9 +128,7 @@ def _limits_text(device_type: str) -> str:
     rule = f"; at most {MAX_HIDDEN_LAYERS} hidden layers"
     if device_type == "cuda":
         rule += f"; state_size <= {CUDA_MAX_STATE}" if CUDA_MAX_STATE is not None else ""
-        rule += f"; {CUDA_RULE}"
-    else:
-        rule += "; every option of the rule"
+    rule += "; every option of the rule"
     return f"{_dtype_names(device_type)}{rule}; any lattice, batch, hidden and external size"
 
 
@@ -284,10 +269,11 @@ def check_propagate_args(state, external, weights: Sequence[Optional[torch.Tenso
 
 def fire_masks(fire_rate: float, steps: int, state: torch.Tensor) -> Optional[torch.Tensor]:
     """Where each step's change applies, [steps, B, X, Y, Z] bool: Bernoulli(``fire_rate``) per cell and step
-    from torch's default generator (``torch.manual_seed`` reproduces it, on either backend); None at rate 1."""
+    from torch's default CPU generator, whatever the device (``torch.manual_seed`` reproduces it, and every backend
+    and device sees the same masks for the same seed); None at rate 1."""
     if fire_rate >= 1.0:
         return None
-    return torch.rand((steps, *state.shape[:4]), device=state.device) < fire_rate
+    return (torch.rand((steps, *state.shape[:4])) < fire_rate).to(state.device)
 
 
 def propagate(

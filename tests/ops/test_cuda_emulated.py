@@ -5,34 +5,34 @@ shared-memory limits; each case runs under two schedules (``round/forward`` and 
 reorder threads, warps and blocks so that a missing barrier shows as a wrong result.  The emulator lives
 beside the project (``../shared/cuda-emu``, or ``$CUDA_EMU_DIR``); without it, or without g++, this module
 skips with the reason, unless ``CUBECORE_REQUIRE_CUDA_EMU=1`` (set by CI), which turns the skip into a failure.
+
+The rule family has too many combinations of options to run them all here, so the cases cover every pair of
+option values (pairwise), kernel paths included as options: the forward fused or per step, the scratch rows
+in shared or global memory, the compile-time state size or the runtime one, the backward's blocks as many as
+the tiles or two (so that a block takes several tiles).  Each path is forced through the kernels' test hook
+(``cubecore_cuda_force_paths``) and checked by counting launches.
 """
 
-import contextlib
-import math
+import ctypes
+import importlib.util
+import itertools
 import os
+import random
 import shutil
 import sys
 
 import pytest
 import torch
 
-from conftest import RULES, SHAPES, make_problem
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
 from cubecore.ops.reference import trajectory_reference
-from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, UPDATES, canonical_boundary
+from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
 SCHEDULES = [("round", "forward"), ("warp", "reverse")]
-H100_OPTIN = 232448  # opt-in shared memory per block; 0 sends every lattice down the per-step forward
-H100_SMS = 132  # the emulator reports an H100
-THREADS = 256  # threads per block of the per-cell kernels (kThreads in the .cu)
-# (S, H) compiled into the fast kernels (with_fast_sizes in the .cu); other sizes take the general kernels.
-FAST_SIZES = {(8, 16), (8, 32), (16, 64)}
-# The CPU kernel tests' shapes (with S, H = 8, 16 among them), plus a lattice spanning three blocks per launch
-# (the last one partial), the largest state the CUDA kernels take, with E > 0, and the other two fast sizes.
-EMU_SHAPES = SHAPES + [(2, 7, 9, 5, 3, 4, 2), (1, 2, 1, 3, CUDA_MAX_STATE, 8, 2), (2, 7, 9, 5, 8, 32, 1),
-                       (1, 2, 3, 3, 16, 64, 1)]
+H100_OPTIN = 232448  # opt-in shared memory per block
+COMPILED_STATES = (8, 16, 20)  # with_cuda_state_length in the .cu: other sizes take the L = 0 kernels
 
 
 def _emulator_missing():
@@ -41,6 +41,22 @@ def _emulator_missing():
     if shutil.which("g++") is None:
         return "g++ is not installed (the emulator compiles the CUDA kernels with it)"
     return None
+
+
+class Emulator:
+    def __init__(self, cuda_emu, ops, so):
+        self.cuda_emu, self.ops = cuda_emu, ops
+        self._force = ctypes.CDLL(so).cubecore_cuda_force_paths
+        self._force.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+
+    def force(self, runtime_sizes=False, global_rows=False, forward="auto", backward_blocks=0):
+        self._force(int(runtime_sizes), int(global_rows), {"auto": 0, "per-step": 1, "fused": 2}[forward],
+                    backward_blocks)
+
+    def launches(self, fn):
+        before = self.cuda_emu.stats()["launches"]
+        out = fn()
+        return out, self.cuda_emu.stats()["launches"] - before
 
 
 @pytest.fixture(scope="module")
@@ -57,56 +73,108 @@ def emu():
 
     so = os.environ.get("CUDA_EMU_SO") or cuda_emu.build(os.path.join(ROOT, "csrc", "cubecore_cuda.cu"),
                                                           link_module="cubecore._C")
-    ops = cuda_emu.load(so, "cubecore")
+    emulator = Emulator(cuda_emu, cuda_emu.load(so, "cubecore"), so)
     # NaN-fill torch.empty, so that an output element no kernel writes shows up.
     saved = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    yield cuda_emu, ops
+    cuda_emu.set_optin_bytes(H100_OPTIN)
+    yield emulator
     torch.use_deterministic_algorithms(saved[0])
     torch.utils.deterministic.fill_uninitialized_memory = saved[1]
     cuda_emu.set_schedule(None, None)
-    cuda_emu.set_optin_bytes(H100_OPTIN)
+    emulator.force()
 
 
-# The CUDA kernels run the rule family's original member (von Neumann, concat, one hidden layer, tanh output, no
-# masks) with the zeros, circular and replicate boundaries.
-CUDA_RULES = [rule for rule in RULES if canonical_boundary(rule[0]) != "reflect"]
+@pytest.fixture(params=SCHEDULES, ids="-".join)
+def schedule(request, emu):
+    emu.cuda_emu.set_schedule(*request.param)
+    yield request.param
+    emu.cuda_emu.set_schedule(None, None)
+    emu.force()
 
 
-def codes(boundary, activation, update):
-    return BOUNDARIES.index(canonical_boundary(boundary)), ACTIVATIONS.index(activation), UPDATES.index(update)
+# --- a problem of the rule family, the op's arguments, the reference --------------------------------------------
+
+class Case(dict):
+    """One combination of options (a dict, with attribute access)."""
+    __getattr__ = dict.__getitem__
 
 
-def forward(ops, args, steps, c, step_size, keep):
-    """(final, trajectory) of the op for (state, external, w1, b1, w2, b2) and (boundary, activation, update)
-    codes: von Neumann, concat, one hidden layer, tanh output, no masks."""
-    state, external, w1, b1, w2, b2 = args
-    boundary, activation, update = c
-    final, traj, _ = ops.propagate_forward(state, external, None, w1, b1, None, None, w2, b2, None, None, steps, 0,
-                                           boundary, activation, 0, update, step_size, -1, 0.1, keep)
-    return final, traj
+def problem(case, dtype=torch.float64, seed=0):
+    """(state, external, perception, [w1, b1, (wh, bh,) wo, bo], fire_mask, dead_state) in float64, random
+    values large enough that every term matters; with alive masks the alive channel (1) is sparse, so that
+    cells die and are born."""
+    B, X, Y, Z, S, E = case.shape
+    gen = torch.Generator().manual_seed(seed)
+    K = 27 if case.neighbourhood == "moore" else 7
+
+    def rnd(*size, scale=0.5):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    state = rnd(B, X, Y, Z, S)
+    if case.alive:
+        state[..., 1] = (torch.rand(B, X, Y, Z, generator=gen, dtype=torch.float64) * 0.25).to(dtype)
+    external = rnd(B, X, Y, Z, E)
+    perception = rnd(S, case.filters, K) if case.filters else None
+    sizes = [(S * case.filters if case.filters else K * S) + E] + list(case.get("hidden", (7, 5)))[:case.depth] + [S]
+    weights = []
+    for i in range(len(sizes) - 1):
+        weights += [rnd(sizes[i + 1], sizes[i], scale=1.5 / sizes[i] ** 0.5), rnd(sizes[i + 1])]
+    if not case.bias:
+        weights[-1] = None
+    fire = torch.rand((case.steps, B, X, Y, Z), generator=gen) < 0.5 if case.fire else None
+    dead = (torch.arange(S, dtype=torch.float64) / 4).to(dtype) if case.alive else None
+    return state, external, perception, weights, fire, dead
 
 
-def backward(ops, upstream, traj, args, steps, c, step_size):
-    """The gradients of (state, external, w1, b1, w2, b2) from the op's backward."""
-    _, external, w1, b1, w2, b2 = args
-    boundary, activation, update = c
-    life = torch.empty((0, *traj.shape[1:5]), dtype=torch.uint8)
-    grads = ops.propagate_backward(upstream, traj, life, external, None, w1, b1, None, None, w2, b2, None, None,
-                                   steps, 0, boundary, activation, 0, update, step_size, -1)
-    return [grads[i] for i in (0, 1, 3, 4, 7, 8)]
+def op_weights(weights):
+    """(w1, b1, wh, bh, wo, bo) as the op takes them: a missing output bias is zeros, one layer has no wh, bh."""
+    w = list(weights)
+    if w[-1] is None:
+        w[-1] = torch.zeros(w[-2].shape[0], dtype=w[-2].dtype)
+    return (*w[:2], *(w[2:4] if len(w) == 6 else (None, None)), *w[-2:])
 
 
-def reference(args, rule, steps, step_size, seed=1):
-    """Float64 trajectory [T+1, ...], the upstream gradient of the final state, and the six gradients."""
-    boundary, activation, update = rule
-    leaves = [a.double().clone().requires_grad_() for a in args]
-    states = trajectory_reference(*leaves, steps=steps, boundary=boundary, activation=activation, update=update,
-                                  step_size=step_size)
+def codes(case):
+    return (NEIGHBOURHOODS.index(case.neighbourhood), BOUNDARIES.index(case.boundary),
+            ACTIVATIONS.index(case.activation), OUTPUT_ACTIVATIONS.index(case.output), UPDATES.index(case["update"]))
+
+
+def forward(ops, case, args, keep):
+    state, external, perception, weights, fire, dead = args
+    return ops.propagate_forward(state, external, perception, *op_weights(weights), fire, dead, case.steps,
+                                 *codes(case), case.step_size, 1 if case.alive else -1, 0.1, keep)
+
+
+def backward(ops, case, args, upstream, traj, life):
+    _, external, perception, weights, fire, dead = args
+    return ops.propagate_backward(upstream, traj, life, external, perception, *op_weights(weights), fire, dead,
+                                  case.steps, *codes(case), case.step_size, 1 if case.alive else -1)
+
+
+def reference(case, args, seed=1):
+    """Float64 trajectory [T+1, ...], the upstream gradient of the final state, and the gradients of (state,
+    external, perception, w1, b1, wh, bh, wo, bo), None for the tensors the case lacks."""
+    state, external, perception, weights, fire, dead = args
+    leaves = [None if t is None else t.double().clone().requires_grad_() for t in
+              (state, external, perception, *op_weights(weights))]
+    if not case.bias:
+        leaves[8] = None
+    layers = [leaves[i] for i in (3, 4, 5, 6, 7, 8) if i < 5 or leaves[5] is not None or i > 6]
+    states = trajectory_reference(leaves[0], leaves[1], *layers, steps=case.steps, perception=leaves[2],
+                                  fire_mask=fire, dead_state=None if dead is None else dead.double(),
+                                  neighbourhood=case.neighbourhood, boundary=case.boundary,
+                                  activation=case.activation, output_activation=case.output, update=case["update"],
+                                  step_size=case.step_size, alive_channel=1 if case.alive else None,
+                                  alive_threshold=0.1)
     upstream = torch.randn(states[-1].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(states[-1], leaves, upstream)
-    return states.detach(), upstream, grads
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(states[-1], present, upstream))
+    return states.detach(), upstream, [None if t is None else next(grads) for t in leaves]
+
+
+GRAD_NAMES = ("state", "external", "perception", "w1", "b1", "wh", "bh", "wo", "bo")
 
 
 def assert_close(name, got, want, tol):
@@ -114,156 +182,220 @@ def assert_close(name, got, want, tol):
     torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def is_fast(shape):
-    return shape[4:6] in FAST_SIZES and os.environ.get("CUBECORE_CUDA_KERNELS") != "general"
-
-
-def fused_expected(shape, dtype):
-    """Whether the forward should take the fused one-block-per-sample path on an emulated H100 (the fast
-    kernel keeps the weights in shared memory beside the states)."""
-    B, X, Y, Z, S, H, E = shape
-    cells = X * Y * Z
-    weights = H * math.ceil((7 * S + E) / 4) * 4 + H + S * H + S if is_fast(shape) else 0  # W1 rows padded
-    fits = (2 * cells * S + cells * E + weights) * dtype.itemsize <= H100_OPTIN
-    return fits and B >= min(H100_SMS, math.ceil(B * cells / THREADS))
-
-
-@contextlib.contextmanager
-def kernels(which):
-    """CUBECORE_CUDA_KERNELS=which ("general" forces the general kernels; "auto" the default choice)."""
-    saved = os.environ.get("CUBECORE_CUDA_KERNELS")
-    os.environ["CUBECORE_CUDA_KERNELS"] = which
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["CUBECORE_CUDA_KERNELS"]
-        else:
-            os.environ["CUBECORE_CUDA_KERNELS"] = saved
-
-
-def launches(cuda_emu, fn):
-    before = cuda_emu.stats()["launches"]
-    out = fn()
-    return out, cuda_emu.stats()["launches"] - before
-
-
-def check_case(emu, shape, rule, dtype, steps=3, step_size=0.7, seed=0):
-    """The kernels the sizes choose; for the fast sizes also the general ones, forced."""
-    for which in (("auto", "general") if shape[4:6] in FAST_SIZES else ("auto",)):
-        with kernels(which):
-            grads = check_kernels(emu, shape, rule, dtype, steps, step_size, seed)
-    return grads
-
-
-def check_kernels(emu, shape, rule, dtype, steps, step_size, seed):
-    cuda_emu, ops = emu
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
-    args64 = make_problem(*shape, seed=seed)
-    args = [a.to(dtype) for a in args64]
-    want_traj, upstream, want_grads = reference(args64, rule, steps, step_size)
-    c = codes(*rule)
-    # The path the sizes choose (checked by its launch count), then the per-step path forced.
-    for optin, fused in ((H100_OPTIN, fused_expected(shape, dtype)), (0, False)):
-        cuda_emu.set_optin_bytes(optin)
-        try:
-            (final, traj), n = launches(cuda_emu, lambda: forward(ops, args, steps, c, step_size, True))
-            assert n == (1 if fused else steps), f"expected the {'fused' if fused else 'per-step'} forward"
-            assert_close(f"trajectory (opt-in {optin})", traj, want_traj, tol)
-            assert_close(f"final (opt-in {optin})", final, want_traj[-1], tol)
-            final, _ = forward(ops, args, steps, c, step_size, False)
-            assert_close(f"final without trajectory (opt-in {optin})", final, want_traj[-1], tol)
-        finally:
-            cuda_emu.set_optin_bytes(H100_OPTIN)
-    grads, n = launches(cuda_emu, lambda: backward(ops, upstream.to(dtype), want_traj.to(dtype), args, steps, c,
-                                                   step_size))
-    # fast: the cell-and-weights kernel and the gather per step; general: cell, gather and weights; then the sum
-    assert n == (2 if is_fast(shape) else 3) * steps + 1, f"expected the {'fast' if is_fast(shape) else 'general'} backward"
-    for name, got, want in zip(["state", "external", "w1", "b1", "w2", "b2"], grads, want_grads):
-        assert got.dtype == dtype
+def check(emu, case):
+    """The forward (trajectory kept and not) and all nine gradients on the paths `case` forces, launches
+    counted, against the float64 reference."""
+    dtype = case.dtype
+    tol = 1e-10 if dtype == torch.float64 else 3e-4
+    args64 = problem(case)
+    args = problem(case, dtype)
+    want_traj, upstream, want_grads = reference(case, args64)
+    emu.force(runtime_sizes=case.sizes == "runtime", global_rows=case.rows == "global", forward=case.forward,
+              backward_blocks=case.blocks)
+    (final, traj, life), n = emu.launches(lambda: forward(emu.ops, case, args, True))
+    per_step = 1 + (2 if case.alive else 0)  # the step, then the alive masks and the burial
+    assert n == (1 if case.forward == "fused" else case.steps * per_step), f"expected the {case.forward} forward"
+    assert_close("trajectory", traj, want_traj, tol)
+    assert_close("final", final, want_traj[-1], tol)
+    assert life.shape == ((case.steps, *case.shape[:4]) if case.alive else (0, *case.shape[:4]))
+    final_only, _, _ = forward(emu.ops, case, args, False)
+    assert_close("final without trajectory", final_only, want_traj[-1], tol)
+    grads, n = emu.launches(lambda: backward(emu.ops, case, args, upstream.to(dtype), traj, life))
+    assert n == 2 * case.steps + 1, "expected the tile and gather kernels per step, then the sum"
+    for name, got, want in zip(GRAD_NAMES, grads, want_grads):
+        if want is None:
+            continue
+        assert got.dtype == dtype and got.shape == want.shape, name
         assert_close(f"grad {name}", got, want, tol)
     return grads
 
 
-@pytest.fixture(params=SCHEDULES, ids="-".join)
-def schedule(request, emu):
-    emu[0].set_schedule(*request.param)
-    yield request.param
-    emu[0].set_schedule(None, None)
+# --- the cases: every pair of option values ------------------------------------------------------------------------
+
+# (B, X, Y, Z, S, E): odd lattices; S = 8 and 20 have compiled kernels, 3, 5 and 4 take the runtime ones; one
+# lattice has a side of 1 (a cell is its own neighbour on that axis), one spans several blocks of the per-cell
+# kernels (315 cells per sample: ten blocks of 32 threads on an emulated H100).
+SHAPES = [(2, 3, 4, 5, 3, 2), (1, 5, 2, 3, 8, 0), (3, 2, 3, 2, 5, 1), (2, 1, 3, 4, 20, 1), (1, 7, 9, 5, 4, 1)]
+OPTIONS = {
+    "neighbourhood": NEIGHBOURHOODS,
+    "filters": (0, 3),  # perception: 0 = concat, else depthwise with this many filters per channel
+    "depth": (1, 2),
+    "output": OUTPUT_ACTIVATIONS,
+    "bias": (True, False),
+    "fire": (False, True),
+    "alive": (False, True),
+    "boundary": BOUNDARIES,
+    "update": UPDATES,
+    "activation": ACTIVATIONS,
+    "dtype": (torch.float64, torch.float32),
+    "shape": SHAPES,
+    "forward": ("fused", "per-step"),
+    "rows": ("shared", "global"),
+    "sizes": ("compiled", "runtime"),
+    "blocks": (0, 2),
+}
 
 
-# Every rule, each on two of the shapes (in turn, so that every shape meets several rules), in float64 and
-# float32; the forward on the path its sizes choose and on the per-step path, and the backward.
-CASES = [(rule, EMU_SHAPES[(2 * i + k) % len(EMU_SHAPES)], dtype)
-         for i, rule in enumerate(CUDA_RULES) for k in range(2) for dtype in (torch.float64, torch.float32)]
+def allowed(row):
+    return not (row.get("boundary") == "reflect" and "shape" in row and min(row["shape"][1:4]) < 2)
 
 
-@pytest.mark.parametrize("rule,shape,dtype", CASES,
-                         ids=[f"{'-'.join(r)}-{'x'.join(map(str, s))}-{str(d)[6:]}" for r, s, d in CASES])
-def test_emulated_kernels_match_reference(emu, schedule, rule, shape, dtype):
-    check_case(emu, shape, rule, dtype, seed=hash((rule, shape)) % 1000)
+def pairwise(options, seed=0, tries=60):
+    """Rows (dicts) in which every pair of values of two options occurs at least once (greedy: each row the
+    best of `tries` random ones, completed by the pairs still missing), fixed by `seed`."""
+    names = list(options)
+    missing = {((a, i), (b, j)) for a, b in itertools.combinations(names, 2)
+               for i in range(len(options[a])) for j in range(len(options[b]))
+               if allowed({a: options[a][i], b: options[b][j]})}
+    rng = random.Random(seed)
+    rows = []
+    while missing:
+        best, best_gain = None, -1
+        for _ in range(tries):
+            (a, i), (b, j) = rng.choice(sorted(missing))
+            pick = {a: i, b: j}
+            for name in names:
+                if name not in pick:
+                    pick[name] = rng.randrange(len(options[name]))
+            row = {name: options[name][pick[name]] for name in names}
+            if not allowed(row):
+                continue
+            gain = sum(((x, pick[x]), (y, pick[y])) in missing for x, y in itertools.combinations(names, 2))
+            if gain > best_gain:
+                best, best_gain = pick, gain
+        rows.append(best)
+        missing -= {((x, best[x]), (y, best[y])) for x, y in itertools.combinations(names, 2)}
+    return [Case({name: options[name][row[name]] for name in names}, steps=3, step_size=0.7) for row in rows]
 
 
-def test_every_shape_and_every_path_is_covered():
-    """The case list above reaches every shape, the fused forward as well as the chosen per-step one, each
-    with the fast and the general kernels, and every fast size in both dtypes."""
-    assert {s for _, s, _ in CASES} == set(EMU_SHAPES)
-    chosen = {(fused_expected(s, d), is_fast(s)) for _, s, d in CASES}
-    assert chosen == {(True, True), (True, False), (False, True), (False, False)}
-    assert {(s[4:6], d) for _, s, d in CASES if s[4:6] in FAST_SIZES} == {
-        (size, d) for size in FAST_SIZES for d in (torch.float32, torch.float64)}
+CASES = pairwise(OPTIONS)
 
 
-def test_few_samples_of_a_larger_lattice_run_per_step(emu, schedule):
-    """Two samples of 16x16x8 fit in shared memory, but two blocks would leave 130 of 132 SMs idle: the
-    forward goes per step (launches over 16 blocks each).  One sample per SM of the same lattice goes fused."""
-    shape = (2, 16, 16, 8, 2, 3, 1)
-    assert not fused_expected(shape, torch.float32)
-    check_case(emu, shape, ("periodic", "tanh", "residual"), torch.float32, steps=2)
-    assert fused_expected((H100_SMS, 16, 16, 8, 2, 3, 1), torch.float32)
+def case_id(case):
+    B, X, Y, Z, S, E = case.shape
+    return (f"{case.neighbourhood}-F{case.filters}-d{case.depth}-{case.output}{'' if case.bias else '-nobias'}"
+            f"{'-fire' if case.fire else ''}{'-alive' if case.alive else ''}-{case.boundary}-{case['update']}-"
+            f"{case.activation}-{str(case.dtype)[6:]}-{B}x{X}x{Y}x{Z}x{S}x{E}-{case.forward}-{case.rows}-"
+            f"{case.sizes}-b{case.blocks}")
 
 
-@pytest.mark.parametrize("dtype,hidden", [(torch.float64, 64), (torch.float32, 120)])
-def test_backward_has_no_shared_memory_limit(emu, schedule, dtype, hidden):
-    """S = 64 with a wide hidden layer: once too many weight gradients for a block's shared memory, which
-    made the backward fail after the forward had run.  The kernel takes every S <= 64, so the backend check
-    promises no more than that."""
-    assert kernel_limit_reason("cuda", dtype, CUDA_MAX_STATE) is None
-    check_case(emu, (1, 1, 2, 1, CUDA_MAX_STATE, hidden, 0), ("wall", "tanh", "replace"), dtype, steps=2)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_emulated_kernels_match_reference(emu, schedule, case):
+    check(emu, case)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_fast_backward_block_takes_several_tiles(emu, schedule, dtype, monkeypatch):
-    """Large lattices give each block of the fast backward many tiles in turn (at most four blocks per SM);
-    two blocks over the five tiles of this lattice reach that on the emulator."""
-    monkeypatch.setenv("CUBECORE_CUDA_BACKWARD_BLOCKS", "2")
-    check_case(emu, (2, 7, 9, 7, 8, 16, 1), ("periodic", "sigmoid", "residual"), dtype, steps=2)
+def test_the_cases_cover_every_pair_of_option_values():
+    names = list(OPTIONS)
+    for a, b in itertools.combinations(names, 2):
+        seen = {(repr(c[a]), repr(c[b])) for c in CASES}
+        for x in OPTIONS[a]:
+            for y in OPTIONS[b]:
+                if allowed({a: x, b: y}):
+                    assert (repr(x), repr(y)) in seen, (a, x, b, y)
+    assert len(CASES) <= 40  # the suite stays small: each case runs under two schedules
+    # Both compiled state sizes among the shapes meet the compiled kernels (pairwise: shape x sizes).
+    assert {c.shape[4] for c in CASES if c.sizes == "compiled"} & set(COMPILED_STATES) == {8, 20}
 
 
-@pytest.mark.parametrize("state,hidden", [(4, 12), (8, 16)], ids=["general", "fast"])
-def test_weight_gradients_are_the_same_bits_under_every_schedule(emu, state, hidden):
+# The configuration users run: the 3D artefacts NCA's (Moore, depthwise F = 3, [64, 64] ReLU, identity output
+# without bias, fire 0.5, alive masks), at S = 20 (a compiled size) and at a runtime size, on the paths the sizes
+# choose and with the rows in global memory.
+NCA = dict(neighbourhood="moore", filters=3, depth=2, hidden=(64, 64), output="identity", bias=False, fire=True,
+           alive=True, boundary="zeros", update="residual", activation="relu", steps=3, step_size=1.0, blocks=0)
+
+
+@pytest.mark.parametrize("shape,dtype,paths", [
+    ((2, 4, 3, 5, 20, 0), torch.float32, dict(forward="fused", rows="shared", sizes="compiled")),
+    ((1, 5, 4, 3, 20, 0), torch.float64, dict(forward="per-step", rows="global", sizes="compiled")),
+    ((2, 3, 3, 4, 6, 0), torch.float32, dict(forward="per-step", rows="shared", sizes="runtime")),
+], ids=["fused-f32", "per-step-global-f64", "runtime-f32"])
+def test_the_nca_configuration(emu, schedule, shape, dtype, paths):
+    check(emu, Case(NCA, shape=shape, dtype=dtype, **paths))
+
+
+def test_the_choices_the_sizes_make(emu):
+    """Unforced: many samples of a small lattice go fused (one launch); two samples of 16x16x8 per step (two
+    blocks would leave 130 of 132 SMs idle); and a lattice whose states exceed the shared memory per block per
+    step even where the fused forward is asked for."""
+    for shape, forced, fused in (((3, 3, 4, 5, 3, 1), "auto", True), ((2, 16, 16, 8, 2, 1), "auto", False),
+                                 ((1, 16, 16, 16, 8, 0), "fused", False)):
+        case = Case(NCA, hidden=(4, 3), shape=shape, dtype=torch.float32, steps=2)
+        args = problem(case, torch.float32)
+        emu.force(forward=forced)
+        try:
+            _, n = emu.launches(lambda: forward(emu.ops, case, args, True))
+        finally:
+            emu.force()
+        assert n == (1 if fused else 2 * 3), shape
+
+
+@pytest.mark.parametrize("filters,depth", [(3, 2), (0, 1)], ids=["depthwise-two-layers", "concat-one-layer"])
+def test_weight_gradients_are_the_same_bits_under_every_schedule(emu, filters, depth):
     """No atomics: the weight gradients are summed in a fixed order, whatever order threads, warps and blocks
     run in (the emulator's schedules reorder all three), so torch.use_deterministic_algorithms holds."""
-    cuda_emu, ops = emu
-    args = make_problem(3, 5, 6, 7, state, hidden, 2, dtype=torch.float32, seed=5)  # 630 cells: three blocks
-    _, traj = forward(ops, args, 3, codes("replicate", "tanh", "residual"), 0.5, True)
+    case = Case(NCA, filters=filters, depth=depth, shape=(3, 5, 6, 7, 5, 2), dtype=torch.float32, steps=3,
+                boundary="reflect")
+    args = problem(case, torch.float32, seed=5)
+    emu.force(backward_blocks=2)  # 630 cells: tiles of 32 cells, several per block
+    _, traj, life = forward(emu.ops, case, args, True)
     upstream = torch.randn(traj[-1].shape, generator=torch.Generator().manual_seed(2))
     results = []
     try:
-        for sched in cuda_emu.schedules():
-            cuda_emu.set_schedule(*sched)
-            results.append(backward(ops, upstream, traj, args, 3, codes("replicate", "tanh", "residual"), 0.5))
+        for sched in emu.cuda_emu.schedules():
+            emu.cuda_emu.set_schedule(*sched)
+            results.append(backward(emu.ops, case, args, upstream, traj, life))
     finally:
-        cuda_emu.set_schedule(None, None)
+        emu.cuda_emu.set_schedule(None, None)
+        emu.force()
     for other in results[1:]:
-        for name, a, b in zip(["state", "external", "w1", "b1", "w2", "b2"], results[0], other):
+        for name, a, b in zip(GRAD_NAMES, results[0], other):
             assert torch.equal(a, b), f"grad {name} differs between schedules"
 
 
+def test_a_large_state_and_wide_layers(emu, schedule):
+    """S = 64 (the largest) with wide hidden layers: rows of hundreds of values, fewer threads per block; in
+    float64 with [400, 400] not even 32 rows fit in a block's shared memory, so they go to global memory."""
+    for dtype, hidden in ((torch.float32, (120, 90)), (torch.float64, (400, 400))):
+        check(emu, Case(NCA, hidden=hidden, shape=(1, 2, 1, 3, CUDA_MAX_STATE, 1), dtype=dtype, steps=2,
+                        forward="per-step", rows="auto", sizes="auto"))
+
+
 def test_state_size_over_the_limit_is_refused_with_the_reason(emu):
-    _, ops = emu
     S = CUDA_MAX_STATE + 1
-    args = make_problem(1, 1, 1, 2, S, 2, 0, dtype=torch.float32)
+    case = Case(NCA, shape=(1, 1, 1, 2, S, 0), dtype=torch.float32, steps=1)
     with pytest.raises(RuntimeError, match=f"S <= {CUDA_MAX_STATE}"):
-        forward(ops, args, 1, (0, 0, 0), 1.0, True)
+        forward(emu.ops, case, problem(case, torch.float32), True)
     assert f"<= {CUDA_MAX_STATE}" in (kernel_limit_reason("cuda", torch.float32, S) or "")
+
+
+# --- the published 3D artefacts NCA ---------------------------------------------------------------------------------
+
+def test_the_converted_artefacts_model_rolls_out_identically(emu):
+    """examples/artefacts_nca.py's PlainVillageHouse model, converted to a CubicCore, rolls out under the
+    emulated CUDA kernels as under the reference: the same states at every step in float64 (1e-9), from the
+    upstream's seed under the same fire masks."""
+    spec = importlib.util.spec_from_file_location("artefacts_nca", os.path.join(ROOT, "examples", "artefacts_nca.py"))
+    A = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(A)
+    state_dict = torch.load(A.HOUSE_MODEL, map_location="cpu", weights_only=True)
+    steps, batch = 20, 2
+    core = A.core_from_artefact_nca(state_dict, 10, A.HOUSE_LATTICE, steps, backend="reference").double()
+    seed = A.artefact_seed(core, batch)
+    masks = torch.rand((steps, batch, *A.HOUSE_LATTICE), generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        want = core(state=seed, fire_mask=masks, return_trajectory=True)
+    weights = [w if w is not None else torch.zeros(core.state_size, dtype=torch.float64) for w in core.layers()]
+    w1, b1, wh, bh, wo, bo = [w.detach() for w in weights]
+    rule = core.rule
+    alive = -1 if rule.alive_channel is None else rule.alive_channel
+    # 1000 cells of 21 float64 values do not fit twice in a block's shared memory: the forward goes per step
+    # (the fused path runs this configuration in test_the_nca_configuration).
+    emu.force()
+    (_, traj, _), n = emu.launches(lambda: emu.ops.propagate_forward(
+        seed, seed.new_zeros((*seed.shape[:4], 0)), core.perception.detach(), w1, b1, wh, bh, wo, bo, masks,
+        core.dead_state, steps, *rule.codes(), rule.step_size, alive, rule.alive_threshold, True))
+    assert n == 3 * steps
+    diff = (traj - want).abs().flatten(1).amax(1)
+    assert diff.max() < 1e-9, diff
+    emu.force()
+    assert (want[-1][..., :10].argmax(-1) > 0).any()  # the house grows: blocks other than air are placed

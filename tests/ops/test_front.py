@@ -397,8 +397,6 @@ def test_kernel_rejects_bad_direct_calls():
 @pytest.mark.parametrize("shape", SHAPES + [(4, 8, 8, 12, 8, 16, 1), (2, 20, 20, 20, 8, 16, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_cuda_kernel_matches_reference(boundary, activation, update, shape):
-    if boundary == "reflect":
-        pytest.skip(ops.front.CUDA_RULE)
     args = make_problem(*shape, seed=13)
     kw = rule_kwargs(boundary, activation, update, 5)
     got = forward_and_grads([a.float().cuda() for a in args], "kernel", **kw)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cubecore
-from conftest import requires_kernel
+from conftest import requires_cuda_kernel, requires_kernel
 from cubecore import propagate
 from cubecore.ops.reference import propagate_reference
 from cubecore.ops.rule import BOUNDARIES
@@ -62,7 +62,7 @@ def run(backend, problem, **kw):
     leaves = [t for t in [state, external, perception, *weights] if t is not None]
     out = propagate(state, external, *weights, perception=perception, backend=backend, **kw)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+    grads = torch.autograd.grad(out, leaves, upstream.to(device=out.device, dtype=out.dtype))
     return [out.detach()] + list(grads)
 
 
@@ -112,6 +112,28 @@ def test_float32_kernel_matches_the_float64_reference(neighbourhood, filters, de
     problem32 = family_problem(shape, neighbourhood, filters, depth, alive=True, seed=3, dtype=torch.float32)
     kw["dead_state"] = kw["dead_state"].float()
     assert_same(run("kernel", problem32, **kw), want, atol=2e-4)
+
+
+@requires_cuda_kernel
+@pytest.mark.parametrize("combination", COMBINATIONS[::37], ids=lambda c: "-".join(map(str, c)))
+def test_cuda_kernel_runs_the_family(combination):
+    """On a GPU: a spread of the combinations (every 37th) in float32 against the float64 reference; the
+    emulated tests (tests/ops/test_cuda_emulated.py) cover every pair of option values on the CPU."""
+    neighbourhood, filters, depth, output, fire, alive, boundary, update = combination
+    i = COMBINATIONS.index(combination)
+    shape = SHAPES[i % len(SHAPES)]
+    if boundary == "reflect" and min(shape[1:4]) < 2:
+        shape = SHAPES[0]
+    problem = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i)
+    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % 3])
+    want = run("reference", problem, **kw)
+    cuda = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i,
+                          dtype=torch.float32)
+    cuda = [x.cuda() if isinstance(x, torch.Tensor) else x for x in cuda[:3]] + [
+        [w.cuda() if w is not None else None for w in cuda[3]]]
+    kw = {k: v.cuda().float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+          v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    assert_same([t.cpu() for t in run("kernel", cuda, **kw)], want, atol=3e-4)
 
 
 @requires_kernel
