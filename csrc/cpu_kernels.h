@@ -521,25 +521,66 @@ CellRows<T, L> cell_rows(const Geometry& g, const T* state, const T* external, i
   return CellRows<T, L>{s.inputs.data(), nseg, K, g.lengths};
 }
 
-// Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c].
+// perc[f*S + c] = sum over the slots k of wp[f][k][c] * x_k[c] for c in [c0, c0 + RV * W): the sum over the
+// slots stays in registers and each output is stored once (a sum through memory is a chain of loads and stores
+// that stalls wherever a store's address aliases a later load's, as at power-of-two state sizes).
+template <int RV, typename T>
+inline void perceive_columns(const T* wf, const T* const* x, const int64_t* slot, int live, int64_t S, int64_t c0,
+                             T* out) {
+  using V = typename StateVec<T>::type;
+  constexpr int W = StateVec<T>::width;
+  V acc[RV] = {};
+  for (int i = 0; i < live; ++i) {
+    const T* wk = wf + slot[i] * S + c0;
+    const T* xk = x[i] + c0;
+#pragma GCC unroll 4
+    for (int r = 0; r < RV; ++r) acc[r] += vload<V>(wk + r * W) * vload<V>(xk + r * W);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RV; ++r) vstore(out + c0 + r * W, acc[r]);
+}
+
+// Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c] (slots beyond
+// a zeros boundary skipped).
 template <int L, typename T>
 void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<T, L>& slots, int64_t count,
                    TileScratch<T>& s) {
+  constexpr int W = StateVec<T>::width;
   const int64_t S = L > 0 ? L : g.S, F = g.F, K = g.K;
   const T* wp = w.wp.template data_ptr<T>();
   const T* zeros = s.zeros.data();
+  const T* x[kMaxSlots];
+  int64_t slot[kMaxSlots];
   for (int64_t l = 0; l < count; ++l) {
     T* p = s.perc.data() + l * S * F;
-    std::fill(p, p + S * F, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T* x = slots.row(l, static_cast<int>(k));
-      if (x == zeros) continue;
-      for (int64_t f = 0; f < F; ++f) {
-        const T* wk = wp + (f * K + k) * S;
-        T* pf = p + f * S;
+    if (S < W) {  // a state narrower than one vector: each slot's products added in turn
+      std::fill(p, p + S * F, T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const T* xk = slots.row(l, static_cast<int>(k));
+        if (xk == zeros) continue;
+        for (int64_t f = 0; f < F; ++f) {
+          const T* wk = wp + (f * K + k) * S;
+          T* pf = p + f * S;
 #pragma GCC ivdep
-        for (int64_t c = 0; c < S; ++c) pf[c] += wk[c] * x[c];
+          for (int64_t c = 0; c < S; ++c) pf[c] += wk[c] * xk[c];
+        }
       }
+      continue;
+    }
+    int live = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* row = slots.row(l, static_cast<int>(k));
+      if (row == zeros) continue;
+      x[live] = row;
+      slot[live++] = k;
+    }
+    for (int64_t f = 0; f < F; ++f, p += S) {
+      const T* wf = wp + f * K * S;
+      int64_t c = 0;
+      for (; c + 4 * W <= S; c += 4 * W) perceive_columns<4>(wf, x, slot, live, S, c, p);
+      for (; c + W <= S; c += W) perceive_columns<1>(wf, x, slot, live, S, c, p);
+      // the last vector overlaps the one before it, whose columns get the same sums again
+      if (c < S) perceive_columns<1>(wf, x, slot, live, S, S - W, p);
     }
   }
 }

@@ -137,6 +137,20 @@ def test_cuda_kernel_runs_the_family(combination):
 
 
 @requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("S", [3, 5, 11, 16, 21, 37])
+def test_depthwise_perception_at_every_state_width(S, dtype):
+    """The depthwise perception runs on whole vectors, 4 at a time, with the last one overlapping the one before
+    it where S is no multiple of the width (4 doubles or 8 floats), and per slot where S is narrower than one:
+    widths that take each of these paths, on the zeros boundary (where slots are skipped)."""
+    shape = (2, 3, 4, 3, S, 1)
+    kw = options("moore", "identity", False, False, "zeros", "residual", 3, shape, S)
+    want = run("reference", family_problem(shape, "moore", 3, 1, seed=S), **kw)
+    got = run("kernel", family_problem(shape, "moore", 3, 1, seed=S, dtype=dtype), **kw)
+    assert_same(got, want, atol=1e-10 if dtype == torch.float64 else 2e-4)
+
+
+@requires_kernel
 def test_gradcheck_of_the_whole_family():
     shape = (1, 3, 2, 3, 2, 1)
     state, external, perception, weights = family_problem(shape, "moore", 2, 2, seed=5)
