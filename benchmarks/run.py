@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from cubecore.cli import CommandParser, device_argument, name_list, non_negative_float, positive_int
 from cubecore.ops.front import kernel_limit_reason
 from cubecore.ops.rule import Rule
 
@@ -250,18 +251,27 @@ def plot(rows: List[Dict], path: Path, title: str) -> bool:
     return True
 
 
+def _names(parser, option: str, text: str, choices: List[str], where: str = "") -> List[str]:
+    """The comma-separated names of ``text``, each among ``choices`` and at least one; else a usage error."""
+    try:
+        return name_list(choices, option)(text)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{exc}{where}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m benchmarks", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the original size only, few repeats (~1 minute)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="least timed runs per measure (default 10, quick 3)")
-    parser.add_argument("--min-time", type=float, default=None,
+    parser.add_argument("--min-time", type=non_negative_float, default=None,
                         help="seconds of timed runs per measure, reached by running more than --repeats times "
                              "(at most 20x as many); default 2, quick 0.5")
     parser.add_argument("--contestants", default=None, help="comma-separated subset (default: all)")
-    parser.add_argument("--sizes", default=None, help="comma-separated subset of size names (default: all)")
+    parser.add_argument("--sizes", default=None, help="comma-separated subset of size names (default: all; none: "
+                                                      "no timed sizes, with --largest-lattice)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
     search = parser.add_argument_group("largest lattice (the `nca` rule)")
     search.add_argument("--largest-lattice", action="store_true",
@@ -277,25 +287,27 @@ def main(argv=None) -> int:
                              "exhaust the machine's memory instead of its own limit)")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = args.device
     repeats = args.repeats or (3 if args.quick else 10)
     min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
     names = contestant_names(device)
-    if args.contestants:
-        wanted = args.contestants.split(",")
-        unknown = set(wanted) - set(names)
-        if unknown:
-            parser.error(f"unknown contestants {sorted(unknown)}; choose from {sorted(names)}")
+    if args.contestants is not None:
+        wanted = _names(parser, "--contestants", args.contestants, names)
         names = [n for n in names if n in wanted]
     sizes = sizes_for(device, args.quick)
-    if args.sizes:
-        sizes = [s for s in sizes if s.name in args.sizes.split(",")]
+    if args.sizes is not None and args.sizes.strip() != "none":
+        wanted = _names(parser, "--sizes", args.sizes, [s.name for s in sizes],
+                        " with --quick" if args.quick else "")
+        sizes = [s for s in sizes if s.name in wanted]
+    elif args.sizes is not None:
+        sizes = []
+    if not sizes and not args.largest_lattice:
+        parser.error("--sizes none times nothing: add --largest-lattice, or choose sizes")
     lattice_limit = int(args.lattice_limit_gib * GIB)
     if args.largest_lattice:
         known = set(contestant_names(torch.device("cpu")))
-        unknown = set(args.lattice_contestants.split(",")) - known
-        if unknown:
-            parser.error(f"unknown --lattice-contestants {sorted(unknown)}; choose from {sorted(known)}")
+        args.lattice_contestants = ",".join(_names(parser, "--lattice-contestants", args.lattice_contestants,
+                                                   sorted(known)))
         available = _available_memory()
         if available is not None and available < lattice_limit and not args.lattice_force:
             parser.error(f"the machine has {available / GIB:.1f} GiB of memory available, less than the "

@@ -12,6 +12,7 @@ import time
 import torch
 
 from . import CubicCore, info
+from .cli import CommandParser, device_argument, positive_int
 
 
 def _timed(fn, repeats):
@@ -24,11 +25,11 @@ def _timed(fn, repeats):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cubecore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser = CommandParser(prog="python -m cubecore", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the best is shown")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
 
     report = info()
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         print(f"{backend:>9}: forward+backward {times[backend] * 1e3:8.2f} ms  (B={args.batch_size}, "
               f"lattice {core.lattice_size}, T={core.steps}, best of {args.repeats})")
     if "kernel" not in outputs:
-        print("kernel backend unavailable:", report["cpu_kernel_reason"] if args.device == "cpu"
+        print("kernel backend unavailable:", report["cpu_kernel_reason"] if args.device.type == "cpu"
               else report["cuda_kernel_reason"])
         return 0
     diff = (outputs["kernel"] - outputs["reference"]).abs().max().item()

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, List, Sequence
 
 from .errors import CubecoreError
 
@@ -31,6 +31,71 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
+
+
+# Argument types for the commands (``type=`` of ``add_argument``): the package's checks, whose message becomes
+# the usage error's, so that a bad option is refused before anything runs or is written.
+
+
+def _as_argument(check: Callable, text: str):
+    try:
+        return check(text)
+    except CubecoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (a batch size, a number of repeats)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return number
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a time in seconds)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (number >= 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return number
+
+
+def seed_list(text: str) -> List[int]:
+    """Distinct comma-separated ints, at least one: ``42,1,2``."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated ints (e.g. 42,1,2), got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct comma-separated ints >= 0, got {text!r}")
+    return seeds
+
+
+def name_list(choices: Sequence[str], what: str = "names") -> Callable[[str], List[str]]:
+    """A type for comma-separated names among ``choices``, at least one, each once."""
+    def parse(text: str) -> List[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {list(choices)}")
+        if not names:
+            raise argparse.ArgumentTypeError(f"no {what} given; choose from {list(choices)}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def device_argument(text: str):
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``)."""
+    from .checks import check_device
+
+    return _as_argument(lambda value: check_device(value, "--device"), text)
 
 
 def run_command(body: Callable[[], int]) -> int:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write_dir, atomic_write_text
-from .cli import CommandParser, log_to_file, run_command, setup_logging
+from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from .data import MODES, prepare_data
 from .errors import InvalidValueError
 from .ops.front import BACKENDS
@@ -66,16 +66,6 @@ def _lattice(text: str):
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"lattice size must be XxYxZ (e.g. 8x8x6), got {text!r}")
     return [int(p) for p in parts]
-
-
-def _seeds(text: str):
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated ints (e.g. 42,1,2), got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct comma-separated ints, got {text!r}")
-    return seeds
 
 
 # The flags, by the config key each one sets.
@@ -105,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no path): go on with the study in OUTPUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the cubecore run already in --output-dir "
                                                             "(kept aside until this run's first checkpoint)")
-    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
+    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
                                                 "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines on the console "
                                                         "(train.log keeps them)")

@@ -50,3 +50,28 @@ def test_quiet_leaves_out_epoch_lines_on_the_console_but_not_in_the_log(tmp_path
     setup_logging()
     logging.getLogger("cubecore.epochs").info("epoch 2/2: loss 0.4")
     assert "epoch 2/2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("cubecore", ["--batch-size", "0"]), ("cubecore", ["--batch-size", "-1"]), ("cubecore", ["--repeats", "0"]),
+    ("cubecore", ["--device", "cuda:99"]), ("cubecore", ["--device", "bogus"]),
+    ("benchmarks", ["--sizes", "bogus"]), ("benchmarks", ["--sizes", ""]), ("benchmarks", ["--sizes", "none"]),
+    ("benchmarks", ["--repeats", "0"]), ("benchmarks", ["--min-time", "-1"]), ("benchmarks", ["--contestants", ""]),
+    ("benchmarks", ["--device", "cuda:99"]), ("benchmarks", ["--quick", "--sizes", "64^3"]),
+])
+def test_a_bad_option_of_any_command_is_one_error_line_and_writes_nothing(command, argv, tmp_path, capsys):
+    """These raised tracebacks (torch's device errors), printed `inf ms`, or ran nothing and overwrote the
+    published benchmark tables with empty ones."""
+    import importlib
+
+    module = importlib.import_module({"cubecore": "cubecore.__main__", "benchmarks": "benchmarks.run"}.get(command,
+                                                                                                         command))
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "cpu.md").write_text("published")
+    extra = [] if command == "cubecore" else ["--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == USAGE_ERROR and err.startswith("error: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["cpu.md"] and (out / "cpu.md").read_text() == "published"
