@@ -144,6 +144,14 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         check_tensor("input embedding", embedding, f"[B, {self.input_dim}]", ndim=2)
         if embedding.shape[1] != self.input_dim:
             raise InvalidValueError(f"input embedding must have shape [B, {self.input_dim}], got {tuple(embedding.shape)}")
+        if embedding.shape[0] == 0:
+            raise InvalidValueError(f"input embedding is an empty batch (shape {tuple(embedding.shape)}): give at "
+                                    f"least one row")
+        weights = self.readout_weight.dtype
+        if embedding.dtype != weights:
+            raise InvalidTypeError(f"input embedding has dtype {embedding.dtype} but the model's weights are "
+                                   f"{weights}: convert the embedding (e.g. embedding.to({weights})) or the model "
+                                   f"(model.to({weights}))")
         placed = self.reshaper.to_lattice(embedding)
         parts = [placed]
         if self.config.position_channels:

@@ -43,6 +43,13 @@ def test_bad_input_raises():
     proc = EmbeddingProcessor(12, lattice_size=(2, 2, 3), state_size=4, hidden_size=6, steps=1)
     with pytest.raises(ValueError, match=r"\[B, 12\]"):
         proc(torch.randn(3, 11))
+    # These named the core's internal tensors ("state", "external") instead of the argument given.
+    with pytest.raises(ValueError, match="input embedding is an empty batch"):
+        proc(torch.randn(0, 12))
+    with pytest.raises(TypeError, match="input embedding has dtype torch.float64 but the model's weights are "
+                                        "torch.float32"):
+        proc(torch.randn(3, 12, dtype=torch.float64))
+    assert proc.double()(torch.randn(3, 12, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match="does not fit"):
         EmbeddingProcessor(12, lattice_size=(2, 2, 2))
 
