@@ -240,6 +240,10 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
     # Everything that can be checked is checked before any work or write: the lattice against the teacher once.
     dim = trainer.dim if trainer.components_initialized else trainer.teacher.dim
     config.model.check_fits(dim)
+    if main_process:
+        note = memory_note(config, dim, trainer.device)
+        if note:
+            log.warning(note)
     progress = not quiet and main_process and sys.stderr.isatty()
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -271,6 +275,38 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
                      f"{info['parameters']:,} parameters, {info['active_backend']} backend, {trainer.world_size} "
                      f"process(es)")
         return _train_and_report(trainer, data, files, source, main_process, progress, rundir, resume_hint)
+
+
+LARGE_BYTES = 4 * 1024 ** 3  # a model that needs more to train is said to, with what sets its size
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """The memory free for a new allocation on ``device`` (Linux MemAvailable for the CPU), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_note(config: TrainingConfig, dim: int, device: torch.device) -> Optional[str]:
+    """A warning, with the estimate, when the model needs more than ``LARGE_BYTES`` or half the free memory to
+    train (``ModelConfig.training_bytes``), else None."""
+    need, parameters, external = config.model.training_bytes(dim, config.batch_size)
+    have = available_bytes(device)
+    if need <= LARGE_BYTES and (have is None or 2 * need <= have):
+        return None
+    gib = 1024 ** 3
+    return (f"this model needs about {need / gib:.1f} GiB of memory to train ({parameters:,} parameters, "
+            f"{external:,} external input channels per cell, batch_size {config.batch_size})"
+            f"{f'; {have / gib:.1f} GiB are free on {device}' if have is not None else ''}; its size is set by "
+            f"model.global_channels, model.position_channels, model.lattice_size, model.state_size, "
+            f"model.hidden_size, model.steps and batch_size")
 
 
 def _plan(trainer: CubeTrainer, out: Path, source: Optional[Path]) -> str:

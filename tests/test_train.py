@@ -564,3 +564,24 @@ def test_resume_on_other_data_is_refused_by_name(tmp_path, fake_teacher, dialogu
     assert train_cli.main(["--resume", "--output-dir", str(out), "--epochs", "3", "--quiet"]) == 0
     assert "no fingerprint of its data" in capsys.readouterr().err
     assert "data" in load_checkpoint_file(out / "last.pt"), "stored from then on"
+
+
+def test_a_model_too_large_to_train_comfortably_is_said_with_its_estimate(tmp_path, fake_teacher, dialogue_file,
+                                                                         monkeypatch, capsys):
+    """global_channels=1e5 took 10.5 GB and 300 s an epoch without a word."""
+    from cubecore import ModelConfig
+
+    need, parameters, external = ModelConfig(global_channels=100000).training_bytes(384, 32)
+    assert 9e9 < need < 12e9 and parameters > 4e7 and external == 100001  # measured: 10.5 GB
+    assert ModelConfig().training_bytes(384, 32)[0] < 1e8
+    monkeypatch.setattr(train_cli, "available_bytes", lambda device: 256 * 1024 ** 2)  # 256 MiB free
+
+    def fit(self, *args, **kwargs):  # the warning comes before training: no need to train
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CubeTrainer, "fit", fit)
+    assert cli(tmp_path, dialogue_file, tmp_path / "small", epochs=1) == 130
+    assert "GiB of memory" not in capsys.readouterr().err
+    assert cli(tmp_path, dialogue_file, tmp_path / "wide", "global_channels=200000", epochs=1) == 130
+    err = capsys.readouterr().err
+    assert "GiB of memory to train" in err and "model.global_channels" in err and "0.2 GiB are free" in err, err
