@@ -501,8 +501,9 @@ def _report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[Tenso
                                            data.val_answers)
         # the first validation example, step by step
         rollout = trainer.model.trajectory(data.val[0][:1].to(trainer.device)).float().cpu()
-    plot_curves(trainer.history, files.curves)
-    rollout_gif(rollout[:, 0], files.rollout)
+    plot_curves(trainer.history, files.curves, scored_epoch=scored, floors=results)
+    shown = f": {data.val_questions[0][:60]!r}" if data.val_questions else ""
+    rollout_gif(rollout[:, 0], files.rollout, title=f"validation example 1{shown}", start="visible")
     where = files.best.name if files.best.is_file() else f"kept in {files.last.name}"
     note = (f"Scored: the weights of epoch {scored}, the best by {config.select_by} ({where}); training ran "
             f"{trainer.epoch} epochs ({files.last.name}).")

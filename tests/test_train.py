@@ -322,8 +322,8 @@ def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teach
     assert "| ridge |" in card and "| mlp |" in card and f"epoch {trainer.best_epoch}" in card
     from PIL import Image
 
-    with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step and the start
-        assert gif.n_frames == trainer.config.model.steps + 1
+    with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step, from the first
+        assert gif.n_frames == trainer.config.model.steps  # step that shows something (the start is all zero)
     assert "rollout.gif" in (out / "report.md").read_text()
 
 

@@ -55,10 +55,15 @@ def seed_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> 
     return "\n".join(lines)
 
 
-def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
-    """Training and validation loss, and validation cosine, against epoch."""
+def plot_curves(history: List[Dict[str, float]], path: Path, scored_epoch: Optional[int] = None,
+                floors: Optional[Dict[str, Dict[str, float]]] = None) -> Optional[Path]:
+    """Training and validation loss, and validation cosine, against epoch; ``scored_epoch``, the epoch whose
+    weights the report scores, as a dashed line on both; ``floors`` (the results table: model -> metrics), each
+    floor's validation cosine as a dotted horizontal line beside the cube's."""
     if not history:
         return None
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,12 +75,19 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
     if "val_loss" in history[0]:
         ax_l.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
         ax_c.plot(epochs, [h["val_cosine"] for h in history], color="C2", label="validation cosine")
+    for i, (name, metrics) in enumerate((floors or {}).items()):
+        cosine = metrics.get("cosine")
+        if name != "cube" and cosine is not None and math.isfinite(cosine):
+            ax_c.axhline(cosine, color=f"C{3 + i % 7}", linestyle=":", linewidth=1.2, label=f"{name} floor")
+    if scored_epoch is not None:
+        for ax in (ax_l, ax_c):
+            ax.axvline(scored_epoch, color="0.4", linestyle="--", linewidth=1, label=f"scored: epoch {scored_epoch}")
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.legend()
     ax_c.set_xlabel("epoch")
     ax_c.set_ylabel("mean cosine to target")
-    ax_c.legend()
+    ax_c.legend(fontsize="small")
     for ax in (ax_l, ax_c):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -57,11 +57,14 @@ def plot_state(state: torch.Tensor, path: PathLike, channel: Optional[int] = Non
 
 def rollout_gif(trajectory: torch.Tensor, path: PathLike, channel: Optional[int] = None, axis: str = "z",
                 fps: float = 4.0, cmap: Optional[str] = None, vmin: Optional[float] = None,
-                vmax: Optional[float] = None, title: Optional[str] = None, dpi: int = 80) -> Path:
+                vmax: Optional[float] = None, title: Optional[str] = None, dpi: int = 80,
+                start: Union[int, str] = 0) -> Path:
     """Draw one sample's trajectory [T+1, X, Y, Z, S] as an animated GIF, one frame per step (frame 0 the
     initial state), each frame laid out as :func:`plot_state` lays out one state, all on one colour scale (from
     every step's values unless ``vmin`` and ``vmax`` are given).  ``fps``: frames per second (GIF timing has
-    10 ms steps; browsers slow frames shorter than 20 ms, so at most 50).  The GIF loops.  Returns the path.
+    10 ms steps; browsers slow frames shorter than 20 ms, so at most 50).  ``start``: the first step drawn, or
+    ``"visible"`` for the first step where the shown field is not zero everywhere (a core starts from the zero
+    state, a blank frame); frames keep their step numbers.  The GIF loops.  Returns the path.
     """
     check_tensor("trajectory", trajectory, "[T+1, X, Y, Z, S]")
     if trajectory.dim() == 6:
@@ -72,15 +75,27 @@ def rollout_gif(trajectory: torch.Tensor, path: PathLike, channel: Optional[int]
     field = _field("trajectory", trajectory, channel)
     path = _check_path(path, ".gif")
     steps = field.shape[0] - 1
+    if start == "visible":
+        start = first_visible_step(field)
+    else:
+        start = check_int("start", start, minimum=0, maximum=steps)
     head = f"{title} - " if title else ""
-    titles = [f"{head}{_default_title(channel, axis)}, step {t}/{steps}" for t in range(steps + 1)]
-    frames = _render(field, axis, channel, cmap, vmin, vmax, dpi, titles, "rgb")
+    titles = [f"{head}{_default_title(channel, axis)}, step {t}/{steps}" for t in range(start, steps + 1)]
+    frames = _render(field[start:], axis, channel, cmap, vmin, vmax, dpi, titles, "rgb")
     duration = max(20, int(round(1000.0 / fps / 10.0)) * 10)
 
     def write(f):
         frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
 
     return atomic_write(path, write)
+
+
+def first_visible_step(field: np.ndarray) -> int:
+    """The first frame of ``field`` [frames, ...] that is not zero everywhere (the last frame if all are)."""
+    for t in range(field.shape[0]):
+        if np.any(field[t] != 0):
+            return t
+    return field.shape[0] - 1
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

@@ -43,3 +43,26 @@ def test_seed_summary_gives_mean_and_spread():
     runs = {1: {"cube": {**ROW, "cosine": 0.4}}, 2: {"cube": {**ROW, "cosine": 0.6}}}
     mean, spread = seed_summary(runs)["cube"]["cosine"]
     assert mean == pytest.approx(0.5) and spread == pytest.approx(0.02 ** 0.5)  # the sample standard deviation
+
+
+def test_the_curves_mark_the_scored_epoch_and_draw_the_floors(tmp_path, monkeypatch):
+    """The curves showed neither which epoch the report scores nor where the floors lie."""
+    from matplotlib.figure import Figure
+
+    from cubecore.training.report import plot_curves
+
+    drawn = {}
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn["labels"] = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+        drawn["floors"] = {line.get_label(): line.get_ydata()[0] for line in fig.axes[1].get_lines()}
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    results = {"cube": ROW, "identity": {**ROW, "cosine": 0.375}, "ridge": {**ROW, "cosine": float("nan")}}
+    assert plot_curves(HISTORY, tmp_path / "curves.png", scored_epoch=1, floors=results).is_file()
+    loss, cosine = drawn["labels"]
+    assert "scored: epoch 1" in loss and "scored: epoch 1" in cosine
+    assert drawn["floors"]["identity floor"] == 0.375
+    assert "cube floor" not in cosine and "ridge floor" not in cosine  # the cube itself, an undefined floor

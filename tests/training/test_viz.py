@@ -125,3 +125,21 @@ def test_rollout_gif_bad_arguments_raise_naming_them(tmp_path, kwargs, error, ma
     with pytest.raises(error, match=match):
         rollout_gif(**args)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_rollout_can_start_where_something_is_visible(tmp_path):
+    """The report's rollout began with the core's zero state: a blank first frame."""
+    from PIL import Image
+
+    from cubecore.training.viz import rollout_gif
+
+    trajectory = torch.rand(5, 2, 2, 3, 4)
+    trajectory[:2] = 0  # two blank frames
+    with Image.open(rollout_gif(trajectory, tmp_path / "all.gif")) as gif:
+        assert gif.n_frames == 5
+    with Image.open(rollout_gif(trajectory, tmp_path / "seen.gif", start="visible", title="example 1")) as gif:
+        assert gif.n_frames == 3
+    with Image.open(rollout_gif(trajectory, tmp_path / "from.gif", start=4)) as gif:
+        assert gif.n_frames == 1
+    with pytest.raises(ValueError, match="start"):
+        rollout_gif(trajectory, tmp_path / "bad.gif", start=5)
