@@ -1,6 +1,6 @@
 """`python -m cubecore.evaluate CHECKPOINT [--data ...]`: the report table of a saved model on the validation
 split of its data (or of --data), next to the floors: identity, mean, offset and ridge (fit on the training
-split) and mlp (trained by the run and stored in its checkpoint).  Nothing is trained.  The weights are those of
+split) and mlp and linear (trained by the run and stored in its checkpoint).  Nothing is trained.  The weights are those of
 the run's best epoch (``--weights last`` for the last)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 from .cli import CommandParser, add_weights_argument, run_command, setup_logging
 from .data import prepare_data
+from .training.floors import TRAINED_FLOORS
 from .training.report import results_table
 from .training.trainer import CubeTrainer
 
@@ -34,9 +35,12 @@ def main(argv=None) -> int:
             log.warning(f"data {config.data.source!r} has changed since {args.checkpoint} trained on it (other "
                         f"pairs): the scores below are on the data as it is now, not on the run's validation split")
         log.info(results_table(trainer.evaluate(data.val, train_data=data.train, weights=args.weights)))
-        if trainer.mlp_floor is None:
-            log.info(f"The mlp floor is not stored in {args.checkpoint} (written before floors were stored with the "
-                     f"run); train the run again to have it.")
+        missing = [name for name in TRAINED_FLOORS if name not in trainer.trained_floors]
+        if missing:
+            floors = " and ".join(missing)
+            log.info(f"The {floors} floor{'s are' if len(missing) > 1 else ' is'} not stored in {args.checkpoint} "
+                     f"(written before {'they were' if len(missing) > 1 else 'it was'} stored with the run); train the "
+                     f"run again to have {'them' if len(missing) > 1 else 'it'}.")
         log.info(f"Scored: the weights of epoch {trainer.scored_epoch(args.weights)} of {args.checkpoint} "
                  f"({args.weights}{', by ' + trainer.config.select_by if args.weights == 'best' else ''}).")
         return 0

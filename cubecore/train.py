@@ -45,6 +45,7 @@ from .errors import InvalidValueError
 from .ops.front import BACKENDS
 from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
+from .training.floors import TRAINED_FLOORS
 from .training.report import (example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                               seed_table, write_metrics)
 from .training.rundir import RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
@@ -486,12 +487,14 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
 
 
 def _report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[TensorBoardTracker] = None) -> int:
-    """Rank 0, after training: the mlp floor (trained once, stored in last.pt), the evaluation against the
-    floors, curves, rollout, report, results and the model folder."""
+    """Rank 0, after training: the mlp and linear floors (trained once, stored in last.pt), the evaluation against
+    the floors, curves, rollout, report, results and the model folder."""
     config = trainer.config
-    if trainer.mlp_floor is None:  # (a report written again after an interruption has it in last.pt)
-        log.info("training the mlp floor (as many parameters as the cube, the same settings)")
-        trainer.train_mlp_floor(data.train, data.val)
+    missing = tuple(name for name in TRAINED_FLOORS if name not in trainer.trained_floors)
+    if missing:  # (a report written again after an interruption has them in last.pt)
+        log.info(f"training the {' and '.join(missing)} floor{'s' if len(missing) > 1 else ''} (mlp: as many "
+                 f"parameters as the cube; linear: input + W input) with the cube's settings")
+        trainer.train_floors(data.train, data.val, names=missing)
         trainer.save_checkpoint(files.last)
     results = trainer.evaluate(data.val, train_data=data.train)
     examples = None

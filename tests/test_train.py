@@ -233,6 +233,7 @@ def test_seeds_train_one_run_each_and_report_mean_and_spread(tmp_path, fake_teac
     assert summary["cube"]["mrr"][0] == pytest.approx(sum(values) / 2)
     assert summary["cube"]["mrr"][1] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item())
     assert "± " in (out / "seeds.md").read_text() and "| mlp |" in (out / "seeds.md").read_text()
+    assert "| linear |" in (out / "seeds.md").read_text()
 
 
 def test_resume_into_another_folder_neither_replaces_a_run_nor_misreports_a_ctrl_c(
@@ -320,6 +321,9 @@ def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teach
         assert torch.equal(model(x), trainer.model(x))
     card = (out / "model" / "README.md").read_text()
     assert "| ridge |" in card and "| mlp |" in card and f"epoch {trainer.best_epoch}" in card
+    assert "| linear |" in card and set(trainer.trained_floors) == {"mlp", "linear"}
+    report = (out / "report.md").read_text()
+    assert "`linear` (the input plus a learned linear map of it" in report  # where the cube stands, in words
     from PIL import Image
 
     with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step, from the first

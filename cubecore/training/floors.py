@@ -1,7 +1,9 @@
 """Floors that a learned map must beat to have learned anything, beside ``EmbeddingMetrics``' identity, mean
 and ridge: ``offset`` (the input plus the multiple of the mean training target that maximises the training
-pairs' mean cosine: what a model that learned "identity plus a constant" scores) and ``mlp`` (a one-hidden-layer MLP with a skip path, as many parameters as
-the cube, trained the same way).
+pairs' mean cosine: what a model that learned "identity plus a constant" scores), and the trained floors
+(``TRAINED_FLOORS``), which the trainer trains with the run's own loss, epochs and best-epoch rule: ``mlp`` (a
+one-hidden-layer MLP with a skip path, as many parameters as the cube) and ``linear`` (output = input + W input,
+W zero-initialised: the standard query adapter).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int, check_tensor
+from ..errors import InvalidValueError
 
 
 def offset_fit(inputs: torch.Tensor, targets: torch.Tensor, grid: int = 4001) -> torch.Tensor:
@@ -62,3 +65,43 @@ class SkipMLP(nn.Module):
     def get_info(self):
         return {"parameters": sum(p.numel() for p in self.parameters()), "active_backend": "torch",
                 "hidden": self.hidden}
+
+
+class ResidualLinear(nn.Module):
+    """output = input + W input, W [dim, dim] zero-initialised and without bias: the linear query adapter with a
+    residual path (LlamaIndex's and Chroma's embedding adapters, Search-Adaptor).  It starts as the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim, minimum=1)
+        self.linear = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+    def get_info(self):
+        return {"parameters": self.linear.weight.numel(), "active_backend": "torch"}
+
+
+# The floors the trainer trains the way it trains the cube, in the order they are reported.
+TRAINED_FLOORS = ("mlp", "linear")
+
+
+def floor_settings(name: str, dim: int, parameters: int) -> dict:
+    """What a trained floor's model needs besides ``dim``, for a cube of ``parameters`` parameters (stored with
+    the floor's weights)."""
+    if name == "mlp":
+        return {"hidden": SkipMLP.hidden_for(dim, parameters)}
+    if name == "linear":
+        return {}
+    raise InvalidValueError(f"unknown trained floor {name!r}; known: {list(TRAINED_FLOORS)}")
+
+
+def floor_model(name: str, dim: int, settings: dict) -> nn.Module:
+    """The (untrained) model of the trained floor ``name`` with ``settings`` as ``floor_settings`` gave them."""
+    if name == "mlp":
+        return SkipMLP(dim, int(settings["hidden"]))
+    if name == "linear":
+        return ResidualLinear(dim)
+    raise InvalidValueError(f"unknown trained floor {name!r}; known: {list(TRAINED_FLOORS)}")

@@ -1,5 +1,5 @@
 """What a training run leaves behind: per-epoch metrics (CSV and JSONL), the curves (PNG), and the Markdown
-report table of the cube against the floors (identity, mean, offset, ridge, mlp), with example predictions."""
+report table of the cube against the floors (identity, mean, offset, ridge, mlp, linear), with example predictions."""
 
 from __future__ import annotations
 
@@ -120,7 +120,9 @@ def example_predictions(pred: torch.Tensor, targets: torch.Tensor, questions: Li
 FLOOR_WORDS = {"identity": "predicting the input", "mean": "predicting the mean training target",
                "offset": "the input plus a fitted multiple of the mean training target",
                "ridge": "a linear map fit on the training pairs",
-               "mlp": "a skip-path MLP with as many parameters, trained the same way"}
+               "mlp": "a skip-path MLP with as many parameters, trained the same way",
+               "linear": "the input plus a learned linear map of it (the standard query adapter), trained the same "
+                         "way"}
 
 
 def standing(results: Dict[str, Dict[str, float]], model: str = "cube") -> List[str]:
@@ -152,8 +154,9 @@ def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object
              "against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
              "plus c times the mean training target (c fit on the training pairs), ridge = a closed-form linear "
              "map fit on the training pairs (its regularisation chosen by cross-validation on them), mlp = a "
-             "one-hidden-layer MLP with a skip path and as many parameters as the cube, trained with the same "
-             "loss, epochs and best-epoch rule.", "", results_table(results), ""]
+             "one-hidden-layer MLP with a skip path and as many parameters as the cube, linear = the input plus W "
+             "times the input (W zero-initialised, the standard query adapter); mlp and linear are trained with "
+             "the same loss, epochs and best-epoch rule as the cube.", "", results_table(results), ""]
     if note:
         lines += [note, ""]
     lines += standing(results)

@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, 
 from ..checks import check_device, check_int
 from .config import TrainingConfig
 from ..data.datasets import check_embedding_pairs
-from .floors import SkipMLP
+from .floors import TRAINED_FLOORS, floor_model, floor_settings
 from .losses import training_loss
 from .metrics import EmbeddingMetrics, retrieval
 from ..model.processor import EmbeddingProcessor
@@ -56,7 +56,7 @@ def _as_pairs(data, name: str) -> Pairs:
 class CubeTrainer:
     def __init__(self, config: Optional[TrainingConfig] = None, model_factory: Optional[Callable[[int], nn.Module]] = None
                  ) -> None:
-        """``model_factory(dim)`` builds another model to train the same way (the ``mlp`` floor); by default an
+        """``model_factory(dim)`` builds another model to train the same way (a trained floor); by default an
         ``EmbeddingProcessor`` as the config describes."""
         self.config = config or TrainingConfig()
         self.model_factory = model_factory
@@ -76,7 +76,8 @@ class CubeTrainer:
         self.best_state: Optional[Dict[str, torch.Tensor]] = None  # ... and its weights (CPU copies)
         self.finished: Optional[str] = None  # why training ended (early stop or all epochs), None while it goes on
         self._teacher = None
-        self.mlp_floor: Optional[Dict[str, object]] = None  # the trained mlp floor: hidden size, epoch, weights
+        # the trained floors by name (``train_floors``): their settings, scored epoch and weights
+        self.trained_floors: Dict[str, Dict[str, object]] = {}
         self.data_fingerprint: Optional[Dict[str, object]] = None  # what the run trains on (use_data)
 
     local_only = False  # True: train in this process alone, even under torchrun
@@ -305,10 +306,10 @@ class CubeTrainer:
 
     def reopen(self) -> None:
         """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts,
-        and the ``mlp`` floor, trained for the old length, is trained again at the end."""
+        and the trained floors, trained for the old length, are trained again at the end."""
         self.finished = None
         self.epochs_without_improvement = 0
-        self.mlp_floor = None
+        self.trained_floors = {}
 
     def _update_early_stop(self, record: Dict[str, float]) -> Optional[str]:
         cfg = self.config
@@ -344,7 +345,8 @@ class CubeTrainer:
                  ) -> Dict[str, Dict[str, float]]:
         """Metrics of the model on ``data`` with the weights of the best epoch (``weights="best"``, by
         ``select_by``) or of the last one, and, given the training pairs, of the floors: identity, mean, offset and
-        ridge (fit on ``train_data``), and ``mlp`` where ``train_mlp_floor`` trained it.  Nothing is trained."""
+        ridge (fit on ``train_data``), and ``mlp`` and ``linear`` where ``train_floors`` trained them (or the
+        checkpoint stored them).  Nothing is trained."""
         if weights not in ("best", "last"):
             raise InvalidValueError(f"weights must be 'best' or 'last', got {weights!r}")
         x, y = _as_pairs(data, "data")
@@ -354,8 +356,8 @@ class CubeTrainer:
         if baselines and train_data is not None:
             tx, ty = _as_pairs(train_data, "train_data")
             results.update(EmbeddingMetrics(tx, ty).baselines(x, y, autoencoder))
-            if self.mlp_floor is not None:
-                results["mlp"] = self.score_mlp_floor(x, y, autoencoder)
+            for name in self.trained_floors:
+                results[name] = self.score_floor(name, x, y, autoencoder)
         return results
 
     @contextmanager
@@ -394,29 +396,33 @@ class CubeTrainer:
         """The epoch whose weights ``weights_of(which)`` gives: the best one where it was recorded."""
         return self.best_epoch if which == "best" and self.best_state is not None else self.epoch
 
-    def train_mlp_floor(self, train: Pairs, val: Pairs, progress: bool = False) -> None:
-        """Train the ``mlp`` floor: a skip-path MLP with as many parameters as this model, trained with the same
-        settings (loss, optimiser, epochs, early stop, best-epoch rule); its best epoch's weights are kept in
-        ``mlp_floor`` and saved with the checkpoint, so that ``evaluate`` scores it without training."""
+    def train_floors(self, train: Pairs, val: Pairs, names: Tuple[str, ...] = TRAINED_FLOORS,
+                     progress: bool = False) -> None:
+        """Train the trained floors (``mlp``: a skip-path MLP with as many parameters as this model; ``linear``:
+        input + W input, W zero-initialised), each with the same settings as this model (loss, optimiser, epochs,
+        early stop, best-epoch rule); each one's best epoch's weights are kept in ``trained_floors`` and saved
+        with the checkpoint, so that ``evaluate`` scores them without training."""
         parameters = sum(p.numel() for p in self._require_model().parameters())
-        hidden = SkipMLP.hidden_for(self.dim, parameters)
-        floor = CubeTrainer(self.config, model_factory=lambda dim: SkipMLP(dim, hidden))
-        floor.local_only = True  # trained by this process alone, also inside a distributed run
-        floor.fit(train, val, progress=progress, log_epochs=False)
-        with floor.weights_of("best") as epoch:
-            weights = {k: v.detach().cpu().clone() for k, v in floor.model.state_dict().items()}
-        self.mlp_floor = {"hidden": hidden, "epoch": epoch, "model": weights}
+        for name in names:
+            settings = floor_settings(name, self.dim, parameters)
+            floor = CubeTrainer(self.config, model_factory=lambda dim, n=name, s=settings: floor_model(n, dim, s))
+            floor.local_only = True  # trained by this process alone, also inside a distributed run
+            floor.fit(train, val, progress=progress, log_epochs=False)
+            with floor.weights_of("best") as epoch:
+                weights = {k: v.detach().cpu().clone() for k, v in floor.model.state_dict().items()}
+            self.trained_floors[name] = {**settings, "epoch": epoch, "model": weights}
 
-    def score_mlp_floor(self, x: torch.Tensor, y: torch.Tensor, autoencoder: bool) -> Dict[str, float]:
-        """The stored ``mlp`` floor's metrics on (x, y), with its size and scored epoch."""
-        floor = SkipMLP(self.dim, self.mlp_floor["hidden"])
-        floor.load_state_dict(self.mlp_floor["model"])
+    def score_floor(self, name: str, x: torch.Tensor, y: torch.Tensor, autoencoder: bool) -> Dict[str, float]:
+        """The stored trained floor ``name``'s metrics on (x, y), with its size and scored epoch."""
+        stored = self.trained_floors[name]
+        floor = floor_model(name, self.dim, stored)
+        floor.load_state_dict(stored["model"])
         floor.eval()
         with torch.no_grad():
             pred = torch.cat([floor(x[i:i + 512].float()) for i in range(0, x.shape[0], 512)])
         result = EmbeddingMetrics.score(pred, x, y, autoencoder)
-        result.update(parameters=float(sum(p.numel() for p in floor.parameters())),
-                      hidden=float(self.mlp_floor["hidden"]), epoch=float(self.mlp_floor["epoch"]))
+        result.update(parameters=float(sum(p.numel() for p in floor.parameters())), epoch=float(stored["epoch"]))
+        result.update({k: float(v) for k, v in stored.items() if k not in ("epoch", "model")})
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -435,8 +441,8 @@ class CubeTrainer:
         }
         if self.data_fingerprint is not None:
             state["data"] = self.data_fingerprint
-        if self.mlp_floor is not None:
-            state["mlp_floor"] = self.mlp_floor
+        if self.trained_floors:
+            state["trained_floors"] = self.trained_floors
         return save_checkpoint_file(state, path)
 
     @classmethod
@@ -465,8 +471,10 @@ class CubeTrainer:
             trainer.best_score, trainer.best_epoch = state["best_score"], state["best_epoch"]
             trainer.best_state = state["best_model"]
             trainer.finished = state["finished"]
-            trainer.mlp_floor = state.get("mlp_floor")  # absent in checkpoints written before floors were stored
-            trainer.data_fingerprint = state.get("data")  # ... and before data fingerprints were
+            # Checkpoints written before floors were stored hold none; those before the linear floor, the mlp alone.
+            floors = state.get("trained_floors") or ({"mlp": state["mlp_floor"]} if state.get("mlp_floor") else {})
+            trainer.trained_floors = {name: floors[name] for name in TRAINED_FLOORS if name in floors}
+            trainer.data_fingerprint = state.get("data")  # absent in checkpoints written before fingerprints were
             set_rng_states(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise InvalidValueError(f"{path} does not hold a consistent cubecore training state "

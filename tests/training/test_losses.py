@@ -1,11 +1,11 @@
-"""The training losses and the floors beside the cube: InfoNCE, the offset and mlp floors, best-epoch choice."""
+"""The training losses and the floors beside the cube: InfoNCE, the offset, mlp and linear floors, best-epoch choice."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cubecore import CubeTrainer, TrainingConfig
-from cubecore.training.floors import SkipMLP, offset_fit
+from cubecore.training.floors import ResidualLinear, SkipMLP, offset_fit
 from cubecore.training.losses import info_nce, training_loss
 from cubecore.training.metrics import retrieval
 
@@ -128,11 +128,48 @@ def test_mlp_floor_matches_the_cube_parameter_budget(tmp_path):
     x, y = _planted(60, dim=12)
     trainer = CubeTrainer(_tiny(tmp_path, epochs=2))
     trainer.fit((x[:40], y[:40]), (x[40:], y[40:]), progress=False)
-    trainer.train_mlp_floor((x[:40], y[:40]), (x[40:], y[40:]))
+    trainer.train_floors((x[:40], y[:40]), (x[40:], y[40:]))
     results = trainer.evaluate((x[40:], y[40:]), train_data=(x[:40], y[:40]))
     cube_params = sum(p.numel() for p in trainer.model.parameters())
     assert abs(results["mlp"]["parameters"] - cube_params) <= 2 * 12 + 1
-    assert {"identity", "mean", "offset", "ridge", "mlp"} <= set(results)
+    assert results["linear"]["parameters"] == 12 * 12
+    assert {"identity", "mean", "offset", "ridge", "mlp", "linear"} <= set(results)
+
+
+def _planted_linear(n, dim=12, seed=0):
+    """Targets that are a fixed linear map of the inputs, y = x + A x: the identity is far off, and the linear
+    floor's model can represent the answer exactly (W = A)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen) / dim ** 0.5
+    a = torch.randn(dim, dim, generator=gen) / dim ** 0.5
+    return x, x + x @ a.T, a
+
+
+def test_linear_floor_learns_a_planted_linear_map(tmp_path):
+    """Trained with the run's MSE loss, the linear floor recovers the planted map (the least-squares solution,
+    W = A) and scores near 1 where the identity floor does not; a floor that is not trained, or trained without
+    its residual path's zero start reaching A, fails."""
+    x, y, a = _planted_linear(600)
+    train, val = (x[:500], y[:500]), (x[500:], y[500:])
+    cfg = _tiny(tmp_path, loss_function="mse", epochs=60, batch_size=50, learning_rate=3e-2, weight_decay=0.0)
+    trainer = CubeTrainer(cfg)
+    trainer.fit(train, val, progress=False)
+    trainer.train_floors(train, val, names=("linear",))
+    assert set(trainer.trained_floors) == {"linear"}
+    w = trainer.trained_floors["linear"]["model"]["linear.weight"]
+    closed_form = torch.linalg.lstsq(train[0].double(), (train[1] - train[0]).double()).solution.T
+    torch.testing.assert_close(closed_form.float(), a, atol=1e-4, rtol=0)  # the planted map is the closed form
+    assert (w - a).abs().max().item() < 1e-3, (w - a).abs().max().item()
+    results = trainer.evaluate(val, train_data=train)
+    assert results["linear"]["cosine"] > 0.995, results["linear"]
+    assert results["identity"]["cosine"] < 0.8, results["identity"]
+    assert results["linear"]["r@1"] > results["identity"]["r@1"]
+
+
+def test_linear_floor_starts_as_the_identity():
+    x = torch.randn(5, 7)
+    floor = ResidualLinear(7)
+    assert torch.equal(floor(x), x) and floor.get_info()["parameters"] == 49
 
 
 @pytest.mark.parametrize("select_by", ["val_loss", "val_cosine", "val_mrr"])

@@ -90,7 +90,7 @@ def test_a_model_folder_from_before_the_sections_loads_and_matches_its_checkpoin
 
 def test_a_run_from_before_the_sections_evaluates_as_it_did(tmp_path):
     """evaluate on the checkpoint of a run written before the sections gives the scores that run reported (the
-    shipped teacher and data, offline), and trains nothing: the mlp floor it did not store is said so."""
+    shipped teacher and data, offline), and trains nothing: the mlp and linear floors it did not store are said so."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUBECORE_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "cubecore.evaluate", str(LEGACY_RUN / "last.pt")],
                             capture_output=True, text=True, env=env, timeout=600)
@@ -100,4 +100,5 @@ def test_a_run_from_before_the_sections_evaluates_as_it_did(tmp_path):
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {model} |"))
         cosine, mrr = float(row.split("|")[2]), float(row.split("|")[7])
         assert (cosine, mrr) == (round(expected[model]["cosine"], 4), round(expected[model]["mrr"], 4)), model
-    assert "| mlp |" not in result.stdout and "mlp floor is not stored" in result.stdout
+    assert "| mlp |" not in result.stdout and "| linear |" not in result.stdout
+    assert "The mlp and linear floors are not stored" in result.stdout

@@ -32,9 +32,9 @@ def test_a_few_epochs_reduce_the_loss_in_each_mode(tmp_path, dialogue_file, mode
     else:  # in mixed mode half the pairs map an answer to itself, which the skip path's start already solves
         assert after < (0.98 if skip and mode == "mixed" else 0.9) * before, (before, after)
     assert set(trainer.evaluate(data.val, train_data=data.train)) == {"cube", "identity", "mean", "offset", "ridge"}
-    trainer.train_mlp_floor(data.train, data.val)
+    trainer.train_floors(data.train, data.val)
     results = trainer.evaluate(data.val, train_data=data.train)
-    assert set(results) == {"cube", "identity", "mean", "offset", "ridge", "mlp"}
+    assert set(results) == {"cube", "identity", "mean", "offset", "ridge", "mlp", "linear"}
     assert ("semantic_preservation" in results["cube"]) == (mode == "autoencoder")
 
 
@@ -68,6 +68,28 @@ def test_a_checkpoint_saved_before_a_key_existed_loads_as_the_model_it_trained(t
     assert not loaded.config.model.readout_skip and loaded.config.model.global_channels == 0
     assert torch.equal(loaded.predict(x), trainer.predict(x))
 
+
+
+def test_trained_floors_round_trip_and_an_older_checkpoint_keeps_its_mlp(tmp_path):
+    """The mlp and linear floors are stored in the checkpoint and scored from it without training; a checkpoint
+    written before the linear floor existed (its mlp under the old key) loads its mlp and lacks the linear."""
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(40, 12), dim=-1)
+    y = torch.roll(x, 1, dims=1)
+    trainer = CubeTrainer(tiny_config(tmp_path))
+    trainer.fit((x[:30], y[:30]), (x[30:], y[30:]), progress=False)
+    trainer.train_floors((x[:30], y[:30]), (x[30:], y[30:]))
+    want = trainer.evaluate((x[30:], y[30:]), train_data=(x[:30], y[:30]))
+    assert want["linear"]["cosine"] > want["identity"]["cosine"]  # it trained: a zero W is the identity
+    state = load_checkpoint_file(trainer.save_checkpoint(tmp_path / "ck.pt"))
+    loaded = CubeTrainer.from_checkpoint(tmp_path / "ck.pt")
+    assert loaded.evaluate((x[30:], y[30:]), train_data=(x[:30], y[:30])) == want
+    state["mlp_floor"] = state.pop("trained_floors")["mlp"]
+    save_checkpoint_file(state, tmp_path / "old.pt")
+    old = CubeTrainer.from_checkpoint(tmp_path / "old.pt").evaluate((x[30:], y[30:]), train_data=(x[:30], y[:30]))
+    assert "linear" not in old and old["mlp"] == want["mlp"]
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     torch.manual_seed(0)
