@@ -323,7 +323,7 @@ def test_a_run_leaves_a_hub_style_model_of_its_best_weights(tmp_path, fake_teach
     assert "| ridge |" in card and "| mlp |" in card and f"epoch {trainer.best_epoch}" in card
     assert "| linear |" in card and set(trainer.trained_floors) == {"mlp", "linear"}
     report = (out / "report.md").read_text()
-    assert "`linear` (the input plus a learned linear map of it" in report  # where the cube stands, in words
+    assert "`linear` (the input plus a learned linear map of it, the standard query adapter" in report  # where the cube stands, in words
     from PIL import Image
 
     with Image.open(out / "rollout.gif") as gif:  # the report's rollout: one frame per step, from the first

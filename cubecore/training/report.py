@@ -121,7 +121,7 @@ FLOOR_WORDS = {"identity": "predicting the input", "mean": "predicting the mean 
                "offset": "the input plus a fitted multiple of the mean training target",
                "ridge": "a linear map fit on the training pairs",
                "mlp": "a skip-path MLP with as many parameters, trained the same way",
-               "linear": "the input plus a learned linear map of it (the standard query adapter), trained the same "
+               "linear": "the input plus a learned linear map of it, the standard query adapter, trained the same "
                          "way"}
 
 
