@@ -1,23 +1,32 @@
 """The learning study: cube variants against every floor, over several seeds, in one table.
 
-    python -m benchmarks.learning [--data chatterbot] [--seeds 42,1,2] [--out benchmarks/results/learning]
-                                  [--variants default,infonce,...] [--set "max_samples=64000 epochs=10"]
+    python -m benchmarks.learning [--group readout|rules] [--data chatterbot] [--seeds 42,1,2]
+                                  [--out benchmarks/results/learning] [--variants a,b,...]
+                                  [--set "max_samples=64000 epochs=10"]
 
-Each variant is ``python -m cubecore.train --seeds ...`` with a few overrides (the defaults otherwise); the table
-gives mean ± standard deviation over the seeds of cosine, R@1, R@10 and MRR, the parameter count and the seconds
-per epoch, and below it the floors (identity, mean, offset, ridge, and the mlp matched to each variant's
-parameters).  ``--set`` gives overrides that every variant shares (a larger data set's size and epochs); a key
-that a variant sets itself is refused.  Writes ``<out>/<data>.md`` and ``.json``; each run's own files stay in
-``<out>/<data>/<variant>``.
+Each variant is ``python -m cubecore.train --seeds ...`` with a few overrides (the defaults otherwise).  Two
+groups: ``readout`` (the readout, global channels, placement, steps and losses) and ``rules`` (the levers of the
+NCA rule family: neighbourhood, depthwise perception, depth, fire rate, state size, steps, with and without global
+channels, and the retrieval losses).  The table gives mean ± standard deviation over the seeds of cosine, R@1, R@10
+and MRR, the cube's seconds per epoch and the variant's minutes in all (every seed, its floors included), and below
+it the floors (identity, mean, offset, ridge, and the mlp and linear floors trained with each variant's loss);
+then, seed by seed, the paired differences of each variant against every floor and against its base variant (the
+same split: the seed also draws the validation split, so the floors move with it).  ``--set`` gives overrides
+that every variant shares (a larger data set's size and epochs); a key that a variant sets itself is refused.
+Writes ``<out>/<data>.md`` and ``.json`` (group ``readout``) or ``<out>/<data>-<group>.md`` and ``.json``, with
+the machine named; each run's own files stay in ``<out>/<data>/<variant>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from cubecore.train import main as train_main
 
@@ -51,7 +60,69 @@ VARIANTS: Dict[str, List[str]] = {
     "skip projection+cosine+infonce": ["readout_skip=true", "global_channels=0", "reshaping_method=projection",
                                        "infonce_weight=0.3", "select_by=val_mrr"],
 }
+
+# The NCA rule family's levers (docs/rules.md), each against the default rule (von Neumann, concat, one hidden
+# layer of 32, fire rate 1, state 8, 4 steps), with global channels (the default, g8) and without (g0).  Every
+# variant names its rule keys that differ from the base, and every key that the readout depends on.
+LEVERS: Dict[str, List[str]] = {
+    "": [],
+    " moore": ["neighbourhood=moore"],
+    " depthwise F=1": ["perception=depthwise", "perception_filters=1"],
+    " depthwise F=3": ["perception=depthwise", "perception_filters=3"],
+    " 2 hidden": ["hidden_layers=2"],
+    " fire 0.5": ["fire_rate=0.5"],
+    " state 16": ["state_size=16"],
+    " state 32": ["state_size=32"],
+}
+GLOBALS = {"g8": ["readout_skip=true", "global_channels=8"], "g0": ["readout_skip=true", "global_channels=0"]}
+COSINE_INFONCE = ["infonce_weight=0.3", "select_by=val_mrr"]
+RULE_VARIANTS: Dict[str, List[str]] = {f"{g}{lever}": [*GLOBALS[g], *keys] for g in GLOBALS for lever, keys in
+                                       LEVERS.items()}
+# Steps 1, 8 and 16 (4 is the default) for the levers that came closest on chatterbot, with and without global
+# channels, next to the default rule's.
+for _base in ("g8", "g0", "g8 moore", "g0 moore", "g8 state 32", "g0 state 32"):
+    for _steps in (1, 8, 16):
+        RULE_VARIANTS[f"{_base} steps={_steps}"] = [*RULE_VARIANTS[_base], f"steps={_steps}"]
+# Retrieval: cosine + InfoNCE (and InfoNCE alone), each against the linear and mlp floors trained with that loss.
+for _base in ("g8", "g0", "g8 moore", "g0 moore", "g8 state 32"):
+    RULE_VARIANTS[f"{_base} cosine+infonce"] = [*RULE_VARIANTS[_base], *COSINE_INFONCE]
+RULE_VARIANTS["g8 infonce"] = [*RULE_VARIANTS["g8"], "loss_function=infonce", "select_by=val_mrr"]
+
+GROUPS = {"readout": VARIANTS, "rules": RULE_VARIANTS}
 METRICS = ("cosine", "r@1", "r@10", "mrr")
+FLOORS = ("identity", "mean", "offset", "ridge", "mlp", "linear")
+
+
+def base_of(name: str, variants: Dict[str, List[str]]) -> Optional[str]:
+    """The variant that ``name`` is compared with seed by seed: the same without its last lever (the rules group:
+    ``g8 moore steps=8`` against ``g8 moore``, ``g8 moore`` against ``g8``, ``g8 moore cosine+infonce`` against
+    ``g8 cosine+infonce``); None for a base itself or a variant of the readout group."""
+    if variants is not RULE_VARIANTS or name in GLOBALS:
+        return None
+    g, rest = name.split(" ", 1)
+    for loss in (" cosine+infonce", " infonce"):
+        if name.endswith(loss):
+            if rest == loss.strip():
+                return None
+            return g + loss
+    if " steps=" in name:
+        return name.rsplit(" steps=", 1)[0]
+    return g
+
+
+def machine() -> str:
+    """The CPU's model name, its cores and the vector extensions the build uses, as this machine reports them."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {os.cpu_count()} cores, {vector}"
 
 
 def run_variant(name: str, overrides: List[str], data: str, seeds: List[int], out: Path,
@@ -65,59 +136,210 @@ def run_variant(name: str, overrides: List[str], data: str, seeds: List[int], ou
         raise SystemExit(f"variant {name} failed with status {status}")
     summary = json.loads((folder / "seeds.json").read_text())["summary"]
     epochs = [len((folder / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()) for s in seeds]
-    info = json.loads((folder / f"seed-{seeds[0]}" / "results.json").read_text())
+    per_seed = {str(s): json.loads((folder / f"seed-{s}" / "results.json").read_text()) for s in seeds}
+    info = per_seed[str(seeds[0])]
     parameters = int(info["mlp"]["parameters"]) if "mlp" in info else None
+    cube_seconds = [cube_seconds_per_epoch(folder / f"seed-{s}" / "train.log") for s in seeds]
+    known = [t for t in cube_seconds if t is not None]
     return {"overrides": overrides, "summary": summary, "seconds_per_epoch": seconds / sum(epochs),
-            "epochs": epochs, "mlp_parameters": parameters}
+            "cube_seconds_per_epoch": sum(known) / len(known) if known else None, "seconds": seconds,
+            "epochs": epochs, "mlp_parameters": parameters,
+            "per_seed": {s: {m: {k: r[m][k] for k in (*METRICS, "parameters", "epoch") if k in r[m]} for m in r}
+                         for s, r in per_seed.items()}}
 
 
-def table(results: Dict[str, Dict], data: str, seeds: List[int], shared: List[str]) -> str:
+def cube_seconds_per_epoch(log: Path) -> Optional[float]:
+    """The cube's own seconds per epoch (its validation included, the floors not): from the time of the run's
+    line that counts the pairs to that of its last epoch line, over the epochs, by the run's train.log."""
+    if not log.is_file():
+        return None
+    stamp = lambda line: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731
+    start, last, count = None, None, 0
+    for line in log.read_text().splitlines():
+        if "training pairs" in line and " INFO " in line:
+            start, last, count = stamp(line), None, 0  # a resumed run's log holds the earlier start too
+        elif " INFO epoch " in line and start is not None:
+            last, count = stamp(line), count + 1
+    if start is None or last is None:
+        return None
+    return (last - start).total_seconds() / count
+
+
+def table(results: Dict[str, Dict], data: str, seeds: List[int], shared: List[str],
+          where: Optional[str] = None, variants: Optional[Dict[str, List[str]]] = None) -> str:
     cells = lambda m: " | ".join(f"{m[k][0]:.4f} ± {m[k][1]:.4f}" for k in METRICS)  # noqa: E731
     every = f" Every run: `{' '.join(shared)}`." if shared else ""
-    lines = [f"Data `{data}`, seeds {', '.join(map(str, seeds))}: mean ± standard deviation over the seeds.{every}",
-             "Seconds per epoch include the floors' fitting and the mlp floor's training.", "",
-             "| model | overrides | " + " | ".join(METRICS) + " | s / epoch |", "|---|---|" + "---:|" * 5]
+    measured = f" Measured on {where}." if where else ""
+    lines = [f"Data `{data}`, seeds {', '.join(map(str, seeds))}: mean ± standard deviation over the seeds.{every}"
+             f"{measured}",
+             "The cube's seconds per epoch (its validation included; where not recorded, the whole variant's time "
+             "over its epochs, the floors' training included), and the variant's minutes in all (every seed, the "
+             "floors included).", "",
+             "| model | overrides | " + " | ".join(METRICS) + " | s / epoch | min |", "|---|---|" + "---:|" * 6]
     for name, r in results.items():
+        per_epoch = r.get("cube_seconds_per_epoch") or r["seconds_per_epoch"]
+        minutes = f"{r['seconds'] / 60:.1f}" if "seconds" in r else ""
         lines.append(f"| cube {name} | {' '.join(r['overrides']) or '(defaults)'} | {cells(r['summary']['cube'])} "
-                     f"| {r['seconds_per_epoch']:.2f} |")
+                     f"| {per_epoch:.2f} | {minutes} |")
     first = next(iter(results.values()))["summary"]
     for floor in ("identity", "mean", "offset", "ridge"):
-        lines.append(f"| {floor} | | {cells(first[floor])} | |")
-    shown = []
-    for name, r in results.items():  # one row per distinct mlp floor (its loss and parameter count)
-        if r["summary"]["mlp"] in shown:
-            continue
-        shown.append(r["summary"]["mlp"])
-        lines.append(f"| mlp (as trained for {name}) | {r['mlp_parameters']} parameters | {cells(r['summary']['mlp'])} | |")
+        lines.append(f"| {floor} | | {cells(first[floor])} | | |")
+    for floor in ("mlp", "linear"):
+        shown = []
+        for name, r in results.items():  # one row per distinct trained floor (its loss and parameter count)
+            if floor not in r["summary"] or r["summary"][floor] in shown:
+                continue
+            shown.append(r["summary"][floor])
+            size = (f"{r['mlp_parameters']} parameters" if floor == "mlp" else
+                    f"{_parameters(r, 'linear')} parameters")
+            lines.append(f"| {floor} (as trained for {name}) | {size} | {cells(r['summary'][floor])} | | |")
+    if any("per_seed" in r for r in results.values()):
+        lines += ["", paired_tables(results, seeds, variants or {})]
+    return "\n".join(lines)
+
+
+def _parameters(result: Dict, model: str) -> str:
+    per_seed = result.get("per_seed")
+    if not per_seed:
+        return "?"
+    value = next(iter(per_seed.values())).get(model, {}).get("parameters")
+    return "?" if value is None else str(int(value))
+
+
+def paired(result: Dict, other: Dict, seeds: List[int], metric: str, model: str = "cube",
+           other_model: str = "cube") -> List[float]:
+    """Seed by seed, ``model``'s metric in ``result`` minus ``other_model``'s in ``other`` (the same split)."""
+    return [result["per_seed"][str(s)][model][metric] - other["per_seed"][str(s)][other_model][metric] for s in seeds]
+
+
+def _cell(diffs: List[float]) -> str:
+    ahead = sum(d > 0 for d in diffs)
+    return " / ".join(f"{d:+.4f}" for d in diffs) + f" ({ahead}/{len(diffs)})"
+
+
+def paired_tables(results: Dict[str, Dict], seeds: List[int], variants: Dict[str, List[str]]) -> str:
+    """The cube minus each floor, and minus its base variant, seed by seed, on each metric."""
+    seeds_text = " / ".join(map(str, seeds))
+    lines = [f"Paired differences, seed by seed ({seeds_text}): the cube minus the floor on the same split, and "
+             "in brackets the seeds where the cube is ahead. The mlp and linear floors are those trained with the "
+             "variant's own loss."]
+    for metric in ("cosine", "mrr", "r@1", "r@10"):
+        lines += ["", f"**{metric}**, cube minus floor:", "", "| variant | " + " | ".join(FLOORS) + " |",
+                  "|---|" + "---|" * len(FLOORS)]
+        for name, r in results.items():
+            if "per_seed" not in r:
+                continue
+            row = [_cell(paired(r, r, seeds, metric, other_model=f)) if f in r["per_seed"][str(seeds[0])] else ""
+                   for f in FLOORS]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    based = [(name, base_of(name, variants)) for name in results]
+    based = [(name, base) for name, base in based if base is not None and base in results
+             and "per_seed" in results[base]]
+    if based:
+        lines += ["", "The variant minus its base variant (the same settings without the variant's last lever), "
+                  "seed by seed:", "", "| variant | base | " + " | ".join(METRICS) + " | s / epoch, ratio |",
+                  "|---|---|" + "---|" * (len(METRICS) + 1)]
+        for name, base in based:
+            r, b = results[name], results[base]
+            ratio = ((r.get("cube_seconds_per_epoch") or r["seconds_per_epoch"])
+                     / (b.get("cube_seconds_per_epoch") or b["seconds_per_epoch"]))
+            lines.append(f"| {name} | {base} | " + " | ".join(_cell(paired(r, b, seeds, m)) for m in METRICS)
+                         + f" | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def step_costs(names: List[str], variants: Dict[str, List[str]], rounds: int = 7, steps: int = 10,
+               batch: int = 32, dim: int = 384) -> Dict[str, float]:
+    """Milliseconds per training step (forward, backward and AdamW update of a batch of ``batch`` random
+    embeddings) of each variant's model, the median over ``rounds`` rounds that take the variants in turn, so that
+    the ratios hold on a machine that other work slows down unevenly."""
+    import torch
+    import torch.nn.functional as F
+
+    from cubecore import EmbeddingProcessor, TrainingConfig
+    from cubecore.training.config import parse_override
+
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
+    y = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
+    models = {}
+    for name in names:
+        config = TrainingConfig().override(**dict(parse_override(o) for o in variants[name]))
+        torch.manual_seed(0)
+        model = EmbeddingProcessor(dim, config.model)
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = 1 - F.cosine_similarity(model(x), y, dim=-1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            times[name].append((time.perf_counter() - start) / steps * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def cost_table(costs: Dict[str, float], variants: Dict[str, List[str]], where: str) -> str:
+    first = next(iter(costs))
+    lines = [f"Cost of a training step (batch 32, forward, backward and update; the median of rounds that take the "
+             f"variants in turn), measured on {where}. The ratio is against `{first}`.", "",
+             "| variant | overrides | ms / step | ratio |", "|---|---|---:|---:|"]
+    for name, ms in costs.items():
+        lines.append(f"| {name} | {' '.join(variants[name])} | {ms:.1f} | {ms / costs[first]:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", default="readout", choices=sorted(GROUPS), help="which study (default: readout)")
     p.add_argument("--data", default="chatterbot")
     p.add_argument("--seeds", default="42,1,2")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--variants", default="", help="a subset of the group's variants, comma-separated (default: all)")
     p.add_argument("--out", default="benchmarks/results/learning")
     p.add_argument("--set", default="", help="key=value overrides every variant shares, space-separated")
+    p.add_argument("--cost", action="store_true", help="only time a training step of each variant's model, "
+                   "interleaved, and write <out>/<data>[-<group>]-cost.md")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    variants = GROUPS[args.group]
+    names = [v for v in args.variants.split(",") if v] or list(variants)
+    unknown = [v for v in names if v not in variants]
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        p.error(f"unknown variants {unknown} in group {args.group}; known: {list(variants)}")
     out = Path(args.out)
-    stem = Path(args.data).stem
+    data_stem = Path(args.data).stem
+    stem = data_stem if args.group == "readout" else f"{data_stem}-{args.group}"
     shared = args.set.split()
     keys = lambda overrides: {o.split("=", 1)[0] for o in overrides}  # noqa: E731
-    clash = sorted(keys(shared) & set().union(*(keys(VARIANTS[n]) for n in names)))
+    clash = sorted(keys(shared) & set().union(*(keys(variants[n]) for n in names)))
     if clash:
         p.error(f"--set {clash}: the variants set these themselves (a variant's value would win)")
-    results = {name: run_variant(name, VARIANTS[name], args.data, seeds, out / stem, shared) for name in names}
-    text = table(results, args.data, seeds, shared)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    if args.cost:
+        text = cost_table(step_costs(names, variants), variants, machine())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}-cost.md").write_text(text + "\n")
+        print(text)
+        return 0
+    # Variants measured before (the same seeds and shared overrides) stay in the table: a study can run in parts.
+    results, where = {}, machine()
+    saved = out / f"{stem}.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if (isinstance(before, dict) and before.get("seeds") == seeds and before.get("shared") == shared
+                and before.get("machine") == where):
+            results = before["results"]
+    for name in names:
+        results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
+        print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)
+        results = {n: results[n] for n in variants if n in results}  # in the group's order
+        text = table(results, args.data, seeds, shared, where=where, variants=variants)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(text + "\n")
+        saved.write_text(json.dumps({"machine": where, "seeds": seeds, "shared": shared, "results": results},
+                                    indent=2))
     print(text)
     return 0
 

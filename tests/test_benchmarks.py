@@ -105,6 +105,60 @@ def test_learning_study_table_names_the_shared_overrides():
     assert "| cube skip | readout_skip=true global_channels=0 |" in text
 
 
+
+def test_learning_rule_variants_are_valid_runs_and_differ_from_their_base_by_their_lever():
+    """Every variant of the rules group is a valid configuration that fits the default teacher, and is compared
+    seed by seed with the variant that lacks its last lever."""
+    from benchmarks import learning
+    from cubecore import TrainingConfig
+    from cubecore.training.config import parse_override
+
+    built = {}
+    for name, overrides in learning.RULE_VARIANTS.items():
+        config = TrainingConfig().override(**dict(parse_override(o) for o in overrides))
+        config.model.check_fits(384)
+        built[name] = config.to_dict()
+    assert built["g8 moore"]["model"]["neighbourhood"] == "moore" and built["g0"]["model"]["global_channels"] == 0
+    assert learning.base_of("g8 moore", learning.RULE_VARIANTS) == "g8"
+    assert learning.base_of("g0 moore steps=16", learning.RULE_VARIANTS) == "g0 moore"
+    assert learning.base_of("g8 moore cosine+infonce", learning.RULE_VARIANTS) == "g8 cosine+infonce"
+    assert learning.base_of("g8 cosine+infonce", learning.RULE_VARIANTS) is None
+    for name, base in ((n, learning.base_of(n, learning.RULE_VARIANTS)) for n in learning.RULE_VARIANTS):
+        if base is not None:  # the base is the variant without one lever: they differ, the base's keys kept
+            assert built[name] != built[base] and set(learning.RULE_VARIANTS[base]) < set(learning.RULE_VARIANTS[name])
+
+
+def test_learning_study_pairs_each_variant_with_every_floor_and_its_base_seed_by_seed():
+    from benchmarks import learning
+
+    def run(cube, linear):
+        per_seed = {}
+        for seed, shift in (("42", 0.0), ("1", 0.1)):
+            models = {m: {k: 0.3 + shift for k in learning.METRICS} for m in learning.FLOORS}
+            models["cube"] = {k: cube + shift for k in learning.METRICS}
+            models["linear"] = {**{k: linear + shift for k in learning.METRICS}, "parameters": 144.0}
+            per_seed[seed] = models
+        summary = {m: {k: (0.5, 0.01) for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
+        return {"overrides": learning.RULE_VARIANTS["g8"], "summary": summary, "seconds_per_epoch": 2.0,
+                "cube_seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10, "per_seed": per_seed}
+
+    results = {"g8": run(0.5, 0.6), "g8 moore": run(0.55, 0.6)}
+    text = learning.table(results, "chatterbot", [42, 1], [], where="a test machine", variants=learning.RULE_VARIANTS)
+    assert "Measured on a test machine." in text
+    assert "| g8 | +0.2000 / +0.2000 (2/2) |" in text  # cosine against identity, seed by seed
+    assert "+0.2000 / +0.2000 (2/2) | -0.1000 / -0.1000 (0/2) |" in text  # ... against mlp and linear
+    assert "| g8 moore | g8 | +0.0500 / +0.0500 (2/2) |" in text  # against its base
+    assert "| linear (as trained for g8) | 144 parameters |" in text
+
+
+def test_learning_cost_times_each_variant_and_gives_ratios_to_the_first():
+    from benchmarks import learning
+
+    costs = learning.step_costs(["g8", "g8 state 32"], learning.RULE_VARIANTS, rounds=1, steps=1)
+    assert set(costs) == {"g8", "g8 state 32"} and all(ms > 0 for ms in costs.values())
+    text = learning.cost_table(costs, learning.RULE_VARIANTS, "a test machine")
+    assert "| g8 | readout_skip=true global_channels=8 |" in text and "| 1.00 |" in text
+
 # --- the `nca` size: the 3D artefacts NCA (benchmarks/nca.py) ----------------------------------------------
 
 # A lattice of unequal sides, so that an axis taken for another (D, H, W against X, Y, Z) shows.
