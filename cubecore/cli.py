@@ -72,8 +72,8 @@ def seed_list(text: str) -> List[int]:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated ints (e.g. 42,1,2), got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct comma-separated ints >= 0, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):  # (a seed's range is the config's to check, as seed=)
+        raise argparse.ArgumentTypeError(f"seeds must be distinct comma-separated ints, got {text!r}")
     return seeds
 
 
