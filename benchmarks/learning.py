@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from cubecore.cli import CommandParser, seed_list
 from cubecore.train import main as train_main
 
 # Every variant names readout_skip and global_channels, so that the table does not depend on the defaults of
@@ -292,18 +293,18 @@ def cost_table(costs: Dict[str, float], variants: Dict[str, List[str]], where: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="python -m benchmarks.learning", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group", default="readout", choices=sorted(GROUPS), help="which study (default: readout)")
     p.add_argument("--data", default="chatterbot")
-    p.add_argument("--seeds", default="42,1,2")
+    p.add_argument("--seeds", type=seed_list, default="42,1,2", help="comma-separated ints (default 42,1,2)")
     p.add_argument("--variants", default="", help="a subset of the group's variants, comma-separated (default: all)")
     p.add_argument("--out", default="benchmarks/results/learning")
     p.add_argument("--set", default="", help="key=value overrides every variant shares, space-separated")
     p.add_argument("--cost", action="store_true", help="only time a training step of each variant's model, "
                    "interleaved, and write <out>/<data>[-<group>]-cost.md")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     variants = GROUPS[args.group]
     names = [v for v in args.variants.split(",") if v] or list(variants)
     unknown = [v for v in names if v not in variants]

@@ -55,6 +55,8 @@ def test_quiet_leaves_out_epoch_lines_on_the_console_but_not_in_the_log(tmp_path
 @pytest.mark.parametrize("command,argv", [
     ("cubecore", ["--batch-size", "0"]), ("cubecore", ["--batch-size", "-1"]), ("cubecore", ["--repeats", "0"]),
     ("cubecore", ["--device", "cuda:99"]), ("cubecore", ["--device", "bogus"]),
+    ("benchmarks.learning", ["--seeds", "42,a"]), ("benchmarks.learning", ["--seeds", ""]),
+    ("benchmarks.learning", ["--seeds", "1,1"]), ("benchmarks.learning", ["--variants", "bogus"]),
     ("benchmarks", ["--sizes", "bogus"]), ("benchmarks", ["--sizes", ""]), ("benchmarks", ["--sizes", "none"]),
     ("benchmarks", ["--repeats", "0"]), ("benchmarks", ["--min-time", "-1"]), ("benchmarks", ["--contestants", ""]),
     ("benchmarks", ["--device", "cuda:99"]), ("benchmarks", ["--quick", "--sizes", "64^3"]),
