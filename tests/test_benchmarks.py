@@ -278,7 +278,7 @@ def test_run_reports_the_nca_size_and_the_largest_lattice(tmp_path, monkeypatch)
     assert goals["nca: >= 3x the fastest pure PyTorch"]["measured"] > 0
     assert goals["nca peak memory: kernel <= 1/10 eager"]["measured"] > 0
     assert goals["nca largest lattice: kernel >= 8x eager's cells"]["measured"] == pytest.approx(21**3 / 10**3)
-    assert goals["CPU every size: the fastest contestant"]["measured"] is None  # lattice sizes only
+    assert "CPU every size: the fastest contestant" not in goals  # no lattice size ran
     assert data["largest_lattice"]["results"][1]["side"] == 21
     table = (tmp_path / "cpu.md").read_text()
     assert "| nca-tiny | eager |" in table and "| kernel | 21 | 9261 | 9.26x |" in table
@@ -290,3 +290,21 @@ def test_largest_lattice_refuses_a_limit_above_the_available_memory(monkeypatch,
     with pytest.raises(SystemExit) as exc:
         run.main(["--sizes", "none", "--largest-lattice", "--lattice-limit-gib", "16"])
     assert exc.value.code == 2 and "--lattice-force" in capsys.readouterr().err
+
+
+def test_targets_cover_only_the_sizes_that_ran():
+    """A run of some sizes (--sizes nca) reports the goals of those sizes, not every other goal as missed."""
+    def row(size, contestant, seconds, peak, family="lattice"):
+        return {"size": size, "contestant": contestant, "status": "ok", "family": family, "peak_bytes": peak,
+                "forward_backward": {"median_s": seconds}, "executed_flops_per_s": 1.0}
+    nca_rows = [row("nca", "kernel", 1.0, 10, "nca"), row("nca", "eager", 2.0, 200, "nca"),
+                row("nca", "compiled", 1.5, 150, "nca")]
+    goals = run.targets(nca_rows, torch.device("cpu"), {"matmul_flops_per_s": 4.0})
+    assert [g["target"] for g in goals] == ["nca: >= 3x the fastest pure PyTorch",
+                                            "nca peak memory: kernel <= 1/10 eager"]
+    assert goals[0]["measured"] == 1.5 and goals[1]["measured"] == 20.0
+    original = [row("original", "kernel", 1.0, 10), row("original", "compiled", 3.0, 30),
+                row("original", "eager", 4.0, 60)]
+    names = [g["target"] for g in run.targets(original, torch.device("cpu"), {"matmul_flops_per_s": 4.0})]
+    assert "CPU original: >= 2x compiled" in names and "peak memory T=10: kernel <= 1/5 eager" in names
+    assert not any("32^3" in n or "nca" in n for n in names)
