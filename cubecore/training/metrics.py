@@ -3,8 +3,8 @@
 Raw cosine between unrelated sentence embeddings is high, so every report carries baselines computed on the
 same split: ``identity`` (predict the input), ``mean`` (predict the mean training target), ``offset`` (the
 input plus a fitted multiple of the mean training target) and ``ridge`` (a closed-form linear map fit on the
-training pairs); the trainer adds ``mlp`` and ``linear`` (``cubecore.training.floors``); and retrieval: the rank of the true target among all
-validation targets (R@1, R@5, R@10, MRR).
+training pairs); the trainer adds ``mlp`` and ``linear`` (``cubecore.training.floors``); and retrieval: the rank of the true target among the
+distinct validation targets (R@1, R@5, R@10, MRR).
 """
 
 from __future__ import annotations
@@ -26,12 +26,22 @@ def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
             "cosine_p10": q[0].item(), "cosine_p50": q[1].item(), "cosine_p90": q[2].item()}
 
 
+def retrieval_ranks(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each prediction, the rank (1 = best, by cosine) of its own target among the distinct targets.
+
+    This is the corpus of an information-retrieval evaluation (sentence-transformers'
+    ``InformationRetrievalEvaluator`` over the distinct answers): identical target rows (one answer given to two
+    questions) are one candidate, so a duplicate never counts against the prediction.  A different target with
+    exactly the same score counts against it, so a constant prediction ranks last, not first."""
+    distinct, own = torch.unique(targets, dim=0, return_inverse=True)
+    sim = F.normalize(pred.double(), dim=-1) @ F.normalize(distinct.double(), dim=-1).T
+    true = sim.gather(1, own[:, None])
+    return (sim >= true).sum(1)
+
+
 def retrieval(pred: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
-    """For each prediction, the rank of its own target among all targets by cosine (1 = best).  Ties count
-    against the prediction, so a constant prediction ranks last, not first."""
-    sim = F.normalize(pred.double(), dim=-1) @ F.normalize(targets.double(), dim=-1).T
-    true = sim.diagonal()
-    ranks = (sim >= true[:, None]).sum(1)
+    """R@1, R@5, R@10 and MRR of ``retrieval_ranks``."""
+    ranks = retrieval_ranks(pred, targets)
     return {"r@1": (ranks <= 1).double().mean().item(), "r@5": (ranks <= 5).double().mean().item(),
             "r@10": (ranks <= 10).double().mean().item(), "mrr": (1.0 / ranks.double()).mean().item()}
 

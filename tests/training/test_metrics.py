@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cubecore import EmbeddingMetrics
-from cubecore.training.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, ridge_fit, ridge_predict, semantic_preservation
+from cubecore.training.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, retrieval_ranks, ridge_fit, ridge_predict, semantic_preservation
 
 
 def test_cosine_by_hand():
@@ -32,6 +32,49 @@ def test_constant_prediction_ranks_last():
     targets = torch.randn(10, 4)
     r = retrieval(torch.ones(10, 4), targets)
     assert r["r@1"] <= 0.1 + 1e-9
+
+
+def test_a_duplicate_answer_is_one_candidate_and_a_tie_between_different_answers_counts_against():
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    targets = torch.tensor([a, a, b])          # questions 0 and 1 have the same answer
+    pred = torch.tensor([a,                    # its answer first; its duplicate is not a rival: rank 1
+                         [1.0, 0.2],           # the same for the other question with that answer: rank 1
+                         [1.0, 1.0]])          # its answer b ties the different answer a: counted against, rank 2
+    assert retrieval_ranks(pred, targets).tolist() == [1, 1, 2]
+    r = retrieval(pred, targets)
+    assert r["r@1"] == pytest.approx(2 / 3) and r["mrr"] == pytest.approx((1 + 1 + 1 / 2) / 3)
+
+
+def test_retrieval_is_sentence_transformers_information_retrieval_over_the_distinct_answers():
+    """The same numbers as sentence-transformers' evaluator given the distinct answers as its corpus."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    g = torch.Generator().manual_seed(0)
+    answers = torch.randn(40, 8, generator=g)
+    which = torch.randint(0, 40, (120,), generator=g)            # 120 questions, many sharing an answer
+    targets = answers[which]
+    pred = targets + 1.5 * torch.randn(120, 8, generator=g)
+    used = sorted(set(which.tolist()))
+
+    class Precomputed:                                           # the model: a lookup of the embeddings above
+        def encode_query(self, texts, **kwargs):
+            return pred[[int(t) for t in texts]]
+
+        def encode_document(self, texts, **kwargs):
+            return answers[[int(t) for t in texts]]
+
+    evaluator = InformationRetrievalEvaluator(
+        {str(i): str(i) for i in range(120)}, {f"a{j}": str(j) for j in used},
+        {str(i): {f"a{int(which[i])}"} for i in range(120)}, accuracy_at_k=[1, 5, 10], mrr_at_k=[10],
+        score_functions={"cos": cos_sim}, write_csv=False)
+    theirs = evaluator.compute_all_metrics(Precomputed())["cos"]
+    ranks = retrieval_ranks(pred, targets)
+    assert 0.1 < theirs["accuracy@k"][1] < 0.9                   # neither trivial nor hopeless
+    for k in (1, 5, 10):
+        assert (ranks <= k).double().mean().item() == pytest.approx(theirs["accuracy@k"][k], abs=1e-12), k
+    ours_mrr10 = torch.where(ranks <= 10, 1.0 / ranks.double(), 0.0).mean().item()
+    assert ours_mrr10 == pytest.approx(theirs["mrr@k"][10], abs=1e-12)
 
 
 def test_ridge_recovers_a_planted_linear_map():
