@@ -2,6 +2,8 @@
 
 A run takes an exclusive lock on ``RUN_DIR/.lock`` for as long as it lives (released by the OS if the process
 dies), so a second run into the same folder stops at once instead of interleaving its epochs with the first.
+(``filelock`` takes the same ``flock`` on Unix, but its 3.x releases, which torch accepts, truncate the lock file
+on every try and so erase the holder's process id that the refusal names; the build is Unix-only anyway.)
 A run marks its folder as a cubecore run (``cubecore_run.json``); a folder whose files are named like a run's
 but that is neither marked nor holds a cubecore checkpoint belongs to something else and is never replaced.
 

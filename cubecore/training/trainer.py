@@ -139,7 +139,9 @@ class CubeTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up over ``warmup_epochs``, then cosine decay to a tenth of the peak."""
+        """Linear warm-up over ``warmup_epochs``, then cosine decay to a tenth of the peak.  (transformers'
+        ``get_cosine_with_min_lr_schedule_with_warmup`` is this but starts the warm-up at a learning rate of 0,
+        a first step that moves nothing.)"""
         warmup = max(1, int(self.config.warmup_epochs * self.total_steps / max(1, self.config.epochs)))
         if step < warmup:
             return (step + 1) / warmup
