@@ -21,7 +21,6 @@ import torch
 
 from cubecore.cli import CommandParser, device_argument, name_list, non_negative_float, positive_int
 from cubecore.ops.front import kernel_limit_reason
-from cubecore.ops.rule import Rule
 
 from .contestants import contestant_names, contestants_for
 from .harness import Size, describe_machine, machine_limits, measure
@@ -36,10 +35,7 @@ def nca_size() -> NcaSize:
 
 
 def _kernel_runs_nca(device: torch.device) -> bool:
-    size = nca_size()
-    rule = Rule("moore", size.boundary, "relu", "identity", "residual", 1.0, size.alive_channel, size.alive_threshold)
-    return kernel_limit_reason(device.type, torch.float32, size.S, rule, hidden_layers=2, perception=True,
-                               fire=True) is None
+    return kernel_limit_reason(device.type, torch.float32, nca_size().S, hidden_layers=2) is None
 
 
 def sizes_for(device: torch.device, quick: bool) -> List[Size]:

@@ -145,9 +145,7 @@ class CubicCore(nn.Module):
 
     def active_backend(self) -> str:
         """The backend ``forward`` would use for this module's current device and dtype."""
-        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size, self.rule,
-                               hidden_layers=len(self.hidden_sizes), perception=self.perception is not None,
-                               fire=self.fire_rate < 1.0)
+        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size, len(self.hidden_sizes))
 
     def get_info(self) -> Dict[str, Any]:
         return {

@@ -74,11 +74,12 @@ def _built_kernels() -> Dict[str, bool]:
 KERNEL_BUILT = _built_kernels()
 
 
-def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1, rule: Optional[Rule] = None,
-                        *, hidden_layers: int = 1, perception: bool = False, fire: bool = False) -> Optional[str]:
+def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1,
+                        hidden_layers: int = 1) -> Optional[str]:
     """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size, or
-    this rule (None if they can).  These are all the limits of every forward and backward path: a kernel that
-    passes here does not fail later for its sizes."""
+    this many hidden layers (None if they can).  These are all the limits of every forward and backward path:
+    every other option of the rule family runs on every kernel, and a kernel that passes here does not fail later
+    for its sizes."""
     if device_type not in _KERNEL_DTYPES:
         return f"there is no cubecore kernel for device type {device_type!r}"
     if dtype not in _KERNEL_DTYPES[device_type]:
@@ -92,9 +93,9 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
 
 
 def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1,
-                              rule: Optional[Rule] = None, **features) -> Optional[str]:
-    """Why the fused kernel cannot run on tensors of this device, dtype and state size, or this rule (None if
-    it can); ``features`` as for :func:`kernel_limit_reason`."""
+                              hidden_layers: int = 1) -> Optional[str]:
+    """Why the fused kernel cannot run on tensors of this device, dtype and state size, with this many hidden
+    layers (None if it can)."""
     device = torch.device(device)
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
@@ -102,7 +103,7 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
         if device.type == "cuda":
             return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
         return f"there is no cubecore kernel for device type {device.type!r}"
-    return kernel_limit_reason(device.type, dtype, state_size, rule, **features)
+    return kernel_limit_reason(device.type, dtype, state_size, hidden_layers)
 
 
 def info() -> Dict[str, object]:
@@ -140,14 +141,13 @@ _WARNED: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1,
-                    rule: Optional[Rule] = None, **features) -> str:
-    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this rule; check an explicit
-    choice."""
+                    hidden_layers: int = 1, forward_ad: bool = False) -> str:
+    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this depth (or forward-mode
+    differentiation, which only the reference does); check an explicit choice."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
-    reason = FORWARD_AD if features.pop("forward_ad", False) else kernel_unavailable_reason(
-        device, dtype, state_size, rule, **features)
+    reason = FORWARD_AD if forward_ad else kernel_unavailable_reason(device, dtype, state_size, hidden_layers)
     if reason is None:
         return "kernel"
     if backend == "kernel":
@@ -372,9 +372,7 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
     if backend != "reference" and _forward_mode_ad(state, external, perception, *weights):
         chosen = resolve_backend(backend, state.device, state.dtype, forward_ad=True)
     else:
-        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], rule,
-                                 hidden_layers=hidden_layers, perception=perception is not None,
-                                 fire=fire_mask is not None)
+        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], hidden_layers)
     if chosen == "reference":
         run = trajectory_reference if return_trajectory else propagate_reference
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,

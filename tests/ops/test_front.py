@@ -316,6 +316,9 @@ def test_limit_reasons_name_the_limit():
     assert "state_size <= 64" in ops.kernel_limit_reason("cuda", torch.float32, 65)
     assert "bfloat16" in ops.kernel_limit_reason("cuda", torch.bfloat16, 8)
     assert ops.kernel_limit_reason("cpu", torch.float64, 1000) is None
+    for device_type in ("cpu", "cuda"):  # depth is the one option of the rule family with a kernel limit
+        assert ops.kernel_limit_reason(device_type, torch.float32, 8, hidden_layers=2) is None
+        assert "at most 2 hidden layers" in ops.kernel_limit_reason(device_type, torch.float32, 8, hidden_layers=3)
 
 
 # --- bad input: every error names the argument ----------------------------------------------------------------
