@@ -174,7 +174,8 @@ def table(results: Dict[str, Dict], data: str, seeds: List[int], shared: List[st
              f"{measured}",
              "The cube's seconds per epoch (its validation included; where not recorded, the whole variant's time "
              "over its epochs, the floors' training included), and the variant's minutes in all (every seed, the "
-             "floors included).", "",
+             "floors included). R@1, R@10 and MRR rank each prediction's answer among the distinct validation "
+             "answers (docs/training.md).", "",
              "| model | overrides | " + " | ".join(METRICS) + " | s / epoch | min |", "|---|---|" + "---:|" * 6]
     for name, r in results.items():
         per_epoch = r.get("cube_seconds_per_epoch") or r["seconds_per_epoch"]
