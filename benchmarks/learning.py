@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 
 from cubecore.cli import CommandParser, seed_list
 from cubecore.train import main as train_main
+from cubecore.training.metrics import RETRIEVAL_RULE
 
 # Every variant names readout_skip and global_channels, so that the table does not depend on the defaults of
 # the day.
@@ -324,13 +325,14 @@ def main(argv=None) -> int:
         (out / f"{stem}-cost.md").write_text(text + "\n")
         print(text)
         return 0
-    # Variants measured before (the same seeds and shared overrides) stay in the table: a study can run in parts.
+    # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the table:
+    # a study can run in parts.
     results, where = {}, machine()
     saved = out / f"{stem}.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
         if (isinstance(before, dict) and before.get("seeds") == seeds and before.get("shared") == shared
-                and before.get("machine") == where):
+                and before.get("machine") == where and before.get("retrieval") == RETRIEVAL_RULE):
             results = before["results"]
     for name in names:
         results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
@@ -339,8 +341,8 @@ def main(argv=None) -> int:
         text = table(results, args.data, seeds, shared, where=where, variants=variants)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.md").write_text(text + "\n")
-        saved.write_text(json.dumps({"machine": where, "seeds": seeds, "shared": shared, "results": results},
-                                    indent=2))
+        saved.write_text(json.dumps({"machine": where, "seeds": seeds, "shared": shared,
+                                     "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
     print(text)
     return 0
 

@@ -308,3 +308,28 @@ def test_targets_cover_only_the_sizes_that_ran():
     names = [g["target"] for g in run.targets(original, torch.device("cpu"), {"matmul_flops_per_s": 4.0})]
     assert "CPU original: >= 2x compiled" in names and "peak memory T=10: kernel <= 1/5 eager" in names
     assert not any("32^3" in n or "nca" in n for n in names)
+
+
+def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, monkeypatch):
+    """A variant measured before stays in the table only when it was counted the same way."""
+    from benchmarks import learning
+
+    def fake_run(name, overrides, data, seeds, out, shared):
+        models = {m: {k: 0.4 for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
+        return {"overrides": overrides, "summary": {m: {k: (0.4, 0.0) for k in learning.METRICS} for m in models},
+                "seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10,
+                "per_seed": {str(s): models for s in seeds}}
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    args = ["--group", "rules", "--seeds", "42,1", "--out", str(tmp_path)]
+    assert learning.main(args + ["--variants", "g8"]) == 0
+    assert learning.main(args + ["--variants", "g8 moore"]) == 0
+    saved = tmp_path / "chatterbot-rules.json"
+    assert list(json.loads(saved.read_text())["results"]) == ["g8", "g8 moore"]  # the parts make one table
+
+    older = json.loads(saved.read_text())
+    del older["retrieval"]  # as written before the rule was recorded: counted the earlier way
+    saved.write_text(json.dumps(older))
+    assert learning.main(args + ["--variants", "g8 fire 0.5"]) == 0
+    assert list(json.loads(saved.read_text())["results"]) == ["g8 fire 0.5"]
+    assert "| cube g8 moore |" not in (tmp_path / "chatterbot-rules.md").read_text()

@@ -26,6 +26,11 @@ def cosine_stats(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
             "cosine_p10": q[0].item(), "cosine_p50": q[1].item(), "cosine_p90": q[2].item()}
 
 
+# How retrieval is counted, in words: stored with results that are merged across runs (the learning study), so
+# that figures counted another way are never put in one table with these.
+RETRIEVAL_RULE = "rank of the own target among the distinct targets, ties with another target against"
+
+
 def retrieval_ranks(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """For each prediction, the rank (1 = best, by cosine) of its own target among the distinct targets.
 
