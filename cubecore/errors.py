@@ -38,3 +38,7 @@ class NotReadyError(CubecoreError, RuntimeError):
 
 class TrainingDivergedError(CubecoreError, FloatingPointError):
     """The loss became NaN or infinite: a setting (above all the learning rate) makes training diverge."""
+
+
+class PeerStoppedError(CubecoreError, RuntimeError):
+    """Another process of a distributed run stopped before training, for the reason given: this one stops too."""

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from .atomic import atomic_write_dir, atomic_write_text
 from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from .data import MODES, prepare_data
-from .errors import InvalidValueError
+from .errors import InvalidValueError, PeerStoppedError
 from .ops.front import BACKENDS
 from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
@@ -160,6 +160,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def _rank_zero_first():
+    """Rank 0 runs the block (taking the run folder, filling the data cache) while the other ranks wait, as at a
+    barrier; if it fails, they stop with its reason as one ``error:`` line, not with a gloo traceback once its
+    process is gone."""
+    failure: Optional[BaseException] = None
+    try:
+        yield
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        if dist.is_initialized():
+            reason = [None if failure is None else (str(failure) or type(failure).__name__)]
+            dist.broadcast_object_list(reason, src=0)
+            if failure is None and reason[0] is not None:
+                raise PeerStoppedError(f"rank 0 stopped before training: {reason[0]}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between flags
 
@@ -253,16 +272,16 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
         hf_logging.disable_progress_bar()
     with ExitStack() as stack:
         rundir = None
-        if main_process:  # only rank 0 writes, so only it owns the folder
-            # --overwrite sets the previous run aside; it goes only when this run saves its first checkpoint
-            # (rundir.commit), and comes back if this run ends before that, whatever ends it.
-            rundir = stack.enter_context(RunDirectory(out, mode))
-            plan = _plan(trainer, out, source)
-            log.info(plan)
-            data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the embedding cache ...
-            trainer.use_data(data.fingerprint, config.data.source)  # a resumed run: the data it trained on
-            stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
-        _barrier()
+        with _rank_zero_first():
+            if main_process:  # only rank 0 writes, so only it owns the folder
+                # --overwrite sets the previous run aside; it goes only when this run saves its first checkpoint
+                # (rundir.commit), and comes back if this run ends before that, whatever ends it.
+                rundir = stack.enter_context(RunDirectory(out, mode))
+                plan = _plan(trainer, out, source)
+                log.info(plan)
+                data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the cache ...
+                trainer.use_data(data.fingerprint, config.data.source)  # a resumed run: the data it trained on
+                stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
         if not main_process:
             data = prepare_data(config.data, config.seed, trainer.teacher)  # ... the others read it
             trainer.use_data(data.fingerprint, config.data.source)

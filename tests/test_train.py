@@ -112,6 +112,22 @@ def test_torchrun_two_cpu_processes(tmp_path, dialogue_file):
     assert len(lines) == 2, "only rank 0 writes metrics"
 
 
+def test_torchrun_ranks_stop_with_rank_zeros_reason_when_it_cannot_start(tmp_path, dialogue_file):
+    """Only rank 0 takes the run folder; when it refuses (here: the folder is a file), every rank says why in one
+    line instead of the other ranks failing in gloo with a traceback once rank 0 is gone."""
+    (tmp_path / "taken").write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cubecore.train",
+         "--data", dialogue_file, "--epochs", "1", "--output-dir", "taken", "--quiet", "--device", "cpu",
+         f"cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "error: output directory taken is a file" in result.stderr, result.stderr[-3000:]
+    assert "error: rank 0 stopped before training: output directory taken is a file" in result.stderr
+    assert "[rank1]" not in result.stderr and "Connection closed by peer" not in result.stderr
+
+
 def test_ctrl_c_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, fake_teacher, dialogue_file,
                                                                       monkeypatch, capsys):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
