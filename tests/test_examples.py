@@ -38,3 +38,9 @@ def test_query_adapter_trains_exports_and_beats_the_teacher_alone_on_retrieval(t
     assert scores["teacher + cube"][0] > scores["teacher alone"][0], out
     assert scores["teacher + cube"][1] > scores["teacher alone"][1], out
     assert (tmp_path / "sentence-transformer" / "modules.json").is_file()
+    # the run's own report counts retrieval as sentence-transformers' evaluator does (0.3886 and 0.4279 both ways
+    # on the project's CPU); one question apart at most, for a near tie that rounds the other way elsewhere
+    questions = int(re.search(r"held-out retrieval: (\d+) questions", out).group(1))
+    report = re.search(r"the run's report: R@1 ([0-9.]+) \(teacher alone\), ([0-9.]+) \(teacher \+ cube\)", out)
+    for theirs, ours in zip((scores["teacher alone"][0], scores["teacher + cube"][0]), map(float, report.groups())):
+        assert abs(theirs - ours) <= 1 / questions + 1e-4, out
