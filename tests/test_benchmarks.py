@@ -333,3 +333,11 @@ def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, 
     assert learning.main(args + ["--variants", "g8 fire 0.5"]) == 0
     assert list(json.loads(saved.read_text())["results"]) == ["g8 fire 0.5"]
     assert "| cube g8 moore |" not in (tmp_path / "chatterbot-rules.md").read_text()
+
+
+def test_the_gpu_roofline_target_is_measured_at_its_own_size():
+    """The CUDA target reads '64^3, B = 8 at >= 50% of the roofline': the GPU run's 64^3 size is that one."""
+    from benchmarks import run
+
+    size = next(s for s in run.sizes_for(torch.device("cuda"), quick=False) if s.name == "64^3")
+    assert (size.B, size.X, size.Y, size.Z) == (8, 64, 64, 64)
