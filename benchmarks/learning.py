@@ -326,14 +326,17 @@ def main(argv=None) -> int:
         print(text)
         return 0
     # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the table:
-    # a study can run in parts.
+    # a study can run in parts.  A file measured another way is never replaced by a part of a new study.
     results, where = {}, machine()
     saved = out / f"{stem}.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
-        if (isinstance(before, dict) and before.get("seeds") == seeds and before.get("shared") == shared
-                and before.get("machine") == where and before.get("retrieval") == RETRIEVAL_RULE):
-            results = before["results"]
+        now = {"seeds": seeds, "shared": shared, "machine": where, "retrieval": RETRIEVAL_RULE}
+        differ = [key for key, value in now.items() if not isinstance(before, dict) or before.get(key) != value]
+        if differ:
+            p.error(f"{saved} holds a study measured with other {', '.join(differ)}; a study in parts must be "
+                    f"measured one way: move that file (and its .md) away, or choose another --out")
+        results = before["results"]
     for name in names:
         results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
         print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)

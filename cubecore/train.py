@@ -165,18 +165,24 @@ def _rank_zero_first():
     """Rank 0 runs the block (taking the run folder, filling the data cache) while the other ranks wait, as at a
     barrier; if it fails, they stop with its reason as one ``error:`` line, not with a gloo traceback once its
     process is gone."""
-    failure: Optional[BaseException] = None
+    if not dist.is_initialized():
+        yield
+        return
     try:
         yield
-    except BaseException as exc:
-        failure = exc
+    except BaseException as exc:  # rank 0's: the others learn why, then it goes on up as it was
+        try:
+            dist.broadcast_object_list([(isinstance(exc, KeyboardInterrupt), str(exc) or type(exc).__name__)], src=0)
+        except Exception:  # the others are gone already: rank 0's own error is the one to show
+            pass
         raise
-    finally:
-        if dist.is_initialized():
-            reason = [None if failure is None else (str(failure) or type(failure).__name__)]
-            dist.broadcast_object_list(reason, src=0)
-            if failure is None and reason[0] is not None:
-                raise PeerStoppedError(f"rank 0 stopped before training: {reason[0]}")
+    outcome = [None]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        interrupted, reason = outcome[0]
+        if interrupted:
+            raise KeyboardInterrupt  # Ctrl-C reached rank 0 first: every rank stops as interrupted
+        raise PeerStoppedError(f"rank 0 stopped before training: {reason}")
 
 
 def main(argv=None) -> int:

@@ -310,8 +310,9 @@ def test_targets_cover_only_the_sizes_that_ran():
     assert not any("32^3" in n or "nca" in n for n in names)
 
 
-def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, monkeypatch):
-    """A variant measured before stays in the table only when it was counted the same way."""
+def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, monkeypatch, capsys):
+    """A variant measured before stays in the table when it was counted the same way; a study counted another
+    way is neither mixed in nor replaced."""
     from benchmarks import learning
 
     def fake_run(name, overrides, data, seeds, out, shared):
@@ -330,9 +331,11 @@ def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, 
     older = json.loads(saved.read_text())
     del older["retrieval"]  # as written before the rule was recorded: counted the earlier way
     saved.write_text(json.dumps(older))
-    assert learning.main(args + ["--variants", "g8 fire 0.5"]) == 0
-    assert list(json.loads(saved.read_text())["results"]) == ["g8 fire 0.5"]
-    assert "| cube g8 moore |" not in (tmp_path / "chatterbot-rules.md").read_text()
+    table = (tmp_path / "chatterbot-rules.md").read_text()
+    with pytest.raises(SystemExit) as stop:
+        learning.main(args + ["--variants", "g8 fire 0.5"])
+    assert stop.value.code == 2 and "measured with other retrieval" in capsys.readouterr().err
+    assert json.loads(saved.read_text()) == older and (tmp_path / "chatterbot-rules.md").read_text() == table
 
 
 def test_the_gpu_roofline_target_is_measured_at_its_own_size():

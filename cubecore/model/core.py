@@ -145,7 +145,8 @@ class CubicCore(nn.Module):
 
     def active_backend(self) -> str:
         """The backend ``forward`` would use for this module's current device and dtype."""
-        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size, len(self.hidden_sizes))
+        return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size,
+                               hidden_layers=len(self.hidden_sizes))
 
     def get_info(self) -> Dict[str, Any]:
         return {

@@ -74,12 +74,13 @@ def _built_kernels() -> Dict[str, bool]:
 KERNEL_BUILT = _built_kernels()
 
 
-def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1,
+def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 1, *,
                         hidden_layers: int = 1) -> Optional[str]:
     """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size, or
     this many hidden layers (None if they can).  These are all the limits of every forward and backward path:
     every other option of the rule family runs on every kernel, and a kernel that passes here does not fail later
     for its sizes."""
+    hidden_layers = check_int("hidden_layers", hidden_layers, minimum=1)
     if device_type not in _KERNEL_DTYPES:
         return f"there is no cubecore kernel for device type {device_type!r}"
     if dtype not in _KERNEL_DTYPES[device_type]:
@@ -92,7 +93,7 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
     return None
 
 
-def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1,
+def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_size: int = 1, *,
                               hidden_layers: int = 1) -> Optional[str]:
     """Why the fused kernel cannot run on tensors of this device, dtype and state size, with this many hidden
     layers (None if it can)."""
@@ -103,7 +104,7 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
         if device.type == "cuda":
             return "cubecore was built without CUDA kernels (no CUDA torch or no CUDA toolkit at build time)"
         return f"there is no cubecore kernel for device type {device.type!r}"
-    return kernel_limit_reason(device.type, dtype, state_size, hidden_layers)
+    return kernel_limit_reason(device.type, dtype, state_size, hidden_layers=hidden_layers)
 
 
 def info() -> Dict[str, object]:
@@ -140,14 +141,15 @@ def _dtype_names(device_type: str) -> str:
 _WARNED: set = set()
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1,
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1, *,
                     hidden_layers: int = 1, forward_ad: bool = False) -> str:
     """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this depth (or forward-mode
     differentiation, which only the reference does); check an explicit choice."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
-    reason = FORWARD_AD if forward_ad else kernel_unavailable_reason(device, dtype, state_size, hidden_layers)
+    reason = FORWARD_AD if forward_ad else kernel_unavailable_reason(device, dtype, state_size,
+                                                                     hidden_layers=hidden_layers)
     if reason is None:
         return "kernel"
     if backend == "kernel":
@@ -372,7 +374,7 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
     if backend != "reference" and _forward_mode_ad(state, external, perception, *weights):
         chosen = resolve_backend(backend, state.device, state.dtype, forward_ad=True)
     else:
-        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], hidden_layers)
+        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], hidden_layers=hidden_layers)
     if chosen == "reference":
         run = trajectory_reference if return_trajectory else propagate_reference
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,

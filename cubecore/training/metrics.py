@@ -37,11 +37,14 @@ def retrieval_ranks(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     This is the corpus of an information-retrieval evaluation (sentence-transformers'
     ``InformationRetrievalEvaluator`` over the distinct answers): identical target rows (one answer given to two
     questions) are one candidate, so a duplicate never counts against the prediction.  A different target with
-    exactly the same score counts against it, so a constant prediction ranks last, not first."""
+    exactly the same score counts against it, so a prediction that scores every target alike (all zeros) ranks
+    last, not first; so does a prediction or target that is not finite."""
+    _check_pairs(pred, targets, "retrieval")
     distinct, own = torch.unique(targets, dim=0, return_inverse=True)
     sim = F.normalize(pred.double(), dim=-1) @ F.normalize(distinct.double(), dim=-1).T
     true = sim.gather(1, own[:, None])
-    return (sim >= true).sum(1)
+    ranks = (sim >= true).sum(1)
+    return torch.where(true.squeeze(1).isnan(), distinct.shape[0], ranks)
 
 
 def retrieval(pred: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:

@@ -150,8 +150,8 @@ def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object
     gives them), the table against the floors, where the cube stands, the rollout and example predictions."""
     settings = ", ".join(f"{key} {value}" for key, value in info.items())
     lines = [f"# cubecore run: {info.get('mode')} mode", "", f"Settings: {settings}.", "",
-             "Validation split. Retrieval: the rank of the true answer among the distinct validation answers (an "
-             "answer given to two questions is one candidate; a tie with another answer counts against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
+             "Validation split. Retrieval: the rank of the true target among the distinct validation targets (two "
+             "identical targets are one candidate; a tie with another target counts against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
              "plus c times the mean training target (c fit on the training pairs), ridge = a closed-form linear "
              "map fit on the training pairs (its regularisation chosen by cross-validation on them), mlp = a "
              "one-hidden-layer MLP with a skip path and as many parameters as the cube, linear = the input plus W "

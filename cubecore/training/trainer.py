@@ -30,7 +30,7 @@ from .config import TrainingConfig
 from ..data.datasets import check_embedding_pairs
 from .floors import TRAINED_FLOORS, floor_model, floor_settings
 from .losses import training_loss
-from .metrics import EmbeddingMetrics, retrieval
+from .metrics import RETRIEVAL_RULE, EmbeddingMetrics, retrieval
 from ..model.processor import EmbeddingProcessor
 from ..errors import InvalidTypeError, InvalidValueError, NotReadyError, TrainingDivergedError
 
@@ -79,6 +79,7 @@ class CubeTrainer:
         # the trained floors by name (``train_floors``): their settings, scored epoch and weights
         self.trained_floors: Dict[str, Dict[str, object]] = {}
         self.data_fingerprint: Optional[Dict[str, object]] = None  # what the run trains on (use_data)
+        self.retrieval_rule: Optional[str] = RETRIEVAL_RULE  # how the validation MRR was counted (None: before)
 
     local_only = False  # True: train in this process alone, even under torchrun
 
@@ -217,6 +218,8 @@ class CubeTrainer:
         train_model = DistributedDataParallel(model) if self.distributed else model
         steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * cfg.epochs)
+        if val is not None and self.retrieval_rule != RETRIEVAL_RULE:
+            self._rescore_best(val)
         while self.epoch < epochs:
             model.train()
             sampler.set_epoch(self.epoch)
@@ -305,6 +308,18 @@ class CubeTrainer:
                 f"it now gives other pairs ({sizes(fingerprint)}). Resuming would train on other data and choose "
                 f"the best epoch across two validation splits, so it is refused: put the data back as it was, or "
                 f"train a new run on it (another --output-dir, or --overwrite)")
+
+    def _rescore_best(self, val: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A checkpoint from before retrieval ranked among the distinct answers: its best epoch's MRR is counted
+        again the current way, so that ``select_by=val_mrr`` does not compare epochs counted two ways."""
+        if self.config.select_by == "val_mrr" and self.best_state is not None:
+            with self.weights_of("best"):
+                self.best_score = -retrieval(self.predict(val[0]), val[1])["mrr"]
+            logging.getLogger("cubecore").warning(
+                f"the checkpoint counted retrieval the earlier way (a duplicate answer as a rival): the best epoch "
+                f"({self.best_epoch}) is scored again the current way, MRR {-self.best_score:.4f}; the val_mrr of "
+                f"the epochs before this resume in metrics.jsonl stay as they were counted")
+        self.retrieval_rule = RETRIEVAL_RULE
 
     def reopen(self) -> None:
         """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts,
@@ -439,7 +454,7 @@ class CubeTrainer:
             "total_steps": self.total_steps, "history": self.history, "best_val_loss": self.best_val_loss,
             "epochs_without_improvement": self.epochs_without_improvement, "best_score": self.best_score,
             "best_epoch": self.best_epoch, "best_model": self.best_state, "finished": self.finished,
-            "rng": rng_states(),
+            "rng": rng_states(), "retrieval": self.retrieval_rule,
         }
         if self.data_fingerprint is not None:
             state["data"] = self.data_fingerprint
@@ -477,6 +492,7 @@ class CubeTrainer:
             floors = state.get("trained_floors") or ({"mlp": state["mlp_floor"]} if state.get("mlp_floor") else {})
             trainer.trained_floors = {name: floors[name] for name in TRAINED_FLOORS if name in floors}
             trainer.data_fingerprint = state.get("data")  # absent in checkpoints written before fingerprints were
+            trainer.retrieval_rule = state.get("retrieval")  # absent: retrieval counted the earlier way
             set_rng_states(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise InvalidValueError(f"{path} does not hold a consistent cubecore training state "

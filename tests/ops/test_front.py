@@ -319,6 +319,10 @@ def test_limit_reasons_name_the_limit():
     for device_type in ("cpu", "cuda"):  # depth is the one option of the rule family with a kernel limit
         assert ops.kernel_limit_reason(device_type, torch.float32, 8, hidden_layers=2) is None
         assert "at most 2 hidden layers" in ops.kernel_limit_reason(device_type, torch.float32, 8, hidden_layers=3)
+    with pytest.raises(TypeError, match="hidden_layers"):
+        ops.kernel_limit_reason("cpu", torch.float32, 8, hidden_layers=2.5)
+    with pytest.raises(TypeError, match="positional"):  # the rule does not limit a kernel: it is not an argument
+        ops.kernel_limit_reason("cpu", torch.float32, 8, ops.Rule())
 
 
 # --- bad input: every error names the argument ----------------------------------------------------------------

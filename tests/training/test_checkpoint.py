@@ -113,3 +113,30 @@ def test_a_checkpoint_of_the_previous_format_still_loads():
     path = Path(__file__).parents[1] / "fixtures" / "legacy_run" / "last.pt"
     assert path.read_bytes().startswith(MAGIC)
     assert CubeTrainer.from_checkpoint(path).epoch > 0
+
+
+def test_a_checkpoint_that_counted_retrieval_the_earlier_way_has_its_best_mrr_counted_again(tmp_path, caplog):
+    """select_by=val_mrr must not compare the epochs of a resumed run counted two ways: the best epoch of a
+    checkpoint written before retrieval ranked among the distinct answers is scored again when training goes on."""
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
+    from cubecore.training.metrics import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    answers = torch.randn(6, 12, generator=g)
+    y = answers[torch.arange(40) % 6]  # every answer given to several questions: the two rules differ
+    x = y + 0.5 * torch.randn(40, 12, generator=g)
+    trainer = CubeTrainer(tiny_config(tmp_path, epochs=2, select_by="val_mrr"))
+    trainer.fit((x[:30], y[:30]), (x[30:], y[30:]), progress=False)
+    state = load_checkpoint_file(trainer.save_checkpoint(tmp_path / "ck.pt"))
+    del state["retrieval"]  # as an older cubecore wrote it, with the best MRR counted the earlier way
+    state["best_score"] = -0.01
+    save_checkpoint_file(state, tmp_path / "old.pt")
+
+    resumed = CubeTrainer.from_checkpoint(tmp_path / "old.pt")
+    assert resumed.retrieval_rule is None
+    with resumed.weights_of("best"):
+        expected = -retrieval(resumed.predict(x[30:]), y[30:])["mrr"]
+    with caplog.at_level("WARNING", logger="cubecore"):
+        resumed.fit((x[:30], y[:30]), (x[30:], y[30:]), epochs=2, progress=False)  # nothing left to train
+    assert resumed.best_score == expected and "scored again the current way" in caplog.text
+    assert CubeTrainer.from_checkpoint(resumed.save_checkpoint(tmp_path / "new.pt")).retrieval_rule is not None

@@ -28,10 +28,15 @@ def test_retrieval_by_hand():
     assert r["r@5"] == 1.0
 
 
-def test_constant_prediction_ranks_last():
+def test_a_prediction_that_scores_every_target_alike_ranks_last_and_so_does_a_nan():
     targets = torch.randn(10, 4)
-    r = retrieval(torch.ones(10, 4), targets)
-    assert r["r@1"] <= 0.1 + 1e-9
+    targets[7] = targets[2]                                    # 9 distinct targets
+    assert retrieval_ranks(torch.zeros(10, 4), targets).tolist() == [9] * 10
+    pred = targets.clone()
+    pred[3] = float("nan")
+    assert retrieval_ranks(pred, targets).tolist() == [1, 1, 1, 9, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="as many rows, got 3 and 1"):
+        retrieval_ranks(torch.randn(3, 4), torch.randn(1, 4))
 
 
 def test_a_duplicate_answer_is_one_candidate_and_a_tie_between_different_answers_counts_against():

@@ -88,21 +88,34 @@ def test_a_model_folder_from_before_the_sections_loads_and_matches_its_checkpoin
         assert torch.equal(model.eval()(x), trainer.predict(x))
 
 
-def test_a_run_from_before_the_sections_evaluates_as_it_did(tmp_path):
+def test_a_run_from_before_the_sections_evaluates_as_it_did(tmp_path, monkeypatch):
     """evaluate on the checkpoint of a run written before the sections gives the cosine that run reported (the
     shipped teacher and data, offline), and trains nothing: the mlp and linear floors it did not store are said so.
-    Retrieval now ranks among the distinct answers (that run counted a duplicate answer as a rival), so its ranks
-    can only have improved."""
+    Retrieval now ranks among the distinct answers (that run counted a duplicate answer as a rival): its ranks can
+    only have improved, and they are those of the run's best weights on its split."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUBECORE_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "cubecore.evaluate", str(LEGACY_RUN / "last.pt")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     expected = json.loads((LEGACY_RUN / "results.json").read_text())
+    from cubecore.data import prepare_data
+    from cubecore.training.metrics import retrieval
+    from cubecore.training.trainer import CubeTrainer
+
+    monkeypatch.setenv("CUBECORE_CACHE_DIR", str(tmp_path / "cache"))  # the embeddings evaluate just cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trainer = CubeTrainer.from_checkpoint(LEGACY_RUN / "last.pt")
+    data = prepare_data(trainer.config.data, trainer.config.seed, trainer.teacher)
+    with trainer.weights_of("best"):
+        counted = {"cube": retrieval(trainer.predict(data.val[0]), data.val[1]),
+                   "identity": retrieval(data.val[0], data.val[1])}
     for model in ("cube", "identity", "ridge"):
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {model} |"))
         cells = [float(cell) for cell in row.split("|")[2:8]]
         assert cells[:2] == [round(expected[model][key], 4) for key in ("cosine", "mse")], model
         for got, key in zip(cells[2:], ("r@1", "r@5", "r@10", "mrr")):
             assert got >= round(expected[model][key], 4), (model, key)
+            if model != "ridge":
+                assert got == round(counted[model][key], 4), (model, key)
     assert "| mlp |" not in result.stdout and "| linear |" not in result.stdout
     assert "The mlp and linear floors are not stored" in result.stdout
