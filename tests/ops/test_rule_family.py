@@ -323,7 +323,12 @@ def test_ctrl_c_stops_a_long_rollout_within_a_chunk():
     import sys
     import time
 
-    code = ("import torch, cubecore\n"
+    # The child takes Ctrl-C as from a terminal, whatever this test process inherited: a shell without job control
+    # starts a background command (`bash .ci/run &`) with SIGINT ignored, and every child inherits that.
+    code = ("import signal\n"
+            "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import torch, cubecore\n"
             "core = cubecore.CubicCore((8, 8, 6), state_size=8, hidden_size=32, input_size=1, steps=1000000)\n"
             "print('started', flush=True)\n"
             "with torch.no_grad():\n"
@@ -334,11 +339,15 @@ def test_ctrl_c_stops_a_long_rollout_within_a_chunk():
         time.sleep(2.0)
         child.send_signal(signal.SIGINT)
         sent = time.monotonic()
-        _, err = child.communicate(timeout=60)
+        try:
+            _, err = child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            err = "still running 60 s after SIGINT; its stderr: " + child.communicate()[1]
         waited = time.monotonic() - sent
     finally:
         child.kill()
-    assert "KeyboardInterrupt" in err
+    assert "KeyboardInterrupt" in err, err
     assert waited < 15, f"the rollout took {waited:.1f} s to stop after Ctrl-C"
 
 
