@@ -3,8 +3,8 @@
 Raw cosine between unrelated sentence embeddings is high, so every report carries baselines computed on the
 same split: ``identity`` (predict the input), ``mean`` (predict the mean training target), ``offset`` (the
 input plus a fitted multiple of the mean training target) and ``ridge`` (a closed-form linear map fit on the
-training pairs); the trainer adds ``mlp`` and ``linear`` (``cubecore.training.floors``); and retrieval: the rank of the true target among the
-distinct validation targets (R@1, R@5, R@10, MRR).
+training pairs); the trainer adds ``mlp`` and ``linear`` (``cubecore.training.floors``); and retrieval: the
+rank of the true target among the distinct validation targets (R@1, R@5, R@10, MRR).
 """
 
 from __future__ import annotations

@@ -151,8 +151,9 @@ def markdown_report(results: Dict[str, Dict[str, float]], info: Dict[str, object
     settings = ", ".join(f"{key} {value}" for key, value in info.items())
     lines = [f"# cubecore run: {info.get('mode')} mode", "", f"Settings: {settings}.", "",
              "Validation split. Retrieval: the rank of the true target among the distinct validation targets (two "
-             "identical targets are one candidate; a tie with another target counts against). Floors: identity = predict the input, mean = the mean training target, offset = the input "
-             "plus c times the mean training target (c fit on the training pairs), ridge = a closed-form linear "
+             "identical targets are one candidate; a tie with another target counts against). Floors: identity = "
+             "predict the input, mean = the mean training target, offset = the input plus c times the mean "
+             "training target (c fit on the training pairs), ridge = a closed-form linear "
              "map fit on the training pairs (its regularisation chosen by cross-validation on them), mlp = a "
              "one-hidden-layer MLP with a skip path and as many parameters as the cube, linear = the input plus W "
              "times the input (W zero-initialised, the standard query adapter); mlp and linear are trained with "

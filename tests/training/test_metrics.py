@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cubecore import EmbeddingMetrics
-from cubecore.training.metrics import RIDGE_ALPHAS, cosine_stats, retrieval, retrieval_ranks, ridge_fit, ridge_predict, semantic_preservation
+from cubecore.training.metrics import (RIDGE_ALPHAS, cosine_stats, retrieval, retrieval_ranks, ridge_fit,
+                                      ridge_predict, semantic_preservation)
 
 
 def test_cosine_by_hand():
