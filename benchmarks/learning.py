@@ -28,9 +28,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from cubecore.atomic import atomic_write_text
 from cubecore.cli import CommandParser, seed_list
 from cubecore.train import main as train_main
 from cubecore.training.metrics import RETRIEVAL_RULE
+from cubecore.training.rundir import LockHeld, take_lock
 
 # Every variant names readout_skip and global_channels, so that the table does not depend on the defaults of
 # the day.
@@ -325,6 +327,25 @@ def main(argv=None) -> int:
         (out / f"{stem}-cost.md").write_text(text + "\n")
         print(text)
         return 0
+    # One study at a time writes a results file (each reads it at its start and writes it after each variant, so
+    # two at once would drop each other's variants); the lock goes with the process.
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / f"{stem}.lock"
+    existed = lock.exists()
+    try:
+        fd = take_lock(lock)
+    except LockHeld as held:
+        p.error(f"{out / stem}.json is being written by another study{held.by}; wait for it to end, or choose "
+                f"another --out")
+    try:
+        return _run_study(p, args, names, variants, out, data_stem, stem, shared, seeds)
+    finally:
+        if not existed:
+            lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _run_study(p, args, names, variants, out, data_stem, stem, shared, seeds) -> int:
     # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the table:
     # a study can run in parts.  A file measured another way is never replaced by a part of a new study.
     results, where = {}, machine()
@@ -342,10 +363,9 @@ def main(argv=None) -> int:
         print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)
         results = {n: results[n] for n in variants if n in results}  # in the group's order
         text = table(results, args.data, seeds, shared, where=where, variants=variants)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.md").write_text(text + "\n")
-        saved.write_text(json.dumps({"machine": where, "seeds": seeds, "shared": shared,
-                                     "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
+        atomic_write_text(out / f"{stem}.md", text + "\n")  # a Ctrl-C or kill mid-write leaves the last pair
+        atomic_write_text(saved, json.dumps({"machine": where, "seeds": seeds, "shared": shared,
+                                             "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
     print(text)
     return 0
 

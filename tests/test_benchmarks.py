@@ -338,6 +338,41 @@ def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, 
     assert json.loads(saved.read_text()) == older and (tmp_path / "chatterbot-rules.md").read_text() == table
 
 
+def test_a_second_study_into_the_same_results_file_is_refused_while_the_first_runs(tmp_path, monkeypatch, capsys):
+    """Each study reads the results file at its start and writes it after each variant: two at once would drop
+    each other's variants, so the second stops at once, naming the first."""
+    import subprocess
+    import sys
+
+    from benchmarks import learning
+
+    def fake_run(name, overrides, data, seeds, out, shared):
+        models = {m: {k: 0.4 for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
+        return {"overrides": overrides, "summary": {m: {k: (0.4, 0.0) for k in learning.METRICS} for m in models},
+                "seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10, "per_seed": {"42": models}}
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    args = ["--group", "rules", "--seeds", "42", "--out", str(tmp_path)]
+    assert learning.main(args + ["--variants", "g8"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chatterbot-rules.json", "chatterbot-rules.md"]
+    saved = (tmp_path / "chatterbot-rules.json").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from cubecore.training.rundir import take_lock; "
+                               f"take_lock({str(tmp_path / 'chatterbot-rules.lock')!r}); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as stop:
+            learning.main(args + ["--variants", "g8 moore"])
+        assert stop.value.code == 2
+        assert f"being written by another study (process {holder.pid})" in capsys.readouterr().err
+        assert (tmp_path / "chatterbot-rules.json").read_text() == saved
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert learning.main(args + ["--variants", "g8 moore"]) == 0  # the lock went with the process
+    assert list(json.loads((tmp_path / "chatterbot-rules.json").read_text())["results"]) == ["g8", "g8 moore"]
+
+
 def test_the_gpu_roofline_target_is_measured_at_its_own_size():
     """The CUDA target reads '64^3, B = 8 at >= 50% of the roofline': the GPU run's 64^3 size is that one."""
     from benchmarks import run

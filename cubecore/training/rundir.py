@@ -102,6 +102,29 @@ BACKUP_NAME = ".replaced"  # an --overwrite run's predecessor, until the new run
 SET_ASIDE = ".complete"  # in BACKUP_NAME once every file of the predecessor is in it
 
 
+class LockHeld(Exception):
+    """Another process holds the lock; ``by`` names it for a message (`` (process 1234)``, or empty)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.by = f" (process {holder})" if holder else ""
+
+
+def take_lock(path: os.PathLike) -> int:
+    """Take the exclusive lock on ``path`` (created if missing) without waiting, and write this process's id in
+    it; returns the descriptor, whose closing (or the process's end) drops the lock.  Raises ``LockHeld``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        os.close(fd)
+        raise LockHeld(holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class RunDirectoryError(CubecoreError, RuntimeError):
     """The run directory is in use by another run, or holds a run that this one would silently replace."""
 
@@ -129,18 +152,11 @@ class RunDirectory:
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_existed = (self.path / LOCK_NAME).exists()
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunDirectoryError(f"output directory {self.path} is in use by another run"
-                                    f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose "
-                                    f"another --output-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock = fd
+            self._lock = take_lock(self.path / LOCK_NAME)
+        except LockHeld as held:
+            raise RunDirectoryError(f"output directory {self.path} is in use by another run{held.by}; wait for "
+                                    f"it to end, or choose another --output-dir") from None
         try:
             self._prepare()
         except BaseException:
