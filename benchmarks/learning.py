@@ -317,19 +317,24 @@ def main(argv=None) -> int:
     data_stem = Path(args.data).stem
     stem = data_stem if args.group == "readout" else f"{data_stem}-{args.group}"
     shared = args.set.split()
+    malformed = [o for o in shared if "=" not in o or o.startswith("=")]
+    if malformed:
+        p.error(f"--set {malformed}: each override is key=value")
     keys = lambda overrides: {o.split("=", 1)[0] for o in overrides}  # noqa: E731
     clash = sorted(keys(shared) & set().union(*(keys(variants[n]) for n in names)))
     if clash:
         p.error(f"--set {clash}: the variants set these themselves (a variant's value would win)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot make that folder ({e.strerror})")
     if args.cost:
         text = cost_table(step_costs(names, variants), variants, machine())
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}-cost.md").write_text(text + "\n")
+        atomic_write_text(out / f"{stem}-cost.md", text + "\n")
         print(text)
         return 0
     # One study at a time writes a results file (each reads it at its start and writes it after each variant, so
     # two at once would drop each other's variants); the lock goes with the process.
-    out.mkdir(parents=True, exist_ok=True)
     lock = out / f"{stem}.lock"
     existed = lock.exists()
     try:
@@ -337,6 +342,8 @@ def main(argv=None) -> int:
     except LockHeld as held:
         p.error(f"{out / stem}.json is being written by another study{held.by}; wait for it to end, or choose "
                 f"another --out")
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({e.strerror})")
     try:
         return _run_study(p, args, names, variants, out, data_stem, stem, shared, seeds)
     finally:

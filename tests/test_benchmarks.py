@@ -93,6 +93,24 @@ def test_learning_study_refuses_a_shared_override_that_a_variant_sets(capsys):
     assert "global_channels" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--set", "epochs"], "--set ['epochs']: each override is key=value"),
+    (["--set", "=2"], "--set ['=2']: each override is key=value"),
+    (["--out", "{file}/sub"], "cannot make that folder"),
+    (["--out", "{file}/sub", "--cost"], "cannot make that folder"),
+])
+def test_learning_study_names_a_bad_argument_before_it_trains_anything(tmp_path, monkeypatch, capsys, argv, says):
+    from benchmarks import learning
+
+    monkeypatch.setattr(learning, "run_variant", lambda *a: pytest.fail("trained despite a bad argument"))
+    monkeypatch.setattr(learning, "step_costs", lambda *a: pytest.fail("timed despite a bad argument"))
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        learning.main([*argv, "--variants", "skip"] + ([] if "--out" in argv else ["--out", str(tmp_path)]))
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_learning_study_table_names_the_shared_overrides():
     from benchmarks import learning
 
