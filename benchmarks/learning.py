@@ -20,6 +20,7 @@ the machine named; each run's own files stay in ``<out>/<data>/<variant>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,7 +31,9 @@ from typing import Dict, List, Optional
 
 from cubecore.atomic import atomic_write_text
 from cubecore.cli import CommandParser, seed_list
+from cubecore.errors import CubecoreError
 from cubecore.train import main as train_main
+from cubecore.training.config import TrainingConfig, parse_override
 from cubecore.training.metrics import RETRIEVAL_RULE
 from cubecore.training.rundir import LockHeld, take_lock
 
@@ -260,8 +263,7 @@ def step_costs(names: List[str], variants: Dict[str, List[str]], rounds: int = 7
     import torch
     import torch.nn.functional as F
 
-    from cubecore import EmbeddingProcessor, TrainingConfig
-    from cubecore.training.config import parse_override
+    from cubecore import EmbeddingProcessor
 
     gen = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
@@ -317,13 +319,15 @@ def main(argv=None) -> int:
     data_stem = Path(args.data).stem
     stem = data_stem if args.group == "readout" else f"{data_stem}-{args.group}"
     shared = args.set.split()
-    malformed = [o for o in shared if "=" not in o or o.startswith("=")]
-    if malformed:
-        p.error(f"--set {malformed}: each override is key=value")
     keys = lambda overrides: {o.split("=", 1)[0] for o in overrides}  # noqa: E731
     clash = sorted(keys(shared) & set().union(*(keys(variants[n]) for n in names)))
     if clash:
         p.error(f"--set {clash}: the variants set these themselves (a variant's value would win)")
+    try:  # each variant's configuration, through the run's own parsing and checks, before anything trains
+        for name in names:
+            TrainingConfig().override(**dict(parse_override(o) for o in [*variants[name], *shared]))
+    except CubecoreError as e:
+        p.error(f"--set: {e}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -333,49 +337,42 @@ def main(argv=None) -> int:
         atomic_write_text(out / f"{stem}-cost.md", text + "\n")
         print(text)
         return 0
-    # One study at a time writes a results file (each reads it at its start and writes it after each variant, so
-    # two at once would drop each other's variants); the lock goes with the process.
-    lock = out / f"{stem}.lock"
-    existed = lock.exists()
-    try:
-        fd = take_lock(lock)
-    except LockHeld as held:
-        p.error(f"{out / stem}.json is being written by another study{held.by}; wait for it to end, or choose "
-                f"another --out")
-    except OSError as e:
-        p.error(f"--out {out}: cannot write there ({e.strerror})")
-    try:
-        return _run_study(p, args, names, variants, out, data_stem, stem, shared, seeds)
-    finally:
-        if not existed:
-            lock.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _run_study(p, args, names, variants, out, data_stem, stem, shared, seeds) -> int:
-    # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the table:
-    # a study can run in parts.  A file measured another way is never replaced by a part of a new study.
-    results, where = {}, machine()
-    saved = out / f"{stem}.json"
-    if saved.is_file():
-        before = json.loads(saved.read_text())
-        now = {"seeds": seeds, "shared": shared, "machine": where, "retrieval": RETRIEVAL_RULE}
-        differ = [key for key, value in now.items() if not isinstance(before, dict) or before.get(key) != value]
-        if differ:
-            p.error(f"{saved} holds a study measured with other {', '.join(differ)}; a study in parts must be "
-                    f"measured one way: move that file (and its .md) away, or choose another --out")
-        results = before["results"]
-    for name in names:
-        results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
-        print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)
-        results = {n: results[n] for n in variants if n in results}  # in the group's order
-        text = table(results, args.data, seeds, shared, where=where, variants=variants)
-        atomic_write_text(out / f"{stem}.md", text + "\n")  # a Ctrl-C or kill mid-write leaves the last pair
-        atomic_write_text(saved, json.dumps({"machine": where, "seeds": seeds, "shared": shared,
-                                             "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
+    with contextlib.ExitStack() as held:
+        # One study at a time writes a results file (each reads it at its start and writes it after each variant,
+        # so two at once would drop each other's variants); the lock goes with the process.
+        lock = out / f"{stem}.lock"
+        existed = lock.exists()
+        try:
+            held.callback(os.close, take_lock(lock))
+        except LockHeld as holder:
+            p.error(f"{out / stem}.json is being written by another study{holder.by}; wait for it to end, or "
+                    f"choose another --out")
+        except OSError as e:
+            p.error(f"--out {out}: cannot write there ({e.strerror})")
+        if not existed:  # callbacks run last first: the file goes while the lock is still held
+            held.callback(lock.unlink, missing_ok=True)
+        # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the
+        # table: a study can run in parts.  A file measured another way is never replaced by a part of a new study.
+        results, where = {}, machine()
+        saved = out / f"{stem}.json"
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            now = {"seeds": seeds, "shared": shared, "machine": where, "retrieval": RETRIEVAL_RULE}
+            differ = [key for key, value in now.items() if not isinstance(before, dict) or before.get(key) != value]
+            if differ:
+                p.error(f"{saved} holds a study measured with other {', '.join(differ)}; a study in parts must be "
+                        f"measured one way: move that file (and its .md) away, or choose another --out")
+            results = before["results"]
+        for name in names:
+            results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
+            print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)
+            results = {n: results[n] for n in variants if n in results}  # in the group's order
+            text = table(results, args.data, seeds, shared, where=where, variants=variants)
+            atomic_write_text(out / f"{stem}.md", text + "\n")  # a Ctrl-C or kill mid-write leaves the last pair
+            atomic_write_text(saved, json.dumps({"machine": where, "seeds": seeds, "shared": shared,
+                                                 "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
     print(text)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

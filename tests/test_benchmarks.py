@@ -94,8 +94,10 @@ def test_learning_study_refuses_a_shared_override_that_a_variant_sets(capsys):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--set", "epochs"], "--set ['epochs']: each override is key=value"),
-    (["--set", "=2"], "--set ['=2']: each override is key=value"),
+    (["--set", "epochs"], "--set: override 'epochs' is not key=value"),
+    (["--set", "=2"], "--set: unknown config key ''"),
+    (["--set", "max_sampels=64000"], "--set: unknown config key 'max_sampels'"),
+    (["--set", "epochs=0"], "--set: config key 'epochs' must be an int >= 1, got 0"),
     (["--out", "{file}/sub"], "cannot make that folder"),
     (["--out", "{file}/sub", "--cost"], "cannot make that folder"),
 ])
@@ -328,18 +330,22 @@ def test_targets_cover_only_the_sizes_that_ran():
     assert not any("32^3" in n or "nca" in n for n in names)
 
 
+def _variant_without_training(name, overrides, data, seeds, out, shared):
+    """What ``learning.run_variant`` returns, every model at 0.4, without training anything."""
+    from benchmarks import learning
+
+    models = {m: {k: 0.4 for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
+    return {"overrides": overrides, "summary": {m: {k: (0.4, 0.0) for k in learning.METRICS} for m in models},
+            "seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10,
+            "per_seed": {str(s): models for s in seeds}}
+
+
 def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, monkeypatch, capsys):
     """A variant measured before stays in the table when it was counted the same way; a study counted another
     way is neither mixed in nor replaced."""
     from benchmarks import learning
 
-    def fake_run(name, overrides, data, seeds, out, shared):
-        models = {m: {k: 0.4 for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
-        return {"overrides": overrides, "summary": {m: {k: (0.4, 0.0) for k in learning.METRICS} for m in models},
-                "seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10,
-                "per_seed": {str(s): models for s in seeds}}
-
-    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "run_variant", _variant_without_training)
     args = ["--group", "rules", "--seeds", "42,1", "--out", str(tmp_path)]
     assert learning.main(args + ["--variants", "g8"]) == 0
     assert learning.main(args + ["--variants", "g8 moore"]) == 0
@@ -364,12 +370,7 @@ def test_a_second_study_into_the_same_results_file_is_refused_while_the_first_ru
 
     from benchmarks import learning
 
-    def fake_run(name, overrides, data, seeds, out, shared):
-        models = {m: {k: 0.4 for k in learning.METRICS} for m in ("cube", *learning.FLOORS)}
-        return {"overrides": overrides, "summary": {m: {k: (0.4, 0.0) for k in learning.METRICS} for m in models},
-                "seconds_per_epoch": 1.0, "seconds": 60.0, "mlp_parameters": 10, "per_seed": {"42": models}}
-
-    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "run_variant", _variant_without_training)
     args = ["--group", "rules", "--seeds", "42", "--out", str(tmp_path)]
     assert learning.main(args + ["--variants", "g8"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chatterbot-rules.json", "chatterbot-rules.md"]
