@@ -260,7 +260,8 @@ def step_costs(names: List[str], variants: Dict[str, List[str]], rounds: int = 7
                batch: int = 32, dim: int = 384) -> Dict[str, float]:
     """Milliseconds per training step (forward, backward and AdamW update of a batch of ``batch`` random
     embeddings) of each variant's model, the median over ``rounds`` rounds that take the variants in turn, so that
-    the ratios hold on a machine that other work slows down unevenly."""
+    the ratios hold on a machine that other work slows down unevenly.  Each turn begins with one untimed step: the
+    first step after another model's pays for caches that training never empties."""
     import torch
     import torch.nn.functional as F
 
@@ -275,15 +276,19 @@ def step_costs(names: List[str], variants: Dict[str, List[str]], rounds: int = 7
         torch.manual_seed(0)
         model = EmbeddingProcessor(dim, config.model)
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    def step(model, optimizer):
+        loss = 1 - F.cosine_similarity(model(x), y, dim=-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     times: Dict[str, List[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name, (model, optimizer) in models.items():
+            step(model, optimizer)
             start = time.perf_counter()
             for _ in range(steps):
-                loss = 1 - F.cosine_similarity(model(x), y, dim=-1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                step(model, optimizer)
             times[name].append((time.perf_counter() - start) / steps * 1000)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
