@@ -13,7 +13,6 @@ namespace {
 // are read where they lie: a cell's input row is a list of segments (its six neighbours' states, its own, its
 // external input), each a pointer to a few contiguous values, so no gathered copy of the inputs is ever made.
 
-constexpr int64_t kTile = 32;
 // Vector accumulators a block keeps in registers: half the register file (32 with AVX-512VL, else 16).
 #ifdef __AVX512VL__
 constexpr int kAccumulators = 16;
@@ -376,6 +375,8 @@ struct Geometry {
   int64_t alive_channel;  // -1: no alive mask
   double alive_threshold;
   bool fire;              // a fire mask is given
+  CpuEngine engine;       // per-cell loops or tile GEMMs (cpu_engine.h)
+  int64_t tile;           // cells per tile of that engine
   int segments;                        // input segments of a cell's slots row: K, plus one when E > 0
   int64_t lengths[kMaxSegments];       // their lengths: S for each slot, then E
   int first_segments;                  // depthwise: segments of the first layer's row ([perception, external])
@@ -391,6 +392,8 @@ struct Geometry {
         H2(wh ? wh->size(0) : 0), In(w1.size(1)), neighbourhood(neighbourhood_), boundary(boundary_),
         activation(activation_), output_activation(output_activation_), update(update_), step_size(step_size_),
         alive_channel(alive_channel_), alive_threshold(alive_threshold_), fire(fire_) {
+    engine = cpu_engine(state.scalar_type() == at::kFloat, S, In, H1, H2);
+    tile = engine == kTileGemm ? kGemmTile : kCellsTile;
     cells = X * Y * Z;
     N = B * cells;
     segments = static_cast<int>(K) + (E > 0 ? 1 : 0);
@@ -411,7 +414,7 @@ struct Geometry {
   }
   bool depthwise() const { return F > 0; }
   int64_t state_inputs() const { return depthwise() ? S * F : K * S; }  // first-layer inputs before external
-  int64_t tiles() const { return (N + kTile - 1) / kTile; }
+  int64_t tiles() const { return (N + tile - 1) / tile; }
 };
 
 // The weights rearranged for the kernels: transposed where the kernels read them by input row, with feature
@@ -431,6 +434,7 @@ struct PackedWeights {
   at::Tensor wo;   // [Sp][Hlp]:  Wo   (backward: change gradient -> last hidden gradient)
   at::Tensor w1;   // [H1p][Ks]:  W1's state (or perception) columns (backward: -> their gradients)
   at::Tensor w1e;  // [E][H1p]:   W1's external columns, transposed (backward: -> external)
+  at::Tensor w1x;  // [H1p][In]:  W1 with its columns in the kernels' order (tile GEMMs' backward: -> inputs)
   at::Tensor wp;   // [F][K][S]:  the depthwise perception, filter-major
   at::Tensor dead; // [S]:        the state of a dead cell
 
@@ -471,31 +475,37 @@ struct PackedWeights {
     w1.narrow(0, 0, H1).narrow(1, 0, SI).copy_(w1s);
     w1e = at::zeros({g.E, H1p}, opts);
     w1e.narrow(1, 0, H1).copy_(W1.narrow(1, SI, g.E).t());
+    if (g.engine == kTileGemm) w1x = w1t.t().contiguous();
     if (g.depthwise()) wp = P->permute({1, 2, 0}).contiguous();
     dead = dead_state ? dead_state->contiguous() : at::zeros({S}, opts);
   }
 };
 
-// Per-thread scratch for one tile.
+// Per-thread scratch for one tile (g.tile cells).
 template <typename T>
 struct TileScratch {
-  std::vector<const T*> inputs;  // [kTile][segments]: where each slot's state (and the external input) lies
-  std::vector<const T*> first;   // depthwise: [kTile][first_segments]: a cell's perception and external input
+  std::vector<const T*> inputs;  // [tile][segments]: where each slot's state (and the external input) lies
+  std::vector<const T*> first;   // depthwise: [tile][first_segments]: a cell's perception and external input
   std::vector<T> zeros;          // [S]: what a slot reads beyond a zeros boundary
-  std::vector<T> perc;           // depthwise: [kTile][S*F]: perception, filter-major
-  std::vector<T> hid1;           // [kTile][H1p]: first hidden activations
-  std::vector<T> hid2;           // [kTile][H2p]: second hidden activations
-  std::vector<T> chg;            // [kTile][Sp]: cell changes (backward: then their pre-activation gradients)
-  std::vector<T> dhid1;          // backward: [kTile][H1p]: gradients of the first hidden pre-activations
-  std::vector<T> dhid2;          // backward: [kTile][H2p]: gradients of the second hidden pre-activations
-  std::vector<T> dinput;         // backward: [kTile][Ks]: gradients of the slots' states (or the perception)
+  std::vector<T> perc;           // depthwise: [tile][S*F]: perception, filter-major
+  std::vector<T> x1;             // tile GEMMs: [tile][In]: the first layer's inputs, gathered (im2col)
+  std::vector<T> hid1;           // [tile][H1p]: first hidden activations
+  std::vector<T> hid2;           // [tile][H2p]: second hidden activations
+  std::vector<T> chg;            // [tile][Sp]: cell changes (backward: then their pre-activation gradients)
+  std::vector<T> dhid1;          // backward: [tile][H1p]: gradients of the first hidden pre-activations
+  std::vector<T> dhid2;          // backward: [tile][H2p]: gradients of the second hidden pre-activations
+  std::vector<T> dinput;         // backward: [tile][Ks] (tile GEMMs: [tile][In]): gradients of the first layer's
+                                 // state (or perception) inputs (tile GEMMs: and external inputs)
+  std::vector<T> xt;             // backward, tile GEMMs: a layer's inputs transposed, [features][tile]
   TileScratch(const Geometry& g, const PackedWeights<T>& w)
-      : inputs(kTile * kMaxSegments), first(kTile * 2), zeros(g.S), perc(g.depthwise() ? kTile * g.S * g.F : 0),
-        hid1(kTile * w.H1p), hid2(kTile * w.H2p), chg(kTile * w.Sp) {}
-  void for_backward(const PackedWeights<T>& w) {
-    dhid1.resize(kTile * w.H1p);
-    dhid2.resize(kTile * w.H2p);
-    dinput.resize(kTile * w.Ks);
+      : inputs(g.tile * kMaxSegments), first(g.tile * 2), zeros(g.S), perc(g.depthwise() ? g.tile * g.S * g.F : 0),
+        x1(g.engine == kTileGemm ? g.tile * g.In : 0), hid1(g.tile * w.H1p), hid2(g.tile * w.H2p),
+        chg(g.tile * w.Sp) {}
+  void for_backward(const Geometry& g, const PackedWeights<T>& w) {
+    dhid1.resize(g.tile * w.H1p);
+    dhid2.resize(g.tile * w.H2p);
+    dinput.resize(g.tile * (g.engine == kTileGemm ? g.In : w.Ks));
+    if (g.engine == kTileGemm) xt.resize(g.tile * std::max({g.In, w.H1p, w.Sp}));
   }
   const T* hid_last(const Geometry& g) const { return g.H2 ? hid2.data() : hid1.data(); }
 };
@@ -605,12 +615,113 @@ struct TileRows {
   CellRows<T, L> slots, first;
 };
 
+// ---- tile GEMMs ------------------------------------------------------------------------------------------
+//
+// The tile-GEMM engine (cpu_engine.h): a tile's first-layer inputs are gathered into one contiguous block (the
+// implicit GEMM's im2col: the neighbours are still read where they lie, nothing per step is kept), each layer
+// is one call of the library's micro-kernel on the whole tile, and the epilogues (bias, activations, the
+// update, the masks) run over its rows while they are still in L1/L2.  float32 only; T = double never gets here.
+
+// x = f(x + bias) over rows [0, count) of a [count][n] block rows ld apart, n whole vectors of Bytes.
+template <int Bytes, typename T, class F>
+inline void bias_epilogue(T* x, int64_t ld, int64_t count, int64_t n, const T* bias, F&& f) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int W = Vec<T, Bytes>::width;
+  for (int64_t c = 0; c < count; ++c) {
+    T* row = x + c * ld;
+    for (int64_t j = 0; j < n; j += W) vstore(row + j, f(vload<V>(row + j) + vload<V>(bias + j)));
+  }
+}
+
+// The rows of `rows` (a tile's first-layer inputs: slots' states or perception, then external input) copied
+// one after another into s.x1, [count][In].
+template <int L, typename T>
+inline void gather_inputs(const Geometry& g, const CellRows<T, L>& rows, int64_t count, TileScratch<T>& s) {
+  T* x = s.x1.data();
+  for (int64_t l = 0; l < count; ++l) {
+    for (int seg = 0; seg < rows.segments(); ++seg) {
+      if (L > 0 && seg < rows.state_segments()) {
+        std::memcpy(x, rows.row(l, seg), L * sizeof(T));
+        x += L;
+      } else {
+        const int64_t length = rows.length_of(seg);
+        std::memcpy(x, rows.row(l, seg), length * sizeof(T));
+        x += length;
+      }
+    }
+  }
+  (void)g;
+}
+
+// dst[j][i] = src[i][j] for i < rows, j < cols (src rows ld apart, dst rows `rows` apart), in 16 x 16 blocks.
+template <typename T>
+inline void transpose(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int64_t i1 = std::min(i0 + 16, rows), j1 = std::min(j0 + 16, cols);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * ld + j];
+    }
+}
+
+// forward_tile on the tile-GEMM engine (same contract).
+template <int L, typename T, class OnChange>
+inline TileRows<T, L> forward_tile_gemm(const Geometry& g, const PackedWeights<T>& w, const T* state,
+                                        const T* external, int64_t n0, int64_t count, TileScratch<T>& s,
+                                        OnChange&& on_change) {
+  const CellRows<T, L> slots = cell_rows<T, L>(g, state, external, n0, count, s);
+  if (g.depthwise()) perceive_tile<L>(g, w, slots, count, s);
+  const CellRows<T, L> rows = first_rows<L>(g, slots, external, n0, count, s);
+  if constexpr (std::is_same_v<T, float>) {
+    using HV = typename HiddenVec<T>::type;
+    using SV = typename StateVec<T>::type;
+    constexpr int W = StateVec<T>::width;
+    gather_inputs<L>(g, rows, count, s);
+    const int64_t activation = g.activation;
+    auto act = [=](HV v) { return activate_vec(v, activation); };
+    tile_gemm(count, w.H1p, g.In, s.x1.data(), g.In, w.w1t.template data_ptr<T>(), w.H1p, s.hid1.data(), w.H1p,
+              false);
+    bias_epilogue<kHiddenBytes>(s.hid1.data(), w.H1p, count, w.H1p, w.b1.template data_ptr<T>(), act);
+    if (g.H2) {
+      tile_gemm(count, w.H2p, w.H1p, s.hid1.data(), w.H1p, w.wht.template data_ptr<T>(), w.H2p, s.hid2.data(),
+                w.H2p, false);
+      bias_epilogue<kHiddenBytes>(s.hid2.data(), w.H2p, count, w.H2p, w.bh.template data_ptr<T>(), act);
+    }
+    if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
+      tile_gemm(count, w.Sp, w.Hlp, s.hid_last(g), w.Hlp, w.wot.template data_ptr<T>(), w.Sp, s.chg.data(), w.Sp,
+                false);
+      const int64_t output_activation = g.output_activation;
+      const T* bo = w.bo.template data_ptr<T>();
+      for (int64_t c = 0; c < count; ++c) {
+        const T* row = s.chg.data() + c * w.Sp;
+        for (int64_t col = 0; col < w.Sp; col += kMaxVectors * W) {
+          SV acc[kMaxVectors];
+          const int64_t rv = std::min<int64_t>(w.Sp - col, kMaxVectors * W) / W;
+          for (int64_t r = 0; r < rv; ++r)
+            acc[r] = output_vec(vload<SV>(row + col + r * W) + vload<SV>(bo + col + r * W), output_activation);
+          switch (rv) {
+            case 1: on_change(c, col, acc, std::integral_constant<int, 1>{}); break;
+            case 2: on_change(c, col, acc, std::integral_constant<int, 2>{}); break;
+            case 3: on_change(c, col, acc, std::integral_constant<int, 3>{}); break;
+            default: on_change(c, col, acc, std::integral_constant<int, 4>{}); break;
+          }
+        }
+      }
+    }
+  } else {
+    TORCH_CHECK(false, "cubecore: the tile-GEMM engine runs float32 only");
+  }
+  return {slots, rows};
+}
+
 // Forward of one tile: the hidden activations into s.hid1 (and s.hid2), and on_change(c, col, acc, RV) the
 // cell changes after the output activation, still in registers (on_change = nullptr: stop after the hidden
 // activations).
 template <int L, typename T, class OnChange>
 inline TileRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w, const T* state, const T* external,
                                    int64_t n0, int64_t count, TileScratch<T>& s, OnChange&& on_change) {
+  if (g.engine == kTileGemm)
+    return forward_tile_gemm<L>(g, w, state, external, n0, count, s, std::forward<OnChange>(on_change));
   using HV = typename HiddenVec<T>::type;
   using SV = typename StateVec<T>::type;
   constexpr int W = HiddenVec<T>::width;
@@ -659,8 +770,8 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
   const bool whole_vectors = S == Sp;  // the changes can be written straight from the registers
   const bool residual = g.update == kResidual;
   const T step = static_cast<T>(g.step_size);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-    const int64_t count = std::min(kTile, n_end - n0);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += g.tile) {
+    const int64_t count = std::min(g.tile, n_end - n0);
     forward_tile<L>(g, w, state, external, n0, count, s, [&](int64_t c, int64_t col, V* acc, auto rv) {
       const bool fires = fire == nullptr || fire[n0 + c];
       for (int r = 0; r < decltype(rv)::value; ++r) {
@@ -782,7 +893,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
           T* out = destination(t);
           at::parallel_for(0, g.tiles(), 1, [&](int64_t begin, int64_t end) {
             TileScratch<T> s(g, w);
-            forward_cells<L>(g, w, cur, up, out, fire_at(t), begin * kTile, std::min(end * kTile, g.N), s);
+            forward_cells<L>(g, w, cur, up, out, fire_at(t), begin * g.tile, std::min(end * g.tile, g.N), s);
           });
           if (alive) {  // every cell's result first, then the masks (they read neighbours), then the burial
             at::parallel_for(0, g.N, 256, [&](int64_t b, int64_t e) { alive_masks(g, cur, out, life_at(t), b, e); });
@@ -908,6 +1019,10 @@ inline void hidden_gradient(const Backward<T>& bw, const T* next, int64_t next_l
          });
 }
 
+template <int L, typename T>
+inline void scatter_input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, const T* st, T* out,
+                                   int64_t count, TileScratch<T>& s, T* grad_wp, const T* dinput, int64_t ld);
+
 // The last backward step of a tile: W1^T's state (or perception) columns times s.dhid1.  With concat
 // perception these are the gradients of the states each cell read, added into `out` at the states read; with
 // depthwise perception, the perception's gradient, from which the perception weight's gradient and the
@@ -922,7 +1037,7 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, c
   constexpr bool whole = L > 0 && L % W == 0;  // a state is whole vectors, without padding
   const Geometry& g = bw.g;
   const bool straight = whole && !g.depthwise();
-  const int64_t S = L > 0 ? L : g.S, SI = g.state_inputs(), Ks = bw.w.Ks, K = g.K;
+  const int64_t S = L > 0 ? L : g.S, SI = g.state_inputs(), Ks = bw.w.Ks;
   const T* zeros = s.zeros.data();
   T* dinput = s.dinput.data();
   matmul<kHiddenBytes>(DenseRows<T>{s.dhid1.data(), bw.w.H1p, bw.w.H1p}, count, bw.w.w1.template data_ptr<T>(), Ks,
@@ -945,9 +1060,21 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, c
              }
          });
   if (straight) return;
+  scatter_input_gradient<L>(bw, slots, st, out, count, s, grad_wp, dinput, Ks);
+}
+
+// The gradients of a tile's first-layer state (or perception) inputs, rows of `dinput` ld apart, sent to the
+// states they were read from: added there (concat), or through the perception, whose weight's gradient
+// follows on the way (depthwise).
+template <int L, typename T>
+inline void scatter_input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, const T* st, T* out,
+                                   int64_t count, TileScratch<T>& s, T* grad_wp, const T* dinput, int64_t ld) {
+  const Geometry& g = bw.g;
+  const int64_t S = L > 0 ? L : g.S, K = g.K;
+  const T* zeros = s.zeros.data();
   const T* wp = g.depthwise() ? bw.w.wp.template data_ptr<T>() : nullptr;
   for (int64_t l = 0; l < count; ++l) {
-    const T* d = dinput + l * Ks;
+    const T* d = dinput + l * ld;
     for (int64_t k = 0; k < K; ++k) {
       const T* read = slots.row(l, static_cast<int>(k));
       if (read == zeros) continue;
@@ -970,12 +1097,72 @@ inline void input_gradient(const Backward<T>& bw, const CellRows<T, L>& slots, c
   }
 }
 
+// backward_tile's hidden_gradient on the tile-GEMM engine: dhid = (next @ W) * act'(hid) for the tile's
+// rows, its column sums into grad_bias (rows in order: the same sums at any thread count).
+template <typename T>
+inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_len, const T* W, const T* hid,
+                                 T* dhid, int64_t Hp, int64_t count, T* grad_bias) {
+  using V = typename HiddenVec<T>::type;
+  constexpr int Wd = HiddenVec<T>::width;
+  tile_gemm(count, Hp, next_len, next, next_len, W, Hp, dhid, Hp, false);
+  for (int64_t c = 0; c < count; ++c)
+    for (int64_t j = 0; j < Hp; j += Wd) {
+      const int64_t at = c * Hp + j;
+      const V d = vload<V>(dhid + at) * activation_slope_vec(vload<V>(hid + at), g.activation);
+      vstore(dhid + at, d);
+      vstore(grad_bias + j, vload<V>(grad_bias + j) + d);
+    }
+}
+
+// backward_tile on the tile-GEMM engine: the same passes, each product one GEMM over the tile: the gradients
+// pushed back as dX = dY W^T, the weight gradients dW += X^T dY into this thread's accumulators.
+template <int L, typename T>
+void backward_tile_gemm(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
+                        TileScratch<T>& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Geometry& g = bw.g;
+    const PackedWeights<T>& w = bw.w;
+    const int64_t S = L > 0 ? L : g.S, SI = g.state_inputs();
+    const WeightGrads<T> grads = bw.thread_grads();
+    const T* st = bw.traj + t * bw.state_numel;
+    const bool next_is_change = g.update == kReplace && bw.fire == nullptr && bw.life == nullptr;
+    const auto rows = next_is_change
+                          ? forward_tile_gemm<L>(g, w, st, bw.external, n0, count, s, nullptr)
+                          : forward_tile_gemm<L>(g, w, st, bw.external, n0, count, s, store_rows(s.chg.data(), w.Sp));
+    const T* change = next_is_change ? st + bw.state_numel + n0 * S : s.chg.data();
+    change_gradient<L>(bw, change, next_is_change ? S : w.Sp, gp, t, n0, count, s, grads.bo, out);
+    T* xt = s.xt.data();
+    transpose(s.chg.data(), w.Sp, count, w.Sp, xt);
+    tile_gemm(w.Sp, w.Hlp, count, xt, count, s.hid_last(g), w.Hlp, grads.wo, w.Hlp, true);
+    const T* wo = w.wo.template data_ptr<T>();
+    if (g.H2) {
+      hidden_gradient_gemm(g, s.chg.data(), w.Sp, wo, s.hid2.data(), s.dhid2.data(), w.H2p, count, grads.bh);
+      transpose(s.hid1.data(), w.H1p, count, w.H1p, xt);
+      tile_gemm(w.H1p, w.H2p, count, xt, count, s.dhid2.data(), w.H2p, grads.wh, w.H2p, true);
+      hidden_gradient_gemm(g, s.dhid2.data(), w.H2p, w.wh.template data_ptr<T>(), s.hid1.data(), s.dhid1.data(),
+                           w.H1p, count, grads.b1);
+    } else {
+      hidden_gradient_gemm(g, s.chg.data(), w.Sp, wo, s.hid1.data(), s.dhid1.data(), w.H1p, count, grads.b1);
+    }
+    transpose(s.x1.data(), g.In, count, g.In, xt);
+    tile_gemm(g.In, w.H1p, count, xt, count, s.dhid1.data(), w.H1p, grads.w1t, w.H1p, true);
+    T* dinput = s.dinput.data();
+    tile_gemm(count, g.In, w.H1p, s.dhid1.data(), w.H1p, w.w1x.template data_ptr<T>(), g.In, dinput, g.In, false);
+    for (int64_t l = 0; l < count; ++l)
+      for (int64_t e = 0; e < g.E; ++e) bw.grad_external[(n0 + l) * g.E + e] += dinput[l * g.In + SI + e];
+    scatter_input_gradient<L>(bw, rows.slots, st, out, count, s, grads.wp, dinput, g.In);
+  } else {
+    TORCH_CHECK(false, "cubecore: the tile-GEMM engine runs float32 only");
+  }
+}
+
 // The backward of one tile of step t (mirrors forward_tile): recompute the step, then push the upstream
 // gradient `gp` back through the output layer, the hidden layers and the first layer (and the perception),
 // adding the weight gradients to this thread's accumulators on the way.
 template <int L, typename T>
 void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
                    TileScratch<T>& s) {
+  if (bw.g.engine == kTileGemm) return backward_tile_gemm<L>(bw, t, n0, count, gp, out, s);
   const Geometry& g = bw.g;
   const PackedWeights<T>& w = bw.w;
   const int64_t S = L > 0 ? L : g.S;
@@ -1008,7 +1195,8 @@ void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, 
 template <int L, typename T>
 void backward_cells(const Backward<T>& bw, int64_t t, int64_t n_begin, int64_t n_end, const T* gp, T* out,
                     TileScratch<T>& s) {
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) backward_tile<L>(bw, t, n0, std::min(kTile, n_end - n0), gp, out, s);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += bw.g.tile)
+    backward_tile<L>(bw, t, n0, std::min(bw.g.tile, n_end - n0), gp, out, s);
 }
 
 // The state gradients that pass from step to step: step t + 1's (`upstream`: first the final state's
@@ -1033,7 +1221,7 @@ void backward_by_sample(const Backward<T>& bw, int64_t steps, const StepGradient
   const int64_t S = L > 0 ? L : g.S;
   at::parallel_for(0, g.B, 1, [&](int64_t b_begin, int64_t b_end) {
     TileScratch<T> s(g, bw.w);
-    s.for_backward(bw.w);
+    s.for_backward(g, bw.w);
     for (int64_t b = b_begin; b < b_end; ++b) {
       StepGradients<T> grads = gradients;
       const int64_t first = b * g.cells, last = first + g.cells;
@@ -1070,7 +1258,7 @@ void backward_by_step(const Backward<T>& bw, int64_t steps, StepGradients<T> gra
       for (int64_t parity = 0; parity < 2; ++parity)
         at::parallel_for(0, slabs / 2, 1, [&](int64_t begin, int64_t end) {
           TileScratch<T> s(g, bw.w);
-          s.for_backward(bw.w);
+          s.for_backward(g, bw.w);
           for (int64_t i = begin; i < end; ++i) {
             const int64_t slab = 2 * i + parity, x0 = slab * g.X / slabs, x1 = (slab + 1) * g.X / slabs;
             backward_cells<L>(bw, t, (b * g.X + x0) * plane, (b * g.X + x1) * plane, gp, out, s);

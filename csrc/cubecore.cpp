@@ -22,17 +22,36 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cell_rule.h"
+#include "cpu_engine.h"
 #include "op_args.h"
 
 extern "C" {
 // The `cubecore._C` module: importing it loads this library, whose static initialisers register the op.  It
 // holds one constant, the CUDA kernels' state-size limit, so that Python reads it instead of writing it again.
+// cpu_engine(float32, S, inputs, H1, H2): the name of the engine the CPU kernels run a call of these sizes on
+// (cpu_engine.h).
+static PyObject* py_cpu_engine(PyObject*, PyObject* args) {
+  int float32 = 0;
+  long long S = 0, inputs = 0, H1 = 0, H2 = 0;
+  if (!PyArg_ParseTuple(args, "pLLLL", &float32, &S, &inputs, &H1, &H2)) return nullptr;
+  try {
+    return PyUnicode_FromString(cubecore::cpu_engine_name(cubecore::cpu_engine(float32, S, inputs, H1, H2)));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_engine", py_cpu_engine, METH_VARARGS, "The CPU kernels' engine for (float32, S, inputs, H1, H2)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && PyModule_AddIntConstant(module, "CUDA_MAX_STATE", cubecore::kMaxCudaState) < 0) {
     Py_DECREF(module);

@@ -1,0 +1,81 @@
+// Which engine of the CPU kernels runs a call's update net: per-cell vector loops (`cells`) or tile GEMMs
+// (`tile_gemm`: a tile of cells gathered into a contiguous block, each layer one call of oneDNN's f32 brgemm
+// micro-kernel through ATen's CPU BLAS, epilogues after).  Chosen once per call from the dtype and the sizes;
+// Python asks the same function (cubecore._C.cpu_engine), so that info() and get_info() say what a call runs.
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace cubecore {
+
+enum CpuEngine : int { kCells = 0, kTileGemm = 1 };
+
+// Cells per tile of each engine.  Per-cell loops keep a block of cells' accumulators in registers, so their
+// tile only bounds the scratch; a tile GEMM's rows are its cells, and 128 rows keep a tile's activations
+// (at most a few hundred values a cell) in L2 while the micro-kernel runs at its full rate (measured on a 2-core
+// AVX-512 EPYC VM: 64 / 128 / 256 rows within 2% of each other at the `nca` size, 32 rows 9% slower).
+constexpr int64_t kCellsTile = 32;
+constexpr int64_t kGemmTile = 128;
+
+// C[M][N] = (accumulate ? C : 0) + A[M][K] @ B[K][N], row-major with leading dimensions lda, ldb, ldc.
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+#else
+  TORCH_CHECK(false, "cubecore: this torch has no f32 brgemm; the tile-GEMM engine is never chosen here");
+#endif
+}
+
+// Whether this torch's f32 brgemm runs on this CPU (oneDNN's micro-kernel needs x86-64 with AVX2 or newer):
+// one tiny product, tried once.
+inline bool tile_gemm_available() {
+  static const bool available = [] {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    try {
+      const float a[1] = {2.0f}, b[1] = {3.0f};
+      float c[1] = {0.0f};
+      tile_gemm(1, 1, 1, a, 1, b, 1, c, 1, false);
+      return c[0] == 6.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+#else
+    return false;
+#endif
+  }();
+  return available;
+}
+
+// CUBECORE_CPU_ENGINE=cells|tile_gemm forces an engine where it can run (for tests and measurements); unset or
+// empty: the choice below.
+inline int forced_cpu_engine() {
+  const char* forced = std::getenv("CUBECORE_CPU_ENGINE");
+  if (forced == nullptr || forced[0] == '\0') return -1;
+  if (std::strcmp(forced, "cells") == 0) return kCells;
+  if (std::strcmp(forced, "tile_gemm") == 0) return kTileGemm;
+  TORCH_CHECK(false, "CUBECORE_CPU_ENGINE must be 'cells' or 'tile_gemm' (or unset), got '", forced, "'");
+}
+
+// The engine of a call with this dtype (float32 or not), state size S, first-layer inputs `inputs` and hidden
+// sizes H1 (and H2, 0 for one hidden layer).  Tile GEMMs run float32 (the micro-kernel's type; float64 stays on
+// the exact per-cell loops) where the update net's products are wide enough for them to win: measured on a
+// 2-core AVX-512 EPYC VM, the per-cell loops are faster at the original rule (S = 8, H = 16, 57 inputs), the
+// GEMMs from hidden layers of 32 values on (the `large-state` size, H = 64, and the `nca` size, 60 -> 64 -> 64).
+inline CpuEngine cpu_engine(bool float32, int64_t S, int64_t inputs, int64_t H1, int64_t H2) {
+  (void)S;
+  (void)inputs;
+  (void)H2;
+  if (!float32 || !tile_gemm_available()) return kCells;
+  const int forced = forced_cpu_engine();
+  if (forced >= 0) return static_cast<CpuEngine>(forced);
+  return H1 >= 32 ? kTileGemm : kCells;
+}
+
+inline const char* cpu_engine_name(CpuEngine engine) { return engine == kTileGemm ? "tile_gemm" : "cells"; }
+
+}  // namespace cubecore
