@@ -550,6 +550,67 @@ inline void perceive_columns(const T* wf, const T* const* x, const int64_t* slot
   for (int r = 0; r < RV; ++r) vstore(out + c0 + r * W, acc[r]);
 }
 
+#ifdef __AVX512F__
+// The channels [c0, c0 + 16) of S, as an AVX-512 mask: a state in vectors of 16 floats, the last one masked, so
+// that no size has a scalar tail.
+inline __mmask16 channel_mask(int64_t S, int64_t c0) {
+  return S - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - c0)) - 1);
+}
+
+// scatter_input_gradient of depthwise perception for float32 on AVX-512, filters f0 .. f0 + NF: slot by slot,
+// the slot's perception weights and their gradient held in registers over the tile's cells (the gradient
+// summed there, in cell order, and stored once), each cell's state gradient updated in place.
+template <int NF, int L>
+inline void depthwise_scatter(const Geometry& g, const CellRows<float, L>& slots, const float* st, float* out,
+                              int64_t count, const float* zeros, const float* wp, float* grad_wp,
+                              const float* dinput, int64_t ld, int64_t f0) {
+  const int64_t S = L > 0 ? L : g.S, K = g.K;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c0 = 0; c0 < S; c0 += 16) {
+      const __mmask16 m = channel_mask(S, c0);
+      __m512 wk[NF], gk[NF];
+      for (int j = 0; j < NF; ++j) {
+        const int64_t at = ((f0 + j) * K + k) * S + c0;
+        wk[j] = _mm512_maskz_loadu_ps(m, wp + at);
+        gk[j] = _mm512_maskz_loadu_ps(m, grad_wp + at);
+      }
+      for (int64_t l = 0; l < count; ++l) {
+        const float* read = slots.row(l, static_cast<int>(k));
+        if (read == zeros) continue;
+        float* o = out + (read - st) + c0;
+        const float* d = dinput + l * ld + f0 * S + c0;
+        const __m512 x = _mm512_maskz_loadu_ps(m, read + c0);
+        __m512 acc = _mm512_maskz_loadu_ps(m, o);
+        for (int j = 0; j < NF; ++j) {
+          const __m512 df = _mm512_maskz_loadu_ps(m, d + j * S);
+          acc = _mm512_fmadd_ps(wk[j], df, acc);
+          gk[j] = _mm512_fmadd_ps(df, x, gk[j]);
+        }
+        _mm512_mask_storeu_ps(o, m, acc);
+      }
+      for (int j = 0; j < NF; ++j) _mm512_mask_storeu_ps(grad_wp + ((f0 + j) * K + k) * S + c0, m, gk[j]);
+    }
+}
+
+// perceive_tile for float32 on AVX-512, filters f0 .. f0 + NF of one cell, whose live slots' states are x[i]:
+// each state vector loaded once for all NF filters.
+template <int NF>
+inline void perceive_cell(const float* wp, const float* const* x, const int64_t* slot, int live, int64_t S,
+                          int64_t K, int64_t f0, float* p) {
+  for (int64_t c0 = 0; c0 < S; c0 += 16) {
+    const __mmask16 m = channel_mask(S, c0);
+    __m512 acc[NF];
+    for (int j = 0; j < NF; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < live; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x[i] + c0);
+      for (int j = 0; j < NF; ++j)
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wp + ((f0 + j) * K + slot[i]) * S + c0), xv, acc[j]);
+    }
+    for (int j = 0; j < NF; ++j) _mm512_mask_storeu_ps(p + (f0 + j) * S + c0, m, acc[j]);
+  }
+}
+#endif
+
 // Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c] (slots beyond
 // a zeros boundary skipped).
 template <int L, typename T>
@@ -561,6 +622,29 @@ void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<
   const T* zeros = s.zeros.data();
   const T* x[kMaxSlots];
   int64_t slot[kMaxSlots];
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t l = 0; l < count; ++l) {
+      int live = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = slots.row(l, static_cast<int>(k));
+        if (row == zeros) continue;
+        x[live] = row;
+        slot[live++] = k;
+      }
+      T* p = s.perc.data() + l * S * F;
+      for (int64_t f0 = 0; f0 < F; f0 += 4) {
+        switch (std::min<int64_t>(F - f0, 4)) {
+          case 1: perceive_cell<1>(wp, x, slot, live, S, K, f0, p); break;
+          case 2: perceive_cell<2>(wp, x, slot, live, S, K, f0, p); break;
+          case 3: perceive_cell<3>(wp, x, slot, live, S, K, f0, p); break;
+          default: perceive_cell<4>(wp, x, slot, live, S, K, f0, p); break;
+        }
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t l = 0; l < count; ++l) {
     T* p = s.perc.data() + l * S * F;
     if (S < W) {  // a state narrower than one vector: each slot's products added in turn
@@ -1073,6 +1157,21 @@ inline void scatter_input_gradient(const Backward<T>& bw, const CellRows<T, L>& 
   const int64_t S = L > 0 ? L : g.S, K = g.K;
   const T* zeros = s.zeros.data();
   const T* wp = g.depthwise() ? bw.w.wp.template data_ptr<T>() : nullptr;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.depthwise()) {
+      for (int64_t f0 = 0; f0 < g.F; f0 += 4) {
+        switch (std::min<int64_t>(g.F - f0, 4)) {
+          case 1: depthwise_scatter<1>(g, slots, st, out, count, zeros, wp, grad_wp, dinput, ld, f0); break;
+          case 2: depthwise_scatter<2>(g, slots, st, out, count, zeros, wp, grad_wp, dinput, ld, f0); break;
+          case 3: depthwise_scatter<3>(g, slots, st, out, count, zeros, wp, grad_wp, dinput, ld, f0); break;
+          default: depthwise_scatter<4>(g, slots, st, out, count, zeros, wp, grad_wp, dinput, ld, f0); break;
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t l = 0; l < count; ++l) {
     const T* d = dinput + l * ld;
     for (int64_t k = 0; k < K; ++k) {
@@ -1105,13 +1204,16 @@ inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_
   using V = typename HiddenVec<T>::type;
   constexpr int Wd = HiddenVec<T>::width;
   tile_gemm(count, Hp, next_len, next, next_len, W, Hp, dhid, Hp, false);
-  for (int64_t c = 0; c < count; ++c)
-    for (int64_t j = 0; j < Hp; j += Wd) {
+  for (int64_t j = 0; j < Hp; j += Wd) {  // a column at a time, its sum in a register
+    V sum{};
+    for (int64_t c = 0; c < count; ++c) {
       const int64_t at = c * Hp + j;
       const V d = vload<V>(dhid + at) * activation_slope_vec(vload<V>(hid + at), g.activation);
       vstore(dhid + at, d);
-      vstore(grad_bias + j, vload<V>(grad_bias + j) + d);
+      sum += d;
     }
+    vstore(grad_bias + j, vload<V>(grad_bias + j) + sum);
+  }
 }
 
 // backward_tile on the tile-GEMM engine: the same passes, each product one GEMM over the tile: the gradients

@@ -41,6 +41,9 @@ static PyObject* py_cpu_engine(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "pLLLL", &float32, &S, &inputs, &H1, &H2)) return nullptr;
   try {
     return PyUnicode_FromString(cubecore::cpu_engine_name(cubecore::cpu_engine(float32, S, inputs, H1, H2)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, check_int, check_ints, check_number, check_tensor
 from ..errors import InvalidTypeError, InvalidValueError
-from ..ops.front import BACKENDS, resolve_backend, run_rule
+from ..ops.front import BACKENDS, cpu_engine, resolve_backend, run_rule
 from ..ops.rule import MAX_HIDDEN_LAYERS, PERCEPTIONS, Rule
 
 
@@ -148,6 +148,13 @@ class CubicCore(nn.Module):
         return resolve_backend(self.backend, self.w1.device, self.w1.dtype, self.state_size,
                                hidden_layers=len(self.hidden_sizes))
 
+    def cpu_engine(self) -> Optional[str]:
+        """The engine the CPU kernel runs this module's update net on (``cubecore.ops.front.cpu_engine``), or
+        None where ``forward`` does not run the CPU kernel."""
+        if self.w1.device.type != "cpu" or self.active_backend() != "kernel":
+            return None
+        return cpu_engine(self.w1.dtype, self.state_size, self.w1.shape[1], self.hidden_sizes)
+
     def get_info(self) -> Dict[str, Any]:
         return {
             "lattice_size": self.lattice_size,
@@ -170,6 +177,7 @@ class CubicCore(nn.Module):
             "alive_threshold": self.rule.alive_threshold,
             "backend": self.backend,
             "active_backend": self.active_backend(),
+            "cpu_engine": self.cpu_engine(),
             "parameters": sum(p.numel() for p in self.parameters()),
             "device": str(self.w1.device),
             "dtype": str(self.w1.dtype).replace("torch.", ""),
