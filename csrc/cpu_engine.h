@@ -15,11 +15,21 @@ namespace cubecore {
 enum CpuEngine : int { kCells = 0, kTileGemm = 1 };
 
 // Cells per tile of each engine.  Per-cell loops keep a block of cells' accumulators in registers, so their
-// tile only bounds the scratch; a tile GEMM's rows are its cells, and 128 rows keep a tile's activations
-// (at most a few hundred values a cell) in L2 while the micro-kernel runs at its full rate (measured on a 2-core
-// AVX-512 EPYC VM: 64 / 128 / 256 rows within 2% of each other at the `nca` size, 32 rows 9% slower).
+// tile only bounds the scratch; a tile GEMM's rows are its cells.  64 rows measured fastest on a 2-core AVX-512
+// AMD EPYC VM at the 3D artefacts NCA's rule (scripts/compare_engines.py --tiles 32,64,128,256,512: at 16^3
+// 64 / 128 / 256 / 512 rows 366 / 371 / 380 / 386 ms, at 24^3 32 / 64 / 128 rows 1286 / 1250 / 1271 ms).
 constexpr int64_t kCellsTile = 32;
-constexpr int64_t kGemmTile = 128;
+constexpr int64_t kGemmTile = 64;
+
+// The tile-GEMM engine's tile: kGemmTile, or CUBECORE_GEMM_TILE (16 to 4096 cells) for measurements.
+inline int64_t gemm_tile() {
+  const char* forced = std::getenv("CUBECORE_GEMM_TILE");
+  if (forced == nullptr || forced[0] == '\0') return kGemmTile;
+  char* end = nullptr;
+  const long long tile = std::strtoll(forced, &end, 10);
+  TORCH_CHECK(*end == '\0' && tile >= 16 && tile <= 4096, "CUBECORE_GEMM_TILE must be a whole number of cells from 16 to 4096 (or unset), got '", forced, "'");
+  return tile;
+}
 
 // C[M][N] = (accumulate ? C : 0) + A[M][K] @ B[K][N], row-major with leading dimensions lda, ldb, ldc.
 inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -61,19 +71,22 @@ inline int forced_cpu_engine() {
   TORCH_CHECK(false, "CUBECORE_CPU_ENGINE must be 'cells' or 'tile_gemm' (or unset), got '", forced, "'");
 }
 
+// The update net's multiply-adds per cell from which tile GEMMs run it faster than per-cell loops.  Measured on
+// a 2-core AVX-512 AMD EPYC VM, forward+backward, the engines alternating in one process (scripts/
+// compare_engines.py): per-cell loops faster at S = 8 with H = 16 (the original rule, 1,040 multiply-adds a
+// cell: -8%) and H = 32 (2,080: -12%), level at S = 16, H = 64 (8,256), tile GEMMs faster at the 3D artefacts
+// NCA's rule (9,216: +5%), S = 16, H = 128 (16,512: +11%) and S = 32, H = 96 (24,576: +10%).
+constexpr int64_t kGemmMinMacs = 9000;
+
 // The engine of a call with this dtype (float32 or not), state size S, first-layer inputs `inputs` and hidden
 // sizes H1 (and H2, 0 for one hidden layer).  Tile GEMMs run float32 (the micro-kernel's type; float64 stays on
-// the exact per-cell loops) where the update net's products are wide enough for them to win: measured on a
-// 2-core AVX-512 EPYC VM, the per-cell loops are faster at the original rule (S = 8, H = 16, 57 inputs), the
-// GEMMs from hidden layers of 32 values on (the `large-state` size, H = 64, and the `nca` size, 60 -> 64 -> 64).
+// the exact per-cell loops) where the update net's products are large enough for them to win (kGemmMinMacs).
 inline CpuEngine cpu_engine(bool float32, int64_t S, int64_t inputs, int64_t H1, int64_t H2) {
-  (void)S;
-  (void)inputs;
-  (void)H2;
   if (!float32 || !tile_gemm_available()) return kCells;
   const int forced = forced_cpu_engine();
   if (forced >= 0) return static_cast<CpuEngine>(forced);
-  return H1 >= 32 ? kTileGemm : kCells;
+  const int64_t macs = inputs * H1 + H1 * H2 + (H2 > 0 ? H2 : H1) * S;
+  return macs >= kGemmMinMacs ? kTileGemm : kCells;
 }
 
 inline const char* cpu_engine_name(CpuEngine engine) { return engine == kTileGemm ? "tile_gemm" : "cells"; }

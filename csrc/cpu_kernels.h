@@ -393,7 +393,7 @@ struct Geometry {
         activation(activation_), output_activation(output_activation_), update(update_), step_size(step_size_),
         alive_channel(alive_channel_), alive_threshold(alive_threshold_), fire(fire_) {
     engine = cpu_engine(state.scalar_type() == at::kFloat, S, In, H1, H2);
-    tile = engine == kTileGemm ? kGemmTile : kCellsTile;
+    tile = engine == kTileGemm ? gemm_tile() : kCellsTile;
     cells = X * Y * Z;
     N = B * cells;
     segments = static_cast<int>(K) + (E > 0 ? 1 : 0);

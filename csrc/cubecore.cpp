@@ -50,9 +50,15 @@ static PyObject* py_cpu_engine(PyObject*, PyObject* args) {
   }
 }
 
+// tile_gemm_available(): whether the tile-GEMM engine runs on this CPU (cpu_engine.h).
+static PyObject* py_tile_gemm_available(PyObject*, PyObject*) {
+  return PyBool_FromLong(cubecore::tile_gemm_available());
+}
+
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_engine", py_cpu_engine, METH_VARARGS, "The CPU kernels' engine for (float32, S, inputs, H1, H2)."},
+      {"tile_gemm_available", py_tile_gemm_available, METH_NOARGS, "Whether the tile-GEMM engine runs here."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -140,7 +140,7 @@ def info() -> Dict[str, object]:
         "cpu_threads": torch.get_num_threads(),
         "kernel_limits": {dev: _limits_text(dev) for dev in _KERNEL_DTYPES},
         "cpu_engines": CPU_ENGINES if cpu_reason is None else None,
-        "cpu_tile_gemm": cpu_reason is None and cpu_engine(torch.float32, 1, 1, [32]) == "tile_gemm",
+        "cpu_tile_gemm": cpu_reason is None and _C.tile_gemm_available(),
     }
 
 
