@@ -71,22 +71,23 @@ inline int forced_cpu_engine() {
   TORCH_CHECK(false, "CUBECORE_CPU_ENGINE must be 'cells' or 'tile_gemm' (or unset), got '", forced, "'");
 }
 
-// The update net's multiply-adds per cell from which tile GEMMs run it faster than per-cell loops.  Measured on
-// a 2-core AVX-512 AMD EPYC VM, forward+backward, the engines alternating in one process (scripts/
-// compare_engines.py): per-cell loops faster at S = 8 with H = 16 (the original rule, 1,040 multiply-adds a
-// cell: -8%) and H = 32 (2,080: -12%), level at S = 16, H = 64 (8,256), tile GEMMs faster at the 3D artefacts
-// NCA's rule (9,216: +5%), S = 16, H = 128 (16,512: +11%) and S = 32, H = 96 (24,576: +10%).
-constexpr int64_t kGemmMinMacs = 9000;
+// The first hidden layer's width from which tile GEMMs run the update net faster than per-cell loops.
+// Measured on a 2-core AVX-512 AMD EPYC VM, forward+backward, the engines alternating in one process
+// (scripts/compare_engines.py --rounds 7, tile_gemm / cells): H = 16: 1.07 (S = 8, the original rule); H = 32:
+// 1.11 (S = 8), 1.17 (S = 16); H = 64: 0.83 (S = 8), 0.93 (S = 16), 0.92 (the 3D artefacts NCA's 60 -> 64 -> 64
+// -> 20); H = 96: 0.91 (S = 32); H = 128: 0.93 (S = 16).  The width decides, not the multiply-adds: S = 16,
+// H = 32 (4,128 a cell) is 17% slower on GEMMs, S = 8, H = 64 (4,160) 17% faster.
+constexpr int64_t kGemmMinHidden = 64;
 
 // The engine of a call with this dtype (float32 or not), state size S, first-layer inputs `inputs` and hidden
 // sizes H1 (and H2, 0 for one hidden layer).  Tile GEMMs run float32 (the micro-kernel's type; float64 stays on
-// the exact per-cell loops) where the update net's products are large enough for them to win (kGemmMinMacs).
+// the exact per-cell loops) where the first hidden layer is wide enough for them to win (kGemmMinHidden).
 inline CpuEngine cpu_engine(bool float32, int64_t S, int64_t inputs, int64_t H1, int64_t H2) {
+  (void)S, (void)inputs, (void)H2;
   if (!float32 || !tile_gemm_available()) return kCells;
   const int forced = forced_cpu_engine();
   if (forced >= 0) return static_cast<CpuEngine>(forced);
-  const int64_t macs = inputs * H1 + H1 * H2 + (H2 > 0 ? H2 : H1) * S;
-  return macs >= kGemmMinMacs ? kTileGemm : kCells;
+  return H1 >= kGemmMinHidden ? kTileGemm : kCells;
 }
 
 inline const char* cpu_engine_name(CpuEngine engine) { return engine == kTileGemm ? "tile_gemm" : "cells"; }

@@ -30,8 +30,8 @@ from cubecore.ops.front import cpu_engine  # noqa: E402
 
 # (B, X, Y, Z, S, H, E, T) of the lattice rule (von Neumann, concat, one tanh layer): the suite's `original` and
 # `large-state` sizes and wider nets; `nca-N`: the 3D artefacts NCA's rule (benchmarks/nca.py) at N^3, B = 5.
-CONCAT = {"original": (32, 8, 8, 12, 8, 16, 1, 10), "h32": (32, 8, 8, 12, 8, 32, 1, 10),
-          "large-state": (32, 8, 8, 12, 16, 64, 1, 10), "h128": (32, 8, 8, 12, 16, 128, 1, 10),
+CONCAT = {"original": (32, 8, 8, 12, 8, 16, 1, 10), "h32": (32, 8, 8, 12, 8, 32, 1, 10), "s16-h32": (32, 8, 8, 12, 16, 32, 1, 10),
+          "s8-h64": (32, 8, 8, 12, 8, 64, 1, 10), "large-state": (32, 8, 8, 12, 16, 64, 1, 10), "h128": (32, 8, 8, 12, 16, 128, 1, 10),
           "s32-h96": (8, 12, 12, 12, 32, 96, 0, 10)}
 NCA = {"nca-16": (16, 24), "nca-24": (24, 24), "nca": (32, 48)}
 
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="original,h32,large-state,h128,s32-h96,nca-24",
                         help=f"comma-separated, from {', '.join([*CONCAT, *NCA])}")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tiles", default="128", help="tile sizes (cells) of the tile GEMMs to time, comma-separated")
+    parser.add_argument("--tiles", default="", help="tile sizes (cells) of the tile GEMMs to time, comma-separated "
+                        "(default: the built-in tile only)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of runs per measurement")
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
@@ -78,10 +79,10 @@ def main(argv=None) -> int:
     if unknown or not sizes or args.rounds < 1:
         parser.error(f"unknown sizes {unknown}" if unknown else "--sizes and --rounds need at least one")
     try:
-        tiles = [int(t) for t in args.tiles.split(",")]
+        tiles = [int(t) for t in args.tiles.split(",") if t] or [None]
     except ValueError:
         parser.error(f"--tiles must be whole numbers, got {args.tiles!r}")
-    variants = [("cells", None)] + [("tile_gemm", t) for t in tiles]
+    variants = [("cells", None)] + [("tile_gemm", t) for t in tiles]  # tile None: the built-in one
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| size | MACs/cell | picked | " + " | ".join(f"{e}{'' if t is None else f' {t}'} ms" for e, t in variants)
           + " | tile_gemm / cells |")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for engine, tile in variants:
                 os.environ["CUBECORE_CPU_ENGINE"] = engine
-                os.environ["CUBECORE_GEMM_TILE"] = str(tile or "")
+                os.environ["CUBECORE_GEMM_TILE"] = "" if tile is None else str(tile)
                 once()
                 start, n = time.perf_counter(), 0
                 while n == 0 or time.perf_counter() - start < args.min_time:

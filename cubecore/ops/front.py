@@ -109,8 +109,8 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
 
 def cpu_engine(dtype: torch.dtype, state_size: int, inputs: int, hidden_sizes: Sequence[int]) -> Optional[str]:
     """The engine the CPU kernel runs the update net of a call on: ``"tile_gemm"`` (a tile of cells at a time,
-    each layer one GEMM of oneDNN's micro-kernel: float32 with hidden layers of 32 or more values, on a CPU that
-    the micro-kernel runs on) or ``"cells"`` (per-cell vector loops: float64, and the small rules, where they are
+    each layer one GEMM of oneDNN's micro-kernel: float32 with a first hidden layer of 64 or more values, on a
+    CPU that the micro-kernel runs on) or ``"cells"`` (per-cell vector loops: float64, and the small rules, where they are
     faster); None where the CPU kernel does not run such a call.  ``inputs``: the first layer's inputs."""
     hidden = [check_int("hidden_sizes", h, minimum=1) for h in hidden_sizes]
     if EXTENSION_ERROR is not None or kernel_limit_reason("cpu", dtype, hidden_layers=max(len(hidden), 1)):
@@ -119,9 +119,9 @@ def cpu_engine(dtype: torch.dtype, state_size: int, inputs: int, hidden_sizes: S
                          check_int("inputs", inputs, minimum=1), hidden[0], hidden[1] if len(hidden) > 1 else 0)
 
 
-CPU_ENGINES = ("float32 calls with hidden layers of 32 or more values run the update net as tile GEMMs (oneDNN's "
-               "f32 brgemm micro-kernel, through ATen), where this CPU runs it; float64 and smaller rules run "
-               "per-cell vector loops")
+CPU_ENGINES = ("float32 calls with a first hidden layer of 64 or more values run the update net as tile GEMMs "
+               "(oneDNN's f32 brgemm micro-kernel, through ATen), where this CPU runs it; float64 and smaller rules "
+               "run per-cell vector loops")
 
 
 def info() -> Dict[str, object]:
