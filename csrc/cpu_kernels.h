@@ -748,9 +748,10 @@ inline void transpose(const T* src, int64_t ld, int64_t rows, int64_t cols, T* d
     }
 }
 
-// forward_tile on the tile-GEMM engine (same contract).
+// forward_tile on the tile-GEMM engine (same contract).  Not inlined, here and in the backward, so that the
+// per-cell engine's code is compiled as it is without it.
 template <int L, typename T, class OnChange>
-inline TileRows<T, L> forward_tile_gemm(const Geometry& g, const PackedWeights<T>& w, const T* state,
+__attribute__((noinline)) TileRows<T, L> forward_tile_gemm(const Geometry& g, const PackedWeights<T>& w, const T* state,
                                         const T* external, int64_t n0, int64_t count, TileScratch<T>& s,
                                         OnChange&& on_change) {
   const CellRows<T, L> slots = cell_rows<T, L>(g, state, external, n0, count, s);
@@ -1219,7 +1220,7 @@ inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_
 // backward_tile on the tile-GEMM engine: the same passes, each product one GEMM over the tile: the gradients
 // pushed back as dX = dY W^T, the weight gradients dW += X^T dY into this thread's accumulators.
 template <int L, typename T>
-void backward_tile_gemm(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
+__attribute__((noinline)) void backward_tile_gemm(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
                         TileScratch<T>& s) {
   if constexpr (std::is_same_v<T, float>) {
     const Geometry& g = bw.g;

@@ -1,5 +1,6 @@
 """Time the CPU kernel of this checkout against another build of cubecore, in one run, on the benchmark suite's
-sizes of the original rule (von Neumann, concat, one tanh layer): did a change make any size slower?
+sizes of the original rule (von Neumann, concat, one tanh layer) and of the 3D artefacts NCA's rule (`nca-16`,
+`nca-24`, `nca`: benchmarks/nca.py at 16^3, 24^3 and 32^3): did a change make any size slower?
 
     python scripts/compare_builds.py /path/to/other/checkout [--rounds 5] [--sizes original,16^3]
 
@@ -25,6 +26,28 @@ SIZES = [("original", 32, 8, 8, 12, 8, 16, 1, 10), ("large-state", 32, 8, 8, 12,
          ("16^3", 8, 16, 16, 16, 8, 16, 1, 10), ("32^3", 2, 32, 32, 32, 8, 16, 1, 10),
          ("64^3", 1, 64, 64, 64, 8, 16, 1, 10), ("T=1", 32, 8, 8, 12, 8, 16, 1, 1),
          ("T=50", 32, 8, 8, 12, 8, 16, 1, 50)]
+# (name, side, T) of the 3D artefacts NCA's rule, B = 5 (benchmarks/nca.py, taken from each checkout).
+NCA_SIZES = [("nca-16", 16, 24), ("nca-24", 24, 24), ("nca", 32, 48)]
+
+NCA_CHILD = r"""
+import json, sys, time, torch
+from dataclasses import replace
+sys.path.insert(0, sys.argv[1])
+import cubecore
+from benchmarks.nca import NcaSize, kernel
+side, T, repeats = map(int, sys.argv[2:5])
+size = replace(NcaSize("nca", 5, side, side, side), T=T)
+inputs = size.make_inputs("cpu", torch.float32)
+def once():
+    size.loss(kernel(*inputs, **size.rule())).backward()
+once()
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    once()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"file": cubecore.__file__, "times": times}))
+"""
 
 CHILD = r"""
 import json, sys, time, torch
@@ -52,7 +75,8 @@ print(json.dumps({"file": cubecore.__file__, "times": times}))
 
 def measure(root: str, size, repeats: int) -> list:
     env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", CHILD, root, *map(str, size[1:]), str(repeats)], env=env,
+    child = NCA_CHILD if size[0] in dict((n[0], n) for n in NCA_SIZES) else CHILD
+    out = subprocess.run([sys.executable, "-c", child, root, *map(str, size[1:]), str(repeats)], env=env,
                          capture_output=True, text=True, cwd=root)
     if out.returncode != 0:
         raise SystemExit(f"error: the measurement in {root} failed:\n{out.stderr[-2000:]}")
@@ -67,15 +91,16 @@ def main(argv=None) -> None:
     parser.add_argument("other", help="another cubecore checkout with its extension built in place")
     parser.add_argument("--rounds", type=int, default=5, help="turns each build takes per size (default 5)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per turn (default 5)")
-    parser.add_argument("--sizes", default=",".join(s[0] for s in SIZES), help="comma-separated size names")
+    parser.add_argument("--sizes", default=",".join(s[0] for s in SIZES),
+                        help=f"comma-separated size names, from {', '.join(s[0] for s in SIZES + NCA_SIZES)}")
     args = parser.parse_args(argv)
     wanted = args.sizes.split(",")
-    unknown = [w for w in wanted if w not in {s[0] for s in SIZES}]
+    unknown = [w for w in wanted if w not in {s[0] for s in SIZES + NCA_SIZES}]
     if unknown or args.rounds < 1 or args.repeats < 1:
         parser.error(f"unknown sizes {unknown}" if unknown else "--rounds and --repeats must be >= 1")
     print(f"this: {HERE}\nother: {os.path.abspath(args.other)}")
     print(f"{'size':<12} {'this ms':>9} {'other ms':>9} {'this/other':>10}")
-    for size in (s for s in SIZES if s[0] in wanted):
+    for size in (s for s in SIZES + NCA_SIZES if s[0] in wanted):
         mine, theirs = [], []
         for _ in range(args.rounds):
             mine += measure(HERE, size, args.repeats)
