@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from cubecore.cli import CommandParser, device_argument, name_list, non_negative_float, positive_int
+from cubecore.cli import CommandParser, device_argument, name_list, non_negative_float, positive_float, positive_int
 from cubecore.ops.front import kernel_limit_reason
 
 from .contestants import contestant_names, contestants_for
@@ -300,10 +300,11 @@ def main(argv=None) -> int:
                         help="also search the largest cubic lattice that trains one step of the nca rule within "
                              "--lattice-limit-gib of address space, per contestant (a child process per try)")
     search.add_argument("--lattice-contestants", default="eager,kernel", help="comma-separated (default eager,kernel)")
-    search.add_argument("--lattice-limit-gib", type=float, default=16.0, help="the address-space limit (default 16)")
-    search.add_argument("--lattice-batch", type=int, default=5, help="B (default 5)")
-    search.add_argument("--lattice-steps", type=int, default=64, help="T (default 64)")
-    search.add_argument("--lattice-start", type=int, default=16, help="the first side tried (default 16)")
+    search.add_argument("--lattice-limit-gib", type=positive_float, default=16.0,
+                        help="the address-space limit (default 16)")
+    search.add_argument("--lattice-batch", type=positive_int, default=5, help="B (default 5)")
+    search.add_argument("--lattice-steps", type=positive_int, default=64, help="T (default 64)")
+    search.add_argument("--lattice-start", type=positive_int, default=16, help="the first side tried (default 16)")
     search.add_argument("--lattice-force", action="store_true",
                         help="search even if the machine has less memory available than the limit (a try may then "
                              "exhaust the machine's memory instead of its own limit)")

@@ -609,6 +609,29 @@ inline void perceive_cell(const float* wp, const float* const* x, const int64_t*
     for (int j = 0; j < NF; ++j) _mm512_mask_storeu_ps(p + (f0 + j) * S + c0, m, acc[j]);
   }
 }
+
+// perceive_cell for two cells a and b that read all K slots: each weight vector loaded once for both.
+template <int NF>
+inline void perceive_pair(const float* wp, const float* const* xa, const float* const* xb, int64_t S, int64_t K,
+                          int64_t f0, float* pa, float* pb) {
+  for (int64_t c0 = 0; c0 < S; c0 += 16) {
+    const __mmask16 m = channel_mask(S, c0);
+    __m512 acc_a[NF], acc_b[NF];
+    for (int j = 0; j < NF; ++j) acc_a[j] = acc_b[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 va = _mm512_maskz_loadu_ps(m, xa[k] + c0), vb = _mm512_maskz_loadu_ps(m, xb[k] + c0);
+      for (int j = 0; j < NF; ++j) {
+        const __m512 w = _mm512_maskz_loadu_ps(m, wp + ((f0 + j) * K + k) * S + c0);
+        acc_a[j] = _mm512_fmadd_ps(w, va, acc_a[j]);
+        acc_b[j] = _mm512_fmadd_ps(w, vb, acc_b[j]);
+      }
+    }
+    for (int j = 0; j < NF; ++j) {
+      _mm512_mask_storeu_ps(pa + (f0 + j) * S + c0, m, acc_a[j]);
+      _mm512_mask_storeu_ps(pb + (f0 + j) * S + c0, m, acc_b[j]);
+    }
+  }
+}
 #endif
 
 // Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c] (slots beyond
@@ -624,7 +647,27 @@ void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<
   int64_t slot[kMaxSlots];
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<T, float>) {
+    auto reads_every_slot = [&](int64_t l) {
+      for (int64_t k = 0; k < K; ++k)
+        if (slots.row(l, static_cast<int>(k)) == zeros) return false;
+      return true;
+    };
     for (int64_t l = 0; l < count; ++l) {
+      T* p = s.perc.data() + l * S * F;
+      if (l + 1 < count && reads_every_slot(l) && reads_every_slot(l + 1)) {  // two inner cells at once
+        const T* const* xa = &slots.ptr[l * slots.nseg];
+        const T* const* xb = &slots.ptr[(l + 1) * slots.nseg];
+        for (int64_t f0 = 0; f0 < F; f0 += 4) {
+          switch (std::min<int64_t>(F - f0, 4)) {
+            case 1: perceive_pair<1>(wp, xa, xb, S, K, f0, p, p + S * F); break;
+            case 2: perceive_pair<2>(wp, xa, xb, S, K, f0, p, p + S * F); break;
+            case 3: perceive_pair<3>(wp, xa, xb, S, K, f0, p, p + S * F); break;
+            default: perceive_pair<4>(wp, xa, xb, S, K, f0, p, p + S * F); break;
+          }
+        }
+        ++l;
+        continue;
+      }
       int live = 0;
       for (int64_t k = 0; k < K; ++k) {
         const T* row = slots.row(l, static_cast<int>(k));
@@ -632,7 +675,6 @@ void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<
         x[live] = row;
         slot[live++] = k;
       }
-      T* p = s.perc.data() + l * S * F;
       for (int64_t f0 = 0; f0 < F; f0 += 4) {
         switch (std::min<int64_t>(F - f0, 4)) {
           case 1: perceive_cell<1>(wp, x, slot, live, S, K, f0, p); break;
@@ -749,7 +791,7 @@ inline void transpose(const T* src, int64_t ld, int64_t rows, int64_t cols, T* d
 }
 
 // forward_tile on the tile-GEMM engine (same contract).  Not inlined, here and in the backward, so that the
-// per-cell engine's code is compiled as it is without it.
+// per-cell engine's code is compiled as it is without them.
 template <int L, typename T, class OnChange>
 __attribute__((noinline)) TileRows<T, L> forward_tile_gemm(const Geometry& g, const PackedWeights<T>& w, const T* state,
                                         const T* external, int64_t n0, int64_t count, TileScratch<T>& s,
@@ -1217,23 +1259,16 @@ inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_
   }
 }
 
-// backward_tile on the tile-GEMM engine: the same passes, each product one GEMM over the tile: the gradients
-// pushed back as dX = dY W^T, the weight gradients dW += X^T dY into this thread's accumulators.
+// backward_tile's passes after change_gradient on the tile-GEMM engine, each product one GEMM over the tile:
+// the gradients pushed back as dX = dY W^T, the weight gradients dW += X^T dY into this thread's accumulators.
 template <int L, typename T>
-__attribute__((noinline)) void backward_tile_gemm(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
-                        TileScratch<T>& s) {
+__attribute__((noinline)) void backward_products_gemm(const Backward<T>& bw, const TileRows<T, L>& rows,
+                                                      const T* st, T* out, int64_t n0, int64_t count,
+                                                      TileScratch<T>& s, const WeightGrads<T>& grads) {
   if constexpr (std::is_same_v<T, float>) {
     const Geometry& g = bw.g;
     const PackedWeights<T>& w = bw.w;
-    const int64_t S = L > 0 ? L : g.S, SI = g.state_inputs();
-    const WeightGrads<T> grads = bw.thread_grads();
-    const T* st = bw.traj + t * bw.state_numel;
-    const bool next_is_change = g.update == kReplace && bw.fire == nullptr && bw.life == nullptr;
-    const auto rows = next_is_change
-                          ? forward_tile_gemm<L>(g, w, st, bw.external, n0, count, s, nullptr)
-                          : forward_tile_gemm<L>(g, w, st, bw.external, n0, count, s, store_rows(s.chg.data(), w.Sp));
-    const T* change = next_is_change ? st + bw.state_numel + n0 * S : s.chg.data();
-    change_gradient<L>(bw, change, next_is_change ? S : w.Sp, gp, t, n0, count, s, grads.bo, out);
+    const int64_t SI = g.state_inputs();
     T* xt = s.xt.data();
     transpose(s.chg.data(), w.Sp, count, w.Sp, xt);
     tile_gemm(w.Sp, w.Hlp, count, xt, count, s.hid_last(g), w.Hlp, grads.wo, w.Hlp, true);
@@ -1265,7 +1300,6 @@ __attribute__((noinline)) void backward_tile_gemm(const Backward<T>& bw, int64_t
 template <int L, typename T>
 void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, const T* gp, T* out,
                    TileScratch<T>& s) {
-  if (bw.g.engine == kTileGemm) return backward_tile_gemm<L>(bw, t, n0, count, gp, out, s);
   const Geometry& g = bw.g;
   const PackedWeights<T>& w = bw.w;
   const int64_t S = L > 0 ? L : g.S;
@@ -1279,6 +1313,7 @@ void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, 
                         : forward_tile<L>(g, w, st, bw.external, n0, count, s, store_rows(s.chg.data(), w.Sp));
   const T* change = next_is_change ? st + bw.state_numel + n0 * S : s.chg.data();
   change_gradient<L>(bw, change, next_is_change ? S : w.Sp, gp, t, n0, count, s, grads.bo, out);
+  if (g.engine == kTileGemm) return backward_products_gemm<L>(bw, rows, st, out, n0, count, s, grads);
   accumulate_outer<kHiddenBytes>(DenseRows<T>{s.chg.data(), w.Sp, w.Sp}, count, s.hid_last(g), grads.wo, w.Hlp);
   if (g.H2) {
     hidden_gradient(bw, s.chg.data(), w.Sp, w.wo.template data_ptr<T>(), s.hid2.data(), s.dhid2.data(), w.H2p,

@@ -66,6 +66,17 @@ def non_negative_float(text: str) -> float:
     return number
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a limit in GiB)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (number > 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return number
+
+
 def seed_list(text: str) -> List[int]:
     """Distinct comma-separated ints, at least one: ``42,1,2``."""
     try:

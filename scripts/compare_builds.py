@@ -29,6 +29,17 @@ SIZES = [("original", 32, 8, 8, 12, 8, 16, 1, 10), ("large-state", 32, 8, 8, 12,
 # (name, side, T) of the 3D artefacts NCA's rule, B = 5 (benchmarks/nca.py, taken from each checkout).
 NCA_SIZES = [("nca-16", 16, 24), ("nca-24", 24, 24), ("nca", 32, 48)]
 
+# Both children end so: a warm-up call, then `repeats` timed calls, printed with where cubecore came from.
+TIMING = r"""
+once()
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    once()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"file": cubecore.__file__, "times": times}))
+"""
+
 NCA_CHILD = r"""
 import json, sys, time, torch
 from dataclasses import replace
@@ -40,14 +51,7 @@ size = replace(NcaSize("nca", 5, side, side, side), T=T)
 inputs = size.make_inputs("cpu", torch.float32)
 def once():
     size.loss(kernel(*inputs, **size.rule())).backward()
-once()
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    once()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"file": cubecore.__file__, "times": times}))
-"""
+""" + TIMING
 
 CHILD = r"""
 import json, sys, time, torch
@@ -63,19 +67,12 @@ args = [rnd(B, X, Y, Z, S, scale=0.5, grad=False), rnd(B, X, Y, Z, E), rnd(H, K,
 def once():
     out = cubecore.propagate(*args, steps=T, boundary="wall", backend="kernel")
     torch.autograd.grad(out.sum(), args[1:])
-once()
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    once()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"file": cubecore.__file__, "times": times}))
-"""
+""" + TIMING
 
 
 def measure(root: str, size, repeats: int) -> list:
     env = dict(os.environ, PYTHONPATH=root)
-    child = NCA_CHILD if size[0] in dict((n[0], n) for n in NCA_SIZES) else CHILD
+    child = NCA_CHILD if size in NCA_SIZES else CHILD
     out = subprocess.run([sys.executable, "-c", child, root, *map(str, size[1:]), str(repeats)], env=env,
                          capture_output=True, text=True, cwd=root)
     if out.returncode != 0:

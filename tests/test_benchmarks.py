@@ -315,6 +315,19 @@ def test_largest_lattice_refuses_a_limit_above_the_available_memory(monkeypatch,
     assert exc.value.code == 2 and "--lattice-force" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--lattice-limit-gib", "nan"), ("--lattice-limit-gib", "inf"),
+                                        ("--lattice-limit-gib", "-1"), ("--lattice-limit-gib", "0"),
+                                        ("--lattice-start", "0"), ("--lattice-batch", "-2"), ("--lattice-steps", "0")])
+def test_largest_lattice_checks_its_numbers(tmp_path, monkeypatch, capsys, flag, value):
+    """Every bad value: one error line naming the flag, exit 2, nothing searched or written."""
+    monkeypatch.setattr(run, "largest_lattice", lambda *a, **k: pytest.fail("searched with a bad value"))
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--sizes", "none", "--largest-lattice", flag, value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and flag in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_targets_cover_only_the_sizes_that_ran():
     """A run of some sizes (--sizes nca) reports the goals of those sizes, not every other goal as missed."""
     def row(size, contestant, seconds, peak, family="lattice"):

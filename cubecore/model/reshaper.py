@@ -32,6 +32,19 @@ STRATEGIES = ("simple", "adaptive", "semantic", "projection")
 FITTING_STRATEGIES = ("adaptive", "semantic")
 
 
+def _divisors(n: int) -> List[int]:
+    """The divisors of n in increasing order, in O(sqrt(n)) steps (n may be as large as a user types)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
 def fitting_lattices(dim: int, limit: int = 6, near: Optional[Sequence[int]] = None) -> List[Tuple[int, int, int, int]]:
     """(X, Y, Z, E) with X*Y*Z*E == dim, for an error message: first those that keep two sides of the lattice
     ``near`` (with E = 1), then the most cube-like."""
@@ -44,19 +57,22 @@ def fitting_lattices(dim: int, limit: int = 6, near: Optional[Sequence[int]] = N
                 sides[slot] = dim // (a * b)
                 if tuple(sides) != tuple(near) and (*sides, 1) not in found:
                     found.append((*sides, 1))
+    divisors = _divisors(dim)
     cube_like = []
-    for E in range(1, dim + 1):
-        if dim % E:
-            continue
+    for E in divisors:  # in increasing order: the sort below puts a smaller E first, so stop once enough are found
+        if len([s for s in cube_like if s not in found]) >= limit:
+            break
         cells = dim // E
-        for X in range(1, int(round(cells ** (1 / 3))) + 2):
+        for X in divisors:
+            if X ** 3 > cells:
+                break
             if cells % X:
                 continue
-            for Y in range(X, int((cells // X) ** 0.5) + 1):
-                if (cells // X) % Y == 0:
-                    Z = cells // X // Y
-                    if Z >= Y:
-                        cube_like.append((X, Y, Z, E))
+            for Y in divisors:
+                if Y * Y > cells // X:
+                    break
+                if Y >= X and (cells // X) % Y == 0:
+                    cube_like.append((X, Y, cells // X // Y, E))
     cubes = sorted((s for s in cube_like if s not in found), key=lambda s: (s[3], max(s[:3]) / max(1, min(s[:3]))))
     return (found + cubes)[:limit]
 

@@ -1,10 +1,12 @@
 """EmbeddingReshaper: exact round trips, fitted placements, projection, clear size errors."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from cubecore import EmbeddingReshaper
+from cubecore import EmbeddingReshaper, ModelConfig
 from cubecore.model.reshaper import STRATEGIES, _snake_order, fitting_lattices
 
 
@@ -90,6 +92,17 @@ def test_mismatch_error_names_sizes_that_fit():
         r.from_lattice(torch.randn(2, 8, 8, 6, 2))
     with pytest.raises(ValueError, match="strategy"):
         EmbeddingReshaper(384, (8, 8, 6), strategy="spiral")
+
+
+def test_the_mismatch_error_comes_at_once_for_a_huge_dim():
+    """The lattices that fit are found from the divisors (O(sqrt(dim))), not by a loop up to the dim: a prime dim
+    of 10^9 + 7 took minutes before the error."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"1x1x1000000007 \(E=1\)"):
+        EmbeddingReshaper(10**9 + 7, (8, 8, 6))
+    with pytest.raises(ValueError, match="lattices that fit: 8x8x11486475"):
+        ModelConfig(lattice_size=(8, 8, 6)).check_fits(735134400)  # 1,344 divisors
+    assert time.perf_counter() - start < 10
 
 
 # --- fitting strategies must be fit ----------------------------------------------------------------------------
