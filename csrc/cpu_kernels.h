@@ -634,6 +634,21 @@ inline void perceive_pair(const float* wp, const float* const* xa, const float* 
 }
 #endif
 
+// The slots of cell l that read a state (not the zeros beyond a `zeros` boundary): their rows into x, their
+// numbers into slot, their count returned.
+template <typename T, int L>
+inline int live_slots(const CellRows<T, L>& slots, int64_t l, int64_t K, const T* zeros, const T** x,
+                      int64_t* slot) {
+  int live = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* row = slots.row(l, static_cast<int>(k));
+    if (row == zeros) continue;
+    x[live] = row;
+    slot[live++] = k;
+  }
+  return live;
+}
+
 // Depthwise perception of a tile: perc[l][f*S + c] = sum over slots k of wp[f][k][c] * state_k[c] (slots beyond
 // a zeros boundary skipped).
 template <int L, typename T>
@@ -668,13 +683,7 @@ void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<
         ++l;
         continue;
       }
-      int live = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* row = slots.row(l, static_cast<int>(k));
-        if (row == zeros) continue;
-        x[live] = row;
-        slot[live++] = k;
-      }
+      const int live = live_slots(slots, l, K, zeros, x, slot);
       for (int64_t f0 = 0; f0 < F; f0 += 4) {
         switch (std::min<int64_t>(F - f0, 4)) {
           case 1: perceive_cell<1>(wp, x, slot, live, S, K, f0, p); break;
@@ -703,13 +712,7 @@ void perceive_tile(const Geometry& g, const PackedWeights<T>& w, const CellRows<
       }
       continue;
     }
-    int live = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* row = slots.row(l, static_cast<int>(k));
-      if (row == zeros) continue;
-      x[live] = row;
-      slot[live++] = k;
-    }
+    const int live = live_slots(slots, l, K, zeros, x, slot);
     for (int64_t f = 0; f < F; ++f, p += S) {
       const T* wf = wp + f * K * S;
       int64_t c = 0;

@@ -3,8 +3,9 @@
 // The rule (see cubecore/ops/reference.py): every cell reads its slots' states (7 or 27), through a depthwise
 // perception or not, and its external input; one or two hidden layers and an output layer give its change c;
 // where it fires its new state is c ("replace") or s + step_size * c ("residual"); an alive mask may reset it.  The CPU kernels (csrc/cpu_kernels.h, built here for 32-byte and, with AVX-512, also 64-byte
-// vectors) work on tiles of cells, read each cell's inputs in place through a table of pointers, and
-// vectorise over the output features of every matrix product.
+// vectors) work on tiles of cells and read each cell's inputs in place through a table of pointers; the update
+// net runs on one of two engines (csrc/cpu_engine.h): per-cell loops that vectorise over the output features of
+// every product, or tile GEMMs (oneDNN's brgemm micro-kernel through ATen) for wide hidden layers.
 //
 // The forward keeps the T + 1 states when asked (for the backward), and one byte per cell and step for the
 // alive masks when there are any, and nothing else; the backward recomputes each step's activations from the
