@@ -27,7 +27,8 @@ inline int64_t gemm_tile() {
   if (forced == nullptr || forced[0] == '\0') return kGemmTile;
   char* end = nullptr;
   const long long tile = std::strtoll(forced, &end, 10);
-  TORCH_CHECK(*end == '\0' && tile >= 16 && tile <= 4096, "CUBECORE_GEMM_TILE must be a whole number of cells from 16 to 4096 (or unset), got '", forced, "'");
+  TORCH_CHECK(*end == '\0' && tile >= 16 && tile <= 4096,
+              "CUBECORE_GEMM_TILE must be a whole number of cells from 16 to 4096 (or unset), got '", forced, "'");
   return tile;
 }
 
@@ -79,11 +80,10 @@ inline int forced_cpu_engine() {
 // H = 32 (4,128 a cell) is 17% slower on GEMMs, S = 8, H = 64 (4,160) 17% faster.
 constexpr int64_t kGemmMinHidden = 64;
 
-// The engine of a call with this dtype (float32 or not), state size S, first-layer inputs `inputs` and hidden
-// sizes H1 (and H2, 0 for one hidden layer).  Tile GEMMs run float32 (the micro-kernel's type; float64 stays on
-// the exact per-cell loops) where the first hidden layer is wide enough for them to win (kGemmMinHidden).
-inline CpuEngine cpu_engine(bool float32, int64_t S, int64_t inputs, int64_t H1, int64_t H2) {
-  (void)S, (void)inputs, (void)H2;
+// The engine of a call with this dtype (float32 or not) and first hidden layer of H1 values.  Tile GEMMs run
+// float32 (the micro-kernel's type; float64 stays on the exact per-cell loops) where the first hidden layer is
+// wide enough for them to win (kGemmMinHidden).
+inline CpuEngine cpu_engine(bool float32, int64_t H1) {
   if (!float32 || !tile_gemm_available()) return kCells;
   const int forced = forced_cpu_engine();
   if (forced >= 0) return static_cast<CpuEngine>(forced);

@@ -392,7 +392,7 @@ struct Geometry {
         H2(wh ? wh->size(0) : 0), In(w1.size(1)), neighbourhood(neighbourhood_), boundary(boundary_),
         activation(activation_), output_activation(output_activation_), update(update_), step_size(step_size_),
         alive_channel(alive_channel_), alive_threshold(alive_threshold_), fire(fire_) {
-    engine = cpu_engine(state.scalar_type() == at::kFloat, S, In, H1, H2);
+    engine = cpu_engine(state.scalar_type() == at::kFloat, H1);
     tile = engine == kTileGemm ? gemm_tile() : kCellsTile;
     cells = X * Y * Z;
     N = B * cells;

@@ -34,14 +34,14 @@
 extern "C" {
 // The `cubecore._C` module: importing it loads this library, whose static initialisers register the op.  It
 // holds one constant, the CUDA kernels' state-size limit, so that Python reads it instead of writing it again.
-// cpu_engine(float32, S, inputs, H1, H2): the name of the engine the CPU kernels run a call of these sizes on
-// (cpu_engine.h).
+// cpu_engine(float32, H1): the name of the engine the CPU kernels run a call with a first hidden layer of H1
+// values on (cpu_engine.h).
 static PyObject* py_cpu_engine(PyObject*, PyObject* args) {
   int float32 = 0;
-  long long S = 0, inputs = 0, H1 = 0, H2 = 0;
-  if (!PyArg_ParseTuple(args, "pLLLL", &float32, &S, &inputs, &H1, &H2)) return nullptr;
+  long long H1 = 0;
+  if (!PyArg_ParseTuple(args, "pL", &float32, &H1)) return nullptr;
   try {
-    return PyUnicode_FromString(cubecore::cpu_engine_name(cubecore::cpu_engine(float32, S, inputs, H1, H2)));
+    return PyUnicode_FromString(cubecore::cpu_engine_name(cubecore::cpu_engine(float32, H1)));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -58,7 +58,7 @@ static PyObject* py_tile_gemm_available(PyObject*, PyObject*) {
 
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
-      {"cpu_engine", py_cpu_engine, METH_VARARGS, "The CPU kernels' engine for (float32, S, inputs, H1, H2)."},
+      {"cpu_engine", py_cpu_engine, METH_VARARGS, "The CPU kernels' engine for (float32, H1)."},
       {"tile_gemm_available", py_tile_gemm_available, METH_NOARGS, "Whether the tile-GEMM engine runs here."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -153,7 +153,7 @@ class CubicCore(nn.Module):
         None where ``forward`` does not run the CPU kernel."""
         if self.w1.device.type != "cpu" or self.active_backend() != "kernel":
             return None
-        return cpu_engine(self.w1.dtype, self.state_size, self.w1.shape[1], self.hidden_sizes)
+        return cpu_engine(self.w1.dtype, self.hidden_sizes)
 
     def get_info(self) -> Dict[str, Any]:
         return {

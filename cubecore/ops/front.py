@@ -107,16 +107,15 @@ def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype, state_si
     return kernel_limit_reason(device.type, dtype, state_size, hidden_layers=hidden_layers)
 
 
-def cpu_engine(dtype: torch.dtype, state_size: int, inputs: int, hidden_sizes: Sequence[int]) -> Optional[str]:
+def cpu_engine(dtype: torch.dtype, hidden_sizes: Sequence[int]) -> Optional[str]:
     """The engine the CPU kernel runs the update net of a call on: ``"tile_gemm"`` (a tile of cells at a time,
     each layer one GEMM of oneDNN's micro-kernel: float32 with a first hidden layer of 64 or more values, on a
-    CPU that the micro-kernel runs on) or ``"cells"`` (per-cell vector loops: float64, and the small rules, where they are
-    faster); None where the CPU kernel does not run such a call.  ``inputs``: the first layer's inputs."""
+    CPU that the micro-kernel runs on) or ``"cells"`` (per-cell vector loops: float64, and the small rules, where
+    they are faster); None where the CPU kernel does not run such a call."""
     hidden = [check_int("hidden_sizes", h, minimum=1) for h in hidden_sizes]
     if EXTENSION_ERROR is not None or kernel_limit_reason("cpu", dtype, hidden_layers=max(len(hidden), 1)):
         return None
-    return _C.cpu_engine(dtype == torch.float32, check_int("state_size", state_size, minimum=1),
-                         check_int("inputs", inputs, minimum=1), hidden[0], hidden[1] if len(hidden) > 1 else 0)
+    return _C.cpu_engine(dtype == torch.float32, hidden[0])
 
 
 CPU_ENGINES = ("float32 calls with a first hidden layer of 64 or more values run the update net as tile GEMMs "

@@ -152,23 +152,23 @@ def test_tile_gemms_are_reproducible_and_agree_across_thread_counts(engine):
 def test_the_engine_follows_dtype_and_sizes_and_can_be_forced(monkeypatch):
     gemm = "tile_gemm" if GEMM_AVAILABLE else "cells"
     # the first hidden layer's width decides: 64 or more values (the 3D artefacts NCA's 64 -> 64 among them)
-    assert front.cpu_engine(torch.float32, 20, 60, [64, 64]) == gemm
-    assert front.cpu_engine(torch.float32, 16, 113, [64]) == gemm  # the benchmarks' large-state size
-    assert front.cpu_engine(torch.float32, 8, 57, [63, 128]) == "cells"
-    assert front.cpu_engine(torch.float32, 16, 113, [32]) == "cells"
-    assert front.cpu_engine(torch.float32, 8, 57, [16]) == "cells"  # the original rule: per-cell loops are faster
-    assert front.cpu_engine(torch.float64, 20, 60, [64, 64]) == "cells"  # float64 stays on the exact loops
-    assert front.cpu_engine(torch.float16, 20, 60, [64]) is None  # no CPU kernel for float16
+    assert front.cpu_engine(torch.float32, [64, 64]) == gemm
+    assert front.cpu_engine(torch.float32, [64]) == gemm  # the benchmarks' large-state size
+    assert front.cpu_engine(torch.float32, [63, 128]) == "cells"
+    assert front.cpu_engine(torch.float32, [32]) == "cells"
+    assert front.cpu_engine(torch.float32, [16]) == "cells"  # the original rule: per-cell loops are faster
+    assert front.cpu_engine(torch.float64, [64, 64]) == "cells"  # float64 stays on the exact loops
+    assert front.cpu_engine(torch.float16, [64]) is None  # no CPU kernel for float16
     info = cubecore.info()
     assert info["cpu_tile_gemm"] is GEMM_AVAILABLE and "tile GEMMs" in info["cpu_engines"]
     monkeypatch.setenv("CUBECORE_CPU_ENGINE", "cells")
-    assert front.cpu_engine(torch.float32, 20, 60, [64, 64]) == "cells"
+    assert front.cpu_engine(torch.float32, [64, 64]) == "cells"
     monkeypatch.setenv("CUBECORE_CPU_ENGINE", "tile_gemm")
-    assert front.cpu_engine(torch.float32, 8, 57, [16]) == gemm
-    assert front.cpu_engine(torch.float64, 8, 57, [16]) == "cells"
+    assert front.cpu_engine(torch.float32, [16]) == gemm
+    assert front.cpu_engine(torch.float64, [16]) == "cells"
     monkeypatch.setenv("CUBECORE_CPU_ENGINE", "fastest")
     with pytest.raises(ValueError, match="CUBECORE_CPU_ENGINE must be 'cells' or 'tile_gemm'"):
-        front.cpu_engine(torch.float32, 8, 57, [16])
+        front.cpu_engine(torch.float32, [16])
 
 
 @requires_kernel
