@@ -58,8 +58,14 @@ except ImportError as exc:  # A source checkout that was never built, a build fo
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
     CUDA_MAX_STATE = None  # no kernels at all
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
-# Cell-state values times steps that one call of the op computes at most (propagate splits longer rollouts).
-STEP_CHUNK_WORK = 1 << 26
+# One call of the op computes at most CALL_WORK multiply-adds (propagate splits longer rollouts into several calls,
+# so that Python sees Ctrl-C between them): a few seconds of forward and backward on one or two CPU cores.  Each
+# cell and step counts its update net's weights, its depthwise perception's and CELL_STEP_COST for the rest (a
+# small rule is slower per multiply-add).  A step has a fixed cost too (the threads meet between steps, tens of
+# microseconds), so a call takes MAX_STEPS_PER_CALL steps at most, whatever the lattice.
+CALL_WORK = 40 << 30  # the nca benchmark size (32^3, B = 5, 3D artefacts NCA): 21 steps per call
+CELL_STEP_COST = 1024
+MAX_STEPS_PER_CALL = 4096
 
 
 
@@ -402,9 +408,7 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
     alive = -1 if rule.alive_channel is None else rule.alive_channel
     scalars = (*rule.codes(), rule.step_size, alive, rule.alive_threshold, keep)
-    # Long rollouts run as several calls of the op, so that Python sees Ctrl-C between them (a kernel call does
-    # not return until its steps are done); each call's steps are a few seconds of work at most.
-    chunk = steps if torch.compiler.is_compiling() else max(1, STEP_CHUNK_WORK // state.numel())
+    chunk = steps if torch.compiler.is_compiling() else steps_per_call(state, weights, perception, steps)
     trajectories = []
     for first in range(0, steps, chunk):
         count = min(chunk, steps - first)
@@ -417,6 +421,17 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
         return torch.cat([*trajectories, state.unsqueeze(0)])
     return state
+
+
+def steps_per_call(state: torch.Tensor, weights: Sequence[Optional[torch.Tensor]],
+                   perception: Optional[torch.Tensor], steps: int) -> int:
+    """How many steps one call of the op runs: a kernel call does not return until its steps are done, so long
+    rollouts run as several calls of bounded work (CALL_WORK) and steps (MAX_STEPS_PER_CALL), and Python sees
+    Ctrl-C between them.  It depends on the sizes only: the same rollout is always split the same way."""
+    cells = state.numel() // state.shape[-1]
+    per_cell = CELL_STEP_COST + sum(w.numel() for w in weights if w is not None)
+    per_cell += 0 if perception is None else perception.numel()
+    return max(1, min(steps, MAX_STEPS_PER_CALL, CALL_WORK // (cells * per_cell)))
 
 
 def _op_tensors(state, external, weights, perception, fire_mask, dead_state) -> tuple:
@@ -498,14 +513,21 @@ def _backward(ctx, grad_final, grad_trajectory, grad_life):
 def _differentiable_backward(ctx, grad_final, inputs):
     """The gradients as a graph autograd can differentiate again (double backward, gradient penalties): the
     kernel's backward is not differentiable, so they come from the reference rule, recomputed from the
-    saved inputs (the same values up to rounding)."""
+    saved inputs (the same values up to rounding).
+
+    The recompute reads each input through an alias of its own (``view_as``), and the gradients are taken with
+    respect to the aliases: they are then this call's partial derivatives only.  Taken with respect to the
+    inputs themselves, a path from the state back through earlier op calls of a chunked rollout to the same
+    weights would count those calls again (their own backward adds them); the aliases still link every gradient
+    to the inputs' history, so it stays differentiable through them."""
     steps, neighbourhood, boundary, activation, output_activation, update, step_size, alive, threshold, _ = (
         ctx.rule_scalars)
     codes = (neighbourhood, boundary, activation, output_activation, update)
     rule = Rule(*(names[c] for names, c in zip(_CODE_NAMES, codes)), step_size, None if alive < 0 else alive,
                 threshold)
     state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state = inputs
-    leaves = [t if t is None or t.requires_grad else t.detach() for t in inputs[:len(_DIFFERENTIABLE)]]
+    leaves = [t if t is None else t.view_as(t) if t.requires_grad else t.detach()
+              for t in inputs[:len(_DIFFERENTIABLE)]]
     wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
     weights = leaves[3:5] + (leaves[5:7] if leaves[5] is not None else []) + leaves[7:9]
     with torch.enable_grad():

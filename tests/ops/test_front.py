@@ -446,11 +446,16 @@ def test_extension_is_built():
 
 
 @requires_kernel
-def test_double_backward_through_the_kernel_matches_the_reference():
+@pytest.mark.parametrize("steps_per_call", [None, 1, 2])
+def test_double_backward_through_the_kernel_matches_the_reference(steps_per_call, monkeypatch):
     """backward(create_graph=True) through the kernel gives a differentiable gradient (from the reference rule),
-    so a gradient penalty trains the same on either backend."""
+    so a gradient penalty trains the same on either backend; also where propagate runs the rollout as several
+    calls of the op (each call's gradient is its own part only, none counted twice)."""
     args = make_problem(2, 3, 2, 4, 3, 5, 1, seed=21)
-    kw = rule_kwargs("replicate", "tanh", "residual", 3)
+    kw = rule_kwargs("replicate", "tanh", "residual", 5)
+    if steps_per_call is not None:
+        monkeypatch.setattr(ops, "MAX_STEPS_PER_CALL", steps_per_call)
+        assert ops.steps_per_call(args[0], args[2:], None, 5) == steps_per_call
 
     def penalty_grads(backend):
         leaves = [a.clone().requires_grad_() for a in args]
