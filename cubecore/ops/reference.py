@@ -95,9 +95,14 @@ def update_net(inputs: torch.Tensor, layers: Layers, activation: str, output_act
 
 
 def alive_mask(state: torch.Tensor, channel: int, threshold: float) -> torch.Tensor:
-    """[B, X, Y, Z] bool: where the largest value of ``channel`` over the cell's 3x3x3 block (cells beyond the
-    lattice ignored) exceeds ``threshold``.  A constant of the step: no gradient flows through it."""
+    """[B, X, Y, Z] bool: where some value of ``channel`` in the cell's 3x3x3 block (cells beyond the lattice
+    ignored) exceeds ``threshold``.  A constant of the step: no gradient flows through it.
+
+    A NaN exceeds nothing: it neither keeps a block alive nor kills it (``max_pool3d`` alone would propagate it and
+    kill the whole block, resetting a diverged cell and its 26 neighbours to the dead state, so that the NaN
+    vanished from the result; this way it stays in the state, where ``isnan`` or anomaly detection finds it)."""
     alive = state[..., channel].detach().unsqueeze(1)
+    alive = alive.masked_fill(alive.isnan(), float("-inf"))
     return F.max_pool3d(alive, kernel_size=3, stride=1, padding=1).squeeze(1) > threshold
 
 
@@ -115,9 +120,9 @@ def _step(state, external, layers, perception, fire, dead_state, rule: Rule):
     change = update_net(perceive(state, external, perception, rule.neighbourhood, rule.boundary), layers,
                         rule.activation, rule.output_activation)
     if rule.update == "residual":
-        if fire is not None:
-            change = change * fire.unsqueeze(-1).to(change.dtype)
         new = state + rule.step_size * change
+        if fire is not None:  # a cell that does not fire keeps its state, whatever its change (NaN included)
+            new = torch.where(fire.unsqueeze(-1), new, state)
     elif fire is not None:
         new = torch.where(fire.unsqueeze(-1), change, state)
     else:

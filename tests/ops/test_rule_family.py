@@ -369,3 +369,49 @@ def test_a_rollout_in_several_calls_is_the_rollout_in_one(monkeypatch):
                      return_trajectory=True, **kw)
     assert traj.shape == traj_whole.shape == (8, *problem[0].shape)
     torch.testing.assert_close(traj, traj_whole, atol=0, rtol=0)
+
+
+# --- NaN: the same rule on every backend -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernel)])
+def test_a_nan_in_the_alive_channel_exceeds_nothing(backend):
+    """A NaN neither keeps a block alive nor kills it: a diverged cell's living neighbour stays alive and keeps the
+    NaN it read (a max-pool that propagated NaN reset the whole block to the dead state, hiding the NaN), and the
+    diverged cell itself, with no living value in its block, dies."""
+    shape = (1, 5, 5, 6, 3, 0)
+    state, _, perception, weights = family_problem(shape, "moore", 2, 1, seed=3)
+    state[..., 1] = 0.0
+    state[0, 2, 2, 2, 1] = float("nan")
+    state[0, 2, 2, 4, 1] = 1.0  # alive before and after (residual change < 1), two cells from the NaN
+    dead = torch.full((3,), 0.25, dtype=torch.float64)
+    out = propagate(state, None, *weights, perception=perception, steps=1, neighbourhood="moore", update="residual",
+                    step_size=0.7, alive_channel=1, alive_threshold=0.1, dead_state=dead, backend=backend)
+    assert torch.isnan(out[0, 2, 2, 3]).all()  # alive (its block holds the living cell), its state read the NaN
+    torch.testing.assert_close(out[0, 2, 2, 2], dead)  # dead (no value of its block exceeds the threshold)
+    assert torch.isfinite(out[0, 2, 2, 4]).all() and out[0, 2, 2, 4, 1] > 0.1
+    if backend == "kernel":
+        want = propagate(state, None, *weights, perception=perception, steps=1, neighbourhood="moore",
+                         update="residual", step_size=0.7, alive_channel=1, alive_threshold=0.1, dead_state=dead,
+                         backend="reference")
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernel)])
+@pytest.mark.parametrize("update", ["residual", "replace"])
+def test_a_cell_that_does_not_fire_keeps_its_state_whatever_its_change(backend, update):
+    """The fire mask selects: a cell whose change is NaN (a NaN in its external input) but that never fires keeps
+    its state exactly, and no NaN reaches the rest of the lattice (a change multiplied by the mask was NaN)."""
+    shape = (2, 3, 4, 3, 4, 2)
+    state, external, perception, weights = family_problem(shape, "von_neumann", 0, 1, seed=5)
+    external[0, 1, 2, 1, 0] = float("nan")
+    fire = torch.rand((3, *shape[:4]), generator=torch.Generator().manual_seed(6)) < 0.5
+    fire[:, 0, 1, 2, 1] = False
+    out = propagate(state, external, *weights, steps=3, update=update, step_size=0.7, fire_mask=fire,
+                    backend=backend)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, 1, 2, 1], state[0, 1, 2, 1])
+    if backend == "kernel":
+        want = propagate(state, external, *weights, steps=3, update=update, step_size=0.7, fire_mask=fire,
+                         backend="reference")
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
