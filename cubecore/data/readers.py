@@ -2,6 +2,10 @@
 embeddings.  Formats: .txt, .jsonl, .json, .csv, and .pt / .npy (embeddings).
 
 Text files are UTF-8, with or without a byte-order mark; anything else is an error naming the file and the line.
+So is JSON that Python's json cannot read: invalid, an integer over Python's digit limit (4300 by default), or
+nested deeper than its recursion limit.  Embedding files are read without running code: ``.pt`` through
+``torch.load(weights_only=True)``, ``.npy`` without pickle; a file that these refuse, or that holds no real
+numbers (an object, string or complex array), is an error naming the file.
 A missing value (a CSV row without the column's cell, a JSON ``null``) is an empty text, never the text "None":
 the dialogue quality filter drops and counts such pairs (``empty``), ``read_texts`` skips such texts and warns.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import re
 import sys
 import warnings
@@ -82,24 +87,55 @@ def _check_surrogates(path: Path, text: str, first_line: int = 1) -> None:
                                 f"character (text cut inside an emoji or similar); fix or remove it")
 
 
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]|-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?', re.S)
+
+
+def _parse_json(path: Path, text: str, first_line: int = 1) -> object:
+    """``json.loads``, each way it can fail an error naming the file and the line: besides invalid JSON, an
+    integer over Python's digit limit for int (a ValueError) and nesting past its recursion limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidValueError(f"{path}:{first_line + exc.lineno - 1}: not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # json's own errors are JSONDecodeError: these come from Python
+        found = _json_beyond_python(text, nesting=isinstance(exc, RecursionError))
+        if found is None:
+            raise
+        offset, problem = found
+        raise InvalidValueError(f"{path}:{first_line + text.count(chr(10), 0, offset)}: {problem}") from None
+
+
+def _json_beyond_python(text: str, nesting: bool) -> Optional[Tuple[int, str]]:
+    """(offset, what) of what Python cannot read in JSON text that is otherwise valid: the deepest nesting
+    (``nesting``) or the first integer over the digit limit; None if there is none."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    depth, deepest = 0, (0, 0)
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > deepest[0]:
+                deepest = (depth, m.start())
+        elif token in ("]", "}"):
+            depth -= 1
+        elif not nesting and limit and len(token.lstrip("-")) > limit and token.lstrip("-").isdigit():
+            digits = len(token.lstrip("-"))
+            return m.start(), f"an integer of {digits} digits, more than Python reads ({limit}); write it as a string"
+    if nesting and deepest[0]:
+        return deepest[1], (f"JSON nested {deepest[0]} levels deep, deeper than Python's json reads; "
+                            f"flatten the data")
+    return None
+
+
 def _records(path: Path) -> List[Tuple[str, object]]:
     """(where, item) for the items of a .jsonl (one JSON value a line) or .json (a list) file; ``where`` is
     ``path:line`` or ``path: item i`` for messages."""
     text = read_text_file(path)
     _check_surrogates(path, text)
     if path.suffix.lower() == ".jsonl":
-        out = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise InvalidValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        return [(f"{path}:{number}", _parse_json(path, line, number))
+                for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = _parse_json(path, text)
     if isinstance(data, dict):
         for key in ("data", "conversations", "pairs", "texts"):
             if isinstance(data.get(key), list):
@@ -182,20 +218,76 @@ def _nonempty(p: Path, texts: List[str]) -> List[str]:
 
 
 def read_embeddings(path: PathLike) -> torch.Tensor:
-    """A [N, dim] float tensor from .pt (a tensor, or a dict with 'embeddings') or .npy."""
+    """A [N, dim] float tensor from .pt (a tensor, or a dict with 'embeddings') or .npy of real numbers."""
     p = _existing(path)
     if p.suffix.lower() == ".npy":
-        import numpy as np
-
-        emb = torch.from_numpy(np.load(p))
+        emb = _read_npy(p)
     elif p.suffix.lower() == ".pt":
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        emb = obj.get("embeddings") if isinstance(obj, dict) else obj
+        emb = _read_pt(p)
     else:
         raise InvalidValueError(f"{p} is a text file, not embeddings: use read_texts")
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] == 0:
         raise InvalidValueError(f"{p}: expected a non-empty [N, dim] tensor of embeddings")
+    if emb.is_complex() or emb.is_quantized:  # .float() would drop the imaginary part without a word
+        raise InvalidValueError(f"{p}: holds {emb.dtype} values; embeddings are real numbers (e.g. float32)")
     return emb.float()
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as its type and first sentence: a message that must stay one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _nonempty_file(p: Path) -> None:
+    if p.stat().st_size == 0:
+        raise InvalidValueError(f"{p} is empty")
+
+
+def _read_pt(p: Path) -> object:
+    """A torch file's tensor (or its 'embeddings'), loaded with ``weights_only=True``: a pickle of other objects
+    is refused, never run."""
+    _nonempty_file(p)
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle's protocol would come before the one error line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as exc:  # what weights_only refuses, and bytes that are no pickle at all
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        raise InvalidValueError(f"{p} was refused: torch.load(weights_only=True) reads tensors and plain data "
+                                f"only, and this is a pickle of other objects, which could run code when loaded"
+                                f"{f' (here {found.group(1)})' if found else ', or no torch file'}; save "
+                                f"embeddings with torch.save(tensor, path)") from None
+    except Exception as exc:  # torch.load's errors for an empty, truncated or damaged file have no common type
+        raise InvalidValueError(f"{p}: not a readable torch file ({_reason(exc)})") from None
+    return obj.get("embeddings") if isinstance(obj, dict) else obj
+
+
+def _read_npy(p: Path) -> torch.Tensor:
+    """A .npy array of real numbers as a tensor, read without pickle: an object array is refused, never run."""
+    import numpy as np
+
+    _nonempty_file(p)
+    try:
+        array = np.load(p, allow_pickle=False)
+    except OSError:
+        raise
+    except (ValueError, EOFError) as exc:
+        if "Object arrays" in str(exc):
+            raise InvalidValueError(f"{p} was refused: an array of Python objects (dtype object), which numpy "
+                                    f"reads only by unpickling, which could run code; save the embeddings as "
+                                    f"numbers (e.g. float32)") from None
+        raise InvalidValueError(f"{p}: not a readable .npy file ({_reason(exc)})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
+        raise InvalidValueError(f"{p}: an .npz archive, not one .npy array; save the embeddings with np.save")
+    if array.dtype.kind not in "biuf":  # strings, bytes, records, dates, complex numbers
+        raise InvalidValueError(f"{p}: holds an array of dtype {array.dtype}; embeddings are real numbers "
+                                f"(e.g. float32)")
+    return torch.from_numpy(array.astype(np.float32))  # also into this machine's byte order
 
 
 def read_dialogue(path: PathLike, question_field: str = "question", answer_field: str = "answer",

@@ -3,8 +3,13 @@ calls) keeps most tests fast; the real default teacher is used where the texts' 
 
 import json
 import os
+import pickle
+import re
 import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +19,10 @@ from conftest import FakeEncoder
 
 from cubecore import (AutoencoderDataset, DataConfig, DialogueDataset, EmbeddingCache,
                       create_dialogue_dataset, create_file_dataset, create_text_dataset)
-from cubecore.errors import UnknownKeyError
+from cubecore import train as train_cli
+from cubecore.errors import CubecoreError, UnknownKeyError
 from cubecore.data import conversations_to_pairs, filter_pairs, load_conversations, read_dialogue, split_indices
+from cubecore.data.readers import read_embeddings
 
 
 
@@ -314,6 +321,101 @@ def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path, fmt):
     assert str(path) in str(info.value)
     line = {"txt": 2, "csv": 2, "jsonl": 1, "json": 1}[fmt]
     assert f"{path}:{line}:" in str(info.value)
+
+
+class _RunsCode:
+    """Unpickled, it would create the file ``marker``: reading a data file must never get that far."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _write_unreadable(path, marker):
+    """Data files that Python's readers cannot take as they are (each was a traceback from the commands)."""
+    name = path.name
+    if name == "long_int.jsonl":  # over Python's 4300 digits for int
+        path.write_text('{"text": "fine"}\n{"text": ' + "7" * 5000 + "}\n")
+    elif name == "long_int.json":
+        path.write_text('[\n"fine",\n' + "7" * 5000 + "\n]")
+    elif name == "deep.json":  # past Python's recursion limit
+        path.write_text("[\n" + "[" * 100_000 + "]" * 100_000 + "\n]")
+    elif name == "deep.jsonl":
+        path.write_text('"fine"\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    elif name == "pickle.pt":
+        path.write_bytes(pickle.dumps(_RunsCode(marker)))
+    elif name == "objects.pt":
+        torch.save({"embeddings": _RunsCode(marker)}, path)
+    elif name == "garbage.pt":
+        path.write_bytes(b"these bytes are not a torch file")
+    elif name == "objects.npy":
+        np.save(path, np.array([[1.0, _RunsCode(marker)]], dtype=object), allow_pickle=True)
+    elif name == "strings.npy":
+        np.save(path, np.array([["0.5", "0.25"]]))
+    return path
+
+
+UNREADABLE = {"long_int.jsonl": r"long_int\.jsonl:2: an integer of 5000 digits",
+              "long_int.json": r"long_int\.json:3: an integer of 5000 digits",
+              "deep.json": r"deep\.json:2: JSON nested 100001 levels deep",
+              "deep.jsonl": r"deep\.jsonl:2: JSON nested 100000 levels deep",
+              "pickle.pt": r"pickle\.pt was refused: torch\.load\(weights_only=True\)",
+              "objects.pt": r"objects\.pt was refused: .* could run code when loaded \(here \S+\)",
+              "garbage.pt": r"garbage\.pt(: not a readable torch file| was refused)",
+              "objects.npy": r"objects\.npy was refused: an array of Python objects",
+              "strings.npy": r"strings\.npy: holds an array of dtype <U4"}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_data_files_python_cannot_read_are_one_error_naming_file_and_line(tmp_path, name):
+    """A long integer, deep nesting, a pickle, garbage, an object or string array: tracebacks before; none ran
+    code then and none may now."""
+    marker = tmp_path / "code-ran"
+    path = _write_unreadable(tmp_path / name, marker)
+    with pytest.raises(CubecoreError, match=UNREADABLE[name]) as info:
+        create_file_dataset(path, encoder=FakeEncoder(), use_cache=False)
+    assert len(str(info.value).splitlines()) == 1
+    if path.suffix in (".json", ".jsonl"):
+        with pytest.raises(CubecoreError, match=UNREADABLE[name]):
+            read_dialogue(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_the_train_command_says_an_unreadable_data_file_in_one_line(tmp_path, fake_teacher, capsys, name):
+    marker = tmp_path / "code-ran"
+    path = _write_unreadable(tmp_path / name, marker)
+    status = train_cli.main(["--data", str(path), "--mode", "autoencoder", "--output-dir", str(tmp_path / "run"),
+                             "--epochs", "1", f"cache_dir={tmp_path / 'cache'}", "lattice_size=[2, 2, 3]",
+                             "state_size=4", "hidden_size=8", "steps=2", "device=cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(UNREADABLE[name], err) and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["deep.json", "pickle.pt"])
+def test_python_m_cubecore_train_on_an_unreadable_data_file_exits_2_with_one_line(tmp_path, name):
+    """In a process of its own: the stack depth is the command's, and nothing (torch's warnings) comes before."""
+    path = _write_unreadable(tmp_path / name, tmp_path / "code-ran")
+    done = subprocess.run([sys.executable, "-m", "cubecore.train", "--data", str(path), "--mode", "autoencoder",
+                           "--output-dir", str(tmp_path / "run"), "--epochs", "1", "device=cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {path}"), done.stderr
+    assert re.search(UNREADABLE[name], done.stderr) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_embeddings_in_another_byte_order_are_read_and_complex_ones_refused(tmp_path):
+    emb = np.arange(6, dtype=">f4").reshape(2, 3)  # big-endian: torch.from_numpy refused it
+    np.save(tmp_path / "big_endian.npy", emb)
+    assert torch.equal(read_embeddings(tmp_path / "big_endian.npy"), torch.arange(6.0).reshape(2, 3))
+    np.save(tmp_path / "complex.npy", emb.astype(np.complex64))  # .float() dropped the imaginary part unsaid
+    torch.save(torch.ones(2, 3, dtype=torch.complex64), tmp_path / "complex.pt")
+    for name in ("complex.npy", "complex.pt"):
+        with pytest.raises(CubecoreError, match=r"complex.*embeddings are real numbers"):
+            read_embeddings(tmp_path / name)
 
 
 def test_dataset_argument_checks_use_the_package_conventions():
