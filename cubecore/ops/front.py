@@ -166,14 +166,14 @@ _WARNED: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, state_size: int = 1, *,
-                    hidden_layers: int = 1, forward_ad: bool = False) -> str:
-    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this depth (or forward-mode
-    differentiation, which only the reference does); check an explicit choice."""
+                    hidden_layers: int = 1, transform_reason: Optional[str] = None) -> str:
+    """Turn ``"auto"`` into ``"kernel"`` or ``"reference"`` for these tensors and this depth, or under a
+    differentiation the kernel cannot run under (``transform_reason``, from :func:`transform_reason`); check an
+    explicit choice."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
-    reason = FORWARD_AD if forward_ad else kernel_unavailable_reason(device, dtype, state_size,
-                                                                     hidden_layers=hidden_layers)
+    reason = transform_reason or kernel_unavailable_reason(device, dtype, state_size, hidden_layers=hidden_layers)
     if reason is None:
         return "kernel"
     if backend == "kernel":
@@ -187,25 +187,34 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, stat
 
 FORWARD_AD = ("forward-mode differentiation (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is in use and "
               "the kernel has no forward-mode rule: the reference computes the tangents")
+GRAD_TRANSFORM = ("a torch.func gradient transform (grad, vjp, jacrev, hessian) is in use, and torch runs no "
+                  "custom op's backward under one (pytorch/pytorch#168393): the reference computes the gradients")
 
 
-def _forward_mode_ad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether forward-mode AD traces this call: torch.func's jvp (jacfwd) transform, or dual tensors of
-    torch.autograd.forward_ad.  (The kernel's tangents would be zeros under the first, an error under the
-    second.)"""
+def transform_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the kernel cannot run this call's differentiation, if it cannot: a torch.func transform other than
+    vmap anywhere on the stack (jvp or jacfwd: the kernel has no forward-mode rule, its tangents would be zeros;
+    grad, vjp, jacrev: torch does not run a custom op's autograd formula under them), or dual tensors of
+    torch.autograd.forward_ad (an error in the kernel).  vmap alone runs the kernel."""
     if torch.compiler.is_compiling():
-        return False
+        return None
     try:
-        from torch._C._functorch import TransformType, peek_interpreter_stack
+        from torch._C._functorch import TransformType, get_interpreter_stack
 
-        interpreter = peek_interpreter_stack()
-        if interpreter is not None and interpreter.key() == TransformType.Jvp:
-            return True
+        transforms = {interpreter.key() for interpreter in get_interpreter_stack() or ()}
     except (ImportError, AttributeError):  # another torch's internals: only dual tensors are seen then
-        pass
+        transforms = set()
+    else:
+        if TransformType.Jvp in transforms:
+            return FORWARD_AD
+        if TransformType.Grad in transforms:
+            return GRAD_TRANSFORM
+    if transforms:  # under vmap, dual tensors cannot be unpacked (and jvp, which makes them, is not in use)
+        return None
     import torch.autograd.forward_ad as forward_ad
 
-    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    dual = any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return FORWARD_AD if dual else None
 
 
 def _check_tensor(name: str, tensor: object, ndim: int, shape_doc: str) -> torch.Tensor:
@@ -395,10 +404,9 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         fire_mask = fire_masks(fire_rate, steps, state)
     dead_state = None if dead_state is None else dead_state.detach()
     hidden_layers = len(weights) // 2 - 1
-    if backend != "reference" and _forward_mode_ad(state, external, perception, *weights):
-        chosen = resolve_backend(backend, state.device, state.dtype, forward_ad=True)
-    else:
-        chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], hidden_layers=hidden_layers)
+    unrun = None if backend == "reference" else transform_reason(state, external, perception, *weights)
+    chosen = resolve_backend(backend, state.device, state.dtype, state.shape[-1], hidden_layers=hidden_layers,
+                             transform_reason=unrun)
     if chosen == "reference":
         run = trajectory_reference if return_trajectory else propagate_reference
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,

@@ -3,6 +3,7 @@ perception, depth, output activation, fire, alive, boundary and update, forward 
 lattices, with 1, 2 and 3 threads; float32; the op's registration (opcheck, torch.compile) for the family."""
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -312,6 +313,55 @@ def test_forward_mode_differentiation_gives_the_references_tangents(transform):
     core.backend = "kernel"
     with pytest.raises(cubecore.errors.UnavailableError, match="forward-mode"):
         tangent(core)
+
+
+def _functorch_cases(core, u):
+    """Every torch.func transform a user applies to a core, each a function of nothing returning tensors."""
+    func = torch.func
+    batch = torch.stack([u, 2 * u, -u])
+    params = None if core is None else dict(core.named_parameters())
+    return {
+        "grad": lambda: func.grad(lambda x: core(x).square().sum())(u),
+        "jacrev": lambda: func.jacrev(core)(u),
+        "hessian": lambda: func.hessian(lambda x: core(x).square().sum())(u),
+        "vmap(grad)": lambda: func.vmap(func.grad(lambda x: core(x).square().sum()))(batch),
+        "grad of parameters": lambda: tuple(func.grad(
+            lambda p: func.functional_call(core, p, (u,)).square().sum())(params).values()),
+        "vjp": lambda: func.vjp(core, u)[1](torch.ones_like(u[..., :1].expand(*u.shape[:-1], 2)))[0],
+        "jvp(vmap)": lambda: func.jvp(func.vmap(core), (batch,), (torch.ones_like(batch),))[1],
+        "vmap(jvp)": lambda: func.vmap(lambda x, t: func.jvp(core, (x,), (t,))[1])(batch, torch.ones_like(batch)),
+        "vmap": lambda: func.vmap(core)(batch),
+    }
+
+
+@requires_kernel
+@pytest.mark.parametrize("transform", list(_functorch_cases(None, torch.zeros(1))))
+def test_every_torch_func_transform_runs_through_a_core(transform):
+    """torch.func transforms through a core on the default backend give the reference's results: the kernel runs
+    under vmap; under a gradient transform (torch runs no custom op's autograd formula there) and under
+    forward-mode (the kernel has none) the reference computes them, saying so once; backend='kernel' refuses
+    those with the reason instead of ending in torch's internal errors."""
+    torch.manual_seed(0)
+    core = cubecore.CubicCore((2, 3, 2), state_size=2, hidden_size=3, input_size=1, steps=2).double()
+    u = torch.randn(1, 2, 3, 2, 1, dtype=torch.float64)
+    core.backend = "reference"
+    want = _functorch_cases(core, u)[transform]()
+    core.backend = "auto"
+    cubecore.ops.front._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _functorch_cases(core, u)[transform]()
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    said = [str(w.message) for w in caught if "reference" in str(w.message)]
+    core.backend = "kernel"
+    if transform == "vmap":
+        assert not said
+        torch.testing.assert_close(_functorch_cases(core, u)[transform](), want, atol=1e-10, rtol=1e-10)
+    else:
+        assert len(said) == 1 and ("torch.func" in said[0] or "forward-mode" in said[0]), said
+        with pytest.raises(cubecore.errors.UnavailableError, match="torch.func|forward-mode"):
+            _functorch_cases(core, u)[transform]()
 
 
 @requires_kernel
