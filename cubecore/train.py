@@ -58,6 +58,8 @@ log = logging.getLogger("cubecore")
 # Keys that may change when a run is resumed: where and how it runs and when it stops, not what it computes.
 RESUMABLE_KEYS = ("epochs", "output_dir", "device", "model.backend", "data.cache_dir", "checkpoint_every",
                   "patience", "convergence_threshold", "target_similarity", "logger")
+# The resumable keys that decide when training ends: a finished run trains on only when one of them changes.
+STOP_KEYS = ("epochs", "patience", "convergence_threshold", "target_similarity")
 # Keys in which the seeds of one --seeds study may differ: where and how each ran, not what or how long it trained.
 STUDY_FREE_KEYS = ("output_dir", "device", "model.backend", "data.cache_dir", "checkpoint_every", "logger")
 
@@ -198,7 +200,9 @@ def main(argv=None) -> int:
 
 def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
     """The trainer of the checkpoint that --resume names, with the settings that may change applied, the
-    folder to write to (where the user points), and a message if the run is finished and nothing is asked."""
+    folder to write to (where the user points), and a message if the run is finished and asked nothing new:
+    resumed with its own settings (its command again, plus --resume), a finished run trains nothing and writes
+    only what its folder lacks; it trains on when a key that ends training (``STOP_KEYS``) is given anew."""
     if args.config:
         raise InvalidValueError("--config cannot be combined with --resume: the run's settings come from its "
                                 "checkpoint")
@@ -209,23 +213,24 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
     out = Path(given_dir) if given_dir else (checkpoint.parent if args.resume else default_dir)
     trainer = CubeTrainer.from_checkpoint(checkpoint, device=values.get("device"))
     values = {**values, "output_dir": str(out)}
-    epochs = values.get("epochs")
     config = trainer.config
     config.override(**values)  # unknown keys and bad values are errors here, as on a fresh run
-    refused = sorted(k for k, v in values.items()
-                     if k not in RESUMABLE_KEYS and config.override(**{k: v}).get(k) != config.get(k))
+    changed = sorted(k for k, v in values.items() if config.override(**{k: v}).get(k) != config.get(k))
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
         raise InvalidValueError(f"cannot change {refused} when resuming {checkpoint} (the run's results depend on "
                                 f"them); keys that may change on resume: {list(RESUMABLE_KEYS)}")
     trainer.config = config.override(**{k: v for k, v in values.items() if k in RESUMABLE_KEYS})
-    if trainer.finished is not None and epochs is None:
+    if trainer.finished is not None and not any(k in STOP_KEYS for k in changed):
+        # The run's own settings (the command that ran it, plus --resume): nothing to train, only what it lacks.
         if RunFiles(out).missing_outputs():  # stopped while reporting: the report phase runs again
             return trainer, out, None
         return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}) "
                               f"and {out} holds its report, results and model; nothing to do. To train it further "
-                              f"on purpose, add --epochs N with N > {trainer.epoch} (and target_similarity=null if "
-                              f"that is what stopped it).")
-    if epochs is not None and epochs <= trainer.epoch:
+                              f"on purpose, add --epochs N with N > {trainer.epoch} (the new total), or change what "
+                              f"stopped it (target_similarity=null, a larger patience).")
+    epochs = trainer.config.epochs
+    if epochs <= trainer.epoch:
         raise InvalidValueError(f"epochs {epochs} is not more than the {trainer.epoch} epochs {checkpoint} has "
                                 f"trained; with --resume, --epochs is the new total")
     if trainer.finished is not None:

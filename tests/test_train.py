@@ -536,6 +536,39 @@ def test_a_run_stopped_while_reporting_is_finished_by_resume(tmp_path, fake_teac
     assert "nothing to do" in capsys.readouterr().out, "a run with all its outputs is left alone"
 
 
+def test_the_same_command_plus_resume_finishes_a_run_and_trains_nothing(tmp_path, fake_teacher, dialogue_file,
+                                                                         monkeypatch, capsys):
+    """The command that ran a run, plus --resume (as the --seeds docs put it), was refused on a finished run
+    ("epochs 2 is not more than ..."): only a bare --resume finished one stopped while reporting."""
+    from cubecore import EmbeddingProcessor
+
+    out = tmp_path / "run"
+    original = EmbeddingProcessor.generate_model_card
+    monkeypatch.setattr(EmbeddingProcessor, "generate_model_card",
+                        lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli(tmp_path, dialogue_file, out, epochs=2) == 130  # Ctrl-C while writing the report
+    monkeypatch.setattr(EmbeddingProcessor, "generate_model_card", original)
+    step = CubeTrainer.from_checkpoint(out / "last.pt").step
+    capsys.readouterr()
+    assert cli(tmp_path, dialogue_file, out, "--resume", epochs=2) == 0
+    assert "finishing" in capsys.readouterr().out
+    assert (out / "results.json").is_file() and (out / "model").is_dir() and epochs_in(out) == [1, 2]
+    assert CubeTrainer.from_checkpoint(out / "last.pt").step == step, "nothing trained"
+    before = (out / "last.pt").read_bytes()
+    assert cli(tmp_path, dialogue_file, out, "--resume", epochs=2) == 0
+    assert "nothing to do" in capsys.readouterr().out and (out / "last.pt").read_bytes() == before
+    # An early stop, its command again: the same; a new value of what stopped it trains on, on purpose.
+    early = tmp_path / "early"
+    assert cli(tmp_path, dialogue_file, early, "target_similarity=-1.0", epochs=4) == 0  # stops after epoch 1
+    before = (early / "last.pt").read_bytes()
+    assert cli(tmp_path, dialogue_file, early, "target_similarity=-1.0", "--resume", epochs=4) == 0
+    assert "nothing to do" in capsys.readouterr().out and (early / "last.pt").read_bytes() == before
+    assert cli(tmp_path, dialogue_file, early, "target_similarity=null", "patience=10", "--resume", epochs=4) == 0
+    assert epochs_in(early) == [1, 2, 3, 4]
+    assert cli(tmp_path, dialogue_file, early, "--resume", epochs=3) == 2, "fewer epochs than it trained"
+    assert "is not more than the 4 epochs" in capsys.readouterr().err
+
+
 def test_a_failed_model_write_keeps_the_previous_model_folder(tmp_path, fake_teacher, dialogue_file, monkeypatch):
     from cubecore import EmbeddingProcessor
 
