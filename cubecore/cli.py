@@ -4,7 +4,8 @@ traceback.
 Bad keys, files, data, settings, checkpoints and a busy run directory raise ``cubecore.errors.CubecoreError``;
 a file that is not there or a full disk raise ``OSError``.  The commands run their body through
 ``run_command``, which prints those as the one line (``CUBECORE_DEBUG=1`` shows their traceback too) and lets
-every other exception, a bug in cubecore, through with its traceback.
+every other exception, a bug in cubecore, through with its traceback.  SIGTERM (what job schedulers and ``docker
+stop`` send) stops a command as Ctrl-C does, so that it cleans up the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Callable, List, Sequence
 
@@ -109,10 +112,46 @@ def device_argument(text: str):
     return _as_argument(lambda value: check_device(value, "--device"), text)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stop:
+    """Where the command stands with the signals that stop it (``stop_signals``)."""
+    stopping = False
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if signum == signal.SIGTERM and _Stop.stopping:
+        return  # stopping already (a scheduler's second SIGTERM): the cleanup goes on
+    _Stop.stopping = True
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals():
+    """Inside the block SIGTERM is handled as SIGINT (Ctrl-C): a KeyboardInterrupt in the main thread, so that
+    every cleanup written for Ctrl-C (a run keeps its last checkpoint, puts back the run --overwrite set aside,
+    removes its temporary files) runs for SIGTERM too, which schedulers, ``docker stop`` and torchrun send.  Only
+    in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    _Stop.stopping = False
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def run_command(body: Callable[[], int]) -> int:
     try:
-        return body()
-    except KeyboardInterrupt:  # outside training (which says what it saved), e.g. while encoding
+        with stop_signals():
+            return body()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside training (which says what it saved), e.g. while encoding
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED
     except USER_ERRORS as exc:

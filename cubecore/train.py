@@ -6,7 +6,8 @@ metrics, last.pt, best.pt, model/, report.md, results.json, curves.png, rollout.
 --output-dir (or output_dir=), which the run owns while it lives; a fresh run refuses a folder that holds
 another run unless --overwrite, which replaces only a cubecore run and only once the new run has saved its
 first checkpoint (until then the old run is kept aside and comes back if the new one ends).  Interrupt with
-Ctrl-C: last.pt keeps the last saved epoch, and --resume continues from it exactly as if never interrupted.
+Ctrl-C or SIGTERM: last.pt keeps the last saved epoch, and --resume continues from it exactly as if never
+interrupted.
 Settings: --config FILE and key=value overrides (model.steps=6, or steps=6 where the key names one field); see
 config/cube_training.yaml for every key.
 

@@ -2,6 +2,8 @@
 the console output goes through logging (per-epoch lines left out with --quiet, kept in the log file)."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,24 @@ def test_a_bad_option_of_any_command_is_one_error_line_and_writes_nothing(comman
     err = capsys.readouterr().err
     assert exc.value.code == USAGE_ERROR and err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in out.iterdir()) == ["cpu.md"] and (out / "cpu.md").read_text() == "published"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    """SIGTERM killed a command without its cleanup; it is a KeyboardInterrupt now (status 130, "interrupted"),
+    a second one while the command stops lets the cleanup finish, and the handlers are put back afterwards."""
+    code = """
+import os, signal, time
+from cubecore.cli import run_command
+def body():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's second SIGTERM
+        print("cleaned up")
+status = run_command(body)
+print("status", status, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["cleaned up", "status 130 True"] and "interrupted" in result.stderr

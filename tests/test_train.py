@@ -144,6 +144,50 @@ def test_ctrl_c_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path,
     assert CubeTrainer.from_checkpoint(cut / "last.pt").step == CubeTrainer.from_checkpoint(straight / "last.pt").step
 
 
+# `python -m cubecore.train` with the fake teacher, that sends itself SIGTERM at optimizer step STEP.
+SIGTERM_DRIVER = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import FakeEncoder
+from cubecore import CubeTrainer, train
+teacher = FakeEncoder(dim=12)
+CubeTrainer.teacher = property(lambda self: teacher)
+original = CubeTrainer.loss
+def loss(self, pred, target):
+    if torch.is_grad_enabled() and self.model_factory is None and self.step == int(os.environ["STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, pred, target)
+CubeTrainer.loss = loss
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, fake_teacher, dialogue_file):
+    """SIGTERM (job schedulers, docker stop) killed a run outright: an --overwrite run before its first checkpoint
+    left the old run hidden in .replaced/ ("checkpoint not found"); now it cleans up as for Ctrl-C."""
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "config.yaml", "results.json")}
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGTERM_DRIVER.format(tests=os.path.dirname(__file__)))
+    argv = [sys.executable, str(driver), "--data", dialogue_file, "--output-dir", str(out),
+            f"cache_dir={tmp_path / 'cache'}", *TINY, "hidden_size=6", "--epochs", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv + ["--overwrite"], capture_output=True, text=True, timeout=300,
+                            env={**env, "STEP": "1"})
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "the run it was to replace is kept there" in result.stderr, result.stderr[-3000:]
+    assert {name: (out / name).read_bytes() for name in before} == before and not (out / ".replaced").exists()
+    assert evaluate_cli.main([str(out / "last.pt")]) == 0
+    # After a checkpoint: it says what to resume, and --resume goes on from there.
+    steps_per_epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    result = subprocess.run(argv + ["--overwrite"], capture_output=True, text=True, timeout=300,
+                            env={**env, "STEP": str(steps_per_epoch + 1)})
+    assert result.returncode == 130 and "holds epoch 1" in result.stderr, result.stderr[-3000:]
+    assert train_cli.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0 and epochs_in(out) == [1, 2]
+
+
 def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(tmp_path, fake_teacher, dialogue_file, monkeypatch,
                                                           capsys):
     _interrupt_at_step(monkeypatch, 1)

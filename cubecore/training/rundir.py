@@ -9,10 +9,10 @@ but that is neither marked nor holds a cubecore checkpoint belongs to something 
 
 A fresh run wants a folder without a previous run's files.  ``overwrite`` sets the previous run's files aside
 (in ``RUN_DIR/.replaced``) and drops them only once the new run has saved its first checkpoint (``commit``);
-a run that ends before that, by an error, Ctrl-C or a kill, leaves the folder as it found it: its own files
-are removed and the previous run's come back (after a kill, on the next run into the folder).  A resumed run
-keeps the files.  Temporary files and folders that a killed write of a run file left behind are removed either
-way, and a folder that the run created and left empty is removed again.
+a run that ends before that, by an error, Ctrl-C, SIGTERM or a kill -9, leaves the folder as it found it: its
+own files are removed and the previous run's come back (after a kill -9, on the next run into the folder).  A
+resumed run keeps the files.  Temporary files and folders that a killed write of a run file left behind are
+removed either way, and a folder that the run created and left empty is removed again.
 """
 
 from __future__ import annotations
