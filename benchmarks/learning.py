@@ -14,7 +14,10 @@ then, seed by seed, the paired differences of each variant against every floor a
 same split: the seed also draws the validation split, so the floors move with it).  ``--set`` gives overrides
 that every variant shares (a larger data set's size and epochs); a key that a variant sets itself is refused.
 Writes ``<out>/<data>.md`` and ``.json`` (group ``readout``) or ``<out>/<data>-<group>.md`` and ``.json``, with
-the machine named; each run's own files stay in ``<out>/<data>/<variant>``.
+the machine named; each run's own files stay in ``<out>/<data>/<variant>``.  The ``.json``'s ``notes`` (a list of
+strings) hold what its figures do not say: how and where each part was measured, what was rerun, what shared the
+machine.  The study writes none itself, and keeps those of a file it adds variants to; docs/learning.md, the
+results page, leaves that history to them.
 """
 
 from __future__ import annotations
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
             held.callback(lock.unlink, missing_ok=True)
         # Variants measured before (the same seeds, shared overrides, machine and retrieval rule) stay in the
         # table: a study can run in parts.  A file measured another way is never replaced by a part of a new study.
-        results, where = {}, machine()
+        results, notes, where = {}, [], machine()
         saved = out / f"{stem}.json"
         if saved.is_file():
             before = json.loads(saved.read_text())
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
             if differ:
                 p.error(f"{saved} holds a study measured with other {', '.join(differ)}; a study in parts must be "
                         f"measured one way: move that file (and its .md) away, or choose another --out")
-            results = before["results"]
+            results, notes = before["results"], before.get("notes", [])
         for name in names:
             results[name] = run_variant(name, variants[name], args.data, seeds, out / data_stem, shared)
             print(f"{name}: {results[name]['seconds'] / 60:.1f} min", flush=True)
@@ -376,7 +379,8 @@ def main(argv=None) -> int:
             text = table(results, args.data, seeds, shared, where=where, variants=variants)
             atomic_write_text(out / f"{stem}.md", text + "\n")  # a Ctrl-C or kill mid-write leaves the last pair
             atomic_write_text(saved, json.dumps({"machine": where, "seeds": seeds, "shared": shared,
-                                                 "retrieval": RETRIEVAL_RULE, "results": results}, indent=2))
+                                                 "retrieval": RETRIEVAL_RULE, "notes": notes, "results": results},
+                                                indent=2))
     print(text)
     return 0
 

@@ -372,12 +372,20 @@ def test_learning_study_runs_in_parts_but_never_mixes_retrieval_rules(tmp_path, 
     saved = tmp_path / "chatterbot-rules.json"
     assert list(json.loads(saved.read_text())["results"]) == ["g8", "g8 moore"]  # the parts make one table
 
+    noted = json.loads(saved.read_text())  # a file's notes (how each part was measured) outlive the next part
+    assert noted["notes"] == []
+    noted["notes"] = ["g8 shared the machine with other work"]
+    saved.write_text(json.dumps(noted))
+    assert learning.main(args + ["--variants", "g8 fire 0.5"]) == 0
+    kept = json.loads(saved.read_text())
+    assert kept["notes"] == noted["notes"] and list(kept["results"]) == ["g8", "g8 moore", "g8 fire 0.5"]
+
     older = json.loads(saved.read_text())
     del older["retrieval"]  # as written before the rule was recorded: counted the earlier way
     saved.write_text(json.dumps(older))
     table = (tmp_path / "chatterbot-rules.md").read_text()
     with pytest.raises(SystemExit) as stop:
-        learning.main(args + ["--variants", "g8 fire 0.5"])
+        learning.main(args + ["--variants", "g8 2 hidden"])
     assert stop.value.code == 2 and "measured with other retrieval" in capsys.readouterr().err
     assert json.loads(saved.read_text()) == older and (tmp_path / "chatterbot-rules.md").read_text() == table
 
