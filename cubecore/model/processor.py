@@ -16,6 +16,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from ..atomic import atomic_write
 from ..checks import check_int, check_tensor
 from ..errors import CubecoreError, InvalidTypeError, InvalidValueError
+from ..locate import locate
 from .config import ModelConfig
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
@@ -175,12 +176,15 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id."""
-        path = Path(pretrained_model_name_or_path)
-        if path.is_file():
-            raise InvalidValueError(f"{path} is a file; from_pretrained takes the folder save_pretrained wrote (a training "
-                             f"run's is RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)")
-        if path.is_dir():
+        """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id; a folder
+        that is not there is a NotFoundError at once, not a hub request (``cubecore.locate``)."""
+        where = locate(pretrained_model_name_or_path, "model folder",
+                       file_hint=": from_pretrained takes the folder save_pretrained wrote (a training run's is "
+                                 "RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)",
+                       revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                       local_files_only=bool(kwargs.get("local_files_only")))
+        if isinstance(where, Path):
+            path = where
             config = path / "config.json"
             if not config.is_file():
                 hint = f" (this looks like a run folder: its model is {path / 'model'})" if (path / "model").is_dir() \
@@ -201,7 +205,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
                 raise type(exc)(f"{config}: {exc}") from None
             kwargs.setdefault("input_dim", saved["input_dim"])
             check_weights_file(path / WEIGHTS_FILE, cls, kwargs["input_dim"], kwargs["config"])
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(where, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The weights as safetensors, with a checksum of their values in the file's metadata (from_pretrained
