@@ -34,7 +34,7 @@ import os
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,6 @@ from .errors import InvalidValueError, PeerStoppedError
 from .ops.front import BACKENDS
 from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
-from .training.floors import TRAINED_FLOORS
 from .training.report import (example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                               seed_table, write_metrics)
 from .training.rundir import RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
@@ -224,12 +223,12 @@ def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
     trainer.config = config.override(**{k: v for k, v in values.items() if k in RESUMABLE_KEYS})
     if trainer.finished is not None and not any(k in STOP_KEYS for k in changed):
         # The run's own settings (the command that ran it, plus --resume): nothing to train, only what it lacks.
-        if RunFiles(out).missing_outputs():  # stopped while reporting: the report phase runs again
+        if lacking(trainer, RunFiles(out)):  # stopped while reporting (or before floors were stored): report again
             return trainer, out, None
         return trainer, out, (f"{checkpoint} is a finished run ({trainer.finished}, after epoch {trainer.epoch}) "
-                              f"and {out} holds its report, results and model; nothing to do. To train it further "
-                              f"on purpose, add --epochs N with N > {trainer.epoch} (the new total), or change what "
-                              f"stopped it (target_similarity=null, a larger patience).")
+                              f"and {out} holds its report, results, model and floors; nothing to do. To train it "
+                              f"further on purpose, add --epochs N with N > {trainer.epoch} (the new total), or "
+                              f"change what stopped it (target_similarity=null, a larger patience).")
     epochs = trainer.config.epochs
     if epochs <= trainer.epoch:
         raise InvalidValueError(f"epochs {epochs} is not more than the {trainer.epoch} epochs {checkpoint} has "
@@ -341,12 +340,18 @@ def memory_note(config: TrainingConfig, dim: int, device: torch.device) -> Optio
             f"model.hidden_size, model.steps and batch_size")
 
 
+def lacking(trainer: CubeTrainer, files: RunFiles) -> List[str]:
+    """What a finished run lacks, which --resume writes: the report phase's outputs in its folder, and the trained
+    floors in its checkpoint (a run stopped before it trained them, or saved before they were stored)."""
+    return files.missing_outputs() + [f"the {name} floor" for name in trainer.missing_floors()]
+
+
 def _plan(trainer: CubeTrainer, out: Path, source: Optional[Path]) -> str:
     """The first line a run prints: what it will do."""
     c = trainer.config
     lattice = "x".join(str(n) for n in c.model.lattice_size)
     if source is not None and trainer.finished is not None:
-        missing = ", ".join(RunFiles(out).missing_outputs())
+        missing = ", ".join(lacking(trainer, RunFiles(out)))
         what = (f"finishing {source}, trained {trainer.epoch} epochs ({trainer.finished}): writing what it lacks "
                 f"({missing})")
     elif source is not None:
@@ -521,7 +526,7 @@ def _report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[Tenso
     """Rank 0, after training: the mlp and linear floors (trained once, stored in last.pt), the evaluation against
     the floors, curves, rollout, report, results and the model folder."""
     config = trainer.config
-    missing = tuple(name for name in TRAINED_FLOORS if name not in trainer.trained_floors)
+    missing = trainer.missing_floors()
     if missing:  # (a report written again after an interruption has them in last.pt)
         log.info(f"training the {' and '.join(missing)} floor{'s' if len(missing) > 1 else ''} (mlp: as many "
                  f"parameters as the cube; linear: input + W input) with the cube's settings")

@@ -613,6 +613,54 @@ def test_the_same_command_plus_resume_finishes_a_run_and_trains_nothing(tmp_path
     assert "is not more than the 4 epochs" in capsys.readouterr().err
 
 
+def test_evaluate_of_a_best_pt_scores_the_floors_its_run_trained(tmp_path, fake_teacher, dialogue_file,
+                                                                 monkeypatch, capsys):
+    """evaluate runs/cube/best.pt said the floors were "not stored (written before they were stored with the
+    run); train the run again" right after a fresh run: a run stores them in its last.pt, after its last epoch.
+    Where they are missing, the note says truly why and what brings them."""
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
+    from cubecore.training.report import results_table
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=2) == 0
+    table = results_table(json.loads((out / "results.json").read_text())).splitlines()
+    capsys.readouterr()
+    assert evaluate_cli.main([str(out / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    for model in ("cube", "mlp", "linear"):  # the run's own report's rows
+        assert next(line for line in table if line.startswith(f"| {model} |")) in said, said
+    assert f"those the run stored in {out / 'last.pt'}" in said and "not in the table" not in said
+    alone = tmp_path / "alone"  # a best.pt without its run's last.pt
+    alone.mkdir()
+    shutil.copy(out / "best.pt", alone / "best.pt")
+    assert evaluate_cli.main([str(alone / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert "| mlp |" not in said and "mlp and linear floors are not in the table" in said
+    assert "stores them in its last.pt" in said and "with no last.pt beside it that holds them" in said, said
+    cut = tmp_path / "cut"  # a run stopped before its last epoch
+    steps_per_epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    original = _interrupt_at_step(monkeypatch, steps_per_epoch + 1)  # in epoch 2
+    assert cli(tmp_path, dialogue_file, cut, epochs=2) == 130
+    monkeypatch.setattr(CubeTrainer, "loss", original)
+    capsys.readouterr()
+    assert evaluate_cli.main([str(cut / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert "saved before that (epoch 1 of 2)" in said and "--resume" in said, said
+    # A finished run's last.pt without them (saved before they were stored): --resume trains them, nothing else.
+    state = load_checkpoint_file(out / "last.pt")
+    del state["trained_floors"]
+    save_checkpoint_file(state, out / "last.pt")
+    assert evaluate_cli.main([str(out / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert f"{out / 'last.pt'} holds the finished run without them" in said, said
+    assert train_cli.main(["--resume", str(out / "last.pt"), "--quiet"]) == 0
+    assert "the mlp floor, the linear floor" in capsys.readouterr().out
+    assert load_checkpoint_file(out / "last.pt")["step"] == state["step"]
+    assert evaluate_cli.main([str(out / "best.pt")]) == 0
+    said = capsys.readouterr().out
+    assert next(line for line in table if line.startswith("| linear |")) in said, said
+
+
 def test_a_failed_model_write_keeps_the_previous_model_folder(tmp_path, fake_teacher, dialogue_file, monkeypatch):
     from cubecore import EmbeddingProcessor
 

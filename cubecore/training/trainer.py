@@ -9,6 +9,7 @@ killed one stopped.  Checkpoints load weights-only and carry a checksum (``cubec
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -322,8 +323,8 @@ class CubeTrainer:
         self.retrieval_rule = RETRIEVAL_RULE
 
     def reopen(self) -> None:
-        """Let a finished run train on (asked for on purpose, with more epochs): the early-stop count restarts,
-        and the trained floors, trained for the old length, are trained again at the end."""
+        """Let a finished run train on (asked for on purpose: more epochs, another stop rule): the early-stop count
+        restarts, and the trained floors, trained for the old length, are trained again at the end."""
         self.finished = None
         self.epochs_without_improvement = 0
         self.trained_floors = {}
@@ -428,6 +429,18 @@ class CubeTrainer:
             with floor.weights_of("best") as epoch:
                 weights = {k: v.detach().cpu().clone() for k, v in floor.model.state_dict().items()}
             self.trained_floors[name] = {**settings, "epoch": epoch, "model": weights}
+
+    def missing_floors(self) -> Tuple[str, ...]:
+        """The trained floors this trainer does not hold: a run trains them after its last epoch and stores them
+        in its last.pt, so a checkpoint saved before (best.pt, an unfinished run's last.pt) has none."""
+        return tuple(name for name in TRAINED_FLOORS if name not in self.trained_floors)
+
+    def goes_on_from(self, earlier: "CubeTrainer") -> bool:
+        """Whether this trainer holds ``earlier``'s run at the same epoch or later (a run's last.pt against its
+        best.pt): the same data and dimension, and a history that begins with ``earlier``'s."""
+        return (self.dim == earlier.dim and self.data_fingerprint == earlier.data_fingerprint
+                and len(self.history) >= len(earlier.history)
+                and json.dumps(self.history[:len(earlier.history)]) == json.dumps(earlier.history))
 
     def score_floor(self, name: str, x: torch.Tensor, y: torch.Tensor, autoencoder: bool) -> Dict[str, float]:
         """The stored trained floor ``name``'s metrics on (x, y), with its size and scored epoch."""
