@@ -3,7 +3,8 @@
 A value of the wrong type raises ``InvalidTypeError`` (a ``TypeError``), a value of the right type that is out of
 range or not among the choices ``InvalidValueError`` (a ``ValueError``), an unknown key (config files, keyword
 options) ``UnknownKeyError`` (a ``KeyError``); all three are ``cubecore.errors.CubecoreError``.
-Every message names the argument.  Numpy scalars count as the Python numbers they hold.
+Every message names the argument.  Numpy scalars count as the Python numbers they hold.  (Why these and not
+pydantic's or OmegaConf's validation: ``cubecore/sections.py``.)
 """
 
 from __future__ import annotations

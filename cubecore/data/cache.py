@@ -6,6 +6,15 @@ model never gets another's embeddings.  Files are written to a temporary name an
 a checksum: a killed run leaves nothing a later run would trust, and a corrupt or truncated file is reported,
 deleted and rebuilt.  A cache directory that cannot be read or written is reported and the run goes on without
 the cache; files get the usual mode (0o666 less the umask).
+
+Why not joblib's ``Memory`` or diskcache.  Measured with joblib 1.6 (installed here, but not a dependency) on
+62,800 texts and 384-dim embeddings, chitchat's size: no faster (store 0.51 s against 0.65 s, a hit 0.26 s
+against 0.30 s), and it trusts what it reads: with 64 bytes of its ``output.pkl`` flipped it returned the changed
+embeddings without a word, where the checksum here reports the file and rebuilds it; a truncated file prints a
+traceback that dumps the texts.  Both joblib and diskcache read values back with pickle, which runs code, where
+``torch.load(weights_only=True)`` here loads tensors only; and either lays out other files (joblib
+``<dir>/joblib/<module>/<function>/<hash>/output.pkl``, diskcache an SQLite ``cache.db``), so every cache built so
+far would be embedded again.  diskcache is not installed: a new dependency too.
 """
 
 from __future__ import annotations

@@ -4,6 +4,14 @@ and ``data`` (``DataConfig``) sections it holds; loaded from and saved to YAML, 
 Keys are addressed as ``learning_rate``, ``model.steps`` or ``data.validation_split``; a flat key that names
 exactly one field of one section (``steps``, ``validation_split``) means that field, so flat config files and
 checkpoints written before the sections load as they did (``data: FILE`` means ``data.source``).
+
+Why the ``key=value`` merge is not OmegaConf's (``OmegaConf.from_dotlist`` and ``merge``; for the checks, see
+``cubecore/sections.py``): a dotlist knows dotted keys only, so the flat (``steps=6``) and legacy
+(``data=FILE``) keys, the "did you mean" of a mistyped key and the refusal of a key two sections share would stay
+here as ``resolve_key``; what it would replace is ``parse_override`` and ``override``, some twenty lines.  Its
+values go through OmegaConf's own grammar instead of ``_Loader``, the YAML rules that config files follow, so a
+value could read one way on the command line and another in a file (a string holding ``${...}`` becomes an
+interpolation).  And OmegaConf is not installed: a new dependency for no change a user would see.
 """
 
 from __future__ import annotations
