@@ -118,13 +118,36 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class _Stop:
     """Where the command stands with the signals that stop it (``stop_signals``)."""
     stopping = False
+    cause = None  # what the next stop raises instead of KeyboardInterrupt (``stop_main``)
+    lock = threading.Lock()  # for stop_main and stopping_now; the handler takes none (it runs between lines)
 
 
 def _on_stop_signal(signum, frame) -> None:
     if signum == signal.SIGTERM and _Stop.stopping:
         return  # stopping already (a scheduler's second SIGTERM): the cleanup goes on
     _Stop.stopping = True
-    raise KeyboardInterrupt
+    cause, _Stop.cause = _Stop.cause, None
+    raise cause if cause is not None else KeyboardInterrupt
+
+
+def stop_main(cause: BaseException) -> bool:
+    """From another thread: stop the main thread with ``cause`` as a SIGTERM would, at once (a signal also cuts
+    short a sleep or a read); False, and nothing done, where the command is stopping already or no
+    ``stop_signals`` block is in force."""
+    with _Stop.lock:
+        if _Stop.stopping or signal.getsignal(signal.SIGTERM) is not _on_stop_signal:
+            return False
+        _Stop.cause = cause
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        return True
+
+
+def stopping_now() -> None:
+    """The command is stopping (or done) by itself: from now on ``stop_main`` does nothing, and a further SIGTERM
+    lets it finish."""
+    with _Stop.lock:
+        _Stop.stopping = True
+        _Stop.cause = None
 
 
 @contextmanager
@@ -137,7 +160,7 @@ def stop_signals():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    _Stop.stopping = False
+    _Stop.stopping, _Stop.cause = False, None
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
     try:

@@ -45,4 +45,4 @@ class TrainingDivergedError(CubecoreError, FloatingPointError):
 
 
 class PeerStoppedError(CubecoreError, RuntimeError):
-    """Another process of a distributed run stopped before training, for the reason given: this one stops too."""
+    """Another process of a distributed run stopped, for the reason given: this one stops too."""

@@ -32,9 +32,9 @@ import logging
 import math
 import os
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,10 +42,11 @@ import torch.distributed as dist
 from .atomic import atomic_write_dir, atomic_write_text
 from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from .data import MODES, prepare_data
-from .errors import InvalidValueError, PeerStoppedError
+from .errors import InvalidValueError
 from .ops.front import BACKENDS
 from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
+from .training.peers import PeerWatch
 from .training.report import (example_predictions, markdown_report, plot_curves, results_table, seed_summary,
                               seed_table, write_metrics)
 from .training.rundir import RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
@@ -137,19 +138,31 @@ def config_from_args(args) -> TrainingConfig:
     return config
 
 
-@contextmanager
-def distributed_session():
-    """A process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+def in_process_group(body: Callable[[], int]) -> int:
+    """``body()`` in a process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA.  A
+    rank that stops (an error anywhere, Ctrl-C, SIGTERM) stops every other rank at once with its reason
+    (``PeerWatch``); on success all ranks leave together."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield
-        return
+        return body()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    peers = PeerWatch(dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size())
     try:
-        yield
+        try:
+            status = body()
+            if status == 0:
+                dist.barrier()  # every rank leaves together, or learns why one did not
+        except BaseException as exc:
+            cause = peers.end(exc)
+            if cause is exc:
+                raise
+            raise cause from None  # another rank stopped first: this rank's end follows from it
+        peers.end(status=status)  # (an interruption it has reported itself, as such)
+        return status
     finally:
+        peers.close()
         dist.destroy_process_group()
 
 
@@ -162,40 +175,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
-def _rank_zero_first():
-    """Rank 0 runs the block (taking the run folder, filling the data cache) while the other ranks wait, as at a
-    barrier; if it fails, they stop with its reason as one ``error:`` line, not with a gloo traceback once its
-    process is gone."""
-    if not dist.is_initialized():
-        yield
-        return
-    try:
-        yield
-    except BaseException as exc:  # rank 0's: the others learn why, then it goes on up as it was
-        try:
-            dist.broadcast_object_list([(isinstance(exc, KeyboardInterrupt), str(exc) or type(exc).__name__)], src=0)
-        except Exception:  # the others are gone already: rank 0's own error is the one to show
-            pass
-        raise
-    outcome = [None]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        interrupted, reason = outcome[0]
-        if interrupted:
-            raise KeyboardInterrupt  # Ctrl-C reached rank 0 first: every rank stops as interrupted
-        raise PeerStoppedError(f"rank 0 stopped before training: {reason}")
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between flags
 
     def body() -> int:
-        with distributed_session():
-            setup_logging(quiet=args.quiet, silent=_rank() != 0)
-            return _main(args)
+        setup_logging(quiet=args.quiet, silent=_rank() != 0)
+        return _main(args)
 
-    return run_command(body)
+    return run_command(lambda: in_process_group(body))
 
 
 def resumed_trainer(args) -> Tuple[CubeTrainer, Path, Optional[str]]:
@@ -283,16 +270,16 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
         hf_logging.disable_progress_bar()
     with ExitStack() as stack:
         rundir = None
-        with _rank_zero_first():
-            if main_process:  # only rank 0 writes, so only it owns the folder
-                # --overwrite sets the previous run aside; it goes only when this run saves its first checkpoint
-                # (rundir.commit), and comes back if this run ends before that, whatever ends it.
-                rundir = stack.enter_context(RunDirectory(out, mode))
-                plan = _plan(trainer, out, source)
-                log.info(plan)
-                data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the cache ...
-                trainer.use_data(data.fingerprint, config.data.source)  # a resumed run: the data it trained on
-                stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
+        if main_process:  # only rank 0 writes, so only it owns the folder
+            # --overwrite sets the previous run aside; it goes only when this run saves its first checkpoint
+            # (rundir.commit), and comes back if this run ends before that, whatever ends it.
+            rundir = stack.enter_context(RunDirectory(out, mode))
+            plan = _plan(trainer, out, source)
+            log.info(plan)
+            data = prepare_data(config.data, config.seed, trainer.teacher)  # rank 0 fills the cache ...
+            trainer.use_data(data.fingerprint, config.data.source)  # a resumed run: the data it trained on
+            stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
+        _barrier()  # ... while the others wait (if it fails, in_process_group stops them with its reason)
         if not main_process:
             data = prepare_data(config.data, config.seed, trainer.teacher)  # ... the others read it
             trainer.use_data(data.fingerprint, config.data.source)
@@ -503,8 +490,7 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
             if not same:
                 log.error("error: distributed processes diverged")
                 return 1
-        if not main_process:
-            _barrier()  # stay in the process group until rank 0 has written its report: all ranks leave together
+        if not main_process:  # (in_process_group keeps it until rank 0 has written the report)
             return 0
         try:
             if rundir is not None:
@@ -515,8 +501,6 @@ def _train_and_report(trainer: CubeTrainer, data, files: RunFiles, source: Optio
                       f"{resume_hint or f'--resume {files.last}'} writes what is missing "
                       f"({', '.join(files.missing_outputs())})")
             return 130
-        finally:
-            _barrier()
     finally:
         if tracker is not None:
             tracker.close()

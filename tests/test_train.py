@@ -124,8 +124,76 @@ def test_torchrun_ranks_stop_with_rank_zeros_reason_when_it_cannot_start(tmp_pat
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "error: output directory taken is a file" in result.stderr, result.stderr[-3000:]
-    assert "error: rank 0 stopped before training: output directory taken is a file" in result.stderr
+    assert "error: rank 0 stopped: output directory taken is a file" in result.stderr
     assert "[rank1]" not in result.stderr and "Connection closed by peer" not in result.stderr
+
+
+# `python -m cubecore.train` as one rank of a two-process run started without torchrun (whose agent would stop
+# the other ranks for a failed one), with the fake teacher.  FAIL=R:teacher fails rank R before the ranks first
+# meet, FAIL=R:model after (bad data, as an error of its own); SLOW=R keeps rank R encoding data for two minutes.
+RANK_DRIVER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import FakeEncoder
+from cubecore import CubeTrainer, train
+from cubecore.errors import InvalidValueError
+rank = int(os.environ["RANK"])
+failing, where = os.environ["FAIL"].split(":")
+failing = rank == int(failing)
+teacher = FakeEncoder(dim=12)
+def get_teacher(self):
+    if failing and where == "teacher":
+        raise InvalidValueError(f"bad data on rank {{rank}}")
+    return teacher
+CubeTrainer.teacher = property(get_teacher)
+def initialize_components(self, dim=None, original=CubeTrainer.initialize_components):
+    if failing and where == "model":
+        raise InvalidValueError(f"bad data on rank {{rank}}")
+    return original(self, dim)
+CubeTrainer.initialize_components = initialize_components
+def prepare_data(*args, original=train.prepare_data):
+    if rank == int(os.environ["SLOW"]):
+        for _ in range(1200):
+            time.sleep(0.1)
+    return original(*args)
+train.prepare_data = prepare_data
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("fail,slow", [("0:model", -1), ("1:teacher", 0)])
+def test_a_rank_that_stops_stops_every_rank_at_once_with_its_reason(tmp_path, dialogue_file, fail, slow):
+    """A rank that failed to start left the others waiting at their next collective until gloo's timeout (30 min),
+    or failing there with gloo's traceback: every rank stops at once with its reason now, also without torchrun
+    (whose agent would stop the others for it), and rank 0 leaves its run folder as it found it."""
+    import socket
+    import time
+
+    driver = tmp_path / "rank.py"
+    driver.write_text(RANK_DRIVER.format(tests=os.path.dirname(__file__)))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "FAIL": fail, "SLOW": str(slow)}
+    out = tmp_path / "run"
+    argv = [sys.executable, str(driver), "--data", dialogue_file, "--output-dir", str(out),
+            f"cache_dir={tmp_path / 'cache'}", *TINY, "--epochs", "1"]
+    start = time.monotonic()
+    ranks = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        said = [rank.communicate(timeout=60) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    failed = int(fail[0])
+    other = 1 - failed
+    assert ranks[failed].returncode == 2 and f"error: bad data on rank {failed}" in said[failed][1], said[failed][1]
+    assert ranks[other].returncode == 2, said[other][1][-3000:]
+    assert said[other][1].strip() == f"error: rank {failed} stopped: bad data on rank {failed}", said[other][1]
+    assert time.monotonic() - start < 40, "at once: the other rank was not let finish its two minutes"
+    assert not out.exists(), "rank 0's run, which saved nothing, left nothing"
 
 
 def test_ctrl_c_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, fake_teacher, dialogue_file,

@@ -1,0 +1,96 @@
+"""How the processes of a distributed run stop together: a process that stops (an error anywhere, Ctrl-C,
+SIGTERM) stops every other one at once, with its reason.
+
+Without this, the other processes would wait for it at their next collective (a barrier, a gradient's
+all-reduce) until the backend's timeout, 30 minutes with gloo, or fail there with the backend's traceback
+instead of its reason.  Each process posts why it stopped in the process group's store and waits (a few
+seconds at most) until every other process has read it; a thread in every process watches the store and stops
+its main thread with the first reason posted (``cubecore.cli.stop_main``): ``error: rank R stopped: REASON``,
+or an interruption where that process was interrupted.  A process blocked in a collective stops as soon as
+the stopped process has gone, which the backend sees at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Optional
+
+from ..cli import INTERRUPTED, USER_ERRORS, stop_main, stopping_now
+from ..errors import PeerStoppedError
+
+STOPPED = "cubecore/stopped/"  # + rank: why that process stopped, [interrupted, reason] as JSON
+POSTS = "cubecore/stops"  # how many processes have posted
+READ = "cubecore/read/"  # + rank: how many other processes have read its post
+
+
+def reason_of(exc: BaseException) -> str:
+    """What a stop says: a user's mistake as its ``error:`` line says it, anything else with its type."""
+    return str(exc) if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+
+
+class PeerWatch:
+    """One process's link to the others' stops through ``store`` (the process group's), for as long as it runs
+    its part of the run; ``end`` when that part ends, ``close`` last."""
+
+    def __init__(self, store, rank: int, world_size: int, poll: float = 0.1, wait: float = 5.0) -> None:
+        self.store, self.rank, self.world_size, self.poll, self.wait = store, rank, world_size, poll, wait
+        self.peer: Optional[BaseException] = None  # the first other process's stop, as this one raises it
+        self._ended = False
+        self._seen = set()
+        self._lock = threading.Lock()  # one store request at a time from this process
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="cubecore-peers", daemon=True)
+        self._thread.start()
+
+    def _request(self, method: str, *args):
+        with self._lock:
+            return getattr(self.store, method)(*args)
+
+    def _watch(self) -> None:
+        try:
+            while not self._done.wait(self.poll):
+                if int(self._request("add", POSTS, 0)) > len(self._seen):
+                    self._read_posts()
+        except Exception:  # the store has gone with the process that held it: the collectives say the rest
+            return
+
+    def _read_posts(self) -> None:
+        for rank in range(self.world_size):
+            key = f"{STOPPED}{rank}"
+            if rank == self.rank or rank in self._seen or not self._request("check", [key]):
+                continue
+            self._seen.add(rank)
+            interrupted, reason = json.loads(self._request("get", key))
+            self._request("add", f"{READ}{rank}", 1)
+            if self.peer is None and not self._ended:
+                self.peer = (KeyboardInterrupt() if interrupted
+                             else PeerStoppedError(f"rank {rank} stopped: {reason}"))
+                stop_main(self.peer)
+
+    def end(self, exc: Optional[BaseException] = None, status: int = 0) -> Optional[BaseException]:
+        """This process's part ended, by ``exc`` or with exit ``status``: what it stops with (another process's
+        stop where one came first, its cause), having told the others why where it stops by itself."""
+        stopping_now()  # from here on, nothing stops this process's main thread but its own end
+        self._ended = True
+        if self.peer is not None:
+            return self.peer
+        if exc is None and status == 0:
+            return None
+        interrupted = isinstance(exc, KeyboardInterrupt) or (exc is None and status == INTERRUPTED)
+        reason = "interrupted" if interrupted else reason_of(exc) if exc is not None else f"exit status {status}"
+        try:
+            self._request("set", f"{STOPPED}{self.rank}", json.dumps([interrupted, reason]))
+            self._request("add", POSTS, 1)
+            deadline = time.monotonic() + self.wait
+            while (int(self._request("add", f"{READ}{self.rank}", 0)) < self.world_size - 1
+                   and time.monotonic() < deadline):
+                time.sleep(self.poll / 2)
+        except Exception:  # the store has gone: the others see this process go at their next collective
+            pass
+        return exc
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
