@@ -370,10 +370,7 @@ struct Geometry {
   int64_t In;        // inputs of the first layer: K*S + E (concat) or S*F + E (depthwise)
   int64_t cells;     // X * Y * Z
   int64_t N;         // B * cells
-  int64_t neighbourhood, boundary, activation, output_activation, update;
-  double step_size;
-  int64_t alive_channel;  // -1: no alive mask
-  double alive_threshold;
+  RuleOptions rule;       // the rule's codes and values (op_args.h)
   bool fire;              // a fire mask is given
   CpuEngine engine;       // per-cell loops or tile GEMMs (cpu_engine.h)
   int64_t tile;           // cells per tile of that engine
@@ -383,15 +380,11 @@ struct Geometry {
   int64_t first_lengths[2];            // depthwise: S*F, E
   std::vector<int64_t> neighbours;     // [cells][K]: the cell each slot reads (-1: zeros), the same per sample
 
-  Geometry(const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-           const at::Tensor& w1, const c10::optional<at::Tensor>& wh, int64_t neighbourhood_, int64_t boundary_,
-           int64_t activation_, int64_t output_activation_, int64_t update_, double step_size_,
-           int64_t alive_channel_, double alive_threshold_, bool fire_)
+  Geometry(const at::Tensor& state, const OpArgs& a)
       : B(state.size(0)), X(state.size(1)), Y(state.size(2)), Z(state.size(3)), S(state.size(4)),
-        E(external.size(4)), K(slots_of(neighbourhood_)), F(perception ? perception->size(1) : 0), H1(w1.size(0)),
-        H2(wh ? wh->size(0) : 0), In(w1.size(1)), neighbourhood(neighbourhood_), boundary(boundary_),
-        activation(activation_), output_activation(output_activation_), update(update_), step_size(step_size_),
-        alive_channel(alive_channel_), alive_threshold(alive_threshold_), fire(fire_) {
+        E(a.external.size(4)), K(slots_of(a.rule.neighbourhood)), F(a.perception ? a.perception->size(1) : 0),
+        H1(a.w1.size(0)), H2(a.wh ? a.wh->size(0) : 0), In(a.w1.size(1)), rule(a.rule),
+        fire(a.fire_mask.has_value()) {
     engine = cpu_engine(state.scalar_type() == at::kFloat, H1);
     tile = engine == kTileGemm ? gemm_tile() : kCellsTile;
     cells = X * Y * Z;
@@ -408,8 +401,8 @@ struct Geometry {
         for (int64_t z = 0; z < Z; ++z)
           for (int slot = 0; slot < K; ++slot) {
             int dx, dy, dz;
-            slot_offset(neighbourhood, slot, &dx, &dy, &dz);
-            neighbours[((x * Y + y) * Z + z) * K + slot] = cell_read(x, y, z, dx, dy, dz, X, Y, Z, boundary);
+            slot_offset(rule.neighbourhood, slot, &dx, &dy, &dz);
+            neighbours[((x * Y + y) * Z + z) * K + slot] = cell_read(x, y, z, dx, dy, dz, X, Y, Z, rule.boundary);
           }
   }
   bool depthwise() const { return F > 0; }
@@ -438,15 +431,15 @@ struct PackedWeights {
   at::Tensor wp;   // [F][K][S]:  the depthwise perception, filter-major
   at::Tensor dead; // [S]:        the state of a dead cell
 
-  PackedWeights(const Geometry& g, const c10::optional<at::Tensor>& P, const at::Tensor& W1, const at::Tensor& B1,
-                const c10::optional<at::Tensor>& WH, const c10::optional<at::Tensor>& BH, const at::Tensor& WO,
-                const at::Tensor& BO, const c10::optional<at::Tensor>& dead_state)
+  PackedWeights(const Geometry& g, const OpArgs& a)
       : H1p(padded<T, kHiddenBytes>(g.H1)),
         H2p(g.H2 ? padded<T, kHiddenBytes>(g.H2) : 0),
         Hlp(g.H2 ? H2p : H1p),
         Sp(padded<T, kStateBytes>(g.S)),
         Ks(padded<T, kHiddenBytes>(g.state_inputs())) {
     const int64_t H1 = g.H1, S = g.S, SI = g.state_inputs(), Hl = g.H2 ? g.H2 : g.H1;
+    const at::Tensor &W1 = a.w1, &B1 = a.b1, &WO = a.wo, &BO = a.bo;
+    const c10::optional<at::Tensor>&P = a.perception, &WH = a.wh, &BH = a.bh, &dead_state = a.dead_state;
     auto opts = W1.options();
     // W1's state columns in the kernels' order: slot-major for concat (as given), filter-major for depthwise.
     const at::Tensor w1s = g.depthwise()
@@ -807,7 +800,7 @@ __attribute__((noinline)) TileRows<T, L> forward_tile_gemm(const Geometry& g, co
     using SV = typename StateVec<T>::type;
     constexpr int W = StateVec<T>::width;
     gather_inputs<L>(g, rows, count, s);
-    const int64_t activation = g.activation;
+    const int64_t activation = g.rule.activation;
     auto act = [=](HV v) { return activate_vec(v, activation); };
     tile_gemm(count, w.H1p, g.In, s.x1.data(), g.In, w.w1t.template data_ptr<T>(), w.H1p, s.hid1.data(), w.H1p,
               false);
@@ -820,7 +813,7 @@ __attribute__((noinline)) TileRows<T, L> forward_tile_gemm(const Geometry& g, co
     if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
       tile_gemm(count, w.Sp, w.Hlp, s.hid_last(g), w.Hlp, w.wot.template data_ptr<T>(), w.Sp, s.chg.data(), w.Sp,
                 false);
-      const int64_t output_activation = g.output_activation;
+      const int64_t output_activation = g.rule.output_activation;
       const T* bo = w.bo.template data_ptr<T>();
       for (int64_t c = 0; c < count; ++c) {
         const T* row = s.chg.data() + c * w.Sp;
@@ -858,7 +851,7 @@ inline TileRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w,
   const CellRows<T, L> slots = cell_rows<T, L>(g, state, external, n0, count, s);
   if (g.depthwise()) perceive_tile<L>(g, w, slots, count, s);
   const CellRows<T, L> rows = first_rows<L>(g, slots, external, n0, count, s);
-  const int64_t activation = g.activation;
+  const int64_t activation = g.rule.activation;
   auto hidden_store = [&](T* hid, int64_t Hp) {
     return [=](int64_t c, int64_t col, HV* acc, auto rv) {
       for (int r = 0; r < decltype(rv)::value; ++r) vstore(hid + c * Hp + col + r * W, activate_vec(acc[r], activation));
@@ -870,7 +863,7 @@ inline TileRows<T, L> forward_tile(const Geometry& g, const PackedWeights<T>& w,
     matmul<kHiddenBytes>(DenseRows<T>{s.hid1.data(), w.H1p, w.H1p}, count, w.wht.template data_ptr<T>(), w.H2p,
                          w.bh.template data_ptr<T>(), hidden_store(s.hid2.data(), w.H2p));
   if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
-    const int64_t output_activation = g.output_activation;
+    const int64_t output_activation = g.rule.output_activation;
     matmul<kStateBytes>(DenseRows<T>{s.hid_last(g), w.Hlp, w.Hlp}, count, w.wot.template data_ptr<T>(), w.Sp,
                         w.bo.template data_ptr<T>(), [&](int64_t c, int64_t col, SV* acc, auto rv) {
                           for (int r = 0; r < decltype(rv)::value; ++r) acc[r] = output_vec(acc[r], output_activation);
@@ -898,8 +891,8 @@ void forward_cells(const Geometry& g, const PackedWeights<T>& w, const T* state,
   constexpr int W = StateVec<T>::width;
   const int64_t S = L > 0 ? L : g.S, Sp = w.Sp;
   const bool whole_vectors = S == Sp;  // the changes can be written straight from the registers
-  const bool residual = g.update == kResidual;
-  const T step = static_cast<T>(g.step_size);
+  const bool residual = g.rule.update == kResidual;
+  const T step = static_cast<T>(g.rule.step_size);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += g.tile) {
     const int64_t count = std::min(g.tile, n_end - n0);
     forward_tile<L>(g, w, state, external, n0, count, s, [&](int64_t c, int64_t col, V* acc, auto rv) {
@@ -936,8 +929,8 @@ template <typename T>
 inline bool alive_at(const Geometry& g, const T* state, int64_t n) {
   const int64_t b = n / g.cells, cell = n - b * g.cells;
   const int64_t x = cell / (g.Y * g.Z), y = cell / g.Z % g.Y, z = cell % g.Z;
-  const T* sample = state + b * g.cells * g.S + g.alive_channel;
-  const T threshold = static_cast<T>(g.alive_threshold);
+  const T* sample = state + b * g.cells * g.S + g.rule.alive_channel;
+  const T threshold = static_cast<T>(g.rule.alive_threshold);
   for (int64_t u = std::max<int64_t>(x - 1, 0); u <= std::min(x + 1, g.X - 1); ++u)
     for (int64_t v = std::max<int64_t>(y - 1, 0); v <= std::min(y + 1, g.Y - 1); ++v)
       for (int64_t t = std::max<int64_t>(z - 1, 0); t <= std::min(z + 1, g.Z - 1); ++t)
@@ -959,23 +952,16 @@ void bury(const Geometry& g, const T* dead, T* state, const uint8_t* life, int64
     if (!life[n]) std::copy(dead, dead + g.S, state + n * g.S);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
-    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
-    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
-  check_propagate_args(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
-                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(const at::Tensor& state, const OpArgs& a,
+                                                                    bool keep_trajectory) {
+  check_propagate_args(state, a);
   TORCH_CHECK(state.device().is_cpu(), "propagate_forward_cpu: tensors must be on the CPU");
-  TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
-              "the CPU kernel supports float32 and float64, got ", state.scalar_type());
-  const at::Tensor s0 = state.contiguous(), u = external.contiguous();
-  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
-  const Geometry g(s0, u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
-                   step_size, alive_channel, alive_threshold, fire_mask.has_value());
-  const bool alive = alive_channel >= 0;
+  check_kernel_dtype(state, "CPU");
+  const at::Tensor s0 = state.contiguous(), u = a.external.contiguous();
+  const at::Tensor fires = a.fire_mask ? a.fire_mask->contiguous() : at::Tensor();
+  const Geometry g(s0, a);
+  const bool alive = a.alive();
+  const int64_t steps = a.steps;
 
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t d : s0.sizes()) shape.push_back(d);
@@ -987,7 +973,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cpu", [&] {
     using T = scalar_t;
-    const PackedWeights<T> w(g, perception, w1, b1, wh, bh, wo, bo, dead_state);
+    const PackedWeights<T> w(g, a);
     const T* first = s0.data_ptr<T>();
     const T* up = u.data_ptr<T>();
     const T* dead = w.dead.template data_ptr<T>();
@@ -1102,7 +1088,7 @@ inline void change_gradient(const Backward<T>& bw, const T* change, int64_t chan
                             int64_t n0, int64_t count, TileScratch<T>& s, T* grad_bo, T* out) {
   const Geometry& g = bw.g;
   const int64_t S = L > 0 ? L : g.S, Sp = bw.w.Sp;
-  const bool residual = g.update == kResidual;
+  const bool residual = g.rule.update == kResidual;
   const uint8_t* fire = bw.fire ? bw.fire + t * g.N : nullptr;
   const uint8_t* life = bw.life ? bw.life + t * g.N : nullptr;
   T* dchg = s.chg.data();
@@ -1113,7 +1099,7 @@ inline void change_gradient(const Backward<T>& bw, const T* change, int64_t chan
     T* d = dchg + l * Sp;
     const T* c = change + l * change_ld;
     const T* go = gp + n * S;
-    for (int64_t i = 0; i < S; ++i) d[i] = scale * go[i] * output_slope(c[i], g.output_activation);
+    for (int64_t i = 0; i < S; ++i) d[i] = scale * go[i] * output_slope(c[i], g.rule.output_activation);
     for (int64_t i = S; i < Sp; ++i) d[i] = T(0);
     add_into(grad_bo, d, Sp);
     if (lives && (residual || !fired)) add_into(out + n * S, go, S);
@@ -1136,7 +1122,7 @@ inline void hidden_gradient(const Backward<T>& bw, const T* next, int64_t next_l
            constexpr int RV = decltype(rv)::value;
            for (int r = 0; r < RV; ++r) {
              const int64_t at = c * Hp + col + r * W_;
-             const V d = a[r] * activation_slope_vec(vload<V>(hid + at), bw.g.activation);
+             const V d = a[r] * activation_slope_vec(vload<V>(hid + at), bw.g.rule.activation);
              a[r] = d;
              vstore(dhid + at, d);
              vstore(grad_bias + col + r * W_, vload<V>(grad_bias + col + r * W_) + d);
@@ -1254,7 +1240,7 @@ inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_
     V sum{};
     for (int64_t c = 0; c < count; ++c) {
       const int64_t at = c * Hp + j;
-      const V d = vload<V>(dhid + at) * activation_slope_vec(vload<V>(hid + at), g.activation);
+      const V d = vload<V>(dhid + at) * activation_slope_vec(vload<V>(hid + at), g.rule.activation);
       vstore(dhid + at, d);
       sum += d;
     }
@@ -1310,7 +1296,7 @@ void backward_tile(const Backward<T>& bw, int64_t t, int64_t n0, int64_t count, 
   const T* st = bw.traj + t * bw.state_numel;
   // With update="replace" and no masks the change is the next saved state itself, so only the hidden
   // activations are recomputed.
-  const bool next_is_change = g.update == kReplace && bw.fire == nullptr && bw.life == nullptr;
+  const bool next_is_change = g.rule.update == kReplace && bw.fire == nullptr && bw.life == nullptr;
   const auto rows = next_is_change
                         ? forward_tile<L>(g, w, st, bw.external, n0, count, s, nullptr)
                         : forward_tile<L>(g, w, st, bw.external, n0, count, s, store_rows(s.chg.data(), w.Sp));
@@ -1442,21 +1428,15 @@ std::vector<at::Tensor> weight_gradients(const Geometry& g, const PackedWeights<
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
-                       const at::Tensor& external, const c10::optional<at::Tensor>& perception, const at::Tensor& w1,
-                       const at::Tensor& b1, const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
-                       const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
-                       const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
-                       int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-                       double step_size, int64_t alive_channel) {
-  check_backward_args(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
-                      dead_state, steps, neighbourhood, boundary, activation, output_activation, update,
-                      alive_channel);
+                       const OpArgs& a) {
+  check_backward_args(grad_final, trajectory, life, a);
   TORCH_CHECK(trajectory.device().is_cpu(), "propagate_backward_cpu: tensors must be on the CPU");
-  const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
-  const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
-  const at::Tensor lives = alive_channel >= 0 ? life.contiguous() : at::Tensor();
-  const Geometry g(traj[0], u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
-                   step_size, alive_channel, 0.0, fire_mask.has_value());
+  check_kernel_dtype(trajectory, "CPU");
+  const at::Tensor traj = trajectory.contiguous(), u = a.external.contiguous();
+  const at::Tensor fires = a.fire_mask ? a.fire_mask->contiguous() : at::Tensor();
+  const at::Tensor lives = a.alive() ? life.contiguous() : at::Tensor();
+  const Geometry g(traj[0], a);
+  const int64_t steps = a.steps;
   // Each thread takes whole samples where there are enough, or where the lattice is too thin to cut into slabs.
   const bool by_sample = split_by_sample(g) || scatter_slabs(g) == 0;
   // The final state's gradient, read in place, then the state gradients of the steps (StepGradients).
@@ -1468,14 +1448,15 @@ propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajector
 
   AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cpu", [&] {
     using T = scalar_t;
-    const PackedWeights<T> w(g, perception, w1, b1, wh, bh, wo, bo, dead_state);
+    const PackedWeights<T> w(g, a);
     const GradOffsets offsets(g, w);
     const int64_t threads = at::get_num_threads();
     at::Tensor acc = at::zeros({threads, offsets.size}, traj.options());
     const Backward<T> bw{g, w, traj.data_ptr<T>(), traj[0].numel(), u.data_ptr<T>(), grad_external.data_ptr<T>(),
                          g.fire ? static_cast<const uint8_t*>(fires.data_ptr()) : nullptr,
-                         alive_channel >= 0 ? lives.data_ptr<uint8_t>() : nullptr,
-                         update == kReplace ? T(1) : static_cast<T>(step_size), acc.data_ptr<T>(), offsets, threads};
+                         a.alive() ? lives.data_ptr<uint8_t>() : nullptr,
+                         g.rule.update == kReplace ? T(1) : static_cast<T>(g.rule.step_size), acc.data_ptr<T>(), offsets,
+                         threads};
     with_state_length(g.S, [&](auto state_length) {
       constexpr int L = decltype(state_length)::value;
       const StepGradients<T> grads{upstream.data_ptr<T>(), grad.data_ptr<T>(),

@@ -25,6 +25,8 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <iterator>
+#include <string>
 #include <vector>
 
 #include "cell_rule.h"
@@ -63,7 +65,20 @@ PyObject* PyInit__C(void) {
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddIntConstant(module, "CUDA_MAX_STATE", cubecore::kMaxCudaState) < 0) {
+  if (module == nullptr) return nullptr;
+  // KERNEL_DTYPES: the names of kKernelDtypes as torch spells them in lower case (torch.float, torch.double).
+  PyObject* dtypes = PyTuple_New(std::size(cubecore::kKernelDtypes));
+  for (size_t i = 0; dtypes != nullptr && i < std::size(cubecore::kKernelDtypes); ++i) {
+    std::string name = c10::toString(cubecore::kKernelDtypes[i]);
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+    PyTuple_SET_ITEM(dtypes, i, PyUnicode_FromString(name.c_str()));
+  }
+  if (dtypes == nullptr || PyModule_AddObject(module, "KERNEL_DTYPES", dtypes) < 0) {
+    Py_XDECREF(dtypes);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(module, "CUDA_MAX_STATE", cubecore::kMaxCudaState) < 0) {
     Py_DECREF(module);
     return nullptr;
   }
@@ -73,30 +88,38 @@ PyObject* PyInit__C(void) {
 
 namespace cubecore {
 
-// The checks every backend runs on the op's arguments (declared in op_args.h).  The Python front checks them
-// first with messages for users; these guard direct calls of torch.ops.cubecore.
-void check_propagate_args(const at::Tensor& state, const at::Tensor& external,
-                          const c10::optional<at::Tensor>& perception, const at::Tensor& w1, const at::Tensor& b1,
-                          const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
-                          const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
-                          const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
-                          int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-                          int64_t alive_channel) {
+// The op's arguments as one OpArgs (declared in op_args.h): the rule lists checked and decoded here only.
+OpArgs decode_args(CUBECORE_OP_PARAMS) {
+  TORCH_CHECK(static_cast<int64_t>(rule.size()) == kRuleCodes, "rule must hold ", kRuleCodes,
+              " codes (neighbourhood, boundary, activation, output_activation, update, alive_channel), got ",
+              rule.size());
+  TORCH_CHECK(static_cast<int64_t>(rule_values.size()) == kRuleValues,
+              "rule_values must hold (step_size, alive_threshold), got ", rule_values.size(), " values");
+  const RuleOptions r{rule[0], rule[1], rule[2], rule[3], rule[4], rule[5], rule_values[0], rule_values[1]};
+  TORCH_CHECK(r.neighbourhood == kVonNeumann || r.neighbourhood == kMoore, "unknown neighbourhood code ",
+              r.neighbourhood);
+  TORCH_CHECK(r.boundary >= kZeros && r.boundary <= kReflect, "unknown boundary code ", r.boundary);
+  TORCH_CHECK(r.activation >= kTanh && r.activation <= kSigmoid, "unknown activation code ", r.activation);
+  TORCH_CHECK(r.output_activation == kOutputTanh || r.output_activation == kOutputIdentity,
+              "unknown output activation code ", r.output_activation);
+  TORCH_CHECK(r.update == kReplace || r.update == kResidual, "unknown update code ", r.update);
+  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
+  return {external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, r};
+}
+
+// The checks every backend runs on a call's tensors (declared in op_args.h).
+void check_propagate_args(const at::Tensor& state, const OpArgs& a) {
+  const at::Tensor &external = a.external, &w1 = a.w1, &b1 = a.b1, &wo = a.wo, &bo = a.bo;
+  const c10::optional<at::Tensor>&perception = a.perception, &wh = a.wh, &bh = a.bh, &fire_mask = a.fire_mask,
+                                  &dead_state = a.dead_state;
   TORCH_CHECK(state.dim() == 5, "state must be [B, X, Y, Z, S], got ", state.sizes());
   TORCH_CHECK(external.dim() == 5, "external must be [B, X, Y, Z, E], got ", external.sizes());
   for (int d = 0; d < 4; ++d) {
     TORCH_CHECK(external.size(d) == state.size(d), "external ", external.sizes(),
                 " does not match state ", state.sizes(), " in its first four dimensions");
   }
-  TORCH_CHECK(neighbourhood == kVonNeumann || neighbourhood == kMoore, "unknown neighbourhood code ", neighbourhood);
-  TORCH_CHECK(boundary >= kZeros && boundary <= kReflect, "unknown boundary code ", boundary);
-  TORCH_CHECK(activation >= kTanh && activation <= kSigmoid, "unknown activation code ", activation);
-  TORCH_CHECK(output_activation == kOutputTanh || output_activation == kOutputIdentity,
-              "unknown output activation code ", output_activation);
-  TORCH_CHECK(update == kReplace || update == kResidual, "unknown update code ", update);
-  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
-  const int64_t S = state.size(4), E = external.size(4), K = slots_of(neighbourhood);
-  if (boundary == kReflect) {
+  const int64_t S = state.size(4), E = external.size(4), K = slots_of(a.rule.neighbourhood);
+  if (a.rule.boundary == kReflect) {
     for (int d = 1; d < 4; ++d) TORCH_CHECK(state.size(d) >= 2, "boundary reflect needs every lattice side >= 2");
   }
   int64_t reads = K * S + E;
@@ -129,36 +152,40 @@ void check_propagate_args(const at::Tensor& state, const at::Tensor& external,
                 "), got ", t->device());
   }
   if (fire_mask) {
-    TORCH_CHECK(fire_mask->scalar_type() == at::kBool && fire_mask->dim() == 5 && fire_mask->size(0) == steps,
+    TORCH_CHECK(fire_mask->scalar_type() == at::kBool && fire_mask->dim() == 5 && fire_mask->size(0) == a.steps,
                 "fire_mask must be a bool [steps, B, X, Y, Z] tensor, got ", fire_mask->sizes());
     for (int d = 0; d < 4; ++d) TORCH_CHECK(fire_mask->size(d + 1) == state.size(d), "fire_mask must be [steps, B, X, Y, Z]");
     TORCH_CHECK(fire_mask->device() == state.device(), "fire_mask must be on the device of state");
   }
-  TORCH_CHECK(alive_channel >= -1 && alive_channel < S, "alive_channel must be -1 (off) or < S, got ", alive_channel);
+  TORCH_CHECK(a.rule.alive_channel >= -1 && a.rule.alive_channel < S, "alive_channel must be -1 (off) or < S, got ",
+              a.rule.alive_channel);
   if (dead_state) TORCH_CHECK(dead_state->dim() == 1 && dead_state->size(0) == S, "dead_state must be [", S, "]");
 }
 
 // The checks on the backward op's arguments (declared in op_args.h).
 void check_backward_args(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
-                         const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-                         const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-                         const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-                         const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
-                         int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
-                         int64_t output_activation, int64_t update, int64_t alive_channel) {
-  TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == steps + 1,
+                         const OpArgs& a) {
+  TORCH_CHECK(trajectory.dim() == 6 && trajectory.size(0) == a.steps + 1,
               "trajectory must be [steps + 1, B, X, Y, Z, S]; the forward must keep its trajectory");
   TORCH_CHECK(grad_final.sizes() == trajectory[0].sizes(), "grad_final must be [B, X, Y, Z, S] = ",
               trajectory[0].sizes(), ", got ", grad_final.sizes());
   TORCH_CHECK(grad_final.scalar_type() == trajectory.scalar_type() && grad_final.device() == trajectory.device(),
               "grad_final must have the dtype and device of trajectory");
-  check_propagate_args(trajectory[0], external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
-                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
-  if (alive_channel >= 0) {
-    TORCH_CHECK(life.scalar_type() == at::kByte && life.dim() == 5 && life.size(0) == steps,
+  check_propagate_args(trajectory[0], a);
+  if (a.alive()) {
+    TORCH_CHECK(life.scalar_type() == at::kByte && life.dim() == 5 && life.size(0) == a.steps,
                 "life must be the forward's [steps, B, X, Y, Z] uint8 alive masks, got ", life.sizes());
     for (int d = 0; d < 4; ++d) TORCH_CHECK(life.size(d + 1) == trajectory.size(d + 1), "life must be [steps, B, X, Y, Z]");
   }
+}
+
+// A kernel's dtype check (declared in op_args.h).
+void check_kernel_dtype(const at::Tensor& state, const char* kernel) {
+  for (at::ScalarType t : kKernelDtypes)
+    if (state.scalar_type() == t) return;
+  std::string names;
+  for (at::ScalarType t : kKernelDtypes) names += std::string(names.empty() ? "" : ", ") + c10::toString(t);
+  TORCH_CHECK(false, "the ", kernel, " kernel supports ", names, ", got ", state.scalar_type());
 }
 
 // The forward op's state outputs from the buffer its steps were written to
@@ -225,50 +252,37 @@ F* build_for(const at::Tensor& states, const at::Tensor& w1, F* narrow_fn, [[may
   return narrow_fn;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(
-    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
-    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(const at::Tensor& state, CUBECORE_OP_PARAMS,
+                                                                    bool keep_trajectory) {
   const auto kernel = build_for(state, w1, narrow::propagate_forward_cpu, mixed::propagate_forward_cpu,
                                 wide::propagate_forward_cpu);
-  return kernel(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, neighbourhood,
-                boundary, activation, output_activation, update, step_size, alive_channel, alive_threshold,
-                keep_trajectory);
+  return kernel(state, decode_args(CUBECORE_OP_ARGS), keep_trajectory);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
-                       const at::Tensor& external, const c10::optional<at::Tensor>& perception, const at::Tensor& w1,
-                       const at::Tensor& b1, const c10::optional<at::Tensor>& wh, const c10::optional<at::Tensor>& bh,
-                       const at::Tensor& wo, const at::Tensor& bo, const c10::optional<at::Tensor>& fire_mask,
-                       const c10::optional<at::Tensor>& dead_state, int64_t steps, int64_t neighbourhood,
-                       int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-                       double step_size, int64_t alive_channel) {
+                       CUBECORE_OP_PARAMS) {
   const auto kernel = build_for(trajectory, w1, narrow::propagate_backward_cpu, mixed::propagate_backward_cpu,
                                 wide::propagate_backward_cpu);
-  return kernel(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state,
-                steps, neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel);
+  return kernel(grad_final, trajectory, life, decode_args(CUBECORE_OP_ARGS));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(cubecore, m) {
-  // wh, bh: the second hidden layer (absent with one); wo, bo: the output layer.  Codes as in cell_rule.h;
-  // alive_channel -1 turns the alive mask off.  `life` holds the alive masks ([steps, B, X, Y, Z] uint8, kept
-  // with the trajectory), which the backward needs.
+  // wh, bh: the second hidden layer (absent with one); wo, bo: the output layer.  rule: the codes of
+  // (neighbourhood, boundary, activation, output_activation, update) as in cell_rule.h, then alive_channel (-1:
+  // no alive mask); rule_values: (step_size, alive_threshold); both written by cubecore/ops/rule.py's Rule and
+  // decoded by decode_args (op_args.h).  `life` holds the alive masks ([steps, B, X, Y, Z] uint8, kept with the
+  // trajectory), which the backward needs.
   m.def(
       "propagate_forward(Tensor state, Tensor external, Tensor? perception, Tensor w1, Tensor b1, Tensor? wh, "
-      "Tensor? bh, Tensor wo, Tensor bo, Tensor? fire_mask, Tensor? dead_state, int steps, int neighbourhood, "
-      "int boundary, int activation, int output_activation, int update, float step_size, int alive_channel, "
-      "float alive_threshold, bool keep_trajectory) -> (Tensor final, Tensor trajectory, Tensor life)");
+      "Tensor? bh, Tensor wo, Tensor bo, Tensor? fire_mask, Tensor? dead_state, int steps, int[] rule, "
+      "float[] rule_values, bool keep_trajectory) -> (Tensor final, Tensor trajectory, Tensor life)");
   m.def(
       "propagate_backward(Tensor grad_final, Tensor trajectory, Tensor life, Tensor external, Tensor? perception, "
       "Tensor w1, Tensor b1, Tensor? wh, Tensor? bh, Tensor wo, Tensor bo, Tensor? fire_mask, Tensor? dead_state, "
-      "int steps, int neighbourhood, int boundary, int activation, int output_activation, int update, "
-      "float step_size, int alive_channel) "
+      "int steps, int[] rule, float[] rule_values) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -14,14 +14,16 @@
 // mask from the states before and after; bury_kernel: dead cells take the dead state).  Fire masks come in as
 // bytes ([T][N]); the alive masks go out as bytes ([T][N], kept with the trajectory for the backward).
 //
-// Backward, per step from the last: (A+C) backward_tile_kernel: a block takes tiles of blockDim.x cells in
-// turn; per tile each thread recomputes its cell's step in its row, pushes the upstream gradient back to the
+// Backward, per step from the last, in the passes docs/kernels.md names for both devices: recompute, change
+// gradient, hidden gradient and input gradient in backward_tile_kernel: a block takes tiles of blockDim.x cells
+// in turn; per tile each thread recomputes its cell's step in its row, pushes the upstream gradient back to the
 // first layer (the change, the hidden layers, the perception), adds the external input's gradient, leaves
 // what its readers need (W1's input gradient dH1, or the perception's gradient) in a global [N] buffer; then,
 // after a barrier, thread w sums weight w's terms over the tile's rows in a register and adds the sum to
-// partial[block, w], a slot no other block writes.  (B) backward_gather_kernel: one thread per cell pulls
-// its state gradient from the cells that read it (a gather: no atomics on states).  After the last step
-// (D) reduce_partials_kernel sums the [blocks, weights] table in block order.  No atomics anywhere: the
+// partial[block, w], a slot no other block writes.  State gradient in backward_gather_kernel: one thread per
+// cell pulls its state gradient from the cells that read it (a gather: no atomics on states; the CPU scatters
+// instead).  Weight gradient sum after the last step: reduce_partials_kernel sums the [blocks, weights] table
+// in block order.  No atomics anywhere: the
 // gradients are the same bits on every run of a given GPU (the table's shape follows its SM count and
 // shared memory), whatever order threads, warps and blocks run in.
 //
@@ -59,8 +61,7 @@ ForcedPaths forced_paths;
 // The problem of one call: sizes and the rule's codes.
 struct Dims {
   int64_t B, X, Y, Z, S, E, K, F, H1, H2, In, SI, cells, N;
-  int64_t neighbourhood, boundary, activation, output_activation, update, alive_channel;
-  double step_size, alive_threshold;
+  RuleOptions rule;  // the rule's codes and values (op_args.h)
   int64_t stride;  // values of a scratch row (odd, so that rows of neighbouring threads fall in other banks)
 };
 
@@ -122,8 +123,8 @@ __device__ __forceinline__ void find_slots(const Dims& d, int64_t n, int* nbr) {
   decode(d, n, &b, &x, &y, &z);
   for (int k = 0; k < d.K; ++k) {
     int dx, dy, dz;
-    slot_offset(d.neighbourhood, k, &dx, &dy, &dz);
-    const int64_t m = cell_read(x, y, z, dx, dy, dz, d.X, d.Y, d.Z, d.boundary);
+    slot_offset(d.rule.neighbourhood, k, &dx, &dy, &dz);
+    const int64_t m = cell_read(x, y, z, dx, dy, dz, d.X, d.Y, d.Z, d.rule.boundary);
     nbr[k] = m < 0 ? -1 : static_cast<int>(b * d.cells + m);
   }
 }
@@ -163,7 +164,7 @@ __device__ __forceinline__ void cell_forward(const Dims& d, const Net<T>& w, con
       }
     }
     for (int64_t e = 0; e < d.E; ++e) a += wr[SI + e] * u[e];
-    h1[j] = activate(a, d.activation);
+    h1[j] = activate(a, d.rule.activation);
   }
   const T* last = h1;
   if (H2 > 0) {
@@ -171,7 +172,7 @@ __device__ __forceinline__ void cell_forward(const Dims& d, const Net<T>& w, con
       const T* wr = w.wh + i * H1;
       T a = w.bh[i];
       for (int64_t j = 0; j < H1; ++j) a += wr[j] * h1[j];
-      h2[i] = activate(a, d.activation);
+      h2[i] = activate(a, d.rule.activation);
     }
     last = h2;
   }
@@ -181,7 +182,7 @@ __device__ __forceinline__ void cell_forward(const Dims& d, const Net<T>& w, con
     const T* wr = w.wo + i * Hl;
     T a = w.bo[i];
     for (int64_t j = 0; j < Hl; ++j) a += wr[j] * last[j];
-    change[i] = output_activate(a, d.output_activation);
+    change[i] = output_activate(a, d.rule.output_activation);
   }
 }
 
@@ -190,21 +191,21 @@ __device__ __forceinline__ void cell_forward(const Dims& d, const Net<T>& w, con
 template <int L, typename T>
 __device__ __forceinline__ void store_step(const Dims& d, const T* change, const T* cur, bool fires, T* next) {
   const int64_t S = L > 0 ? L : d.S;
-  const T step = static_cast<T>(d.step_size);
+  const T step = static_cast<T>(d.rule.step_size);
 #pragma unroll
   for (int64_t i = 0; i < S; ++i)
-    next[i] = !fires ? cur[i] : d.update == kReplace ? change[i] : cur[i] + step * change[i];
+    next[i] = !fires ? cur[i] : d.rule.update == kReplace ? change[i] : cur[i] + step * change[i];
 }
 
 // Whether the alive channel exceeds the threshold somewhere in the 3x3x3 block of cell (x, y, z) of a sample
 // whose states start at `sample` (cells beyond the lattice ignored, whatever the boundary).
 template <typename T>
 __device__ __forceinline__ bool alive_at(const Dims& d, const T* sample, int64_t x, int64_t y, int64_t z) {
-  const T threshold = static_cast<T>(d.alive_threshold);
+  const T threshold = static_cast<T>(d.rule.alive_threshold);
   for (int64_t u = x > 0 ? x - 1 : 0; u <= (x + 1 < d.X ? x + 1 : d.X - 1); ++u)
     for (int64_t v = y > 0 ? y - 1 : 0; v <= (y + 1 < d.Y ? y + 1 : d.Y - 1); ++v)
       for (int64_t t = z > 0 ? z - 1 : 0; t <= (z + 1 < d.Z ? z + 1 : d.Z - 1); ++t)
-        if (sample[((u * d.Y + v) * d.Z + t) * d.S + d.alive_channel] > threshold) return true;
+        if (sample[((u * d.Y + v) * d.Z + t) * d.S + d.rule.alive_channel] > threshold) return true;
   return false;
 }
 
@@ -287,7 +288,7 @@ __device__ __forceinline__ void save_fused_step(const Dims& d, int64_t t, int64_
 template <typename T>
 __host__ __device__ __forceinline__ size_t fused_state_bytes(const Dims& d) {
   const size_t values = sizeof(T) * static_cast<size_t>(2 * d.cells * d.S + d.cells * d.E);
-  const size_t life = d.alive_channel >= 0 ? static_cast<size_t>(d.cells) : 0;
+  const size_t life = d.rule.alive_channel >= 0 ? static_cast<size_t>(d.cells) : 0;
   return (values + life + 15) / 16 * 16;
 }
 
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) forward_fused_kernel(Dims d, Net<T> 
       store_step<L>(d, row + row_change(d), cur + cell * S, fires, next + cell * S);
     }
     __syncthreads();
-    if (d.alive_channel >= 0) {  // every cell's result first, then the masks (they read neighbours), then burial
+    if (d.rule.alive_channel >= 0) {  // every cell's result first, then the masks (they read neighbours), then burial
       for (int64_t cell = threadIdx.x; cell < d.cells; cell += blockDim.x) {
         const int64_t z = cell % d.Z, y = (cell / d.Z) % d.Y, x = cell / (d.Y * d.Z);
         const bool lived = alive_at(d, cur, x, y, z) && alive_at(d, next, x, y, z);
@@ -367,14 +368,15 @@ __host__ __device__ __forceinline__ WeightOffsets weight_offsets(const Dims& d) 
   return o;
 }
 
-// Backward of one cell whose row holds its forward: the change's gradient (output slope times d next / d
-// change times the upstream gradient where a live cell fired, else zero) into the change's slot, then dh2,
-// dh1 and dperception; the external input's gradient added; what the cell's readers need into `send`.
+// Backward of one cell whose row holds its forward (cell_forward: the recompute), the change gradient, hidden
+// gradient and input gradient passes: the change's gradient (output slope times d next / d change times the
+// upstream gradient where a live cell fired, else zero) into the change's slot, then dh2, dh1 and dperception;
+// the external input's gradient added; what the cell's readers need into `send`.
 template <int L, typename T>
 __device__ __forceinline__ void cell_backward(const Dims& d, const Net<T>& w, int64_t n, bool gets_change,
                                               const T* __restrict__ grad_out, T* row, T* grad_external, T* send) {
   const int64_t S = L > 0 ? L : d.S, F = d.F, SF = S * F, H1 = d.H1, H2 = d.H2, In = d.In, SI = d.SI;
-  const T scale = !gets_change ? T(0) : d.update == kReplace ? T(1) : static_cast<T>(d.step_size);
+  const T scale = !gets_change ? T(0) : d.rule.update == kReplace ? T(1) : static_cast<T>(d.rule.step_size);
   T* dchange = row + row_change(d);
   T* h1 = row + row_h1(d);
   T* h2 = row + row_h2(d);
@@ -382,7 +384,7 @@ __device__ __forceinline__ void cell_backward(const Dims& d, const Net<T>& w, in
   T* dh2 = row + row_dh2(d);
 #pragma unroll
   for (int64_t i = 0; i < S; ++i)
-    dchange[i] = scale * grad_out[n * S + i] * output_slope(dchange[i], d.output_activation);
+    dchange[i] = scale * grad_out[n * S + i] * output_slope(dchange[i], d.rule.output_activation);
   const int64_t Hl = H2 > 0 ? H2 : H1;
   T* dlast = H2 > 0 ? dh2 : dh1;
   const T* last = H2 > 0 ? h2 : h1;
@@ -390,13 +392,13 @@ __device__ __forceinline__ void cell_backward(const Dims& d, const Net<T>& w, in
     T a = T(0);
 #pragma unroll
     for (int64_t i = 0; i < S; ++i) a += w.wo[i * Hl + j] * dchange[i];
-    dlast[j] = a * activation_grad(last[j], d.activation);
+    dlast[j] = a * activation_grad(last[j], d.rule.activation);
   }
   if (H2 > 0) {
     for (int64_t j = 0; j < H1; ++j) {
       T a = T(0);
       for (int64_t i = 0; i < H2; ++i) a += w.wh[i * H1 + j] * dh2[i];
-      dh1[j] = a * activation_grad(h1[j], d.activation);
+      dh1[j] = a * activation_grad(h1[j], d.rule.activation);
     }
   }
   for (int64_t e = 0; e < d.E; ++e) {
@@ -417,7 +419,8 @@ __device__ __forceinline__ void cell_backward(const Dims& d, const Net<T>& w, in
   }
 }
 
-// Passes A and C of one step, fused (see the top of the file).  fire, life: this step's bytes, or nullptr.
+// Recompute, change gradient, hidden gradient and input gradient of one step (see the top of the file).
+// fire, life: this step's bytes, or nullptr.
 template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
     Dims d, Net<T> w, const T* __restrict__ state, const T* __restrict__ external, const uint8_t* __restrict__ fire,
@@ -490,7 +493,7 @@ __global__ void __launch_bounds__(kThreads) backward_tile_kernel(
   }
 }
 
-// Pass B for one step: per cell n, its state gradient: its own path past the change (residual: where it
+// State gradient of one step: per cell n, its state gradient: its own path past the change (residual: where it
 // lived; replace: where it lived and did not fire) plus what its readers send back through each slot.
 template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) backward_gather_kernel(Dims d, Net<T> w, const uint8_t* __restrict__ fire,
@@ -504,16 +507,16 @@ __global__ void __launch_bounds__(kThreads) backward_gather_kernel(Dims d, Net<T
   int64_t b, x, y, z;
   decode(d, n, &b, &x, &y, &z);
   const bool lived = life == nullptr || life[n], fired = fire == nullptr || fire[n];
-  const bool through = lived && (d.update == kResidual || !fired);
+  const bool through = lived && (d.rule.update == kResidual || !fired);
   T acc[L > 0 ? L : kMaxCudaState];
 #pragma unroll
   for (int64_t c = 0; c < S; ++c) acc[c] = through ? grad_out[n * S + c] : T(0);
   for (int k = 0; k < K; ++k) {
     int dx, dy, dz;
-    slot_offset(d.neighbourhood, k, &dx, &dy, &dz);
+    slot_offset(d.rule.neighbourhood, k, &dx, &dy, &dz);
     int64_t xs[4], ys[4], zs[4];
-    const int nx = readers_on_axis(x, dx, d.X, d.boundary, xs), ny = readers_on_axis(y, dy, d.Y, d.boundary, ys),
-              nz = readers_on_axis(z, dz, d.Z, d.boundary, zs);
+    const int nx = readers_on_axis(x, dx, d.X, d.rule.boundary, xs), ny = readers_on_axis(y, dy, d.Y, d.rule.boundary, ys),
+              nz = readers_on_axis(z, dz, d.Z, d.rule.boundary, zs);
     for (int ix = 0; ix < nx; ++ix)
       for (int iy = 0; iy < ny; ++iy)
         for (int iz = 0; iz < nz; ++iz) {
@@ -538,7 +541,7 @@ __global__ void __launch_bounds__(kThreads) backward_gather_kernel(Dims d, Net<T
   for (int64_t c = 0; c < S; ++c) grad_in[n * S + c] = acc[c];
 }
 
-// Pass D, once after the last step: each weight's gradient is its column of the table summed in block order.
+// Weight gradient sum, once after the last step: each weight's gradient is its column of the table summed in block order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(int64_t n_weights, int64_t blocks,
                                                                    const T* __restrict__ partial,
@@ -645,33 +648,23 @@ int64_t fused_threads(const Dims& d, const Device& dev) {
   return 0;
 }
 
-Dims make_dims(const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-               const at::Tensor& w1, const c10::optional<at::Tensor>& wh, int64_t neighbourhood, int64_t boundary,
-               int64_t activation, int64_t output_activation, int64_t update, double step_size,
-               int64_t alive_channel, double alive_threshold) {
+Dims make_dims(const at::Tensor& state, const OpArgs& a) {
   Dims d;
   d.B = state.size(0);
   d.X = state.size(1);
   d.Y = state.size(2);
   d.Z = state.size(3);
   d.S = state.size(4);
-  d.E = external.size(4);
-  d.K = slots_of(neighbourhood);
-  d.F = perception ? perception->size(1) : 0;
-  d.H1 = w1.size(0);
-  d.H2 = wh ? wh->size(0) : 0;
-  d.In = w1.size(1);
+  d.E = a.external.size(4);
+  d.K = slots_of(a.rule.neighbourhood);
+  d.F = a.perception ? a.perception->size(1) : 0;
+  d.H1 = a.w1.size(0);
+  d.H2 = a.wh ? a.wh->size(0) : 0;
+  d.In = a.w1.size(1);
   d.SI = d.In - d.E;
   d.cells = d.X * d.Y * d.Z;
   d.N = d.B * d.cells;
-  d.neighbourhood = neighbourhood;
-  d.boundary = boundary;
-  d.activation = activation;
-  d.output_activation = output_activation;
-  d.update = update;
-  d.alive_channel = alive_channel;
-  d.step_size = step_size;
-  d.alive_threshold = alive_threshold;
+  d.rule = a.rule;
   d.stride = row_length(d) | 1;
   return d;
 }
@@ -680,19 +673,17 @@ void check_cuda(const at::Tensor& state) {
   TORCH_CHECK(state.is_cuda(), "the CUDA kernel needs CUDA tensors");
   TORCH_CHECK(state.size(4) <= kMaxCudaState, "the CUDA kernel supports state size S <= ", kMaxCudaState, ", got ",
               state.size(4));
-  TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
-              "the CUDA kernel supports float32 and float64, got ", state.scalar_type());
+  check_kernel_dtype(state, "CUDA");
 }
 
 // The weights' tensors made contiguous, kept alive for the call; net<T>() their pointers.
 struct NetTensors {
   at::Tensor wp, w1, b1, wh, bh, wo, bo, dead;
-  NetTensors(const c10::optional<at::Tensor>& perception, const at::Tensor& W1, const at::Tensor& B1,
-             const c10::optional<at::Tensor>& WH, const c10::optional<at::Tensor>& BH, const at::Tensor& WO,
-             const at::Tensor& BO, const c10::optional<at::Tensor>& dead_state, int64_t S)
-      : wp(perception ? perception->contiguous() : at::Tensor()), w1(W1.contiguous()), b1(B1.contiguous()),
-        wh(WH ? WH->contiguous() : at::Tensor()), bh(BH ? BH->contiguous() : at::Tensor()), wo(WO.contiguous()),
-        bo(BO.contiguous()), dead(dead_state ? dead_state->contiguous() : at::zeros({S}, W1.options())) {}
+  NetTensors(const OpArgs& a, int64_t S)
+      : wp(a.perception ? a.perception->contiguous() : at::Tensor()), w1(a.w1.contiguous()), b1(a.b1.contiguous()),
+        wh(a.wh ? a.wh->contiguous() : at::Tensor()), bh(a.bh ? a.bh->contiguous() : at::Tensor()),
+        wo(a.wo.contiguous()), bo(a.bo.contiguous()),
+        dead(a.dead_state ? a.dead_state->contiguous() : at::zeros({S}, a.w1.options())) {}
   template <typename T>
   Net<T> net() const {
     auto p = [](const at::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
@@ -706,24 +697,18 @@ const uint8_t* bytes_of(const at::Tensor& t) {
 
 // ---- the ops ----------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(
-    const at::Tensor& state, const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-    const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-    const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-    const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state, int64_t steps,
-    int64_t neighbourhood, int64_t boundary, int64_t activation, int64_t output_activation, int64_t update,
-    double step_size, int64_t alive_channel, double alive_threshold, bool keep_trajectory) {
-  check_propagate_args(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps,
-                       neighbourhood, boundary, activation, output_activation, update, alive_channel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(const at::Tensor& state, CUBECORE_OP_PARAMS,
+                                                                     bool keep_trajectory) {
+  const OpArgs a = decode_args(CUBECORE_OP_ARGS);
+  check_propagate_args(state, a);
   check_cuda(state);
   const c10::cuda::CUDAGuard guard(state.device());
   const ForcedPaths paths = forced_paths;
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
   const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
-  const NetTensors weights(perception, w1, b1, wh, bh, wo, bo, dead_state, s0.size(4));
-  const Dims d = make_dims(s0, u, perception, w1, wh, neighbourhood, boundary, activation, output_activation, update,
-                           step_size, alive_channel, alive_threshold);
-  const bool alive = alive_channel >= 0;
+  const NetTensors weights(a, s0.size(4));
+  const Dims d = make_dims(s0, a);
+  const bool alive = a.alive();
   std::vector<int64_t> shape = {keep_trajectory ? steps + 1 : 1};
   for (int64_t v : s0.sizes()) shape.push_back(v);
   at::Tensor traj = at::empty(shape, s0.options());
@@ -782,24 +767,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 propagate_backward_cuda(const at::Tensor& grad_final, const at::Tensor& trajectory, const at::Tensor& life,
-                        const at::Tensor& external, const c10::optional<at::Tensor>& perception,
-                        const at::Tensor& w1, const at::Tensor& b1, const c10::optional<at::Tensor>& wh,
-                        const c10::optional<at::Tensor>& bh, const at::Tensor& wo, const at::Tensor& bo,
-                        const c10::optional<at::Tensor>& fire_mask, const c10::optional<at::Tensor>& dead_state,
-                        int64_t steps, int64_t neighbourhood, int64_t boundary, int64_t activation,
-                        int64_t output_activation, int64_t update, double step_size, int64_t alive_channel) {
-  check_backward_args(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
-                      dead_state, steps, neighbourhood, boundary, activation, output_activation, update,
-                      alive_channel);
+                        CUBECORE_OP_PARAMS) {
+  const OpArgs a = decode_args(CUBECORE_OP_ARGS);
+  check_backward_args(grad_final, trajectory, life, a);
   check_cuda(trajectory[0]);
   const c10::cuda::CUDAGuard guard(trajectory.device());
   const ForcedPaths paths = forced_paths;
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
-  const at::Tensor lives = alive_channel >= 0 ? life.contiguous() : at::Tensor();
-  const NetTensors weights(perception, w1, b1, wh, bh, wo, bo, dead_state, traj.size(5));
-  const Dims d = make_dims(traj[0], u, perception, w1, wh, neighbourhood, boundary, activation, output_activation,
-                           update, step_size, alive_channel, 0.0);
+  const at::Tensor lives = a.alive() ? life.contiguous() : at::Tensor();
+  const NetTensors weights(a, traj.size(5));
+  const Dims d = make_dims(traj[0], a);
   const WeightOffsets o = weight_offsets(d);
   at::Tensor grad = grad_final.contiguous().clone();
   at::Tensor grad_next = at::empty_like(grad);

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..checks import check_bool, check_choice, check_int, check_number, check_tensor
 from .reference import propagate_reference, trajectory_reference
+from .op_args import DIFFERENTIABLE, FORWARD_INPUTS, TENSORS, OpArgs
 from .rule import MAX_HIDDEN_LAYERS, Rule
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 
@@ -54,10 +56,13 @@ try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define to
     EXTENSION_ERROR: Optional[str] = None
     # The largest state the CUDA kernels take, from the extension (kMaxCudaState in csrc/cell_rule.h).
     CUDA_MAX_STATE: Optional[int] = _C.CUDA_MAX_STATE
+    # The dtypes the kernels of both devices compute in, from the extension (kKernelDtypes in csrc/op_args.h).
+    KERNEL_DTYPES: Tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.KERNEL_DTYPES)
 except ImportError as exc:  # A source checkout that was never built, a build for another torch, a broken build.
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
     CUDA_MAX_STATE = None  # no kernels at all
-_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
+    KERNEL_DTYPES = ()
+KERNEL_DEVICE_TYPES = ("cpu", "cuda")
 # One call of the op computes at most CALL_WORK multiply-adds (propagate splits longer rollouts into several calls,
 # so that Python sees Ctrl-C between them): a few seconds of forward and backward on one or two CPU cores.  Each
 # cell and step counts its update net's weights, its depthwise perception's and CELL_STEP_COST for the rest (a
@@ -85,11 +90,13 @@ def kernel_limit_reason(device_type: str, dtype: torch.dtype, state_size: int = 
     """Why the kernels for ``device_type``, once built, cannot take tensors of this dtype and state size, or
     this many hidden layers (None if they can).  These are all the limits of every forward and backward path:
     every other option of the rule family runs on every kernel, and a kernel that passes here does not fail later
-    for its sizes."""
+    for its sizes.  The extension states them: where it is not loaded, the reason is that."""
     hidden_layers = check_int("hidden_layers", hidden_layers, minimum=1)
-    if device_type not in _KERNEL_DTYPES:
+    if device_type not in KERNEL_DEVICE_TYPES:
         return f"there is no cubecore kernel for device type {device_type!r}"
-    if dtype not in _KERNEL_DTYPES[device_type]:
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if dtype not in KERNEL_DTYPES:
         return f"the {device_type} kernel supports {_dtype_names(device_type)}, not {str(dtype).replace('torch.', '')}"
     if hidden_layers > MAX_HIDDEN_LAYERS:
         return f"the kernels run at most {MAX_HIDDEN_LAYERS} hidden layers, got {hidden_layers}"
@@ -143,7 +150,7 @@ def info() -> Dict[str, object]:
         "cuda_kernel_reason": cuda_reason,
         "cuda_device_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
-        "kernel_limits": {dev: _limits_text(dev) for dev in _KERNEL_DTYPES},
+        "kernel_limits": {dev: _limits_text(dev) for dev in KERNEL_DEVICE_TYPES} if EXTENSION_ERROR is None else None,
         "cpu_engines": CPU_ENGINES if cpu_reason is None else None,
         "cpu_tile_gemm": cpu_reason is None and _C.tile_gemm_available(),
     }
@@ -159,7 +166,7 @@ def _limits_text(device_type: str) -> str:
 
 
 def _dtype_names(device_type: str) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[device_type])
+    return ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES)
 
 
 _WARNED: set = set()
@@ -369,9 +376,9 @@ def propagate(
         # The same rule as the op's registered autocast kernel, applied before the argument checks so that
         # mixed inputs (a bf16 external from a projection layer, a float32 state) meet as float32 on both
         # backends, and the reference too runs with autocast off.
-        state, external, perception, dead_state = (_autocast_to_float32(t) for t in
+        state, external, perception, dead_state = (_autocast_input(t) for t in
                                                    (state, external, perception, dead_state))
-        weights = tuple(_autocast_to_float32(t) for t in weights)
+        weights = tuple(_autocast_input(t) for t in weights)
         with torch.autocast(state.device.type, enabled=False):
             return propagate(state, external, *weights, steps=steps, perception=perception,
                              neighbourhood=neighbourhood, boundary=boundary, activation=activation,
@@ -411,18 +418,15 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         run = trajectory_reference if return_trajectory else propagate_reference
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,
                    dead_state=dead_state, rule=rule)
-    tensors = _op_tensors(state, external, weights, perception, fire_mask, dead_state)
+    call = OpArgs.of(external, weights, rule, steps, perception=perception, fire_mask=fire_mask,
+                     dead_state=dead_state)
     keep = return_trajectory or (torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
-    alive = -1 if rule.alive_channel is None else rule.alive_channel
-    scalars = (*rule.codes(), rule.step_size, alive, rule.alive_threshold, keep)
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (state, *call.tensors())))
     chunk = steps if torch.compiler.is_compiling() else steps_per_call(state, weights, perception, steps)
     trajectories = []
     for first in range(0, steps, chunk):
-        count = min(chunk, steps - first)
-        fire = None if fire_mask is None else fire_mask[first:first + count]
         state, trajectory, _ = torch.ops.cubecore.propagate_forward(
-            state, *tensors[1:9], fire, dead_state, count, *scalars)
+            *call.part(first, min(chunk, steps - first)).forward_args(state, keep))
         trajectories.append(trajectory[:-1])
     if return_trajectory:
         # The op's trajectory is non-differentiable; its last entry is replaced by the differentiable final
@@ -442,29 +446,19 @@ def steps_per_call(state: torch.Tensor, weights: Sequence[Optional[torch.Tensor]
     return max(1, min(steps, MAX_STEPS_PER_CALL, CALL_WORK // (cells * per_cell)))
 
 
-def _op_tensors(state, external, weights, perception, fire_mask, dead_state) -> tuple:
-    """The op's tensor arguments: (state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
-    dead_state); a missing bias becomes zeros (a constant), a missing second hidden layer None."""
-    layers = [(weights[i], weights[i + 1] if weights[i + 1] is not None else weights[i].new_zeros(weights[i].shape[0]))
-              for i in range(0, len(weights), 2)]
-    (w1, b1), (wo, bo) = layers[0], layers[-1]
-    wh, bh = layers[1] if len(layers) == 3 else (None, None)
-    return state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state
-
-
 # --- registration of the op's fake (meta) kernels, autograd formula and autocast rule ----------------------
 
+# The op's autocast rule, stated once: on these device types, under autocast, it computes in AUTOCAST_DTYPE.  The
+# op's registered autocast kernel applies it to direct calls; propagate applies it (with _autocast_input, as
+# torch's own rule casts: floating tensors other than float64) before its checks, for both backends.
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
-# The op's tensor arguments that take gradients, in order (fire_mask and dead_state are constants).
-_DIFFERENTIABLE = ("state", "external", "perception", "w1", "b1", "wh", "bh", "wo", "bo")
-_OP_TENSORS = len(_DIFFERENTIABLE) + 2  # then fire_mask, dead_state
-_OP_SCALARS = 9  # steps, the five codes, step_size, alive_channel, alive_threshold
+AUTOCAST_DTYPE = torch.float32
 
 
-def _autocast_to_float32(t):
-    """What autocast does to the op's inputs: floating tensors of lower precision become float32."""
+def _autocast_input(t):
+    """What the op's autocast rule does to an input: floating tensors other than float64 become AUTOCAST_DTYPE."""
     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-        return t.float()
+        return t.to(AUTOCAST_DTYPE)
     return t
 
 
@@ -472,28 +466,27 @@ def _contiguous_empty(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _forward_fake(state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, neighbourhood,
-                  boundary, activation, output_activation, update, step_size, alive_channel, alive_threshold, keep):
-    torch._check(steps >= 1)
-    life_steps = steps if keep and alive_channel >= 0 else 0
-    return (_contiguous_empty(state), state.new_empty((steps + 1 if keep else 0, *state.shape)),
+def _forward_fake(*args):
+    state, call, keep = OpArgs.from_forward(args)
+    torch._check(call.steps >= 1)
+    life_steps = call.steps if keep and call.rule.alive_channel is not None else 0
+    return (_contiguous_empty(state), state.new_empty((call.steps + 1 if keep else 0, *state.shape)),
             state.new_empty((life_steps, *state.shape[:4]), dtype=torch.uint8))
 
 
-def _backward_fake(grad_final, trajectory, life, external, perception, w1, b1, wh, bh, wo, bo, fire_mask,
-                   dead_state, *scalars):
+def _backward_fake(*args):
+    grad_final, trajectory, _, call = OpArgs.from_backward(args)
     return tuple(_contiguous_empty(t) if t is not None else grad_final.new_empty((0,))
-                 for t in (trajectory[0], external, perception, w1, b1, wh, bh, wo, bo))
+                 for t in (trajectory[0], *call.tensors()[:8]))
 
 
 def _setup_context(ctx, inputs, output):
-    tensors, scalars = inputs[:_OP_TENSORS], inputs[_OP_TENSORS:]
+    state, call, keep = OpArgs.from_forward(inputs)
     final, trajectory, life = output
-    ctx.kept_trajectory = scalars[-1]
-    ctx.scalars = scalars[:-2]  # steps .. alive_channel (the backward takes no threshold or keep flag)
-    ctx.rule_scalars = scalars
-    ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(trajectory, life, *tensors)
+    ctx.kept_trajectory = keep
+    ctx.call = replace(call, **{name: None for name in TENSORS})  # the tensors go to save_for_backward
+    ctx.present = [t is not None for t in (state, *call.tensors()[:8])]
+    ctx.save_for_backward(trajectory, life, state, *call.tensors())
     # The trajectory is what the backward recomputes from, not a result: no gradient flows into it, and
     # autograd does not build a zero-filled [steps + 1, ...] gradient for it (or for an unused final state).
     ctx.mark_non_differentiable(trajectory, life)
@@ -502,23 +495,24 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_final, grad_trajectory, grad_life):
     if grad_final is None:
-        return (None,) * (_OP_TENSORS + _OP_SCALARS + 1)
+        return (None,) * FORWARD_INPUTS
     if not ctx.kept_trajectory:
         raise RuntimeError(
             "cubecore.propagate_forward was called with keep_trajectory=False, so it cannot be differentiated; "
             "call cubecore.propagate, which keeps the trajectory whenever gradients are needed"
         )
-    trajectory, life, *inputs = ctx.saved_tensors
+    trajectory, life, state, *tensors = ctx.saved_tensors
+    call = replace(ctx.call, **dict(zip(TENSORS, tensors)))
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must itself be differentiable
-        grads = _differentiable_backward(ctx, grad_final, inputs)
+        grads = _differentiable_backward(call, state, grad_final)
     else:
         # the kernels make inputs contiguous
-        grads = torch.ops.cubecore.propagate_backward(grad_final, trajectory, life, *inputs[1:], *ctx.scalars)
+        grads = torch.ops.cubecore.propagate_backward(*call.backward_args(grad_final, trajectory, life))
         grads = [g if present else None for g, present in zip(grads, ctx.present)]
-    return (*grads, None, None) + (None,) * _OP_SCALARS + (None,)
+    return (*grads,) + (None,) * (FORWARD_INPUTS - len(grads))
 
 
-def _differentiable_backward(ctx, grad_final, inputs):
+def _differentiable_backward(call: OpArgs, state: torch.Tensor, grad_final: torch.Tensor):
     """The gradients as a graph autograd can differentiate again (double backward, gradient penalties): the
     kernel's backward is not differentiable, so they come from the reference rule, recomputed from the
     saved inputs (the same values up to rounding).
@@ -528,37 +522,25 @@ def _differentiable_backward(ctx, grad_final, inputs):
     inputs themselves, a path from the state back through earlier op calls of a chunked rollout to the same
     weights would count those calls again (their own backward adds them); the aliases still link every gradient
     to the inputs' history, so it stays differentiable through them."""
-    steps, neighbourhood, boundary, activation, output_activation, update, step_size, alive, threshold, _ = (
-        ctx.rule_scalars)
-    codes = (neighbourhood, boundary, activation, output_activation, update)
-    rule = Rule(*(names[c] for names, c in zip(_CODE_NAMES, codes)), step_size, None if alive < 0 else alive,
-                threshold)
-    state, external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state = inputs
     leaves = [t if t is None else t.view_as(t) if t.requires_grad else t.detach()
-              for t in inputs[:len(_DIFFERENTIABLE)]]
+              for t in (state, *call.tensors()[:8])]
+    aliased = replace(call, **dict(zip(TENSORS, leaves[1:])))
     wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
-    weights = leaves[3:5] + (leaves[5:7] if leaves[5] is not None else []) + leaves[7:9]
     with torch.enable_grad():
-        final = propagate_reference(leaves[0], leaves[1], *weights, steps=steps, perception=leaves[2],
-                                    fire_mask=fire_mask, dead_state=dead_state, rule=rule)
+        final = propagate_reference(leaves[0], aliased.external, *aliased.weights(), steps=call.steps,
+                                    perception=aliased.perception, fire_mask=call.fire_mask,
+                                    dead_state=call.dead_state, rule=call.rule)
         found = torch.autograd.grad(final, [leaves[i] for i in wanted], grad_final, create_graph=True,
                                     allow_unused=True)
-    grads = [None] * len(_DIFFERENTIABLE)
+    grads = [None] * len(DIFFERENTIABLE)
     for i, g in zip(wanted, found):
         grads[i] = g
     return grads
 
-
-def _code_names():
-    from .rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
-    return NEIGHBOURHOODS, BOUNDARIES, ACTIVATIONS, OUTPUT_ACTIVATIONS, UPDATES
-
-
-_CODE_NAMES = _code_names()
 
 if EXTENSION_ERROR is None:
     torch.library.register_fake("cubecore::propagate_forward")(_forward_fake)
     torch.library.register_fake("cubecore::propagate_backward")(_backward_fake)
     torch.library.register_autograd("cubecore::propagate_forward", _backward, setup_context=_setup_context)
     for _device_type in AUTOCAST_DEVICE_TYPES:
-        torch.library.register_autocast("cubecore::propagate_forward", _device_type, torch.float32)
+        torch.library.register_autocast("cubecore::propagate_forward", _device_type, AUTOCAST_DTYPE)

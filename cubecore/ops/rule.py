@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..checks import check_choice, check_int, check_number
 from ..errors import InvalidValueError
@@ -89,8 +89,21 @@ class Rule:
         if self.alive_channel is not None and self.alive_channel >= state_shape[4]:
             raise InvalidValueError(f"alive_channel must be < state_size = {state_shape[4]}, got {self.alive_channel}")
 
-    def codes(self) -> Tuple[int, int, int, int, int]:
-        """(neighbourhood, boundary, activation, output_activation, update) as the kernels' integer codes."""
-        return (NEIGHBOURHOODS.index(self.neighbourhood), BOUNDARIES.index(self.boundary),
+    def op_codes(self) -> List[int]:
+        """The op's ``rule`` list: the kernels' integer codes of (neighbourhood, boundary, activation,
+        output_activation, update), then alive_channel (-1: no alive mask); csrc/op_args.h decodes it."""
+        return [NEIGHBOURHOODS.index(self.neighbourhood), BOUNDARIES.index(self.boundary),
                 ACTIVATIONS.index(self.activation), OUTPUT_ACTIVATIONS.index(self.output_activation),
-                UPDATES.index(self.update))
+                UPDATES.index(self.update), -1 if self.alive_channel is None else self.alive_channel]
+
+    def op_values(self) -> List[float]:
+        """The op's ``rule_values`` list: (step_size, alive_threshold)."""
+        return [self.step_size, self.alive_threshold]
+
+    @classmethod
+    def from_op(cls, codes: Sequence[int], values: Sequence[float]) -> "Rule":
+        """The rule of the op's ``rule`` and ``rule_values`` lists (the inverse of op_codes and op_values)."""
+        neighbourhood, boundary, activation, output_activation, update, alive = codes
+        return cls(NEIGHBOURHOODS[neighbourhood], BOUNDARIES[boundary], ACTIVATIONS[activation],
+                   OUTPUT_ACTIVATIONS[output_activation], UPDATES[update], values[0],
+                   None if alive < 0 else alive, values[1])

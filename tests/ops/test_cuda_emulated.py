@@ -26,7 +26,8 @@ import torch
 
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
 from cubecore.ops.reference import trajectory_reference
-from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
+from cubecore.ops.op_args import OpArgs
+from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES, Rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
@@ -128,29 +129,20 @@ def problem(case, dtype=torch.float64, seed=0):
     return state, external, perception, weights, fire, dead
 
 
-def op_weights(weights):
-    """(w1, b1, wh, bh, wo, bo) as the op takes them: a missing output bias is zeros, one layer has no wh, bh."""
-    w = list(weights)
-    if w[-1] is None:
-        w[-1] = torch.zeros(w[-2].shape[0], dtype=w[-2].dtype)
-    return (*w[:2], *(w[2:4] if len(w) == 6 else (None, None)), *w[-2:])
-
-
-def codes(case):
-    return (NEIGHBOURHOODS.index(case.neighbourhood), BOUNDARIES.index(case.boundary),
-            ACTIVATIONS.index(case.activation), OUTPUT_ACTIVATIONS.index(case.output), UPDATES.index(case["update"]))
+def op_call(case, args):
+    """The op's arguments (OpArgs) for a case's problem."""
+    _, external, perception, weights, fire, dead = args
+    rule = Rule(case.neighbourhood, case.boundary, case.activation, case.output, case["update"], case.step_size,
+                1 if case.alive else None, 0.1)
+    return OpArgs.of(external, weights, rule, case.steps, perception=perception, fire_mask=fire, dead_state=dead)
 
 
 def forward(ops, case, args, keep):
-    state, external, perception, weights, fire, dead = args
-    return ops.propagate_forward(state, external, perception, *op_weights(weights), fire, dead, case.steps,
-                                 *codes(case), case.step_size, 1 if case.alive else -1, 0.1, keep)
+    return ops.propagate_forward(*op_call(case, args).forward_args(args[0], keep))
 
 
 def backward(ops, case, args, upstream, traj, life):
-    _, external, perception, weights, fire, dead = args
-    return ops.propagate_backward(upstream, traj, life, external, perception, *op_weights(weights), fire, dead,
-                                  case.steps, *codes(case), case.step_size, 1 if case.alive else -1)
+    return ops.propagate_backward(*op_call(case, args).backward_args(upstream, traj, life))
 
 
 def reference(case, args, seed=1):
@@ -158,7 +150,7 @@ def reference(case, args, seed=1):
     external, perception, w1, b1, wh, bh, wo, bo), None for the tensors the case lacks."""
     state, external, perception, weights, fire, dead = args
     leaves = [None if t is None else t.double().clone().requires_grad_() for t in
-              (state, external, perception, *op_weights(weights))]
+              (state, *op_call(case, args).tensors()[:8])]
     if not case.bias:
         leaves[8] = None
     layers = [leaves[i] for i in (3, 4, 5, 6, 7, 8) if i < 5 or leaves[5] is not None or i > 6]
@@ -384,16 +376,13 @@ def test_the_converted_artefacts_model_rolls_out_identically(emu):
     masks = torch.rand((steps, batch, *A.HOUSE_LATTICE), generator=torch.Generator().manual_seed(0)) < 0.5
     with torch.no_grad():
         want = core(state=seed, fire_mask=masks, return_trajectory=True)
-    weights = [w if w is not None else torch.zeros(core.state_size, dtype=torch.float64) for w in core.layers()]
-    w1, b1, wh, bh, wo, bo = [w.detach() for w in weights]
-    rule = core.rule
-    alive = -1 if rule.alive_channel is None else rule.alive_channel
+    call = OpArgs.of(seed.new_zeros((*seed.shape[:4], 0)), [None if w is None else w.detach() for w in core.layers()],
+                     core.rule, steps, perception=core.perception.detach(), fire_mask=masks,
+                     dead_state=core.dead_state)
     # 1000 cells of 21 float64 values do not fit twice in a block's shared memory: the forward goes per step
     # (the fused path runs this configuration in test_the_nca_configuration).
     emu.force()
-    (_, traj, _), n = emu.launches(lambda: emu.ops.propagate_forward(
-        seed, seed.new_zeros((*seed.shape[:4], 0)), core.perception.detach(), w1, b1, wh, bh, wo, bo, masks,
-        core.dead_state, steps, *rule.codes(), rule.step_size, alive, rule.alive_threshold, True))
+    (_, traj, _), n = emu.launches(lambda: emu.ops.propagate_forward(*call.forward_args(seed, True)))
     assert n == 3 * steps
     diff = (traj - want).abs().flatten(1).amax(1)
     assert diff.max() < 1e-9, diff

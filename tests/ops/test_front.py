@@ -9,27 +9,31 @@ import torch
 
 import cubecore
 from cubecore.ops import front as ops, propagate, propagate_reference
+from cubecore.ops.op_args import OpArgs
+from cubecore.ops.rule import Rule
 from conftest import RULES, SHAPES, make_problem, requires_cuda_kernel, requires_kernel, skip_unless_fits
 
 def rule_kwargs(boundary, activation, update, steps):
     return dict(steps=steps, boundary=boundary, activation=activation, update=update, step_size=0.7)
 
 
-def _op_args(state, external, w1, b1, w2, b2, steps, boundary=0, activation=0, update=0, step_size=1.0, keep=False):
-    """The op's arguments for the original rule (von Neumann, concat, one hidden layer, tanh output, no masks)."""
-    return (state, external, None, w1, b1, None, None, w2, b2, None, None, steps, 0, boundary, activation, 0, update,
-            step_size, -1, 0.1, keep)
+def _op_call(external, w1, b1, w2, b2, steps, **rule):
+    """The op's arguments (OpArgs) for the original rule with these options (von Neumann, concat, one hidden
+    layer, tanh output, no masks unless given)."""
+    return OpArgs.of(external, [w1, b1, w2, b2], Rule(**rule), steps)
+
+
+def _op_args(state, external, w1, b1, w2, b2, steps, keep=False, **rule):
+    return _op_call(external, w1, b1, w2, b2, steps, **rule).forward_args(state, keep)
 
 
 def _op_forward(*args, **kw):
     return torch.ops.cubecore.propagate_forward(*_op_args(*args, **kw))
 
 
-def _op_backward_args(grad, traj, external, w1, b1, w2, b2, steps, boundary=0, activation=0, update=0,
-                      step_size=1.0):
+def _op_backward_args(grad, traj, external, w1, b1, w2, b2, steps, **rule):
     life = torch.empty((0, *traj.shape[1:5]), dtype=torch.uint8)
-    return (grad, traj, life, external, None, w1, b1, None, None, w2, b2, None, None, steps, 0, boundary, activation,
-            0, update, step_size, -1)
+    return _op_call(external, w1, b1, w2, b2, steps, **rule).backward_args(grad, traj, life)
 
 
 def _op_backward(*args, **kw):
@@ -261,16 +265,18 @@ def test_opcheck():
     for keep, grad in ((True, True), (False, False)):
         args = [a.requires_grad_(grad) for a in make_problem(2, 2, 3, 2, 2, 3, 1, seed=9)]
         torch.library.opcheck(torch.ops.cubecore.propagate_forward.default,
-                              _op_args(*args, 3, boundary=1, activation=2, update=1, step_size=0.5, keep=keep))
+                              _op_args(*args, 3, boundary="circular", activation="sigmoid", update="residual",
+                                       step_size=0.5, keep=keep))
     # The backward reads the final state's gradient in place: opcheck's schema test fails if any path writes to
     # it (a thin lattice that one thread takes whole, S = 2; the scatter where threads own samples, B = 2, and
     # over slabs of planes, B = 1, X = 4; one step and two).
     for shape, steps in (((1, 3, 1, 2, 2, 3, 0), 2), ((2, 2, 3, 2, 8, 16, 1), 1), ((1, 4, 2, 3, 8, 16, 1), 2)):
         args = make_problem(*shape, seed=1)
-        final, traj, _ = _op_forward(*args, steps, boundary=2, keep=True)
+        final, traj, _ = _op_forward(*args, steps, boundary="replicate", keep=True)
         with torch_threads(2):
             torch.library.opcheck(torch.ops.cubecore.propagate_backward.default,
-                                  _op_backward_args(torch.randn_like(final), traj, *args[1:], steps, boundary=2))
+                                  _op_backward_args(torch.randn_like(final), traj, *args[1:], steps,
+                                                    boundary="replicate"))
 
 
 @requires_kernel
@@ -386,8 +392,13 @@ def test_kernel_rejects_bad_direct_calls():
     args = _good()
     with pytest.raises(RuntimeError, match="w1"):
         _op_forward(args[0], args[1], args[2][:, :-1], *args[3:], 2)
+    bad_codes = list(_op_args(*args, 2))
+    bad_codes[-3] = [0, 7, 0, 0, 0, -1]  # the rule's codes, a boundary beyond the list
     with pytest.raises(RuntimeError, match="boundary"):
-        _op_forward(*args, 2, boundary=7)
+        torch.ops.cubecore.propagate_forward(*bad_codes)
+    bad_codes[-3] = [0, 0, 0, 0, 0]  # one code short
+    with pytest.raises(RuntimeError, match="rule must hold"):
+        torch.ops.cubecore.propagate_forward(*bad_codes)
     final, traj, _ = _op_forward(*args, 2)
     with pytest.raises(RuntimeError, match="trajectory"):
         _op_backward(final, traj, *args[1:], 2)
@@ -414,7 +425,8 @@ def test_cuda_kernel_matches_reference(boundary, activation, update, shape):
 @requires_cuda_kernel
 def test_cuda_opcheck_and_compile():
     args = [a.float().cuda().requires_grad_() for a in make_problem(2, 3, 4, 5, 4, 8, 1, seed=9)]
-    torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, (*args, 3, 1, 0, 1, 0.5, True))
+    torch.library.opcheck(torch.ops.cubecore.propagate_forward.default,
+                          _op_args(*args, 3, boundary="circular", update="residual", step_size=0.5, keep=True))
     core = cubecore.CubicCore(lattice_size=(3, 4, 5), state_size=4, hidden_size=8, input_size=1, steps=3,
                               backend="kernel").cuda()
     u = torch.randn(2, 3, 4, 5, 1, device="cuda")
@@ -487,7 +499,7 @@ def test_autocast_computes_in_float32_on_both_backends():
         g_external, g_w1 = torch.autograd.grad(out.sum(), [external, w1])
         assert g_external.dtype == torch.bfloat16 and g_w1.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's own autocast rule, called directly
-        final, _, _ = _op_forward(*[a.bfloat16() for a in args], 3, boundary=1, activation=1)
+        final, _, _ = _op_forward(*[a.bfloat16() for a in args], 3, boundary="circular", activation="relu")
     assert final.dtype == torch.float32
 
 
@@ -575,3 +587,24 @@ def test_torch_compile_fullgraph_with_the_trajectory():
     ge = torch.autograd.grad(core(u).square().sum(), list(core.parameters()))
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+def test_op_args_are_read_back_as_written_for_every_rule_option():
+    """OpArgs writes the op's positional arguments and reads them back (the fakes and the autograd formula
+    read them so): every option of the rule and every tensor survive the round trip."""
+    import itertools
+
+    from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
+
+    state, external, w1, b1, w2, b2 = make_problem(1, 2, 2, 2, 3, 4, 1)
+    wh, bh = torch.randn(5, 4), torch.randn(5)
+    for *choices, alive in itertools.product(NEIGHBOURHOODS, BOUNDARIES, ACTIVATIONS, OUTPUT_ACTIVATIONS, UPDATES,
+                                             (None, 2)):
+        rule = Rule(*choices, step_size=0.7, alive_channel=alive, alive_threshold=0.25)
+        call = OpArgs.of(external, [w1, b1, wh, bh, w2[:, :5], None], rule, 3, dead_state=torch.zeros(3))
+        got_state, back, keep = OpArgs.from_forward(call.forward_args(state, True))
+        assert got_state is state and keep is True and back.rule == rule and back.steps == 3
+        assert all(a is b for a, b in zip(back.tensors(), call.tensors()))
+        grad, traj, life, back = OpArgs.from_backward(call.backward_args(state, state, state))
+        assert back.rule == rule and all(a is b for a, b in zip(back.tensors(), call.tensors()))
+    assert torch.equal(call.bo, torch.zeros(3))  # a missing bias is zeros, a constant

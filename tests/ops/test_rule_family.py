@@ -12,7 +12,8 @@ import cubecore
 from conftest import requires_cuda_kernel, requires_kernel
 from cubecore import propagate
 from cubecore.ops.reference import propagate_reference
-from cubecore.ops.rule import BOUNDARIES
+from cubecore.ops.op_args import OpArgs
+from cubecore.ops.rule import BOUNDARIES, Rule
 
 NEIGHBOURHOODS = ("von_neumann", "moore")
 PERCEPTIONS = (0, 3)  # filters per channel; 0 = concat
@@ -185,18 +186,17 @@ def test_fire_rate_draws_the_same_masks_on_both_backends():
 def test_opcheck_of_the_family():
     shape = (2, 3, 2, 4, 3, 1)
     state, external, perception, weights = family_problem(shape, "moore", 2, 2, alive=True, seed=4)
-    w1, b1, wh, bh, wo, bo = weights
     fire = torch.rand(3, *shape[:4], generator=torch.Generator().manual_seed(1)) < 0.5
     dead = torch.ones(3, dtype=torch.float64)
+    rule = Rule("moore", "reflect", "relu", "identity", "residual", 0.5, 1, 0.1)
     for keep, grad in ((True, True), (False, False)):
-        tensors = [t.detach().clone().requires_grad_(grad) for t in (state, external, perception, w1, b1, wh, bh, wo, bo)]
-        args = (*tensors, fire, dead, 3, 1, 3, 1, 1, 1, 0.5, 1, 0.1, keep)
-        torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, args)
-    final, traj, life = torch.ops.cubecore.propagate_forward(*args[:-1], True)
+        s, u, p, *net = [t.detach().clone().requires_grad_(grad) for t in (state, external, perception, *weights)]
+        call = OpArgs.of(u, net, rule, 3, perception=p, fire_mask=fire, dead_state=dead)
+        torch.library.opcheck(torch.ops.cubecore.propagate_forward.default, call.forward_args(s, keep))
+    final, traj, life = torch.ops.cubecore.propagate_forward(*call.forward_args(s, True))
     assert life.shape == (3, *shape[:4]) and life.dtype == torch.uint8
     torch.library.opcheck(torch.ops.cubecore.propagate_backward.default,
-                          (torch.randn_like(final), traj, life, external, perception, w1, b1, wh, bh, wo, bo, fire,
-                           dead, 3, 1, 3, 1, 1, 1, 0.5, 1))
+                          call.backward_args(torch.randn_like(final), traj, life))
 
 
 @requires_kernel
