@@ -117,5 +117,10 @@ def test_a_run_from_before_the_sections_evaluates_as_it_did(tmp_path, monkeypatc
             assert got >= round(expected[model][key], 4), (model, key)
             if model != "ridge":
                 assert got == round(counted[model][key], 4), (model, key)
+    # The run stored no trained floors (it was saved before they were): evaluate leaves them out of the table,
+    # trains nothing, and says why and what trains them.
     assert "| mlp |" not in result.stdout and "| linear |" not in result.stdout
-    assert "The mlp and linear floors are not stored" in result.stdout
+    checkpoint = LEGACY_RUN / "last.pt"
+    assert (f"The mlp and linear floors are not in the table: {checkpoint} holds a finished run without them "
+            f"(stopped before it trained them, or saved before they were stored); python -m cubecore.train "
+            f"--resume {checkpoint} trains and stores them") in result.stdout
