@@ -12,7 +12,7 @@ import cubecore
 from conftest import requires_kernel
 from cubecore.ops import front
 from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
-from test_rule_family import assert_same, family_problem, options, run, torch_threads
+from test_rule_family import DEPTHS, PERCEPTION_FILTERS, assert_same, family_problem, options, run, torch_threads
 
 # (B, X, Y, Z, S, E) around the tile-GEMM engine's tile of 64 cells (kGemmTile in csrc/cpu_engine.h): 63, 64, 65,
 # 127, 128 and 129 cells a sample (65 and 129: a last tile of one cell); B = 3 with 43 cells, so that a step split
@@ -24,14 +24,14 @@ SHAPES = [(1, 127, 1, 1, 5, 1), (2, 4, 4, 8, 8, 0), (1, 3, 43, 1, 3, 2), (3, 43,
 # thread counts and depths cycle through them).
 OPTIONS = {
     "neighbourhood": NEIGHBOURHOODS,
-    "filters": (0, 1, 3),
+    "filters": tuple(sorted({*PERCEPTION_FILTERS, 1})),  # each perception, and depthwise with one filter too
     "output": OUTPUT_ACTIVATIONS,
     "fire": (False, True),
     "alive": (False, True),
     "boundary": BOUNDARIES,
     "update": UPDATES,
     "activation": ACTIVATIONS,
-    "depth": (1, 2),
+    "depth": DEPTHS,
 }
 
 

@@ -27,7 +27,8 @@ import torch
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
 from cubecore.ops.reference import trajectory_reference
 from cubecore.ops.op_args import OpArgs
-from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES, Rule
+from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES, Rule, slots
+from test_rule_family import DEPTHS, PERCEPTION_FILTERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU_DIR = os.environ.get("CUDA_EMU_DIR", os.path.join(ROOT, "..", "shared", "cuda-emu"))
@@ -108,7 +109,7 @@ def problem(case, dtype=torch.float64, seed=0):
     cells die and are born."""
     B, X, Y, Z, S, E = case.shape
     gen = torch.Generator().manual_seed(seed)
-    K = 27 if case.neighbourhood == "moore" else 7
+    K = slots(case.neighbourhood)
 
     def rnd(*size, scale=0.5):
         return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -210,8 +211,8 @@ def check(emu, case):
 SHAPES = [(2, 3, 4, 5, 3, 2), (1, 5, 2, 3, 8, 0), (3, 2, 3, 2, 5, 1), (2, 1, 3, 4, 20, 1), (1, 7, 9, 5, 4, 1)]
 OPTIONS = {
     "neighbourhood": NEIGHBOURHOODS,
-    "filters": (0, 3),  # perception: 0 = concat, else depthwise with this many filters per channel
-    "depth": (1, 2),
+    "filters": PERCEPTION_FILTERS,  # perception: 0 = concat, else depthwise with this many filters per channel
+    "depth": DEPTHS,
     "output": OUTPUT_ACTIVATIONS,
     "bias": (True, False),
     "fire": (False, True),

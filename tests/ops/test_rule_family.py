@@ -13,21 +13,23 @@ from conftest import requires_cuda_kernel, requires_kernel
 from cubecore import propagate
 from cubecore.ops.reference import propagate_reference
 from cubecore.ops.op_args import OpArgs
-from cubecore.ops.rule import BOUNDARIES, Rule
+from cubecore.ops.rule import (ACTIVATIONS, BOUNDARIES, BOUNDARY_ALIASES, MAX_HIDDEN_LAYERS, NEIGHBOURHOODS,
+                                OUTPUT_ACTIVATIONS, PERCEPTIONS, UPDATES, Rule, slots)
 
-NEIGHBOURHOODS = ("von_neumann", "moore")
-PERCEPTIONS = (0, 3)  # filters per channel; 0 = concat
-DEPTHS = (1, 2)
-OUTPUTS = ("tanh", "identity")
+# The choices of the rule family are cubecore/ops/rule.py's, so that a choice added there is tested here (and in
+# test_cpu_engines.py and test_cuda_emulated.py, which take these too).  A perception as these tests give it: its
+# filters per channel, 0 for concat (no perception weight).
+FILTERS = {"concat": 0, "depthwise": 3}
+assert set(FILTERS) == set(PERCEPTIONS), f"give each perception of cubecore/ops/rule.py its filters: {PERCEPTIONS}"
+PERCEPTION_FILTERS = tuple(FILTERS[perception] for perception in PERCEPTIONS)
+DEPTHS = tuple(range(1, MAX_HIDDEN_LAYERS + 1))  # hidden layers
 FIRES = (False, True)
 ALIVES = (False, True)
-UPDATES = ("replace", "residual")
-COMBINATIONS = list(itertools.product(NEIGHBOURHOODS, PERCEPTIONS, DEPTHS, OUTPUTS, FIRES, ALIVES, BOUNDARIES,
-                                      UPDATES))
+COMBINATIONS = list(itertools.product(NEIGHBOURHOODS, PERCEPTION_FILTERS, DEPTHS, OUTPUT_ACTIVATIONS, FIRES, ALIVES,
+                                      BOUNDARIES, UPDATES))
 # (B, X, Y, Z, S, E): odd lattices; B = 1 with X >= 4 (slabs), B = 2 (samples per thread), a thin X = 2 lattice that
 # one thread takes whole; S = 8 and 16 take the kernels' compile-time paths, the others the general one.
 SHAPES = [(2, 3, 4, 5, 3, 2), (1, 5, 2, 3, 8, 0), (3, 2, 3, 2, 5, 1), (1, 4, 3, 3, 16, 1), (2, 2, 2, 3, 2, 0)]
-ACTIVATIONS = ("tanh", "relu", "sigmoid")
 
 
 def family_problem(shape, neighbourhood, filters, depth, output_bias=True, alive=False, seed=0,
@@ -36,7 +38,7 @@ def family_problem(shape, neighbourhood, filters, depth, output_bias=True, alive
     ``alive`` the alive channel (1) is sparse, so that cells die and are born."""
     B, X, Y, Z, S, E = shape
     gen = torch.Generator().manual_seed(seed)
-    K = 27 if neighbourhood == "moore" else 7
+    K = slots(neighbourhood)
 
     def rnd(*size, scale=0.5):
         return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -96,7 +98,7 @@ def test_every_combination_matches_the_float64_reference(combination):
     if boundary == "reflect" and min(shape[1:4]) < 2:
         shape = SHAPES[0]
     problem = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i)
-    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % 3])
+    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % len(ACTIVATIONS)])
     if alive:
         kw["dead_state"] = kw["dead_state"].to(problem[0].dtype)
     with torch_threads(1 + i % 3):
@@ -127,7 +129,7 @@ def test_cuda_kernel_runs_the_family(combination):
     if boundary == "reflect" and min(shape[1:4]) < 2:
         shape = SHAPES[0]
     problem = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i)
-    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % 3])
+    kw = options(neighbourhood, output, fire, alive, boundary, update, 3, shape, i, ACTIVATIONS[i % len(ACTIVATIONS)])
     want = run("reference", problem, **kw)
     cuda = family_problem(shape, neighbourhood, filters, depth, output_bias=i % 3 != 0, alive=alive, seed=i,
                           dtype=torch.float32)
@@ -247,7 +249,7 @@ def test_bad_rule_options_raise_naming_the_argument(kw, error, match):
 def test_old_boundary_names_keep_their_meaning():
     state = torch.randn(1, 3, 2, 4, 2, dtype=torch.float64)
     w = [torch.randn(3, 14, dtype=torch.float64), None, torch.randn(2, 3, dtype=torch.float64), None]
-    for old, new in (("wall", "zeros"), ("periodic", "circular")):
+    for old, new in BOUNDARY_ALIASES.items():
         assert torch.equal(propagate_reference(state, None, *w, steps=2, boundary=old),
                            propagate_reference(state, None, *w, steps=2, boundary=new))
 
@@ -448,7 +450,7 @@ def test_a_nan_in_the_alive_channel_exceeds_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernel)])
-@pytest.mark.parametrize("update", ["residual", "replace"])
+@pytest.mark.parametrize("update", UPDATES)
 def test_a_cell_that_does_not_fire_keeps_its_state_whatever_its_change(backend, update):
     """The fire mask selects: a cell whose change is NaN (a NaN in its external input) but that never fires keeps
     its state exactly, and no NaN reaches the rest of the lattice (a change multiplied by the mask was NaN)."""
