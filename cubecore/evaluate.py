@@ -54,13 +54,17 @@ def floors_note(trainer: CubeTrainer, checkpoint: Path, last: Optional[Path]) ->
             f"its end.")
 
 
-def main(argv=None) -> int:
+def build_parser() -> CommandParser:
     p = CommandParser(prog="python -m cubecore.evaluate", description=__doc__)
     p.add_argument("checkpoint")
     p.add_argument("--data", help="named source or file (default: the data the model was trained on)")
     p.add_argument("--device", default="cpu")
     add_weights_argument(p, "checkpoint")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         setup_logging()
