@@ -257,7 +257,7 @@ def _run(trainer: CubeTrainer, out: Path, source: Optional[Path], mode: str, qui
     files = RunFiles(out)
     # Everything that can be checked is checked before any work or write: the lattice against the teacher once.
     dim = trainer.dim if trainer.components_initialized else trainer.teacher.dim
-    config.model.check_fits(dim)
+    config.model.check_fits(dim, what="the teacher's embeddings")
     if main_process:
         note = memory_note(config, dim, trainer.device)
         if note:

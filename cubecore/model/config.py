@@ -16,7 +16,7 @@ from ..ops.front import BACKENDS
 from ..ops.rule import (ACTIVATIONS, BOUNDARY_NAMES, MAX_HIDDEN_LAYERS, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS,
                         PERCEPTIONS, UPDATES)
 from ..sections import ConfigSection
-from .reshaper import STRATEGIES, fitting_lattices
+from .reshaper import STRATEGIES, check_fits
 
 
 @dataclass
@@ -123,11 +123,8 @@ class ModelConfig(ConfigSection):
         floats = 4 * parameters + batch_size * self.cells * (2 * external + 2 * (self.steps + 1) * per_step)
         return 4 * floats, parameters, external
 
-    def check_fits(self, dim: int) -> None:
-        """The lattice must hold an embedding of ``dim`` exactly unless the reshaper projects."""
-        if self.reshaping_method != "projection" and dim % self.cells:
-            fits = ", ".join(f"{x}x{y}x{z}" for x, y, z, _ in fitting_lattices(dim, near=self.lattice_size)[:4])
-            raise InvalidValueError(
-                f"{self.key('lattice_size')} {self.lattice_size} does not fit the teacher's dim {dim} with "
-                f"reshaping_method={self.reshaping_method!r}; lattices that fit: {fits}, or use "
-                f"reshaping_method='projection'")
+    def check_fits(self, dim: int, what: str = "an embedding") -> None:
+        """That the lattice holds ``what`` of ``dim`` under the reshaping method: the reshaper's check
+        (``cubecore.model.reshaper.check_fits``), said in this section's keys."""
+        check_fits(dim, self.lattice_size, self.reshaping_method, lattice_name=self.key("lattice_size"),
+                   strategy_name="reshaping_method", what=what)

@@ -117,6 +117,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         self.config = config = (config or ModelConfig()).replace(**options) if options else (config or ModelConfig())
         self._hub_mixin_config = {"input_dim": input_dim, "config": config.to_dict()}  # what config.json holds
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
+        config.check_fits(input_dim)  # the reshaper's check, said in the config's keys
         self.reshaper = EmbeddingReshaper(input_dim, config.lattice_size, strategy=config.reshaping_method)
         self.core = CubicCore(config.lattice_size, config.state_size, config.hidden_sizes,
                               input_size=self.reshaper.channels + config.position_channels + config.global_channels,

@@ -77,6 +77,21 @@ def fitting_lattices(dim: int, limit: int = 6, near: Optional[Sequence[int]] = N
     return (found + cubes)[:limit]
 
 
+def check_fits(dim: int, lattice_size: Sequence[int], strategy: str, *, lattice_name: str = "lattice_size",
+               strategy_name: str = "strategy", what: str = "an embedding") -> None:
+    """The one check that an embedding of ``dim`` fits a lattice under a strategy (every other place asks this):
+    dim = X*Y*Z*E unless the strategy projects.  The error names the lattices that fit; ``lattice_name``,
+    ``strategy_name`` and ``what`` say it in the caller's words (``ModelConfig.check_fits``: its config keys)."""
+    X, Y, Z = lattice_size
+    if strategy == "projection" or dim % (X * Y * Z) == 0:
+        return
+    fits = ", ".join(f"{x}x{y}x{z} (E={e})" for x, y, z, e in fitting_lattices(dim, near=lattice_size))
+    raise InvalidValueError(
+        f"{lattice_name} {X}x{Y}x{Z} does not fit {what} of dim {dim} with {strategy_name}={strategy!r} (dim must "
+        f"be X*Y*Z*E, E values per cell); lattices that fit: {fits}; or use {strategy_name}='projection', which "
+        f"serves any lattice")
+
+
 def _snake_order(X: int, Y: int, Z: int) -> torch.Tensor:
     """Cell indices along a boustrophedon path: consecutive cells are face-neighbours."""
     order = []
@@ -118,13 +133,7 @@ class EmbeddingReshaper(nn.Module):
             self.project_in = nn.Linear(input_dim, cells * self.channels)
             self.project_out = nn.Linear(cells * self.output_channels, input_dim)
         else:
-            if input_dim % cells:
-                fits = ", ".join(f"{x}x{y}x{z} (E={e})" for x, y, z, e in fitting_lattices(input_dim, near=lattice))
-                raise InvalidValueError(
-                    f"an embedding of dim {input_dim} does not fit a {lattice[0]}x{lattice[1]}x{lattice[2]} "
-                    f"lattice with strategy={strategy!r} (dim must be X*Y*Z*E); lattices that fit: {fits}; "
-                    f"or use strategy='projection' for any lattice"
-                )
+            check_fits(input_dim, lattice, strategy)
             self.channels = input_dim // cells
             if channels not in (None, self.channels):
                 raise InvalidValueError(f"channels must be {self.channels} (= dim / cells) with strategy={strategy!r}")

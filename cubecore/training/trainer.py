@@ -135,8 +135,6 @@ class CubeTrainer:
     def initialize_components(self, dim: Optional[int] = None) -> None:
         cfg = self.config
         self.dim = dim if dim is not None else self.teacher.dim
-        if self.model_factory is None:
-            cfg.model.check_fits(self.dim)
         torch.manual_seed(cfg.seed)
         if self.model_factory is not None:
             self.model = self.model_factory(self.dim).to(self.device)
