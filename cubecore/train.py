@@ -43,6 +43,7 @@ from .atomic import atomic_write_dir, atomic_write_text
 from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from .data import MODES, prepare_data
 from .errors import InvalidValueError
+from .model.processor import EmbeddingProcessor
 from .ops.front import BACKENDS
 from .training.checkpoint import load_checkpoint_file
 from .training.config import TrainingConfig, parse_override
@@ -314,8 +315,8 @@ def available_bytes(device: torch.device) -> Optional[int]:
 
 def memory_note(config: TrainingConfig, dim: int, device: torch.device) -> Optional[str]:
     """A warning, with the estimate, when the model needs more than ``LARGE_BYTES`` or half the free memory to
-    train (``ModelConfig.training_bytes``), else None."""
-    need, parameters, external = config.model.training_bytes(dim, config.batch_size)
+    train (``EmbeddingProcessor.training_bytes``), else None."""
+    need, parameters, external = EmbeddingProcessor.training_bytes(dim, config.model, config.batch_size)
     have = available_bytes(device)
     if need <= LARGE_BYTES and (have is None or 2 * need <= have):
         return None

@@ -783,11 +783,11 @@ def test_resume_on_other_data_is_refused_by_name(tmp_path, fake_teacher, dialogu
 def test_a_model_too_large_to_train_comfortably_is_said_with_its_estimate(tmp_path, fake_teacher, dialogue_file,
                                                                          monkeypatch, capsys):
     """global_channels=1e5 took 10.5 GB and 300 s an epoch without a word."""
-    from cubecore import ModelConfig
+    from cubecore import EmbeddingProcessor, ModelConfig
 
-    need, parameters, external = ModelConfig(global_channels=100000).training_bytes(384, 32)
+    need, parameters, external = EmbeddingProcessor.training_bytes(384, ModelConfig(global_channels=100000), 32)
     assert 9e9 < need < 12e9 and parameters > 4e7 and external == 100001  # measured: 10.5 GB
-    assert ModelConfig().training_bytes(384, 32)[0] < 1e8
+    assert EmbeddingProcessor.training_bytes(384, ModelConfig(), 32)[0] < 1e8
     monkeypatch.setattr(train_cli, "available_bytes", lambda device: 256 * 1024 ** 2)  # 256 MiB free
 
     def fit(self, *args, **kwargs):  # the warning comes before training: no need to train

@@ -105,24 +105,6 @@ class ModelConfig(ConfigSection):
         x, y, z = self.lattice_size
         return x * y * z
 
-    def training_bytes(self, dim: int, batch_size: int) -> Tuple[int, int, int]:
-        """Roughly the memory that training this model on ``dim``-D embeddings in batches of ``batch_size`` needs
-        in float32, and what it is made of: (bytes, parameters, external input channels per cell).  The
-        parameters count four times (the weights, their gradients, AdamW's two moments); the activations of a
-        batch that the backward keeps are the external input and its gradient, and each step's state and hidden
-        layers.  The model is built on the meta device to count: nothing is allocated."""
-        import torch
-
-        from .processor import EmbeddingProcessor
-
-        with torch.device("meta"):
-            model = EmbeddingProcessor(dim, self)
-        parameters = sum(p.numel() for p in model.parameters())
-        external = model.core.input_size
-        per_step = self.state_size + sum(self.hidden_sizes)
-        floats = 4 * parameters + batch_size * self.cells * (2 * external + 2 * (self.steps + 1) * per_step)
-        return 4 * floats, parameters, external
-
     def check_fits(self, dim: int, what: str = "an embedding") -> None:
         """That the lattice holds ``what`` of ``dim`` under the reshaping method: the reshaper's check
         (``cubecore.model.reshaper.check_fits``), said in this section's keys."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -135,6 +135,21 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
             nn.init.zeros_(self.readout_weight)
         else:
             nn.init.uniform_(self.readout_weight, -config.state_size ** -0.5, config.state_size ** -0.5)
+
+    @classmethod
+    def training_bytes(cls, input_dim: int, config: ModelConfig, batch_size: int) -> Tuple[int, int, int]:
+        """Roughly the memory that training the model of ``config`` on ``input_dim``-D embeddings in batches of
+        ``batch_size`` needs in float32, and what it is made of: (bytes, parameters, external input channels per
+        cell).  The parameters count four times (the weights, their gradients, AdamW's two moments); the
+        activations of a batch that the backward keeps are the external input and its gradient, and each step's
+        state and hidden layers.  The model is built on the meta device to count: nothing is allocated."""
+        with torch.device("meta"):
+            model = cls(input_dim, config)
+        parameters = sum(p.numel() for p in model.parameters())
+        external = model.core.input_size
+        per_step = config.state_size + sum(config.hidden_sizes)
+        floats = 4 * parameters + batch_size * config.cells * (2 * external + 2 * (config.steps + 1) * per_step)
+        return 4 * floats, parameters, external
 
     def readout(self, state: torch.Tensor) -> torch.Tensor:
         """[B, X, Y, Z, S] -> [B, X, Y, Z, E_out], with each cell's own weights."""
