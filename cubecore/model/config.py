@@ -2,11 +2,18 @@
 
 ``EmbeddingProcessor(input_dim, config)`` takes it whole, and its defaults are the model that
 ``python -m cubecore.train`` trains: one set of defaults.  A new model option is one field here plus its use.
+
+The defaults of the core's options are ``CubicCore``'s (the original rule, ``cubecore.ops.rule.Rule``'s), read
+from it, except where the embedding model is its own: its sizes (a lattice of 8x8x6 = 384 cells for the
+default teacher's 384-D embedding, 32 hidden values, 4 steps) and its update (``residual`` with
+``step_size=0.5``, where ``CubicCore`` replaces the state).  ``core_options`` hands ``CubicCore`` every field
+that is one of its options.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
@@ -16,7 +23,17 @@ from ..ops.front import BACKENDS
 from ..ops.rule import (ACTIVATIONS, BOUNDARY_NAMES, MAX_HIDDEN_LAYERS, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS,
                         PERCEPTIONS, UPDATES)
 from ..sections import ConfigSection
+from .core import CubicCore
 from .reshaper import STRATEGIES, check_fits
+
+_CORE_OPTIONS = inspect.signature(CubicCore).parameters
+# The core's sizes and input, which EmbeddingProcessor passes itself (``hidden_size`` here is one layer's size).
+_CORE_SIZES = ("lattice_size", "state_size", "hidden_size", "input_size")
+
+
+def _core_default(name: str, **metadata: Any):
+    """A field whose default is CubicCore's option ``name``'s: one default for both."""
+    return field(default=_CORE_OPTIONS[name].default, metadata=metadata)
 
 
 @dataclass
@@ -29,28 +46,28 @@ class ModelConfig(ConfigSection):
     # hidden layers of the update net, each of hidden_size
     hidden_layers: int = field(default=1, metadata={"saved_before": 1})
     steps: int = 4
-    neighbourhood: str = field(default="von_neumann", metadata={"saved_before": "von_neumann"})
-    perception: str = field(default="concat", metadata={"saved_before": "concat"})
+    neighbourhood: str = _core_default("neighbourhood", saved_before="von_neumann")
+    perception: str = _core_default("perception", saved_before="concat")
     # learned filters per state channel, with perception='depthwise'
-    perception_filters: int = field(default=3, metadata={"saved_before": 3})
-    boundary: str = "zeros"
-    activation: str = "tanh"
-    output_activation: str = field(default="tanh", metadata={"saved_before": "tanh"})
-    output_bias: bool = field(default=True, metadata={"saved_before": True})
+    perception_filters: int = _core_default("perception_filters", saved_before=3)
+    boundary: str = _core_default("boundary")
+    activation: str = _core_default("activation")
+    output_activation: str = _core_default("output_activation", saved_before="tanh")
+    output_bias: bool = _core_default("output_bias", saved_before=True)
     update: str = "residual"
     step_size: float = 0.5
     # the chance that a cell applies its change in a step
-    fire_rate: float = field(default=1.0, metadata={"saved_before": 1.0})
+    fire_rate: float = _core_default("fire_rate", saved_before=1.0)
     # the channel whose 3x3x3 maximum keeps a cell alive (None: no mask)
-    alive_channel: Optional[int] = field(default=None, metadata={"saved_before": None})
-    alive_threshold: float = field(default=0.1, metadata={"saved_before": 0.1})
+    alive_channel: Optional[int] = _core_default("alive_channel", saved_before=None)
+    alive_threshold: float = _core_default("alive_threshold", saved_before=0.1)
     reshaping_method: str = "simple"  # how the embedding is laid onto the lattice (EmbeddingReshaper)
     position_channels: int = 0  # learned channels per cell added to the external input
     # learned projections of the whole embedding added to every cell's external input
     global_channels: int = field(default=8, metadata={"saved_before": 0})
     # output = input + readout (zero-initialised): the model starts as the identity
     readout_skip: bool = field(default=True, metadata={"saved_before": False})
-    backend: str = "auto"
+    backend: str = _core_default("backend")
 
     def check(self) -> None:
         for key, allowed in (("boundary", BOUNDARY_NAMES), ("activation", ACTIVATIONS), ("update", UPDATES),
@@ -88,13 +105,10 @@ class ModelConfig(ConfigSection):
         return super().from_saved(values)
 
     def core_options(self) -> dict:
-        """The ``CubicCore`` options this section sets (everything but the lattice, sizes and input)."""
-        return dict(steps=self.steps, boundary=self.boundary, activation=self.activation, update=self.update,
-                    step_size=self.step_size, backend=self.backend, neighbourhood=self.neighbourhood,
-                    perception=self.perception, perception_filters=self.perception_filters,
-                    output_activation=self.output_activation, output_bias=self.output_bias,
-                    fire_rate=self.fire_rate, alive_channel=self.alive_channel,
-                    alive_threshold=self.alive_threshold)
+        """The ``CubicCore`` options this section sets, by name: every field that is one of its options but the
+        lattice and sizes (``CubicCore(lattice_size, state_size, hidden_sizes, input_size, **core_options())``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in _CORE_OPTIONS and f.name not in _CORE_SIZES}
 
     @property
     def hidden_sizes(self) -> Tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -30,6 +31,8 @@ class CubicCore(nn.Module):
     or ``depthwise`` with ``perception_filters`` learned filters per channel), ``hidden_size`` (an int for one
     hidden layer, or a sequence of one or two sizes), ``activation``, ``output_activation``, ``output_bias``,
     ``update``, ``step_size``, ``fire_rate``, ``alive_channel``, ``alive_threshold``, ``dead_state``, ``boundary``.
+    Their defaults are the original rule: the rule's choices those of :class:`cubecore.ops.rule.Rule`, read from
+    it (``ModelConfig``, the embedding model's options, reads its defaults from here in turn).
     Weights: ``perception`` [state, F, slots] (depthwise only), then ``w1`` [hidden, inputs], ``b1``, and one
     (weight, bias) pair per further layer, the last, ``w{n}`` [state, hidden], the output layer (its bias None
     with ``output_bias=False``).
@@ -42,20 +45,20 @@ class CubicCore(nn.Module):
         hidden_size: Union[int, Sequence[int]] = 16,
         input_size: int = 1,
         steps: int = 10,
-        boundary: str = "zeros",
-        activation: str = "tanh",
-        update: str = "replace",
-        step_size: float = 1.0,
+        boundary: str = Rule.boundary,
+        activation: str = Rule.activation,
+        update: str = Rule.update,
+        step_size: float = Rule.step_size,
         backend: str = "auto",
         *,
-        neighbourhood: str = "von_neumann",
+        neighbourhood: str = Rule.neighbourhood,
         perception: str = "concat",
         perception_filters: int = 3,
-        output_activation: str = "tanh",
+        output_activation: str = Rule.output_activation,
         output_bias: bool = True,
         fire_rate: float = 1.0,
-        alive_channel: Optional[int] = None,
-        alive_threshold: float = 0.1,
+        alive_channel: Optional[int] = Rule.alive_channel,
+        alive_threshold: float = Rule.alive_threshold,
         dead_state: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
@@ -155,26 +158,25 @@ class CubicCore(nn.Module):
             return None
         return cpu_engine(self.w1.dtype, self.hidden_sizes)
 
+    def _hidden_size(self) -> Union[int, Tuple[int, ...]]:
+        """``hidden_size`` as given: one int for one hidden layer."""
+        return self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0]
+
     def get_info(self) -> Dict[str, Any]:
+        """The sizes, every field of the rule (``self.rule``, a :class:`cubecore.ops.rule.Rule`), the perception,
+        output bias, fire rate and backend, the backend and CPU engine in use, the parameters, device and dtype."""
         return {
             "lattice_size": self.lattice_size,
             "cells": self.lattice_size[0] * self.lattice_size[1] * self.lattice_size[2],
             "state_size": self.state_size,
-            "hidden_size": self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0],
+            "hidden_size": self._hidden_size(),
             "input_size": self.input_size,
             "steps": self.steps,
-            "neighbourhood": self.rule.neighbourhood,
+            **dataclasses.asdict(self.rule),
             "perception": self.perception_kind,
             "perception_filters": self.perception_filters if self.perception is not None else None,
-            "boundary": self.rule.boundary,
-            "activation": self.rule.activation,
-            "output_activation": self.rule.output_activation,
             "output_bias": self.output_bias,
-            "update": self.rule.update,
-            "step_size": self.rule.step_size,
             "fire_rate": self.fire_rate,
-            "alive_channel": self.rule.alive_channel,
-            "alive_threshold": self.rule.alive_threshold,
             "backend": self.backend,
             "active_backend": self.active_backend(),
             "cpu_engine": self.cpu_engine(),
@@ -184,17 +186,21 @@ class CubicCore(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        rule = self.rule
-        text = (f"lattice_size={self.lattice_size}, state_size={self.state_size}, hidden_size="
-                f"{self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0]}, "
-                f"input_size={self.input_size}, steps={self.steps}, neighbourhood={rule.neighbourhood!r}, "
-                f"perception={self.perception_kind!r}, boundary={rule.boundary!r}, activation={rule.activation!r}, "
-                f"output_activation={rule.output_activation!r}, update={rule.update!r}, backend={self.backend!r}")
+        """The sizes, the rule's fields (the alive mask's where there is one), the perception (its filters where
+        depthwise), the output bias and fire rate where not the default, and the backend."""
+        rule = dataclasses.asdict(self.rule)
+        if rule["alive_channel"] is None:
+            del rule["alive_channel"], rule["alive_threshold"]
+        parts = [f"lattice_size={self.lattice_size}", f"state_size={self.state_size}",
+                 f"hidden_size={self._hidden_size()}", f"input_size={self.input_size}", f"steps={self.steps}",
+                 *(f"{name}={value!r}" for name, value in rule.items()), f"perception={self.perception_kind!r}"]
+        if self.perception is not None:
+            parts.append(f"perception_filters={self.perception_filters}")
+        if not self.output_bias:
+            parts.append("output_bias=False")
         if self.fire_rate < 1.0:
-            text += f", fire_rate={self.fire_rate}"
-        if rule.alive_channel is not None:
-            text += f", alive_channel={rule.alive_channel}, alive_threshold={rule.alive_threshold}"
-        return text
+            parts.append(f"fire_rate={self.fire_rate}")
+        return ", ".join(parts + [f"backend={self.backend!r}"])
 
 
 def _hidden_sizes(hidden_size: Union[int, Sequence[int]]) -> Tuple[int, ...]:

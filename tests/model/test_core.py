@@ -199,6 +199,33 @@ def test_family_options_shape_the_parameters():
     assert [n for n, _ in plain.named_parameters()] == ["w1", "b1", "w2", "b2"]
 
 
+def test_each_default_and_the_rules_fields_have_one_owner():
+    """CubicCore's rule options default to cubecore.ops.rule.Rule's (the original rule), and its info and repr
+    name every field of the Rule; ModelConfig's core options default to CubicCore's but for the embedding model's
+    own sizes and update; every core option is a ModelConfig field (but the input and the dead state), and
+    core_options hands the core each of them."""
+    import dataclasses
+    import inspect
+
+    from cubecore import ModelConfig
+    from cubecore.ops.rule import Rule
+
+    core_defaults = {name: p.default for name, p in inspect.signature(CubicCore).parameters.items()}
+    rule_fields = [f.name for f in dataclasses.fields(Rule)]
+    assert {name: core_defaults[name] for name in rule_fields} == dataclasses.asdict(Rule())
+    core = CubicCore(lattice_size=(2, 2, 2), alive_channel=0, update="residual", step_size=0.5)
+    info = core.get_info()
+    assert {name: info[name] for name in rule_fields} == dataclasses.asdict(core.rule)
+    assert all(f"{name}={getattr(core.rule, name)!r}" in repr(core) for name in rule_fields), repr(core)
+
+    config, fields = ModelConfig(), {f.name for f in dataclasses.fields(ModelConfig)}
+    shared = fields & set(core_defaults)
+    assert set(core_defaults) - shared == {"input_size", "dead_state"}
+    assert {name for name in shared if getattr(config, name) != core_defaults[name]} == {
+        "lattice_size", "hidden_size", "steps", "update", "step_size"}
+    assert set(config.core_options()) == shared - {"lattice_size", "state_size", "hidden_size"}
+
+
 @requires_kernel
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
 def test_family_core_forward_replays_a_fire_mask_and_matches_the_functional_form(backend):
