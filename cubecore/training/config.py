@@ -20,7 +20,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -41,8 +41,170 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig}
 LEGACY_KEYS = {"data": "data.source"}  # a flat key of configs written before the sections, whose name is now a section
 
 
-@dataclass
-class TrainingConfig(ConfigSection):
+class RunConfig(ConfigSection):
+    """The settings of one kind of run: its own keys and the sections it holds (``sections``), addressed as
+    ``key``, ``section.key`` or, where the name is in one section only, ``key``; loaded from and saved to the
+    YAML section ``yaml_section``.  ``TrainingConfig`` (``python -m cubecore.train``) and ``NcaTrainingConfig``
+    (``python -m cubecore.nca``) are two; each is a ``@dataclass(init=False)`` whose section fields have a
+    ``default_factory``."""
+
+    sections: ClassVar[Dict[str, type]] = {}
+    legacy_keys: ClassVar[Dict[str, str]] = {}  # flat keys of older configs whose name is now a section
+    yaml_section: ClassVar[str] = ""
+    defaults_file: ClassVar[str] = ""  # where a user reads every key, for messages
+
+    # -- keys: flat, dotted and sectioned ----------------------------------------------------------------------
+
+    @classmethod
+    def resolve_key(cls, key: str) -> str:
+        """The full name of a key: ``steps`` -> ``model.steps``; an unknown or ambiguous key is an error."""
+        if key in cls.legacy_keys:
+            return cls.legacy_keys[key]
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in cls.sections]
+        if key in own:
+            return key
+        section, _, name = key.partition(".")
+        if name and section in cls.sections:
+            if name not in cls.sections[section].field_names():
+                raise UnknownKeyError(f"unknown config key {key!r}; section {section!r} has "
+                                      f"{sorted(cls.sections[section].field_names())}")
+            return key
+        owners = [s for s, c in cls.sections.items() if key in c.field_names()]
+        if len(owners) == 1:
+            return f"{owners[0]}.{key}"
+        if len(owners) > 1:
+            raise UnknownKeyError(f"config key {key!r} is in sections {owners}: write it as "
+                                  f"{' or '.join(o + '.' + key for o in owners)}")
+        import difflib
+
+        known = own + [f"{s}.{n}" for s, c in cls.sections.items() for n in c.field_names()]
+        near = difflib.get_close_matches(key, known + [k.partition(".")[2] for k in known if "." in k], n=3)
+        raise UnknownKeyError(f"unknown config key {key!r}{f'; did you mean {near}?' if near else ''} (see "
+                              f"{cls.defaults_file} for every key)")
+
+    @classmethod
+    def _nest(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """Flat, dotted and nested keys as one nested mapping (a section given whole and key by key merges)."""
+        nested: Dict[str, Any] = {}
+        for key, value in values.items():
+            if key in cls.sections and isinstance(value, ConfigSection):
+                value = value.to_dict()
+            if key in cls.sections and isinstance(value, Mapping):
+                for name, inner in value.items():
+                    nested.setdefault(key, {})[name] = inner
+                continue
+            full = cls.resolve_key(key)
+            section, _, name = full.partition(".")
+            if name:
+                nested.setdefault(section, {})[name] = value
+            else:
+                nested[full] = value
+        return nested
+
+    @classmethod
+    def _section_defaults(cls, name: str) -> Dict[str, Any]:
+        """The keys of section ``name`` as this config's default holds them (a section's defaults may differ
+        from its class's: the NCA's ``model:`` is the upstream's rule)."""
+        default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
+        return default.to_dict()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], saved: bool = False):
+        """From a mapping with sections, dotted keys or flat keys (a config written before the sections).
+        ``saved``: the config a run saved, whose missing model keys take their ``saved_before`` values."""
+        if not isinstance(values, Mapping):
+            raise InvalidValueError(f"a config must be a mapping of keys, got {values!r}")
+        nested = cls._nest(values)
+        sections = {name: c.from_saved(nested.pop(name, {})) if saved
+                    else c.from_dict({**cls._section_defaults(name), **nested.pop(name, {})})
+                    for name, c in cls.sections.items()}
+        return cls(**nested, **sections)
+
+    def __init__(self, **values: Any) -> None:
+        """Keyword settings by any key ``from_dict`` takes: ``TrainingConfig(learning_rate=1e-3, steps=6)``, or
+        sections given whole (``model=ModelConfig(...)``)."""
+        nested = self._nest(values)
+        sections = {name: c.from_dict({**self._section_defaults(name), **nested.pop(name, {})})
+                    for name, c in self.sections.items()}
+        own = {f.name: f for f in dataclasses.fields(self) if f.name not in self.sections}
+        check_keys("config", nested, own)
+        for name, f in own.items():
+            setattr(self, name, nested.get(name, f.default))
+        for name, section in sections.items():
+            setattr(self, name, section)
+        self.__post_init__()
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]):
+        """The config a run saved (in its checkpoint): a key it lacks was added later, so it takes the value that
+        rebuilds the model the run trained, not today's default."""
+        return cls.from_dict(values, saved=True)
+
+    def get(self, key: str) -> Any:
+        """The value of a flat, dotted or legacy key."""
+        section, _, name = self.resolve_key(key).partition(".")
+        return getattr(getattr(self, section), name) if name else getattr(self, section)
+
+    def flat(self) -> Dict[str, Any]:
+        """Every setting by its full key (``model.steps``), as plain data."""
+        out = {}
+        for key, value in self.to_dict().items():
+            if key in self.sections:
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    # -- YAML and overrides -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = load_yaml(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise InvalidValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            raise InvalidValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]} {_yaml_where(exc)})") from None
+        if data is None:
+            raise InvalidValueError(f"{path} is empty: write a '{cls.yaml_section}:' section with the keys to set (see "
+                                    f"{cls.defaults_file}), or leave out --config for all defaults")
+        if not isinstance(data, dict):
+            raise InvalidValueError(f"{path}: expected a mapping with a '{cls.yaml_section}:' section")
+        section = data.get(cls.yaml_section, data)
+        if not isinstance(section, dict):
+            raise InvalidValueError(f"{path}: '{cls.yaml_section}' must be a mapping of config keys, got {section!r}")
+        try:
+            return cls.from_dict(section)
+        except CubecoreError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+
+    def save_yaml(self, path: Union[str, Path]) -> None:
+        from ..atomic import atomic_write
+
+        text = yaml.safe_dump({self.yaml_section: self.to_dict()}, sort_keys=False)
+        atomic_write(path, lambda f: f.write(text.encode()))
+
+    def override(self, **values: Any):
+        """A copy with some keys changed (flat, dotted or legacy keys), checked like a new config."""
+        merged = self.to_dict()
+        for section, inner in self._nest(values).items():
+            if section in self.sections:
+                merged[section].update(inner)
+            else:
+                merged[section] = inner
+        return type(self).from_dict(merged)
+
+
+@dataclass(init=False)
+class TrainingConfig(RunConfig):
+    sections = SECTIONS
+    legacy_keys = LEGACY_KEYS
+    yaml_section = SECTION
+    defaults_file = "config/cube_training.yaml"
+
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 3e-3
@@ -99,141 +261,6 @@ class TrainingConfig(ConfigSection):
     @property
     def uses_infonce(self) -> bool:
         return self.loss_function == "infonce" or (self.loss_function == "combined" and self.infonce_weight > 0)
-
-    # -- keys: flat, dotted and sectioned ----------------------------------------------------------------------
-
-    @classmethod
-    def resolve_key(cls, key: str) -> str:
-        """The full name of a key: ``steps`` -> ``model.steps``; an unknown or ambiguous key is an error."""
-        if key in LEGACY_KEYS:
-            return LEGACY_KEYS[key]
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
-        if key in own:
-            return key
-        section, _, name = key.partition(".")
-        if name and section in SECTIONS:
-            if name not in SECTIONS[section].field_names():
-                raise UnknownKeyError(f"unknown config key {key!r}; section {section!r} has "
-                                      f"{sorted(SECTIONS[section].field_names())}")
-            return key
-        owners = [s for s, c in SECTIONS.items() if key in c.field_names()]
-        if len(owners) == 1:
-            return f"{owners[0]}.{key}"
-        if len(owners) > 1:
-            raise UnknownKeyError(f"config key {key!r} is in sections {owners}: write it as "
-                                  f"{' or '.join(o + '.' + key for o in owners)}")
-        import difflib
-
-        known = own + [f"{s}.{n}" for s, c in SECTIONS.items() for n in c.field_names()]
-        near = difflib.get_close_matches(key, known + [k.partition(".")[2] for k in known if "." in k], n=3)
-        raise UnknownKeyError(f"unknown config key {key!r}{f'; did you mean {near}?' if near else ''} (see "
-                              f"config/cube_training.yaml for every key)")
-
-    @classmethod
-    def _nest(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
-        """Flat, dotted and nested keys as one nested mapping (a section given whole and key by key merges)."""
-        nested: Dict[str, Any] = {}
-        for key, value in values.items():
-            if key in SECTIONS and isinstance(value, ConfigSection):
-                value = value.to_dict()
-            if key in SECTIONS and isinstance(value, Mapping):
-                for name, inner in value.items():
-                    nested.setdefault(key, {})[name] = inner
-                continue
-            full = cls.resolve_key(key)
-            section, _, name = full.partition(".")
-            if name:
-                nested.setdefault(section, {})[name] = value
-            else:
-                nested[full] = value
-        return nested
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], saved: bool = False) -> "TrainingConfig":
-        """From a mapping with sections, dotted keys or flat keys (a config written before the sections).
-        ``saved``: the config a run saved, whose missing model keys take their ``saved_before`` values."""
-        if not isinstance(values, Mapping):
-            raise InvalidValueError(f"a config must be a mapping of keys, got {values!r}")
-        nested = cls._nest(values)
-        sections = {name: (c.from_saved if saved else c.from_dict)(nested.pop(name, {})) for name, c in SECTIONS.items()}
-        return cls(**nested, **sections)
-
-    def __init__(self, **values: Any) -> None:
-        """Keyword settings by any key ``from_dict`` takes: ``TrainingConfig(learning_rate=1e-3, steps=6)``, or
-        sections given whole (``model=ModelConfig(...)``)."""
-        nested = self._nest(values)
-        sections = {name: c.from_dict(nested.pop(name, {})) for name, c in SECTIONS.items()}
-        own = {f.name: f for f in dataclasses.fields(self) if f.name not in SECTIONS}
-        check_keys("config", nested, own)
-        for name, f in own.items():
-            setattr(self, name, nested.get(name, f.default))
-        for name, section in sections.items():
-            setattr(self, name, section)
-        self.__post_init__()
-
-    @classmethod
-    def from_saved(cls, values: Mapping[str, Any]) -> "TrainingConfig":
-        """The config a run saved (in its checkpoint): a key it lacks was added later, so it takes the value that
-        rebuilds the model the run trained, not today's default."""
-        return cls.from_dict(values, saved=True)
-
-    def get(self, key: str) -> Any:
-        """The value of a flat, dotted or legacy key."""
-        section, _, name = self.resolve_key(key).partition(".")
-        return getattr(getattr(self, section), name) if name else getattr(self, section)
-
-    def flat(self) -> Dict[str, Any]:
-        """Every setting by its full key (``model.steps``), as plain data."""
-        out = {}
-        for key, value in self.to_dict().items():
-            if key in SECTIONS:
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
-        return out
-
-    # -- YAML and overrides -----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "TrainingConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = load_yaml(path.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as exc:
-            raise InvalidValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-        except yaml.YAMLError as exc:
-            raise InvalidValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]} {_yaml_where(exc)})") from None
-        if data is None:
-            raise InvalidValueError(f"{path} is empty: write a '{SECTION}:' section with the keys to set (see "
-                                    f"config/cube_training.yaml), or leave out --config for all defaults")
-        if not isinstance(data, dict):
-            raise InvalidValueError(f"{path}: expected a mapping with a '{SECTION}:' section")
-        section = data.get(SECTION, data)
-        if not isinstance(section, dict):
-            raise InvalidValueError(f"{path}: '{SECTION}' must be a mapping of config keys, got {section!r}")
-        try:
-            return cls.from_dict(section)
-        except CubecoreError as exc:
-            raise type(exc)(f"{path}: {exc}") from None
-
-    def save_yaml(self, path: Union[str, Path]) -> None:
-        from ..atomic import atomic_write
-
-        text = yaml.safe_dump({SECTION: self.to_dict()}, sort_keys=False)
-        atomic_write(path, lambda f: f.write(text.encode()))
-
-    def override(self, **values: Any) -> "TrainingConfig":
-        """A copy with some keys changed (flat, dotted or legacy keys), checked like a new config."""
-        merged = self.to_dict()
-        for section, inner in self._nest(values).items():
-            if section in SECTIONS:
-                merged[section].update(inner)
-            else:
-                merged[section] = inner
-        return TrainingConfig.from_dict(merged)
-
 
 class _Loader(yaml.SafeLoader):
     """YAML as users write numbers: ``1e-3``, ``3E5`` and ``.5`` are floats (YAML 1.1 reads the first two as

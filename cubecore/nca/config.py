@@ -1,0 +1,133 @@
+"""``NcaTrainingConfig``: the settings of ``python -m cubecore.nca``: the optimisation and the run at the top level,
+the ``nca:`` section (``NcaConfig``: the target, the pool, the steps, the damage and the loss) and the ``model:``
+section (the same ``ModelConfig`` as ``cubecore.train``'s, defaulting to the upstream's rule).
+
+Every key of the recipe defaults to the upstream's value (real-itu/3d-artefacts-nca's ``VoxelCATrainerConfig``,
+``VoxelCAModelConfig`` and ``VoxelCADatasetConfig``; Adam and ``ExponentialLR`` at their config defaults) except
+those that make the default run small: the target (the upstream has none), ``iterations`` (their ``epochs``:
+20,000), the steps (48 to 64) and the batch (their default 32, their published models 5), which
+``config/nca_training.yaml`` sets for a run of minutes on a 2-core CPU.
+
+The state's size, the alive channel, the lattice and the steps of the ``model:`` section follow from the target
+and the ``nca:`` section (``for_target``): block types, then the living channel, then ``nca.hidden_channels``
+hidden channels (RGBA: four colour channels, alpha the living one).  Given other values, they are refused,
+naming the key that sets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from ..checks import check_choice, check_int, check_ints, check_number
+from ..errors import InvalidValueError
+from ..model.config import ModelConfig
+from ..sections import ConfigSection
+from ..training.config import MAX_SEED, RunConfig
+from ..training.tracking import LOGGERS
+from .recipe import ALIVE_LOSSES
+
+
+@dataclass
+class NcaConfig(ConfigSection):
+    section = "nca"
+
+    target: str = "tree"  # a shipped structure's name, or a .npy, .vox or .nbt file
+    lattice: Optional[Tuple[int, int, int]] = None  # None: the upstream's cube (the longest side rounded up to 10)
+    hidden_channels: int = 12  # the upstream's num_hidden_channels
+    pool_size: int = 32
+    sample_pool: bool = True  # False: every batch starts from seeds (the upstream's use_sample_pool)
+    batch_size: int = 32
+    min_steps: int = 48  # each iteration runs a random number of steps in [min_steps, max_steps]
+    max_steps: int = 64
+    spawn_at_bottom: bool = False  # the seed cell on the floor (Y = 0) rather than in the middle
+    seed_state: Optional[str] = None  # a .npy [X, Y, Z, C] to start from instead of one living cell
+    damage: bool = False  # damage the batch's best samples (regeneration)
+    num_damaged: int = 2
+    damage_radius_denominator: int = 5  # the damage's radius is max(lattice) // this
+    alive_loss: str = "air"  # air: dead cells are air (cross-entropy); mse: the living channel (their use_bce_loss)
+    iou_loss: bool = True  # add 1 - IoU (no gradient) to the loss, as the upstream does
+    init_std: float = 0.0002  # weights from N(0, init_std), biases zero (the upstream's normal_std)
+
+    def check(self) -> None:
+        for key in ("hidden_channels",):
+            check_int(self.key(key), getattr(self, key), minimum=0)
+        for key in ("pool_size", "batch_size", "min_steps", "max_steps", "damage_radius_denominator"):
+            check_int(self.key(key), getattr(self, key), minimum=1)
+        check_int(self.key("num_damaged"), self.num_damaged, minimum=0)
+        check_choice(self.key("alive_loss"), self.alive_loss, ALIVE_LOSSES)
+        check_number(self.key("init_std"), self.init_std, minimum=0.0)
+        if self.lattice is not None:
+            check_ints(self.key("lattice"), self.lattice, 3, minimum=1)
+        if self.max_steps < self.min_steps:
+            raise InvalidValueError(f"{self.key('max_steps')} ({self.max_steps}) must be >= "
+                                    f"{self.key('min_steps')} ({self.min_steps})")
+        if self.sample_pool and self.batch_size > self.pool_size:
+            raise InvalidValueError(f"{self.key('batch_size')} ({self.batch_size}) must be <= "
+                                    f"{self.key('pool_size')} ({self.pool_size}): a batch is drawn from the pool")
+
+
+def nca_model() -> ModelConfig:
+    """The upstream's rule (``VoxelCAModel``) as a ``ModelConfig``; its size, lattice, alive channel and steps
+    are set by ``for_target``."""
+    return ModelConfig(lattice_size=(10, 10, 10), state_size=23, hidden_size=32, hidden_layers=2, steps=64,
+                       neighbourhood="moore", perception="depthwise", perception_filters=3, boundary="zeros",
+                       activation="relu", output_activation="identity", output_bias=False, update="residual",
+                       step_size=1.0, fire_rate=0.5, alive_channel=0, alive_threshold=0.1, global_channels=0,
+                       readout_skip=False)
+
+
+# model keys set by the target and the nca section, and the key to set instead
+DERIVED = {"lattice_size": "nca.lattice", "state_size": "nca.hidden_channels", "alive_channel": "nca.hidden_channels",
+           "steps": "nca.max_steps"}
+EMBEDDING_ONLY = ("reshaping_method", "position_channels", "global_channels", "readout_skip")
+
+
+@dataclass(init=False)
+class NcaTrainingConfig(RunConfig):
+    sections = {"model": ModelConfig, "nca": NcaConfig}
+    yaml_section = "nca_training"
+    defaults_file = "config/nca_training.yaml"
+
+    iterations: int = 20000  # the upstream's epochs (one batch each)
+    learning_rate: float = 1e-3  # Adam, the upstream's optimizer
+    lr_gamma: float = 0.9999  # ExponentialLR, each iteration, the upstream's scheduler
+    normalize_gradients: bool = False  # each parameter's gradient divided by its norm (not in the upstream)
+    loss_threshold: Optional[float] = 0.005  # stop once an iteration's loss is at most this (null: never)
+    eval_samples: int = 8  # seeds grown for each evaluation
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs/nca"
+    checkpoint_every: int = 100  # iterations between checkpoints, each a line of metrics
+    logger: str = "csv"
+    model: ModelConfig = field(default_factory=nca_model)
+    nca: NcaConfig = field(default_factory=NcaConfig)
+
+    def check(self) -> None:
+        for key in ("iterations", "eval_samples", "checkpoint_every"):
+            check_int(self.key(key), getattr(self, key), minimum=1)
+        check_int(self.key("seed"), self.seed, minimum=0, maximum=MAX_SEED)
+        check_number(self.key("learning_rate"), self.learning_rate, minimum=0.0, strict_minimum=True)
+        check_number(self.key("lr_gamma"), self.lr_gamma, minimum=0.0, maximum=1.0, strict_minimum=True)
+        if self.loss_threshold is not None:
+            check_number(self.key("loss_threshold"), self.loss_threshold)
+        check_choice(self.key("logger"), self.logger, LOGGERS)
+        default = nca_model()
+        for key in EMBEDDING_ONLY:
+            if getattr(self.model, key) != getattr(default, key):
+                raise InvalidValueError(f"config key 'model.{key}' belongs to the embedding model of cubecore.train; "
+                                        f"a 3D NCA has no embedding (leave it at {getattr(default, key)!r})")
+
+    def for_target(self, types: int, alive_channel: int, lattice: Tuple[int, int, int]) -> "NcaTrainingConfig":
+        """The config with the model keys the target decides: ``types`` state channels per voxel (block types
+        with air, or RGBA), the living channel ``alive_channel``, the ``lattice``.  A model key given another
+        value is refused, naming the key that sets it."""
+        derived = {"lattice_size": tuple(lattice), "state_size": max(types, alive_channel + 1) + self.nca.hidden_channels,
+                   "alive_channel": alive_channel, "steps": self.nca.max_steps}
+        default = nca_model()
+        for key, value in derived.items():
+            given = getattr(self.model, key)
+            if given != getattr(default, key) and given != value:
+                raise InvalidValueError(f"config key 'model.{key}' is set by the target and {DERIVED[key]} "
+                                        f"(here {value}), not given: set {DERIVED[key]} instead")
+        return self.override(**{f"model.{k}": v for k, v in derived.items()})
