@@ -19,6 +19,9 @@ enum Boundary : int64_t { kZeros = 0, kCircular = 1, kReplicate = 2, kReflect = 
 enum Activation : int64_t { kTanh = 0, kRelu = 1, kSigmoid = 2 };
 enum OutputActivation : int64_t { kOutputTanh = 0, kOutputIdentity = 1 };
 enum Update : int64_t { kReplace = 0, kResidual = 1 };
+// The precision of the update net's products (cubecore/ops/op_args.py's PRECISIONS): the inputs' own dtype
+// ("ieee"), TF32, or bfloat16 / float16 operands, each with float32 (or the dtype's) accumulation.
+enum Precision : int64_t { kIeee = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
 
 // The state slots a cell reads in the von Neumann neighbourhood: six neighbours (x-1, x+1, y-1, y+1, z-1, z+1),
 // then itself; in the Moore neighbourhood, the 27 cells of its 3x3x3 block in row-major (dx, dy, dz) order.

@@ -945,6 +945,12 @@ void alive_masks(const Geometry& g, const T* before, const T* after, uint8_t* li
   for (int64_t n = n_begin; n < n_end; ++n) life[n] = alive_at(g, before, n) && alive_at(g, after, n);
 }
 
+// The precisions the CPU kernels run the update net's products in: the inputs' own dtype.
+inline void check_cpu_precision(const Geometry& g) {
+  TORCH_CHECK(g.rule.precision == kIeee, "the CPU kernels run the update net's products in the inputs' dtype "
+              "(precision code ", kIeee, "), got precision code ", g.rule.precision);
+}
+
 // Dead cells (life[n] = 0) among n_begin .. n_end take the dead state.
 template <typename T>
 void bury(const Geometry& g, const T* dead, T* state, const uint8_t* life, int64_t n_begin, int64_t n_end) {
@@ -960,6 +966,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cpu(const at::T
   const at::Tensor s0 = state.contiguous(), u = a.external.contiguous();
   const at::Tensor fires = a.fire_mask ? a.fire_mask->contiguous() : at::Tensor();
   const Geometry g(s0, a);
+  check_cpu_precision(g);
   const bool alive = a.alive();
   const int64_t steps = a.steps;
 
@@ -1436,6 +1443,7 @@ propagate_backward_cpu(const at::Tensor& grad_final, const at::Tensor& trajector
   const at::Tensor fires = a.fire_mask ? a.fire_mask->contiguous() : at::Tensor();
   const at::Tensor lives = a.alive() ? life.contiguous() : at::Tensor();
   const Geometry g(traj[0], a);
+  check_cpu_precision(g);
   const int64_t steps = a.steps;
   // Each thread takes whole samples where there are enough, or where the lattice is too thin to cut into slabs.
   const bool by_sample = split_by_sample(g) || scatter_slabs(g) == 0;

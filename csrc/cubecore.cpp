@@ -91,11 +91,11 @@ namespace cubecore {
 // The op's arguments as one OpArgs (declared in op_args.h): the rule lists checked and decoded here only.
 OpArgs decode_args(CUBECORE_OP_PARAMS) {
   TORCH_CHECK(static_cast<int64_t>(rule.size()) == kRuleCodes, "rule must hold ", kRuleCodes,
-              " codes (neighbourhood, boundary, activation, output_activation, update, alive_channel), got ",
-              rule.size());
+              " codes (neighbourhood, boundary, activation, output_activation, update, alive_channel, precision), "
+              "got ", rule.size());
   TORCH_CHECK(static_cast<int64_t>(rule_values.size()) == kRuleValues,
               "rule_values must hold (step_size, alive_threshold), got ", rule_values.size(), " values");
-  const RuleOptions r{rule[0], rule[1], rule[2], rule[3], rule[4], rule[5], rule_values[0], rule_values[1]};
+  const RuleOptions r{rule[0], rule[1], rule[2], rule[3], rule[4], rule[5], rule[6], rule_values[0], rule_values[1]};
   TORCH_CHECK(r.neighbourhood == kVonNeumann || r.neighbourhood == kMoore, "unknown neighbourhood code ",
               r.neighbourhood);
   TORCH_CHECK(r.boundary >= kZeros && r.boundary <= kReflect, "unknown boundary code ", r.boundary);
@@ -103,6 +103,7 @@ OpArgs decode_args(CUBECORE_OP_PARAMS) {
   TORCH_CHECK(r.output_activation == kOutputTanh || r.output_activation == kOutputIdentity,
               "unknown output activation code ", r.output_activation);
   TORCH_CHECK(r.update == kReplace || r.update == kResidual, "unknown update code ", r.update);
+  TORCH_CHECK(r.precision >= kIeee && r.precision <= kFp16, "unknown precision code ", r.precision);
   TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
   return {external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, r};
 }

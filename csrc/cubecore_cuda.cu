@@ -669,6 +669,12 @@ Dims make_dims(const at::Tensor& state, const OpArgs& a) {
   return d;
 }
 
+// The precisions the CUDA kernels run the update net's products in: the inputs' own dtype.
+void check_cuda_precision(const OpArgs& a) {
+  TORCH_CHECK(a.rule.precision == kIeee, "the CUDA kernels run the update net's products in the inputs' dtype "
+              "(precision code ", kIeee, "), got precision code ", a.rule.precision);
+}
+
 void check_cuda(const at::Tensor& state) {
   TORCH_CHECK(state.is_cuda(), "the CUDA kernel needs CUDA tensors");
   TORCH_CHECK(state.size(4) <= kMaxCudaState, "the CUDA kernel supports state size S <= ", kMaxCudaState, ", got ",
@@ -702,6 +708,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(const at::
   const OpArgs a = decode_args(CUBECORE_OP_ARGS);
   check_propagate_args(state, a);
   check_cuda(state);
+  check_cuda_precision(a);
   const c10::cuda::CUDAGuard guard(state.device());
   const ForcedPaths paths = forced_paths;
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
@@ -771,6 +778,7 @@ propagate_backward_cuda(const at::Tensor& grad_final, const at::Tensor& trajecto
   const OpArgs a = decode_args(CUBECORE_OP_ARGS);
   check_backward_args(grad_final, trajectory, life, a);
   check_cuda(trajectory[0]);
+  check_cuda_precision(a);
   const c10::cuda::CUDAGuard guard(trajectory.device());
   const ForcedPaths paths = forced_paths;
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();

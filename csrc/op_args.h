@@ -11,14 +11,15 @@
 
 namespace cubecore {
 
-// The rule's options: the op's `rule` codes (cell_rule.h's) and `rule_values`, in the order of Rule.op_codes
-// (neighbourhood, boundary, activation, output_activation, update, alive_channel) and Rule.op_values
-// (step_size, alive_threshold).  alive_channel -1 turns the alive mask off.
+// The rule's options: the op's `rule` codes (cell_rule.h's) and `rule_values`, in the order of OpArgs.op_codes
+// (neighbourhood, boundary, activation, output_activation, update, alive_channel, precision) and
+// OpArgs.op_values (step_size, alive_threshold).  alive_channel -1 turns the alive mask off; precision is the
+// update net's products' (Precision: the front chooses it from the dtype, autocast and PyTorch's switches).
 struct RuleOptions {
-  int64_t neighbourhood, boundary, activation, output_activation, update, alive_channel;
+  int64_t neighbourhood, boundary, activation, output_activation, update, alive_channel, precision;
   double step_size, alive_threshold;
 };
-constexpr int64_t kRuleCodes = 6, kRuleValues = 2;
+constexpr int64_t kRuleCodes = 7, kRuleValues = 2;
 
 // The tensors a call reads beside the state (or the trajectory), its steps and its rule.  wh, bh: the second
 // hidden layer (absent with one); wo, bo: the output layer.

@@ -371,21 +371,6 @@ def propagate(
     trajectory is detached, since its backward recomputes from it rather than differentiating it).
     """
     check_bool("return_trajectory", return_trajectory)
-    if (isinstance(state, torch.Tensor) and state.device.type in AUTOCAST_DEVICE_TYPES
-            and torch.is_autocast_enabled(state.device.type)):
-        # The same rule as the op's registered autocast kernel, applied before the argument checks so that
-        # mixed inputs (a bf16 external from a projection layer, a float32 state) meet as float32 on both
-        # backends, and the reference too runs with autocast off.
-        state, external, perception, dead_state = (_autocast_input(t) for t in
-                                                   (state, external, perception, dead_state))
-        weights = tuple(_autocast_input(t) for t in weights)
-        with torch.autocast(state.device.type, enabled=False):
-            return propagate(state, external, *weights, steps=steps, perception=perception,
-                             neighbourhood=neighbourhood, boundary=boundary, activation=activation,
-                             output_activation=output_activation, update=update, step_size=step_size,
-                             fire_rate=fire_rate, fire_mask=fire_mask, alive_channel=alive_channel,
-                             alive_threshold=alive_threshold, dead_state=dead_state, backend=backend,
-                             return_trajectory=return_trajectory)
     rule = Rule(neighbourhood, boundary, activation, output_activation, update, step_size, alive_channel,
                 alive_threshold)
     steps = check_int("steps", steps, minimum=1)
@@ -406,6 +391,26 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
     """:func:`propagate` for a rule whose options are already checked (a ``CubicCore``'s, checked when it was
     built): the tensors are checked here, the plain numbers not again, so that ``torch.compile(dynamic=True)``
     can trace it with symbolic ones."""
+    autocast = (state.device.type if isinstance(state, torch.Tensor) and state.device.type in AUTOCAST_DEVICE_TYPES
+                and torch.is_autocast_enabled(state.device.type) else None)
+    if autocast is not None:
+        # The op's autocast rule, applied before the argument checks so that mixed inputs (a bf16 external from a
+        # projection layer, a float32 state) meet as AUTOCAST_DTYPE on both backends, and the reference too runs
+        # with autocast off.  Autocast's own dtype may still choose the products' precision.
+        lower = torch.get_autocast_dtype(autocast)
+        state, external, perception, dead_state = (_autocast_input(t) for t in
+                                                   (state, external, perception, dead_state))
+        weights = tuple(_autocast_input(t) for t in weights)
+        with torch.autocast(autocast, enabled=False):
+            return _run_rule(state, external, weights, rule, steps, perception=perception, fire_rate=fire_rate,
+                             fire_mask=fire_mask, dead_state=dead_state, backend=backend,
+                             return_trajectory=return_trajectory, autocast_dtype=lower)
+    return _run_rule(state, external, weights, rule, steps, perception=perception, fire_rate=fire_rate,
+                     fire_mask=fire_mask, dead_state=dead_state, backend=backend, return_trajectory=return_trajectory)
+
+
+def _run_rule(state, external, weights, rule: Rule, steps: int, *, perception, fire_rate, fire_mask, dead_state,
+              backend, return_trajectory, autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     external = check_propagate_args(state, external, weights, perception, rule, steps, fire_mask, dead_state)
     if fire_mask is None:
         fire_mask = fire_masks(fire_rate, steps, state)
@@ -419,7 +424,8 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,
                    dead_state=dead_state, rule=rule)
     call = OpArgs.of(external, weights, rule, steps, perception=perception, fire_mask=fire_mask,
-                     dead_state=dead_state)
+                     dead_state=dead_state, precision=product_precision(state.device.type, state.dtype,
+                                                                        autocast_dtype))
     keep = return_trajectory or (torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (state, *call.tensors())))
     chunk = steps if torch.compiler.is_compiling() else steps_per_call(state, weights, perception, steps)
@@ -433,6 +439,13 @@ def run_rule(state: torch.Tensor, external: Optional[torch.Tensor], weights: Seq
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
         return torch.cat([*trajectories, state.unsqueeze(0)])
     return state
+
+
+def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Optional[torch.dtype] = None) -> str:
+    """The precision (op_args.PRECISIONS) the kernel runs the update net's products of a call in, from the
+    device, the inputs' dtype and autocast's dtype where autocast is on: the inputs' own dtype ("ieee") on
+    every path so far."""
+    return "ieee"
 
 
 def steps_per_call(state: torch.Tensor, weights: Sequence[Optional[torch.Tensor]],

@@ -15,6 +15,9 @@ from .rule import Rule
 # (state, external, perception, w1, b1, wh, bh, wo, bo) take gradients, the masks and dead_state are constants.
 TENSORS = ("external", "perception", "w1", "b1", "wh", "bh", "wo", "bo", "fire_mask", "dead_state")
 DIFFERENTIABLE = ("state",) + TENSORS[:8]
+# The precision of the update net's products (csrc/cell_rule.h's Precision): the inputs' own dtype ("ieee", as
+# torch.backends' fp32_precision calls it), TF32, or bfloat16 / float16 operands with float32 accumulation.
+PRECISIONS = ("ieee", "tf32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,17 +38,18 @@ class OpArgs:
     dead_state: Optional[torch.Tensor]
     steps: int
     rule: Rule
+    precision: str = "ieee"
 
     @classmethod
     def of(cls, external: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], rule: Rule, steps: int, *,
            perception: Optional[torch.Tensor] = None, fire_mask: Optional[torch.Tensor] = None,
-           dead_state: Optional[torch.Tensor] = None) -> "OpArgs":
+           dead_state: Optional[torch.Tensor] = None, precision: str = "ieee") -> "OpArgs":
         """From :func:`cubecore.propagate`'s arguments: ``weights`` are w1, b1, (w2, b2,) w_out, b_out; a missing
         bias becomes zeros (a constant)."""
         layers = [(w, b if b is not None else w.new_zeros(w.shape[0])) for w, b in zip(weights[0::2], weights[1::2])]
         (w1, b1), (wo, bo) = layers[0], layers[-1]
         wh, bh = layers[1] if len(layers) == 3 else (None, None)
-        return cls(external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, rule)
+        return cls(external, perception, w1, b1, wh, bh, wo, bo, fire_mask, dead_state, steps, rule, precision)
 
     def tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
         return tuple(getattr(self, name) for name in TENSORS)
@@ -55,26 +59,37 @@ class OpArgs:
         hidden = [self.wh, self.bh] if self.wh is not None else []
         return [self.w1, self.b1, *hidden, self.wo, self.bo]
 
+    def op_codes(self) -> List[int]:
+        """The op's ``rule`` list: the rule's codes (Rule.op_codes), then the precision's."""
+        return self.rule.op_codes() + [PRECISIONS.index(self.precision)]
+
+    def op_values(self) -> List[float]:
+        """The op's ``rule_values`` list (Rule.op_values)."""
+        return self.rule.op_values()
+
     def forward_args(self, state: torch.Tensor, keep_trajectory: bool) -> tuple:
         """The positional arguments of ``torch.ops.cubecore.propagate_forward``."""
-        return (state, *self.tensors(), self.steps, self.rule.op_codes(), self.rule.op_values(), keep_trajectory)
+        return (state, *self.tensors(), self.steps, self.op_codes(), self.op_values(), keep_trajectory)
 
     def backward_args(self, grad_final: torch.Tensor, trajectory: torch.Tensor, life: torch.Tensor) -> tuple:
         """The positional arguments of ``torch.ops.cubecore.propagate_backward``."""
-        return (grad_final, trajectory, life, *self.tensors(), self.steps, self.rule.op_codes(),
-                self.rule.op_values())
+        return (grad_final, trajectory, life, *self.tensors(), self.steps, self.op_codes(), self.op_values())
+
+    @classmethod
+    def _decoded(cls, tensors: Sequence, steps: int, codes: Sequence[int], values: Sequence[float]) -> "OpArgs":
+        return cls(*tensors, steps, Rule.from_op(codes[:-1], values), PRECISIONS[codes[-1]])
 
     @classmethod
     def from_forward(cls, args: Sequence) -> Tuple[torch.Tensor, "OpArgs", bool]:
         """(state, the call's OpArgs, keep_trajectory) from the forward op's positional arguments."""
         state, *tensors, steps, codes, values, keep = args
-        return state, cls(*tensors, steps, Rule.from_op(codes, values)), keep
+        return state, cls._decoded(tensors, steps, codes, values), keep
 
     @classmethod
     def from_backward(cls, args: Sequence) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, "OpArgs"]:
         """(grad_final, trajectory, life, the call's OpArgs) from the backward op's positional arguments."""
         grad_final, trajectory, life, *tensors, steps, codes, values = args
-        return grad_final, trajectory, life, cls(*tensors, steps, Rule.from_op(codes, values))
+        return grad_final, trajectory, life, cls._decoded(tensors, steps, codes, values)
 
     def part(self, first: int, count: int) -> "OpArgs":
         """The call of steps first .. first + count of this one (a long rollout runs as several)."""

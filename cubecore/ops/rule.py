@@ -90,8 +90,9 @@ class Rule:
             raise InvalidValueError(f"alive_channel must be < state_size = {state_shape[4]}, got {self.alive_channel}")
 
     def op_codes(self) -> List[int]:
-        """The op's ``rule`` list: the kernels' integer codes of (neighbourhood, boundary, activation,
-        output_activation, update), then alive_channel (-1: no alive mask); csrc/op_args.h decodes it."""
+        """The rule's part of the op's ``rule`` list (OpArgs.op_codes): the kernels' integer codes of
+        (neighbourhood, boundary, activation, output_activation, update), then alive_channel (-1: no alive
+        mask); csrc/op_args.h decodes it."""
         return [NEIGHBOURHOODS.index(self.neighbourhood), BOUNDARIES.index(self.boundary),
                 ACTIVATIONS.index(self.activation), OUTPUT_ACTIVATIONS.index(self.output_activation),
                 UPDATES.index(self.update), -1 if self.alive_channel is None else self.alive_channel]

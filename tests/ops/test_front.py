@@ -393,10 +393,13 @@ def test_kernel_rejects_bad_direct_calls():
     with pytest.raises(RuntimeError, match="w1"):
         _op_forward(args[0], args[1], args[2][:, :-1], *args[3:], 2)
     bad_codes = list(_op_args(*args, 2))
-    bad_codes[-3] = [0, 7, 0, 0, 0, -1]  # the rule's codes, a boundary beyond the list
+    bad_codes[-3] = [0, 7, 0, 0, 0, -1, 0]  # the rule's codes, a boundary beyond the list
     with pytest.raises(RuntimeError, match="boundary"):
         torch.ops.cubecore.propagate_forward(*bad_codes)
-    bad_codes[-3] = [0, 0, 0, 0, 0]  # one code short
+    bad_codes[-3] = [0, 0, 0, 0, 0, -1, 9]  # a precision beyond the list
+    with pytest.raises(RuntimeError, match="precision"):
+        torch.ops.cubecore.propagate_forward(*bad_codes)
+    bad_codes[-3] = [0, 0, 0, 0, 0, -1]  # one code short
     with pytest.raises(RuntimeError, match="rule must hold"):
         torch.ops.cubecore.propagate_forward(*bad_codes)
     final, traj, _ = _op_forward(*args, 2)
