@@ -424,8 +424,8 @@ def _run_rule(state, external, weights, rule: Rule, steps: int, *, perception, f
         return run(state, external, *weights, steps=steps, perception=perception, fire_mask=fire_mask,
                    dead_state=dead_state, rule=rule)
     call = OpArgs.of(external, weights, rule, steps, perception=perception, fire_mask=fire_mask,
-                     dead_state=dead_state, precision=product_precision(state.device.type, state.dtype,
-                                                                        autocast_dtype))
+                     dead_state=dead_state, precision=product_precision(
+                         state.device.type, state.dtype, autocast_dtype, [w.shape[0] for w in weights[:-2:2]]))
     keep = return_trajectory or (torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (state, *call.tensors())))
     chunk = steps if torch.compiler.is_compiling() else steps_per_call(state, weights, perception, steps)
@@ -441,10 +441,17 @@ def _run_rule(state, external, weights, rule: Rule, steps: int, *, perception, f
     return state
 
 
-def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Optional[torch.dtype] = None) -> str:
+def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Optional[torch.dtype] = None,
+                      hidden_sizes: Sequence[int] = ()) -> str:
     """The precision (op_args.PRECISIONS) the kernel runs the update net's products of a call in, from the
-    device, the inputs' dtype and autocast's dtype where autocast is on: the inputs' own dtype ("ieee") on
-    every path so far."""
+    device, the inputs' dtype, autocast's dtype where autocast is on, and the update net's hidden sizes."""
+    if device_type == "cpu":
+        return _cpu_precision(dtype, autocast_dtype, hidden_sizes)
+    return "ieee"
+
+
+def _cpu_precision(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], hidden_sizes: Sequence[int]) -> str:
+    """The CPU kernels' products: the inputs' own dtype."""
     return "ieee"
 
 
