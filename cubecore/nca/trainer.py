@@ -174,12 +174,13 @@ class NcaTrainer:
         metrics = structure_metrics(out.float(), self.target)
         return {"accuracy": metrics["accuracy"], "iou": metrics["iou"]}
 
-    def evaluate(self) -> Dict[str, Dict[str, float]]:
+    def evaluate(self, with_states: bool = False):
         """The report's metrics: ``eval_samples`` seeds grown the training steps (``max_steps``), twice and four
         times as many (does the structure stay?), and the grown ones damaged (a ball of ``damage_radius`` at a
-        random centre each) and grown ``max_steps`` steps again (does it regrow?)."""
+        random centre each) and grown ``max_steps`` steps again (does it regrow?).  ``with_states``: also each
+        row's first sample's state [X, Y, Z, C]."""
         steps = self.config.nca.max_steps
-        results, grown = {}, None
+        results, grown, kept = {}, None, {}
         with self._fresh_generator():
             torch.manual_seed(self.config.seed + 1)
             states, done = self.seeds(self.config.eval_samples), 0
@@ -188,11 +189,14 @@ class NcaTrainer:
                 done = times * steps
                 results[name] = {"steps": float(done), **structure_metrics(states.float(), self.target)}
                 grown = states.clone() if grown is None else grown
+                kept[name] = states[0].float().cpu()
             damaged = damage(grown, grown.shape[0], max(1, self.damage_radius), air=self.target.kind == "blocks")
             results["damaged"] = {"steps": 0.0, **structure_metrics(damaged.float(), self.target)}
+            kept["damaged"] = damaged[0].float().cpu()
             regrown = self.grow(damaged, steps)
             results["regenerated"] = {"steps": float(steps), **structure_metrics(regrown.float(), self.target)}
-        return results
+            kept["regenerated"] = regrown[0].float().cpu()
+        return (results, kept) if with_states else results
 
     def growth(self, steps: Optional[int] = None) -> torch.Tensor:
         """One seed grown ``steps`` (default ``max_steps``) steps: every state, [steps + 1, X, Y, Z, C]."""

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,13 @@ COLUMNS = ("cosine", "mse", "r@1", "r@5", "r@10", "mrr")
 METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_cosine", "val_r@1", "val_mrr", "lr")
 
 
-def write_metrics(files: RunFiles, history: List[Dict[str, object]]) -> None:
+def write_metrics(files: RunFiles, history: List[Dict[str, object]], fields: Sequence[str] = METRIC_FIELDS) -> None:
     """metrics.jsonl and metrics.csv holding exactly ``history``, one line per epoch, each written atomically (a
     resumed run starts from its checkpoint's history, so an epoch written after the checkpoint is not listed
     twice)."""
     atomic_write_text(files.metrics_jsonl, "".join(json.dumps(record) + "\n" for record in history))
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(files.metrics_csv, table.getvalue())

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ..atomic import atomic_write_text, remove_stale_staging
 from ..errors import CubecoreError, InvalidValueError
@@ -33,6 +33,7 @@ from .checkpoint import is_checkpoint_file
 FILE_NAMES = {"config": "config.yaml", "metrics_csv": "metrics.csv", "metrics_jsonl": "metrics.jsonl",
               "last": "last.pt", "best": "best.pt", "curves": "curves.png", "report": "report.md",
               "results": "results.json", "model": "model", "tensorboard": "tensorboard", "rollout": "rollout.gif",
+              "picture": "grown.png",
               "log": "train.log", "seeds_json": "seeds.json", "seeds_md": "seeds.md", "marker": "cubecore_run.json"}
 RUN_FILES = tuple(FILE_NAMES.values())
 # What a run writes after its last epoch (the report phase), results.json last: a finished run whose folder
@@ -63,9 +64,10 @@ class RunFiles:
         """The names of the run files in the folder, sorted."""
         return sorted(name for name in RUN_FILES if (self.root / name).exists())
 
-    def missing_outputs(self) -> List[str]:
-        """The names of the report phase's outputs that are not in the folder."""
-        return [FILE_NAMES[role] for role in OUTPUTS if not (self.root / FILE_NAMES[role]).exists()]
+    def missing_outputs(self, roles: Sequence[str] = OUTPUTS) -> List[str]:
+        """The names of the report phase's outputs (``roles``: a ``cubecore.nca`` run's differ) that are not in
+        the folder."""
+        return [FILE_NAMES[role] for role in roles if not (self.root / FILE_NAMES[role]).exists()]
 
     def checkpoint(self) -> Optional[Path]:
         """The checkpoint a run in this folder continues from: last.pt, else best.pt, else None."""
