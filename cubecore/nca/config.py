@@ -134,8 +134,9 @@ class NcaTrainingConfig(RunConfig):
         """The config with the model keys the target decides: ``types`` state channels per voxel (block types
         with air, or RGBA), the living channel ``alive_channel``, the ``lattice``.  A model key given another
         value is refused, naming the key that sets it."""
-        derived = {"lattice_size": tuple(lattice), "state_size": max(types, alive_channel + 1) + self.nca.hidden_channels,
-                   "alive_channel": alive_channel, "steps": self.nca.max_steps}
+        state = max(types, alive_channel + 1) + self.nca.hidden_channels
+        derived = {"lattice_size": tuple(lattice), "state_size": state, "alive_channel": alive_channel,
+                   "steps": self.nca.max_steps}
         default = nca_model()
         for key, value in derived.items():
             given = getattr(self.model, key)

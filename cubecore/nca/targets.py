@@ -155,8 +155,8 @@ def _colours(count: int) -> torch.Tensor:
     """``count`` distinct colours for block types, air first (white, never drawn)."""
     import matplotlib
 
-    table = matplotlib.colormaps["tab20"]
-    rows = [(1.0, 1.0, 1.0)] + [table(i % 20)[:3] for i in range(count - 1)]
+    table = matplotlib.colormaps["tab10"]
+    rows = [(1.0, 1.0, 1.0)] + [table(i % 10)[:3] for i in range(count - 1)]
     return torch.tensor(rows, dtype=torch.float32)
 
 
