@@ -430,6 +430,9 @@ struct PackedWeights {
   at::Tensor w1x;  // [H1p][In]:  W1 with its columns in the kernels' order (tile GEMMs' backward: -> inputs)
   at::Tensor wp;   // [F][K][S]:  the depthwise perception, filter-major
   at::Tensor dead; // [S]:        the state of a dead cell
+  // bfloat16 products (precision kBf16, tile GEMMs): w1t, wht, wot (forward) and wo, wh, w1x (backward) as the
+  // GEMMs' B operands, VNNI-packed once per call (cpu_engine.h's pack_vnni); empty otherwise.
+  std::vector<at::BFloat16> w1t16, wht16, wot16, wo16, wh16, w1x16;
 
   PackedWeights(const Geometry& g, const OpArgs& a)
       : H1p(padded<T, kHiddenBytes>(g.H1)),
@@ -471,6 +474,23 @@ struct PackedWeights {
     if (g.engine == kTileGemm) w1x = w1t.t().contiguous();
     if (g.depthwise()) wp = P->permute({1, 2, 0}).contiguous();
     dead = dead_state ? dead_state->contiguous() : at::zeros({S}, opts);
+    if constexpr (std::is_same_v<T, float>) {
+      if (g.rule.precision == kBf16) {
+        auto packed = [](const at::Tensor& B) {
+          std::vector<at::BFloat16> out(vnni_rows(B.size(0)) * B.size(1));
+          pack_vnni(B.data_ptr<float>(), B.size(1), B.size(0), B.size(1), out.data());
+          return out;
+        };
+        w1t16 = packed(w1t);
+        wot16 = packed(wot);
+        wo16 = packed(wo);
+        w1x16 = packed(w1x);
+        if (g.H2) {
+          wht16 = packed(wht);
+          wh16 = packed(wh);
+        }
+      }
+    }
   }
 };
 
@@ -490,10 +510,17 @@ struct TileScratch {
   std::vector<T> dinput;         // backward: [tile][Ks] (tile GEMMs: [tile][In]): gradients of the first layer's
                                  // state (or perception) inputs (tile GEMMs: and external inputs)
   std::vector<T> xt;             // backward, tile GEMMs: a layer's inputs transposed, [features][tile]
+  std::vector<at::BFloat16> a16; // bfloat16 products: a GEMM's A operand, converted
+  std::vector<at::BFloat16> b16; // bfloat16 products: a weight gradient's B operand (a tile's rows), VNNI-packed
   TileScratch(const Geometry& g, const PackedWeights<T>& w)
       : inputs(g.tile * kMaxSegments), first(g.tile * 2), zeros(g.S), perc(g.depthwise() ? g.tile * g.S * g.F : 0),
         x1(g.engine == kTileGemm ? g.tile * g.In : 0), hid1(g.tile * w.H1p), hid2(g.tile * w.H2p),
-        chg(g.tile * w.Sp) {}
+        chg(g.tile * w.Sp) {
+    if (g.rule.precision == kBf16) {
+      a16.resize(g.tile * std::max({g.In, w.H1p, w.H2p, w.Sp}));
+      b16.resize(vnni_rows(g.tile) * std::max({w.H1p, w.H2p, w.Sp}));
+    }
+  }
   void for_backward(const Geometry& g, const PackedWeights<T>& w) {
     dhid1.resize(g.tile * w.H1p);
     dhid2.resize(g.tile * w.H2p);
@@ -786,6 +813,24 @@ inline void transpose(const T* src, int64_t ld, int64_t rows, int64_t cols, T* d
     }
 }
 
+// C[M][N] = (accumulate ? C : 0) + A[M][K] @ B[K][N] on the tile-GEMM engine, in the call's precision: float32
+// operands, or bfloat16 ones with float32 accumulation (A converted here; B the weight's copy VNNI-packed once
+// per call, `B16`, or where that is null, packed here from B: a weight gradient's tile rows).
+template <typename T>
+inline void product(const Geometry& g, TileScratch<T>& s, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, const at::BFloat16* B16, T* C, int64_t ldc, bool accumulate) {
+  if (g.rule.precision == kBf16) {
+    to_bf16(A, lda, M, K, s.a16.data());
+    if (B16 == nullptr) {
+      pack_vnni(B, ldb, K, N, s.b16.data());
+      B16 = s.b16.data();
+    }
+    tile_gemm_bf16(M, N, K, s.a16.data(), B16, C, ldc, accumulate);
+  } else {
+    tile_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+}
+
 // forward_tile on the tile-GEMM engine (same contract).  Not inlined, here and in the backward, so that the
 // per-cell engine's code is compiled as it is without them.
 template <int L, typename T, class OnChange>
@@ -802,17 +847,17 @@ __attribute__((noinline)) TileRows<T, L> forward_tile_gemm(const Geometry& g, co
     gather_inputs<L>(g, rows, count, s);
     const int64_t activation = g.rule.activation;
     auto act = [=](HV v) { return activate_vec(v, activation); };
-    tile_gemm(count, w.H1p, g.In, s.x1.data(), g.In, w.w1t.template data_ptr<T>(), w.H1p, s.hid1.data(), w.H1p,
-              false);
+    product(g, s, count, w.H1p, g.In, s.x1.data(), g.In, w.w1t.template data_ptr<T>(), w.H1p, w.w1t16.data(),
+            s.hid1.data(), w.H1p, false);
     bias_epilogue<kHiddenBytes>(s.hid1.data(), w.H1p, count, w.H1p, w.b1.template data_ptr<T>(), act);
     if (g.H2) {
-      tile_gemm(count, w.H2p, w.H1p, s.hid1.data(), w.H1p, w.wht.template data_ptr<T>(), w.H2p, s.hid2.data(),
-                w.H2p, false);
+      product(g, s, count, w.H2p, w.H1p, s.hid1.data(), w.H1p, w.wht.template data_ptr<T>(), w.H2p,
+              w.wht16.data(), s.hid2.data(), w.H2p, false);
       bias_epilogue<kHiddenBytes>(s.hid2.data(), w.H2p, count, w.H2p, w.bh.template data_ptr<T>(), act);
     }
     if constexpr (!std::is_same_v<std::decay_t<OnChange>, std::nullptr_t>) {
-      tile_gemm(count, w.Sp, w.Hlp, s.hid_last(g), w.Hlp, w.wot.template data_ptr<T>(), w.Sp, s.chg.data(), w.Sp,
-                false);
+      product(g, s, count, w.Sp, w.Hlp, s.hid_last(g), w.Hlp, w.wot.template data_ptr<T>(), w.Sp, w.wot16.data(),
+              s.chg.data(), w.Sp, false);
       const int64_t output_activation = g.rule.output_activation;
       const T* bo = w.bo.template data_ptr<T>();
       for (int64_t c = 0; c < count; ++c) {
@@ -945,10 +990,14 @@ void alive_masks(const Geometry& g, const T* before, const T* after, uint8_t* li
   for (int64_t n = n_begin; n < n_end; ++n) life[n] = alive_at(g, before, n) && alive_at(g, after, n);
 }
 
-// The precisions the CPU kernels run the update net's products in: the inputs' own dtype.
+// The precisions the CPU kernels run the update net's products in: the inputs' own dtype, and bfloat16 on the
+// tile-GEMM engine (float32) where the library's bf16 kernel runs (cpu_engine.h's bf16_gemm_available).
 inline void check_cpu_precision(const Geometry& g) {
-  TORCH_CHECK(g.rule.precision == kIeee, "the CPU kernels run the update net's products in the inputs' dtype "
-              "(precision code ", kIeee, "), got precision code ", g.rule.precision);
+  TORCH_CHECK(g.rule.precision == kIeee || (g.rule.precision == kBf16 && g.engine == kTileGemm &&
+                                            bf16_gemm_available()),
+              "the CPU kernels run the update net's products in the inputs' dtype (precision code ", kIeee,
+              "), or in bfloat16 (", kBf16, ") on the tile-GEMM engine of a CPU with AVX512-BF16; got precision code ",
+              g.rule.precision, g.engine == kTileGemm ? "" : " on the per-cell engine");
 }
 
 // Dead cells (life[n] = 0) among n_begin .. n_end take the dead state.
@@ -1238,11 +1287,12 @@ inline void scatter_input_gradient(const Backward<T>& bw, const CellRows<T, L>& 
 // backward_tile's hidden_gradient on the tile-GEMM engine: dhid = (next @ W) * act'(hid) for the tile's
 // rows, its column sums into grad_bias (rows in order: the same sums at any thread count).
 template <typename T>
-inline void hidden_gradient_gemm(const Geometry& g, const T* next, int64_t next_len, const T* W, const T* hid,
-                                 T* dhid, int64_t Hp, int64_t count, T* grad_bias) {
+inline void hidden_gradient_gemm(const Geometry& g, TileScratch<T>& s, const T* next, int64_t next_len, const T* W,
+                                 const at::BFloat16* W16, const T* hid, T* dhid, int64_t Hp, int64_t count,
+                                 T* grad_bias) {
   using V = typename HiddenVec<T>::type;
   constexpr int Wd = HiddenVec<T>::width;
-  tile_gemm(count, Hp, next_len, next, next_len, W, Hp, dhid, Hp, false);
+  product(g, s, count, Hp, next_len, next, next_len, W, Hp, W16, dhid, Hp, false);
   for (int64_t j = 0; j < Hp; j += Wd) {  // a column at a time, its sum in a register
     V sum{};
     for (int64_t c = 0; c < count; ++c) {
@@ -1267,21 +1317,24 @@ __attribute__((noinline)) void backward_products_gemm(const Backward<T>& bw, con
     const int64_t SI = g.state_inputs();
     T* xt = s.xt.data();
     transpose(s.chg.data(), w.Sp, count, w.Sp, xt);
-    tile_gemm(w.Sp, w.Hlp, count, xt, count, s.hid_last(g), w.Hlp, grads.wo, w.Hlp, true);
+    product(g, s, w.Sp, w.Hlp, count, xt, count, s.hid_last(g), w.Hlp, nullptr, grads.wo, w.Hlp, true);
     const T* wo = w.wo.template data_ptr<T>();
     if (g.H2) {
-      hidden_gradient_gemm(g, s.chg.data(), w.Sp, wo, s.hid2.data(), s.dhid2.data(), w.H2p, count, grads.bh);
+      hidden_gradient_gemm(g, s, s.chg.data(), w.Sp, wo, w.wo16.data(), s.hid2.data(), s.dhid2.data(), w.H2p, count,
+                           grads.bh);
       transpose(s.hid1.data(), w.H1p, count, w.H1p, xt);
-      tile_gemm(w.H1p, w.H2p, count, xt, count, s.dhid2.data(), w.H2p, grads.wh, w.H2p, true);
-      hidden_gradient_gemm(g, s.dhid2.data(), w.H2p, w.wh.template data_ptr<T>(), s.hid1.data(), s.dhid1.data(),
-                           w.H1p, count, grads.b1);
+      product(g, s, w.H1p, w.H2p, count, xt, count, s.dhid2.data(), w.H2p, nullptr, grads.wh, w.H2p, true);
+      hidden_gradient_gemm(g, s, s.dhid2.data(), w.H2p, w.wh.template data_ptr<T>(), w.wh16.data(), s.hid1.data(),
+                           s.dhid1.data(), w.H1p, count, grads.b1);
     } else {
-      hidden_gradient_gemm(g, s.chg.data(), w.Sp, wo, s.hid1.data(), s.dhid1.data(), w.H1p, count, grads.b1);
+      hidden_gradient_gemm(g, s, s.chg.data(), w.Sp, wo, w.wo16.data(), s.hid1.data(), s.dhid1.data(), w.H1p, count,
+                           grads.b1);
     }
     transpose(s.x1.data(), g.In, count, g.In, xt);
-    tile_gemm(g.In, w.H1p, count, xt, count, s.dhid1.data(), w.H1p, grads.w1t, w.H1p, true);
+    product(g, s, g.In, w.H1p, count, xt, count, s.dhid1.data(), w.H1p, nullptr, grads.w1t, w.H1p, true);
     T* dinput = s.dinput.data();
-    tile_gemm(count, g.In, w.H1p, s.dhid1.data(), w.H1p, w.w1x.template data_ptr<T>(), g.In, dinput, g.In, false);
+    product(g, s, count, g.In, w.H1p, s.dhid1.data(), w.H1p, w.w1x.template data_ptr<T>(), g.In, w.w1x16.data(),
+            dinput, g.In, false);
     for (int64_t l = 0; l < count; ++l)
       for (int64_t e = 0; e < g.E; ++e) bw.grad_external[(n0 + l) * g.E + e] += dinput[l * g.In + SI + e];
     scatter_input_gradient<L>(bw, rows.slots, st, out, count, s, grads.wp, dinput, g.In);

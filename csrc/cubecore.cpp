@@ -58,10 +58,16 @@ static PyObject* py_tile_gemm_available(PyObject*, PyObject*) {
   return PyBool_FromLong(cubecore::tile_gemm_available());
 }
 
+// bf16_gemm_available(): whether the tile-GEMM engine runs bfloat16 products on this CPU (cpu_engine.h).
+static PyObject* py_bf16_gemm_available(PyObject*, PyObject*) {
+  return PyBool_FromLong(cubecore::bf16_gemm_available());
+}
+
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_engine", py_cpu_engine, METH_VARARGS, "The CPU kernels' engine for (float32, H1)."},
       {"tile_gemm_available", py_tile_gemm_available, METH_NOARGS, "Whether the tile-GEMM engine runs here."},
+      {"bf16_gemm_available", py_bf16_gemm_available, METH_NOARGS, "Whether it runs bfloat16 products here."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

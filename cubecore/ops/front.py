@@ -132,8 +132,9 @@ def cpu_engine(dtype: torch.dtype, hidden_sizes: Sequence[int]) -> Optional[str]
 
 
 CPU_ENGINES = ("float32 calls with a first hidden layer of 64 or more values run the update net as tile GEMMs "
-               "(oneDNN's f32 brgemm micro-kernel, through ATen), where this CPU runs it; float64 and smaller rules "
-               "run per-cell vector loops")
+               "(oneDNN's f32 brgemm micro-kernel, through ATen), where this CPU runs it, and under autocast to "
+               "bfloat16 on a CPU with AVX512-BF16 in bfloat16 with float32 accumulation (cpu_bfloat16); float64 "
+               "and smaller rules run per-cell vector loops")
 
 
 def info() -> Dict[str, object]:
@@ -153,6 +154,7 @@ def info() -> Dict[str, object]:
         "kernel_limits": {dev: _limits_text(dev) for dev in KERNEL_DEVICE_TYPES} if EXTENSION_ERROR is None else None,
         "cpu_engines": CPU_ENGINES if cpu_reason is None else None,
         "cpu_tile_gemm": cpu_reason is None and _C.tile_gemm_available(),
+        "cpu_bfloat16": cpu_reason is None and _C.bf16_gemm_available(),
     }
 
 
@@ -362,7 +364,8 @@ def propagate(
 
     Differentiable in state, external, perception and every weight and bias; the masks and ``dead_state`` are
     constants of the step.  Under autocast the rule computes in float32, whatever the inputs' lower precision
-    (the op's autocast rule).
+    (the op's autocast rule); the CPU kernel's tile GEMMs run the update net's products in bfloat16 under
+    autocast to bfloat16 where the CPU has AVX512-BF16 (``cubecore.info()["cpu_bfloat16"]``).
 
     ``return_trajectory=True`` returns instead the state of every step, [steps + 1, B, X, Y, Z, S]: entry 0 is
     the initial ``state``, entry ``t`` the state after ``t`` steps, the last entry the final state.  It is for
@@ -451,7 +454,13 @@ def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Opti
 
 
 def _cpu_precision(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], hidden_sizes: Sequence[int]) -> str:
-    """The CPU kernels' products: the inputs' own dtype."""
+    """The CPU kernels' products: bfloat16 operands with float32 accumulation under autocast to bfloat16, where
+    the call runs on the tile-GEMM engine and the CPU has AVX512-BF16 (oneDNN's bf16 kernel, about twice the f32
+    rate); the inputs' own dtype otherwise (float64, float32 without autocast, the per-cell engine's small
+    rules, other CPUs), as autocast does for an op without a lower-precision kernel."""
+    if (autocast_dtype == torch.bfloat16 and dtype == torch.float32 and hidden_sizes
+            and cpu_engine(dtype, hidden_sizes) == "tile_gemm" and _C.bf16_gemm_available()):
+        return "bfloat16"
     return "ieee"
 
 

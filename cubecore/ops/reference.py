@@ -18,7 +18,7 @@ from .rule import (ACTIVATIONS, BOUNDARIES, BOUNDARY_ALIASES, NEIGHBOURHOODS, OU
 
 __all__ = ["ACTIVATIONS", "BOUNDARIES", "BOUNDARY_ALIASES", "NEIGHBOURHOODS", "OUTPUT_ACTIVATIONS", "PERCEPTIONS",
            "UPDATES", "Rule", "activate", "alive_mask", "neighbour_states", "pad", "perceive", "propagate_reference",
-           "step_reference", "trajectory_reference", "update_net"]
+           "operand", "step_reference", "trajectory_reference", "update_net"]
 
 Layers = Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -85,13 +85,30 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise InvalidValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def update_net(inputs: torch.Tensor, layers: Layers, activation: str, output_activation: str) -> torch.Tensor:
-    """The cell's change: hidden layers with ``activation``, then the output layer with ``output_activation``."""
+def operand(t: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """A product's operand as a kernel of that precision (op_args.PRECISIONS) reads it: its own values ("ieee"),
+    or rounded to bfloat16, float16 or TF32 (10 mantissa bits), with the gradient passing straight through, so
+    that the reference twins a kernel of lower precision in the forward (and its masks' decisions)."""
+    if precision == "ieee":
+        return t
+    if precision == "tf32":
+        rounded = t.float().view(torch.int32).add(1 << 12).bitwise_and(~((1 << 13) - 1)).view(torch.float32)
+    elif precision in ("bfloat16", "float16"):
+        rounded = t.to(getattr(torch, precision))
+    else:
+        raise InvalidValueError(f"precision must be one of ieee, tf32, bfloat16, float16, got {precision!r}")
+    return t + (rounded.to(t.dtype) - t).detach()
+
+
+def update_net(inputs: torch.Tensor, layers: Layers, activation: str, output_activation: str,
+               precision: str = "ieee") -> torch.Tensor:
+    """The cell's change: hidden layers with ``activation``, then the output layer with ``output_activation``;
+    each product's operands as a kernel of ``precision`` reads them (:func:`operand`)."""
     x = inputs
     for weight, bias in layers[:-1]:
-        x = activate(F.linear(x, weight, bias), activation)
+        x = activate(F.linear(operand(x, precision), operand(weight, precision), bias), activation)
     weight, bias = layers[-1]
-    return activate(F.linear(x, weight, bias), output_activation)
+    return activate(F.linear(operand(x, precision), operand(weight, precision), bias), output_activation)
 
 
 def alive_mask(state: torch.Tensor, channel: int, threshold: float) -> torch.Tensor:
@@ -116,9 +133,9 @@ def step_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weigh
                  rule or Rule(**rule_options))[0]
 
 
-def _step(state, external, layers, perception, fire, dead_state, rule: Rule):
+def _step(state, external, layers, perception, fire, dead_state, rule: Rule, precision: str = "ieee"):
     change = update_net(perceive(state, external, perception, rule.neighbourhood, rule.boundary), layers,
-                        rule.activation, rule.output_activation)
+                        rule.activation, rule.output_activation, precision)
     if rule.update == "residual":
         new = state + rule.step_size * change
         if fire is not None:  # a cell that does not fire keeps its state, whatever its change (NaN included)
@@ -150,32 +167,34 @@ def _layers(weights: Sequence[Optional[torch.Tensor]]) -> List[Tuple[torch.Tenso
 def trajectory_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weights: Optional[torch.Tensor],
                          steps: int, perception: Optional[torch.Tensor] = None,
                          fire_mask: Optional[torch.Tensor] = None, dead_state: Optional[torch.Tensor] = None,
-                         rule: Optional[Rule] = None, **rule_options) -> torch.Tensor:
+                         rule: Optional[Rule] = None, precision: str = "ieee", **rule_options) -> torch.Tensor:
     """The states at every step, [steps + 1, B, X, Y, Z, S] (entry 0 the initial state), differentiable
-    throughout.  ``fire_mask`` [steps, B, X, Y, Z] bool: where each step's change applies (None: everywhere)."""
+    throughout.  ``fire_mask`` [steps, B, X, Y, Z] bool: where each step's change applies (None: everywhere);
+    ``precision``: the products' operands as a kernel of that precision reads them (:func:`operand`)."""
     rule = rule or Rule(**rule_options)
     rule.check_lattice(tuple(state.shape))
     external, layers = _external(state, external), _layers(weights)
     states = [state]
     for t in range(steps):
         fire = None if fire_mask is None else fire_mask[t]
-        states.append(_step(states[-1], external, layers, perception, fire, dead_state, rule)[0])
+        states.append(_step(states[-1], external, layers, perception, fire, dead_state, rule, precision)[0])
     return torch.stack(states)
 
 
 def propagate_reference(state: torch.Tensor, external: Optional[torch.Tensor], *weights: Optional[torch.Tensor],
                         steps: int, perception: Optional[torch.Tensor] = None,
                         fire_mask: Optional[torch.Tensor] = None, dead_state: Optional[torch.Tensor] = None,
-                        rule: Optional[Rule] = None, **rule_options) -> torch.Tensor:
+                        rule: Optional[Rule] = None, precision: str = "ieee", **rule_options) -> torch.Tensor:
     """Run ``steps`` synchronous steps from ``state`` [B, X, Y, Z, S] and return the final state.
 
     ``external`` is [B, X, Y, Z, E] (or None for E = 0) and is fed to every step unchanged; ``weights`` are the
-    update net's (weight, bias) pairs, first layer first (see :func:`cubecore.propagate` for every option).
+    update net's (weight, bias) pairs, first layer first (see :func:`cubecore.propagate` for every option);
+    ``precision``: the products' operands as a kernel of that precision reads them (:func:`operand`).
     """
     rule = rule or Rule(**rule_options)
     rule.check_lattice(tuple(state.shape))
     external, layers = _external(state, external), _layers(weights)
     for t in range(steps):
         fire = None if fire_mask is None else fire_mask[t]
-        state = _step(state, external, layers, perception, fire, dead_state, rule)[0]
+        state = _step(state, external, layers, perception, fire, dead_state, rule, precision)[0]
     return state

@@ -11,6 +11,7 @@ import torch
 import cubecore
 from conftest import requires_kernel
 from cubecore.ops import front
+from cubecore.ops.reference import propagate_reference
 from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
 from test_rule_family import DEPTHS, PERCEPTION_FILTERS, assert_same, family_problem, options, run, torch_threads
 
@@ -178,3 +179,98 @@ def test_get_info_names_no_engine_where_the_cpu_kernel_does_not_run():
     assert core.get_info()["cpu_engine"] is None
     assert cubecore.CubicCore(lattice_size=(2, 2, 2), state_size=4, hidden_size=8, input_size=0,
                               steps=1).get_info()["cpu_engine"] == "cells"
+
+
+# --- bfloat16 products under autocast -----------------------------------------------------------------------------
+
+BF16_AVAILABLE = front.EXTENSION_ERROR is None and front._C.bf16_gemm_available()
+requires_bf16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="this CPU runs no bfloat16 products (no AVX512-BF16): "
+                                                              "autocast keeps the float32 products there")
+# The reference twins the kernel's bfloat16 products (propagate_reference(precision="bfloat16") rounds their
+# operands, the gradient passing straight through), so that both take the same alive and relu decisions.  The
+# forward is then float32 against float64 accumulation of the same operands (measured: within 3e-7 of the
+# largest value; allowed 1e-5).  The gradients differ by the backward's products, whose upstream gradients the
+# kernel rounds to bfloat16 too (8 significant bits, a relative rounding of at most 2^-9 each, over the rule's 3
+# steps; measured: within 8e-3): each within 2% of its largest value (float32 products: 2e-4).
+BF16_FORWARD_ATOL, BF16_ATOL = 1e-5, 2e-2
+
+
+def reference_in(precision, problem, **kw):
+    """run("reference", ...) with the products' operands as a kernel of ``precision`` reads them."""
+    state, external, perception, weights = [
+        (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
+        [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
+    leaves = [t for t in [state, external, perception, *weights] if t is not None]
+    out = propagate_reference(state, external, *weights, perception=perception, precision=precision, **kw)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, upstream.to(out.dtype)))
+
+
+def forward_and_grads_under_autocast(problem, **kw):
+    """run()'s final state and gradients, the forward under autocast to bfloat16 (the backward after it)."""
+    state, external, perception, weights = [
+        (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
+        [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
+    leaves = [t for t in [state, external, perception, *weights] if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cubecore.propagate(state, external, *weights, perception=perception, backend="kernel", **kw)
+    assert out.dtype == torch.float32
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, upstream.float()))
+
+
+@requires_kernel
+@requires_bf16
+@pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i].values())))
+def test_bfloat16_products_under_autocast_match_the_float64_reference(i, engine):
+    case = CASES[i]
+    problem32, kw32 = case_problem(i, case, torch.float32)
+    problem64, kw = case_problem(i, case, torch.float64)
+    problem64 = [x.double() if isinstance(x, torch.Tensor) else x for x in problem32[:3]] + [
+        [w.double() if w is not None else None for w in problem32[3]]]  # the float32 problem's values
+    want = reference_in("bfloat16", problem64, **kw)
+    engine("tile_gemm")
+    assert front.product_precision("cpu", torch.float32, torch.bfloat16, [problem32[3][0].shape[0]]) == "bfloat16"
+    with torch_threads(1 + i % 3):
+        got = forward_and_grads_under_autocast(problem32, **kw32)
+    assert_same(got[:1], want[:1], atol=BF16_FORWARD_ATOL)
+    assert_same(got, want, atol=BF16_ATOL)
+
+
+@requires_kernel
+@requires_bf16
+def test_the_nca_rule_under_autocast_runs_bfloat16_products_reproducibly():
+    """Unforced, the published 3D NCAs' rule under autocast takes bfloat16 products; its results are the same
+    bits for a fixed thread count, within bfloat16 rounding across thread counts."""
+    shape = (2, 43, 1, 3, 20, 0)
+    assert front.product_precision("cpu", torch.float32, torch.bfloat16, [64, 64]) == "bfloat16"
+    problem = family_problem(shape, "moore", 3, 2, alive=True, seed=9, dtype=torch.float32)
+    weights = [torch.randn(64, 60) * 0.2, torch.randn(64) * 0.1, torch.randn(64, 64) * 0.15, torch.randn(64) * 0.1,
+               torch.randn(20, 64) * 0.15, None]
+    problem = (problem[0], None, problem[2], weights)
+    kw = options("moore", "identity", True, True, "zeros", "residual", 3, shape, 9, "relu")
+    kw["dead_state"] = kw["dead_state"].float()
+    want = reference_in("bfloat16", tuple(x.double() if isinstance(x, torch.Tensor) else x for x in problem[:3]) + (
+        [w.double() if w is not None else None for w in weights],), **{**kw, "dead_state": kw["dead_state"].double()})
+    results = {}
+    for threads in (1, 2):
+        with torch_threads(threads):
+            results[threads] = forward_and_grads_under_autocast(problem, **kw)
+            again = forward_and_grads_under_autocast(problem, **kw)
+        for a, b in zip(results[threads], again):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert_same(results[threads], want, atol=BF16_ATOL)
+    # the products did run in bfloat16: further from the float32 products than those are from each other
+    exact = run("kernel", problem, **kw)
+    assert max((g - e).abs().max().item() for g, e in zip(results[1], exact)) > 1e-3
+
+
+@requires_kernel
+def test_bfloat16_products_only_where_autocast_asks_and_the_engine_runs_them():
+    bf16 = "bfloat16" if BF16_AVAILABLE and GEMM_AVAILABLE else "ieee"
+    assert front.product_precision("cpu", torch.float32, torch.bfloat16, [64]) == bf16
+    assert front.product_precision("cpu", torch.float32, None, [64]) == "ieee"  # no autocast
+    assert front.product_precision("cpu", torch.float32, torch.float16, [64]) == "ieee"  # no float16 kernel
+    assert front.product_precision("cpu", torch.float32, torch.bfloat16, [16]) == "ieee"  # per-cell engine
+    assert front.product_precision("cpu", torch.float64, torch.bfloat16, [64]) == "ieee"  # float64 stays exact
+    assert cubecore.info()["cpu_bfloat16"] is BF16_AVAILABLE
