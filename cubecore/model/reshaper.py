@@ -32,11 +32,16 @@ STRATEGIES = ("simple", "adaptive", "semantic", "projection")
 FITTING_STRATEGIES = ("adaptive", "semantic")
 
 
+# Trial division stops here: beyond it an error message's suggestions need no more divisors.
+DIVISOR_SEARCH = 10**6
+
+
 def _divisors(n: int) -> List[int]:
-    """The divisors of n in increasing order, in O(sqrt(n)) steps (n may be as large as a user types)."""
+    """The divisors of n in increasing order, in O(sqrt(n)) steps; for an n beyond DIVISOR_SEARCH^2 (n may be as
+    large as a user types) only those up to DIVISOR_SEARCH and their cofactors, in at most a million steps."""
     small, large = [], []
     d = 1
-    while d * d <= n:
+    while d * d <= n and d <= DIVISOR_SEARCH:
         if n % d == 0:
             small.append(d)
             if d * d != n:

@@ -46,6 +46,8 @@ def extension_error(exc: BaseException, built: Dict[str, object], running: str) 
     if "undefined symbol" in str(exc) or "symbol not found" in str(exc):
         return (f"cubecore._C does not match the installed torch {running} (it was built against another "
                 f"version: {str(exc).splitlines()[0][:200]}); rebuild it: {REBUILD}")
+    if isinstance(exc, AttributeError):  # it loaded, but lacks what these sources define
+        return f"cubecore._C was built from older sources than this cubecore ({exc}); rebuild it: {REBUILD}"
     return f"the compiled extension cubecore._C could not be loaded ({exc}); build it: {REBUILD}"
 
 
@@ -58,7 +60,8 @@ try:  # Loading the library runs its TORCH_LIBRARY initialisers, which define to
     CUDA_MAX_STATE: Optional[int] = _C.CUDA_MAX_STATE
     # The dtypes the kernels of both devices compute in, from the extension (kKernelDtypes in csrc/op_args.h).
     KERNEL_DTYPES: Tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.KERNEL_DTYPES)
-except ImportError as exc:  # A source checkout that was never built, a build for another torch, a broken build.
+except (ImportError, AttributeError) as exc:  # A source checkout that was never built, a build for another
+    # torch, a broken build, a build of older sources (without a constant this front reads).
     EXTENSION_ERROR = extension_error(exc, BUILD_INFO, torch.__version__)
     CUDA_MAX_STATE = None  # no kernels at all
     KERNEL_DTYPES = ()
@@ -558,7 +561,7 @@ def _differentiable_backward(call: OpArgs, state: torch.Tensor, grad_final: torc
     with torch.enable_grad():
         final = propagate_reference(leaves[0], aliased.external, *aliased.weights(), steps=call.steps,
                                     perception=aliased.perception, fire_mask=call.fire_mask,
-                                    dead_state=call.dead_state, rule=call.rule)
+                                    dead_state=call.dead_state, rule=call.rule, precision=call.precision)
         found = torch.autograd.grad(final, [leaves[i] for i in wanted], grad_final, create_graph=True,
                                     allow_unused=True)
     grads = [None] * len(DIFFERENTIABLE)

@@ -77,6 +77,8 @@ class OpArgs:
 
     @classmethod
     def _decoded(cls, tensors: Sequence, steps: int, codes: Sequence[int], values: Sequence[float]) -> "OpArgs":
+        if not 0 <= codes[-1] < len(PRECISIONS):  # as csrc/op_args.h's decode_args refuses it
+            raise ValueError(f"unknown precision code {codes[-1]}")
         return cls(*tensors, steps, Rule.from_op(codes[:-1], values), PRECISIONS[codes[-1]])
 
     @classmethod

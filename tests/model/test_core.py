@@ -224,6 +224,12 @@ def test_each_default_and_the_rules_fields_have_one_owner():
     assert {name for name in shared if getattr(config, name) != core_defaults[name]} == {
         "lattice_size", "hidden_size", "steps", "update", "step_size"}
     assert set(config.core_options()) == shared - {"lattice_size", "state_size", "hidden_size"}
+    # The values themselves are a promise to users (saved models and configs rely on them): written out here.
+    assert dataclasses.asdict(Rule()) == dict(neighbourhood="von_neumann", boundary="zeros", activation="tanh",
+                                              output_activation="tanh", update="replace", step_size=1.0,
+                                              alive_channel=None, alive_threshold=0.1)
+    assert (config.lattice_size, config.hidden_size, config.steps, config.update, config.step_size) == (
+        (8, 8, 6), 32, 4, "residual", 0.5)
 
 
 @requires_kernel

@@ -102,6 +102,8 @@ def test_the_mismatch_error_comes_at_once_for_a_huge_dim():
         EmbeddingReshaper(10**9 + 7, (8, 8, 6))
     with pytest.raises(ValueError, match="lattices that fit: 8x8x11486475"):
         ModelConfig(lattice_size=(8, 8, 6)).check_fits(735134400)  # 1,344 divisors
+    with pytest.raises(ValueError, match=r"1x1x2305843009213693951 \(E=1\)"):
+        EmbeddingReshaper(2**61 - 1, (8, 8, 6))  # a prime: O(sqrt(dim)) alone took hours
     assert time.perf_counter() - start < 10
 
 

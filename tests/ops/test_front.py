@@ -516,6 +516,21 @@ def test_an_extension_built_for_another_torch_is_said_in_words():
     assert "could not be loaded" in said and "--no-build-isolation" in said
 
 
+def test_an_extension_built_from_older_sources_is_said_in_words():
+    """An extension that loads but lacks a constant these sources read (built before a `git pull`) was an
+    AttributeError traceback at `import cubecore`; it is the reason the kernel is unavailable, saying rebuild."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types\n"
+            "sys.modules['cubecore._C'] = types.ModuleType('cubecore._C')  # an extension without the constants\n"
+            "import cubecore\n"
+            "print(cubecore.info()['cpu_kernel_reason'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "built from older sources" in done.stdout and "--no-build-isolation" in done.stdout
+
+
 def test_info_says_which_torch_the_extension_was_built_against():
     assert cubecore.info()["built_with_torch"] == torch.__version__
 
