@@ -266,24 +266,32 @@ def _read_pt(p: Path) -> object:
     return obj.get("embeddings") if isinstance(obj, dict) else obj
 
 
-def _read_npy(p: Path) -> torch.Tensor:
-    """A .npy array of real numbers as a tensor, read without pickle: an object array is refused, never run."""
+def load_npy(p: Path, name: str, advice: str):
+    """The one array of a .npy file, read without pickle (an object array is refused, never run), every bad file
+    one cubecore error: ``name`` says the file as the message puts it, ``advice`` how to save it right."""
     import numpy as np
 
-    _nonempty_file(p)
     try:
         array = np.load(p, allow_pickle=False)
     except OSError:
         raise
     except (ValueError, EOFError) as exc:
         if "Object arrays" in str(exc):
-            raise InvalidValueError(f"{p} was refused: an array of Python objects (dtype object), which numpy "
-                                    f"reads only by unpickling, which could run code; save the embeddings as "
-                                    f"numbers (e.g. float32)") from None
-        raise InvalidValueError(f"{p}: not a readable .npy file ({_reason(exc)})") from None
+            raise InvalidValueError(f"{name} was refused: an array of Python objects (dtype object), which numpy "
+                                    f"reads only by unpickling, which could run code; {advice}") from None
+        raise InvalidValueError(f"{name}: not a readable .npy file ({_reason(exc)})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
         array.close()
-        raise InvalidValueError(f"{p}: an .npz archive, not one .npy array; save the embeddings with np.save")
+        raise InvalidValueError(f"{name}: an .npz archive, not one .npy array; save it with np.save")
+    return array
+
+
+def _read_npy(p: Path) -> torch.Tensor:
+    """A .npy array of real numbers as a tensor (load_npy)."""
+    import numpy as np
+
+    _nonempty_file(p)
+    array = load_npy(p, str(p), "save the embeddings as numbers (e.g. float32)")
     if array.dtype.kind not in "biuf":  # strings, bytes, records, dates, complex numbers
         raise InvalidValueError(f"{p}: holds an array of dtype {array.dtype}; embeddings are real numbers "
                                 f"(e.g. float32)")

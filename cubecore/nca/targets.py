@@ -176,20 +176,9 @@ def _blocks(values: np.ndarray, names: Optional[Sequence[str]], source: str,
 
 
 def read_npy(path: Path) -> VoxelTarget:
-    from ..data.readers import _reason
+    from ..data.readers import load_npy
 
-    try:
-        array = np.load(path, allow_pickle=False)
-    except OSError:
-        raise
-    except (ValueError, EOFError) as exc:
-        if "Object arrays" in str(exc):
-            raise InvalidValueError(f"target {path} was refused: an array of Python objects (dtype object), which "
-                                    f"numpy reads only by unpickling, which could run code") from None
-        raise InvalidValueError(f"target {path}: not a readable .npy file ({_reason(exc)})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
-        array.close()
-        raise InvalidValueError(f"target {path}: an .npz archive, not one .npy array (save it with np.save)")
+    array = load_npy(path, f"target {path}", "save the structure as numbers")
     what = ("[X, Y, Z] block types (integers, 0 = air) or [X, Y, Z, 4] RGBA (floats in [0, 1] or uint8)")
     if array.ndim == 3 and array.dtype.kind in "biu":
         if array.dtype.kind == "i" and (array < 0).any():
