@@ -11,7 +11,6 @@ import torch
 import cubecore
 from conftest import requires_kernel
 from cubecore.ops import front
-from cubecore.ops.reference import propagate_reference
 from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES
 from test_rule_family import DEPTHS, PERCEPTION_FILTERS, assert_same, family_problem, options, run, torch_threads
 
@@ -195,30 +194,6 @@ requires_bf16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="this CPU runs no 
 BF16_FORWARD_ATOL, BF16_ATOL = 1e-5, 2e-2
 
 
-def reference_in(precision, problem, **kw):
-    """run("reference", ...) with the products' operands as a kernel of ``precision`` reads them."""
-    state, external, perception, weights = [
-        (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
-        [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
-    leaves = [t for t in [state, external, perception, *weights] if t is not None]
-    out = propagate_reference(state, external, *weights, perception=perception, precision=precision, **kw)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    return [out.detach()] + list(torch.autograd.grad(out, leaves, upstream.to(out.dtype)))
-
-
-def forward_and_grads_under_autocast(problem, **kw):
-    """run()'s final state and gradients, the forward under autocast to bfloat16 (the backward after it)."""
-    state, external, perception, weights = [
-        (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
-        [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
-    leaves = [t for t in [state, external, perception, *weights] if t is not None]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = cubecore.propagate(state, external, *weights, perception=perception, backend="kernel", **kw)
-    assert out.dtype == torch.float32
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    return [out.detach()] + list(torch.autograd.grad(out, leaves, upstream.float()))
-
-
 @requires_kernel
 @requires_bf16
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i].values())))
@@ -228,11 +203,12 @@ def test_bfloat16_products_under_autocast_match_the_float64_reference(i, engine)
     problem64, kw = case_problem(i, case, torch.float64)
     problem64 = [x.double() if isinstance(x, torch.Tensor) else x for x in problem32[:3]] + [
         [w.double() if w is not None else None for w in problem32[3]]]  # the float32 problem's values
-    want = reference_in("bfloat16", problem64, **kw)
+    want = run("reference", problem64, precision="bfloat16", **kw)
     engine("tile_gemm")
     assert front.product_precision("cpu", torch.float32, torch.bfloat16, [problem32[3][0].shape[0]]) == "bfloat16"
     with torch_threads(1 + i % 3):
-        got = forward_and_grads_under_autocast(problem32, **kw32)
+        got = run("kernel", problem32, autocast=torch.bfloat16, **kw32)
+    assert got[0].dtype == torch.float32  # the states stay float32
     assert_same(got[:1], want[:1], atol=BF16_FORWARD_ATOL)
     assert_same(got, want, atol=BF16_ATOL)
 
@@ -250,13 +226,14 @@ def test_the_nca_rule_under_autocast_runs_bfloat16_products_reproducibly():
     problem = (problem[0], None, problem[2], weights)
     kw = options("moore", "identity", True, True, "zeros", "residual", 3, shape, 9, "relu")
     kw["dead_state"] = kw["dead_state"].float()
-    want = reference_in("bfloat16", tuple(x.double() if isinstance(x, torch.Tensor) else x for x in problem[:3]) + (
-        [w.double() if w is not None else None for w in weights],), **{**kw, "dead_state": kw["dead_state"].double()})
+    want = run("reference", tuple(x.double() if isinstance(x, torch.Tensor) else x for x in problem[:3]) + (
+        [w.double() if w is not None else None for w in weights],), precision="bfloat16",
+        **{**kw, "dead_state": kw["dead_state"].double()})
     results = {}
     for threads in (1, 2):
         with torch_threads(threads):
-            results[threads] = forward_and_grads_under_autocast(problem, **kw)
-            again = forward_and_grads_under_autocast(problem, **kw)
+            results[threads] = run("kernel", problem, autocast=torch.bfloat16, **kw)
+            again = run("kernel", problem, autocast=torch.bfloat16, **kw)
         for a, b in zip(results[threads], again):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert_same(results[threads], want, atol=BF16_ATOL)

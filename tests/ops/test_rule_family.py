@@ -58,13 +58,18 @@ def family_problem(shape, neighbourhood, filters, depth, output_bias=True, alive
     return state, external, perception, weights
 
 
-def run(backend, problem, **kw):
-    """Final state and the gradients of every tensor, for a fixed random upstream gradient."""
+def run(backend, problem, autocast=None, precision="ieee", **kw):
+    """Final state and the gradients of every tensor, for a fixed random upstream gradient; the forward under
+    autocast to the dtype ``autocast``, or (the reference) with the products' operands in ``precision``."""
     state, external, perception, weights = [
         (x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x) for x in problem[:3]] + [
         [w.detach().clone().requires_grad_() if w is not None else None for w in problem[3]]]
     leaves = [t for t in [state, external, perception, *weights] if t is not None]
-    out = propagate(state, external, *weights, perception=perception, backend=backend, **kw)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        if precision != "ieee":
+            out = propagate_reference(state, external, *weights, perception=perception, precision=precision, **kw)
+        else:
+            out = propagate(state, external, *weights, perception=perception, backend=backend, **kw)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, upstream.to(device=out.device, dtype=out.dtype))
     return [out.detach()] + list(grads)
