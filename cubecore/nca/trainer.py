@@ -150,6 +150,10 @@ class NcaTrainer:
         bar.close()
         return self.history
 
+    def reopen(self) -> None:
+        """Let a finished run train on (asked for on purpose: more iterations, another loss_threshold)."""
+        self.finished = None
+
     # -- scoring ------------------------------------------------------------------------------------------------
 
     def _fresh_generator(self):

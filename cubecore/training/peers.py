@@ -13,9 +13,13 @@ the stopped process has gone, which the backend sees at once.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
 
 from ..cli import INTERRUPTED, USER_ERRORS, stop_main, stopping_now
 from ..errors import PeerStoppedError
@@ -94,3 +98,42 @@ class PeerWatch:
     def close(self) -> None:
         self._done.set()
         self._thread.join()
+
+
+def in_process_group(body: Callable[[], int]) -> int:
+    """``body()`` in a process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA.  A
+    rank that stops (an error anywhere, Ctrl-C, SIGTERM) stops every other rank at once with its reason
+    (``PeerWatch``); on success all ranks leave together."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return body()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    peers = PeerWatch(dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size())
+    try:
+        try:
+            status = body()
+            if status == 0:
+                dist.barrier()  # every rank leaves together, or learns why one did not
+        except BaseException as exc:
+            cause = peers.end(exc)
+            if cause is exc:
+                raise
+            raise cause from None  # another rank stopped first: this rank's end follows from it
+        peers.end(status=status)  # (an interruption it has reported itself, as such)
+        return status
+    finally:
+        peers.close()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the process group, 0 outside one."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every process of the group (none outside one)."""
+    if dist.is_initialized():
+        dist.barrier()

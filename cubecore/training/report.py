@@ -33,24 +33,29 @@ def write_metrics(files: RunFiles, history: List[Dict[str, object]], fields: Seq
     atomic_write_text(files.metrics_csv, table.getvalue())
 
 
-def seed_summary(runs: Dict[int, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
-    """{model: {metric: [mean, standard deviation over the seeds]}} from each seed's results."""
+def seed_summary(runs: Dict[int, Dict[str, Dict[str, float]]], metrics: Optional[Sequence[str]] = COLUMNS
+                 ) -> Dict[str, Dict[str, List[float]]]:
+    """{row: {metric: [mean, standard deviation over the seeds]}} from each seed's results (row -> metric ->
+    value), for ``metrics`` (None: every metric of the first seed's rows)."""
     first = next(iter(runs.values()))
     summary = {}
-    for model in first:
-        summary[model] = {}
-        for metric in COLUMNS:
-            values = torch.tensor([runs[s][model][metric] for s in runs], dtype=torch.float64)
+    for row, values_of_first in first.items():
+        summary[row] = {}
+        for metric in (values_of_first if metrics is None else metrics):
+            values = torch.tensor([runs[s][row][metric] for s in runs], dtype=torch.float64)
             spread = values.std(unbiased=True).item() if len(values) > 1 else 0.0
-            summary[model][metric] = [values.mean().item(), spread]
+            summary[row][metric] = [values.mean().item(), spread]
     return summary
 
 
-def seed_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
+def seed_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int], columns: Sequence[str] = COLUMNS,
+               label: str = "model") -> str:
+    """The Markdown table of ``seed_summary``: a row per ``label`` (model, structure), mean ± spread of each of
+    ``columns``."""
     lines = [f"Mean and standard deviation over seeds {', '.join(map(str, seeds))}.", "",
-             "| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    for model, metrics in summary.items():
-        lines.append(f"| {model} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in (metrics[c] for c in COLUMNS))
+             f"| {label} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row, metrics in summary.items():
+        lines.append(f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in (metrics[c] for c in columns))
                      + " |")
     return "\n".join(lines)
 
