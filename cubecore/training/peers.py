@@ -27,6 +27,7 @@ from ..errors import PeerStoppedError
 STOPPED = "cubecore/stopped/"  # + rank: why that process stopped, [interrupted, reason] as JSON
 POSTS = "cubecore/stops"  # how many processes have posted
 READ = "cubecore/read/"  # + rank: how many other processes have read its post
+MET = "cubecore/met/"  # + meeting number: how many processes have come to that meeting
 
 
 def reason_of(exc: BaseException) -> str:
@@ -43,6 +44,7 @@ class PeerWatch:
         self.peer: Optional[BaseException] = None  # the first other process's stop, as this one raises it
         self._ended = False
         self._seen = set()
+        self._meetings = 0
         self._lock = threading.Lock()  # one store request at a time from this process
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="cubecore-peers", daemon=True)
@@ -73,6 +75,18 @@ class PeerWatch:
                              else PeerStoppedError(f"rank {rank} stopped: {reason}"))
                 stop_main(self.peer)
 
+    def meet(self) -> None:
+        """Wait until every process has come to this meeting (its n-th), however long that takes: a process that
+        stops instead posts why, and the watcher stops this one with it.  (A barrier of the backend would give up
+        after the process group's timeout, gloo's 30 minutes, and stop a rank 0 that is merely slow: preparing
+        the data, writing its report.)  A process killed outright is torchrun's to stop."""
+        self._meetings += 1
+        key = f"{MET}{self._meetings}"
+        self._request("add", key, 1)
+        while int(self._request("add", key, 0)) < self.world_size:
+            time.sleep(self.poll)
+        dist.barrier()  # all are here: over at once, and no process leaves (rank 0 with the store) before the rest
+
     def end(self, exc: Optional[BaseException] = None, status: int = 0) -> Optional[BaseException]:
         """This process's part ended, by ``exc`` or with exit ``status``: what it stops with (another process's
         stop where one came first, its cause), having told the others why where it stops by itself."""
@@ -100,22 +114,26 @@ class PeerWatch:
         self._thread.join()
 
 
+_current: Optional[PeerWatch] = None  # this process's, while in_process_group runs its body
+
+
 def in_process_group(body: Callable[[], int]) -> int:
     """``body()`` in a process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA.  A
     rank that stops (an error anywhere, Ctrl-C, SIGTERM) stops every other rank at once with its reason
-    (``PeerWatch``); on success all ranks leave together."""
+    (``PeerWatch``); on success all ranks leave together, however long rank 0 takes to report (``barrier``)."""
+    global _current
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return body()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
-    peers = PeerWatch(dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size())
+    peers = _current = PeerWatch(dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size())
     try:
         try:
             status = body()
             if status == 0:
-                dist.barrier()  # every rank leaves together, or learns why one did not
+                peers.meet()  # every rank leaves together, or learns why one did not
         except BaseException as exc:
             cause = peers.end(exc)
             if cause is exc:
@@ -124,6 +142,7 @@ def in_process_group(body: Callable[[], int]) -> int:
         peers.end(status=status)  # (an interruption it has reported itself, as such)
         return status
     finally:
+        _current = None
         peers.close()
         dist.destroy_process_group()
 
@@ -134,6 +153,9 @@ def rank() -> int:
 
 
 def barrier() -> None:
-    """Wait for every process of the group (none outside one)."""
-    if dist.is_initialized():
+    """Wait for every process of the group (none outside one), without a timeout under ``in_process_group``
+    (``PeerWatch.meet``): the others wait for rank 0 as long as it works, and stop with it if it stops."""
+    if _current is not None:
+        _current.meet()
+    elif dist.is_initialized():
         dist.barrier()
