@@ -799,3 +799,20 @@ def test_a_model_too_large_to_train_comfortably_is_said_with_its_estimate(tmp_pa
     assert cli(tmp_path, dialogue_file, tmp_path / "wide", "global_channels=200000", epochs=1) == 130
     err = capsys.readouterr().err
     assert "GiB of memory to train" in err and "model.global_channels" in err and "0.2 GiB are free" in err, err
+
+
+def test_the_command_that_ran_a_run_with_config_resumes_it(tmp_path, fake_teacher, dialogue_file, capsys):
+    """docs/training.md: the command that ran a run, plus --resume, resumes it; with --config FILE that was "error:
+    --config cannot be combined with --resume". The file's values are compared as key=value overrides are."""
+    out = tmp_path / "run"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"cube_training:\n  seed: 7\n  epochs: 1\n  data:\n    source: {dialogue_file}\n")
+    command = ["--config", str(settings), "--output-dir", str(out), f"cache_dir={tmp_path / 'cache'}", *TINY]
+    assert train_cli.main(command) == 0
+    assert train_cli.main(command + ["--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert train_cli.main(command + ["--resume", "--epochs", "2"]) == 0 and epochs_in(out) == [1, 2]
+    settings.write_text("cube_training:\n  seed: 8\n  epochs: 3\n")
+    capsys.readouterr()
+    assert train_cli.main(command + ["--resume"]) == 2
+    assert "cannot change ['seed']" in capsys.readouterr().err

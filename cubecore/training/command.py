@@ -112,11 +112,12 @@ class RunCommand:
         folder to write to (where the user points); the checkpoint; and a message if the run is finished and asked
         nothing new: resumed with its own settings (its command again, plus --resume), a finished run trains
         nothing and writes only what its folder lacks; it trains on when a key that ends training (``stops``)
-        is given anew."""
-        if args.config:
-            raise InvalidValueError("--config cannot be combined with --resume: the run's settings come from its "
-                                    "checkpoint")
+        is given anew.  The keys that --config FILE sets count as given, as key=value overrides do (an override
+        on the command line wins), so the command that started a run, plus --resume, resumes it."""
         values = self.given_values(args)
+        if args.config:  # the command that ran it, plus --resume: the values the file sets count as given
+            bare, in_file = self.config(), self.config.from_yaml(args.config).flat()
+            values = {**self._absolute({k: v for k, v in in_file.items() if v != bare.get(k)}), **values}
         given_dir = values.get("output_dir")  # --output-dir or output_dir=, the same key
         default_dir = Path(given_dir or self.config().output_dir)
         checkpoint = Path(args.resume) if args.resume else RunFiles(default_dir).last
