@@ -13,6 +13,7 @@ from typing import Optional
 
 from .cli import CommandParser, add_weights_argument, run_command, setup_logging
 from .data import prepare_data
+from .errors import CubecoreError
 from .training.report import results_table
 from .training.rundir import RunFiles
 from .training.trainer import CubeTrainer
@@ -22,11 +23,16 @@ log = logging.getLogger("cubecore")
 
 def floors_of_run(trainer: CubeTrainer, checkpoint: Path, device: str) -> Optional[Path]:
     """The run's last.pt beside ``checkpoint`` (a best.pt) where it holds the same run at the same epoch or
-    later: the trained floors ``trainer`` lacks are taken from it, and it is returned; else None."""
+    later: the trained floors ``trainer`` lacks are taken from it, and it is returned; else None (a last.pt that
+    cannot be read, with a one-line warning: it never stops the checkpoint given from being scored)."""
     last = RunFiles(checkpoint.parent).last
     if not trainer.missing_floors() or not last.is_file() or last.resolve() == checkpoint.resolve():
         return None
-    run = CubeTrainer.from_checkpoint(last, device=device)
+    try:
+        run = CubeTrainer.from_checkpoint(last, device=device)
+    except (CubecoreError, OSError, ValueError) as exc:  # a neighbour's fault: the checkpoint given is scored
+        log.warning(f"the trained floors are left out: {last} beside {checkpoint} cannot be read ({exc})")
+        return None
     if not run.goes_on_from(trainer):
         return None
     trainer.trained_floors.update({name: run.trained_floors[name] for name in trainer.missing_floors()

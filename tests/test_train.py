@@ -816,3 +816,17 @@ def test_the_command_that_ran_a_run_with_config_resumes_it(tmp_path, fake_teache
     capsys.readouterr()
     assert train_cli.main(command + ["--resume"]) == 2
     assert "cannot change ['seed']" in capsys.readouterr().err
+
+
+def test_evaluate_of_a_best_pt_beside_a_damaged_last_pt_scores_it_without_the_floors(tmp_path, fake_teacher,
+                                                                                     dialogue_file, capsys):
+    """python -m cubecore.evaluate best.pt failed when the last.pt beside it was damaged (its error even advised
+    using best.pt): the neighbour is skipped with one line saying why, and best.pt is scored."""
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=2) == 0
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert evaluate_cli.main([str(out / "best.pt")]) == 0
+    said = capsys.readouterr()
+    assert "| cube |" in said.out and "| identity |" in said.out
+    assert f"the trained floors are left out: {out / 'last.pt'} beside {out / 'best.pt'} cannot be read" in said.err
