@@ -49,11 +49,12 @@ def floors_note(trainer: CubeTrainer, checkpoint: Path, last: Optional[Path]) ->
     if last is not None:  # the run's last.pt, finished without them
         return (f"{floors} are not in the table: {last} holds the finished run without them (stopped before it "
                 f"trained them, or saved before they were stored); python -m cubecore.train --resume {last} trains "
-                f"and stores them, and trains nothing else.")
+                f"and stores them (no epoch) and writes the run's report files again with them.")
     if trainer.finished is not None:
         return (f"{floors} are not in the table: {checkpoint} holds a finished run without them (stopped before it "
                 f"trained them, or saved before they were stored); python -m cubecore.train --resume {checkpoint} "
-                f"trains and stores them (in {RunFiles(checkpoint.parent).last}), and trains nothing else.")
+                f"trains and stores them (in {RunFiles(checkpoint.parent).last}; no epoch) and writes the run's "
+                f"report files again with them.")
     return (f"{floors} are not in the table: a run trains them after its last epoch and stores them in its last.pt, "
             f"and {checkpoint} was saved before that (epoch {trainer.epoch} of {trainer.config.epochs}) with no "
             f"last.pt beside it that holds them; a run that has not finished trains them when --resume takes it to "

@@ -830,3 +830,23 @@ def test_evaluate_of_a_best_pt_beside_a_damaged_last_pt_scores_it_without_the_fl
     said = capsys.readouterr()
     assert "| cube |" in said.out and "| identity |" in said.out
     assert f"the trained floors are left out: {out / 'last.pt'} beside {out / 'best.pt'} cannot be read" in said.err
+
+
+def test_finishing_a_run_that_lacks_only_its_floors_says_it_writes_its_report_again(tmp_path, fake_teacher,
+                                                                                   dialogue_file, capsys):
+    """--resume of a finished run whose last.pt lacks only its floors rewrites every report file, while its plan
+    and evaluate's note said it "writes what it lacks" / "trains nothing else": they say what it does now."""
+    from cubecore.training.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    out = tmp_path / "run"
+    assert cli(tmp_path, dialogue_file, out, epochs=1) == 0
+    state = load_checkpoint_file(out / "last.pt")
+    del state["trained_floors"]
+    save_checkpoint_file(state, out / "last.pt")
+    capsys.readouterr()
+    assert evaluate_cli.main([str(out / "best.pt")]) == 0
+    assert "trains and stores them (no epoch) and writes the run's report files again" in capsys.readouterr().out
+    assert train_cli.main(["--resume", str(out / "last.pt"), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert ("it lacks the mlp floor, the linear floor; training no epoch, writing its report again (curves.png, "
+            "rollout.gif, report.md, model, results.json)") in said, said

@@ -26,7 +26,7 @@ from .checkpoint import load_checkpoint_file
 from .config import parse_override
 from .peers import rank
 from .report import seed_summary, seed_table
-from .rundir import OUTPUTS, RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
+from .rundir import FILE_NAMES, OUTPUTS, RunDirectory, RunDirectoryError, RunFiles, check_not_foreign
 
 log = logging.getLogger("cubecore")
 
@@ -111,7 +111,7 @@ class RunCommand:
         """The trainer of the checkpoint that --resume names, with the settings that may change applied; the
         folder to write to (where the user points); the checkpoint; and a message if the run is finished and asked
         nothing new: resumed with its own settings (its command again, plus --resume), a finished run trains
-        nothing and writes only what its folder lacks; it trains on when a key that ends training (``stops``)
+        no unit and writes its report again where anything is lacking; it trains on when a key that ends training (``stops``)
         is given anew.  The keys that --config FILE sets count as given, as key=value overrides do (an override
         on the command line wins), so the command that started a run, plus --resume, resumes it."""
         values = self.given_values(args)
@@ -154,8 +154,9 @@ class RunCommand:
         """The first line a run prints: what it will do (``description``: what it trains, the command's own)."""
         if source is not None and trainer.finished is not None:
             missing = ", ".join(self.lacking(trainer, RunFiles(out)))
-            what = (f"finishing {source}, trained {self.done(trainer)} {self.unit}s ({trainer.finished}): writing "
-                    f"what it lacks ({missing})")
+            written = ", ".join(FILE_NAMES[role] for role in self.outputs)
+            what = (f"finishing {source}, trained {self.done(trainer)} {self.unit}s ({trainer.finished}): it lacks "
+                    f"{missing}; training no {self.unit}, writing its report again ({written})")
         elif source is not None:
             where = self.position(trainer) if self.position else f"{self.unit} {self.done(trainer)}"
             what = f"resuming {source} after {where}"
@@ -204,8 +205,8 @@ class RunCommand:
             return report()
         except KeyboardInterrupt:
             log.error(f"\ninterrupted while writing the report of the finished run; {files.last} holds it: "
-                      f"{hint or f'--resume {files.last}'} writes what is missing "
-                      f"({', '.join(self.lacking(trainer, files))})")
+                      f"{hint or f'--resume {files.last}'} writes its report again "
+                      f"(it lacks {', '.join(self.lacking(trainer, files))})")
             return 130
 
     # -- the command -------------------------------------------------------------------------------------------
