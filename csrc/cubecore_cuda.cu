@@ -34,6 +34,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -47,6 +50,8 @@
 namespace cubecore {
 namespace {
 
+using namespace nvcuda;
+
 constexpr int kThreads = 256;
 
 // What cubecore_cuda_force_paths sets (tests); zeros: the choices the sizes make.
@@ -54,7 +59,10 @@ struct ForcedPaths {
   int runtime_sizes = 0;        // 1: the L = 0 kernels for every size
   int global_rows = 0;          // 1: scratch rows in global memory even where they fit in shared memory
   int forward = 0;              // 0: as the sizes choose; 1: per step; 2: fused wherever it fits
-  int64_t backward_blocks = 0;  // > 0: at most this many blocks in the backward (a block then takes more tiles)
+  int64_t backward_blocks = 0;  // > 0: at most this many blocks in the backward and in the tensor-core forward
+  int tensor_cores = 0;         // 0: as the precision chooses; 1: the FMA path whatever the precision
+  int tile = 0;                 // 16, 32 or 64: the tensor-core path's cells per tile (0: the largest that fits)
+  int sm = 0;                   // > 0: the device's compute capability (10 * major + minor) as the checks see it
 };
 ForcedPaths forced_paths;
 
@@ -553,6 +561,412 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(int64_t n_wei
   grad_weights[w] = acc;
 }
 
+// ---- tensor cores (precision tf32, bfloat16, float16; float32 states) ------------------------------------------
+//
+// The update net's products on WMMA (nvcuda::wmma), the rest as above.  A block of kTcThreads (4 warps) takes
+// tiles of M cells (16, 32 or 64) in turn; the weights are staged once per block in shared memory, converted to
+// the fragment type and zero-padded to multiples of 16; per tile the first layer's inputs X [M][In] (the
+// perception computed on the way, in float32, for depthwise; the slots' states for concat; then the external
+// input) are gathered into shared memory, and each layer is one GEMM, [M][in] x W^T, whose 16x16 output tiles
+// the warps share out.  Fragments are treated opaquely: every product goes through shared memory with
+// load/store_matrix_sync, and the epilogues (bias, activation, output activation, update, fire mask; in the
+// backward the slopes and masks) run element-wise on the float32 results in shared memory.  The states, the
+// update, every accumulation and the weight-gradient sums stay float32.
+//
+// Forward: tc_forward_step_kernel, one launch per step (alive_kernel and bury_kernel after it, as above).
+// Backward, per step: tc_backward_tile_kernel recomputes a tile's forward the same way, pushes the gradient back
+// with dX = dY W (WMMA), takes the weight gradients X^T dY (WMMA) and the biases' (row sums, in row order), and
+// adds them to its block's row of the [blocks, weights] table; the depthwise perception weights' gradient is the
+// scalar sum the FMA path takes.  backward_gather_kernel (the state gradient) and reduce_partials_kernel (the
+// table in block order) are the FMA path's: no atomics, the same bits whatever the schedule.
+//
+// Compiled for sm_80 and later (TF32 and bf16 fragments): on older devices the kernels are empty and the host
+// refuses precisions other than ieee (check_cuda_precision).
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define CUBECORE_TC_BODY 1
+#else
+#define CUBECORE_TC_BODY 0
+#endif
+
+constexpr int kTcThreads = 128;
+
+// The fragment kinds: the fragment element type, the type staged in shared memory, the k of a 16x16xk product.
+struct TcTf32 {
+#if CUBECORE_TC_BODY
+  using frag = wmma::precision::tf32;
+  __device__ static float conv(float v) { return wmma::__float_to_tf32(v); }
+#else  // below sm_80 (no TF32 fragments): never launched there (check_cuda_precision)
+  using frag = float;
+  __device__ static float conv(float v) { return v; }
+#endif
+  using smem = float;
+  static constexpr int K = 8;
+};
+struct TcBf16 {
+  using frag = __nv_bfloat16;
+  using smem = __nv_bfloat16;
+  static constexpr int K = 16;
+  __device__ static __nv_bfloat16 conv(float v) { return __float2bfloat16(v); }
+};
+struct TcHalf {
+  using frag = __half;
+  using smem = __half;
+  static constexpr int K = 16;
+  __device__ static __half conv(float v) { return __float2half(v); }
+};
+
+// Where a tile's buffers lie in the block's dynamic shared memory (byte offsets, each 128-byte aligned) and
+// their leading dimensions.  Padded sizes (*_p) are multiples of 16; a fragment-typed buffer of n_p columns
+// has ld = n_p + 16 bytes' worth (another bank per row), a float32 one n_p + 4.  Weights: w1 [H1_p][ld_in],
+// wh [H2_p][ld_h1], wo [S_p][ld_hl] (the op's [out][in] order: W^T as a col-major B, W as a row-major one).
+// Per tile: x [M][ld_in], a1 [M][ld_h1], a2 [M][ld_h2] (h1, h2 as multiplicands); the backward also keeps
+// f1 [M][lf_h1], f2 [M][lf_h2] (h1, h2 in float32, then their gradients), fd [M][lf_s] (the change, then
+// its gradient) and their multiplicand copies g1, g2, dd; c is the float32 product of every GEMM.
+struct TcLayout {
+  int M, in_p, h1_p, h2_p, s_p, hl_p;
+  int ld_in, ld_h1, ld_h2, ld_s, ld_hl, lf_h1, lf_h2, lf_s, lf_c;
+  size_t w1, wh, wo, x, a1, a2, g1, g2, dd, f1, f2, fd, c, nbr, bytes;
+};
+
+inline int pad16(int64_t n) { return static_cast<int>((n + 15) / 16 * 16); }
+
+TcLayout tc_layout(const Dims& d, int M, size_t elem, bool backward) {
+  TcLayout t;
+  t.M = M;
+  t.in_p = pad16(d.In);
+  t.h1_p = pad16(d.H1);
+  t.h2_p = pad16(d.H2);
+  t.s_p = pad16(d.S);
+  t.hl_p = d.H2 > 0 ? t.h2_p : t.h1_p;
+  const int extra = static_cast<int>(16 / elem);
+  t.ld_in = t.in_p + extra;
+  t.ld_h1 = t.h1_p + extra;
+  t.ld_h2 = t.h2_p + extra;
+  t.ld_s = t.s_p + extra;
+  t.ld_hl = t.hl_p + extra;
+  t.lf_h1 = t.h1_p + 4;
+  t.lf_h2 = t.h2_p + 4;
+  t.lf_s = t.s_p + 4;
+  const int widest = std::max({t.in_p, t.h1_p, t.h2_p, t.s_p});
+  const int tallest = std::max({M, t.h1_p, t.h2_p, t.s_p});
+  t.lf_c = widest + 4;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at += (bytes + 127) / 128 * 128;
+    return here;
+  };
+  t.w1 = take(elem * t.h1_p * t.ld_in);
+  t.wh = take(elem * t.h2_p * t.ld_h1);
+  t.wo = take(elem * t.s_p * t.ld_hl);
+  t.x = take(elem * M * t.ld_in);
+  t.a1 = take(elem * M * t.ld_h1);
+  t.a2 = take(elem * M * (d.H2 > 0 ? t.ld_h2 : 0));
+  t.g1 = take(backward ? elem * M * t.ld_h1 : 0);
+  t.g2 = take(backward && d.H2 > 0 ? elem * M * t.ld_h2 : 0);
+  t.dd = take(backward ? elem * M * t.ld_s : 0);
+  t.f1 = take(backward ? sizeof(float) * M * t.lf_h1 : 0);
+  t.f2 = take(backward && d.H2 > 0 ? sizeof(float) * M * t.lf_h2 : 0);
+  t.fd = take(backward ? sizeof(float) * M * t.lf_s : 0);
+  t.c = take(sizeof(float) * tallest * t.lf_c);
+  t.nbr = take(sizeof(int) * M * d.K);
+  t.bytes = at;
+  return t;
+}
+
+// C [M][N] (float32, ldc) = A [M][K] x B [K][N] on the block's warps, one 16x16 output tile per warp in turn;
+// A row-major (A(m, k) = A[m * lda + k]) or col-major (A[k * lda + m]), B likewise; M, N, K multiples of 16.
+template <class P, class ALayout, class BLayout>
+__device__ __forceinline__ void tc_gemm(const typename P::smem* A, int lda, const typename P::smem* B, int ldb,
+                                        float* C, int ldc, int M, int N, int K) {
+#if CUBECORE_TC_BODY
+  constexpr bool a_col = std::is_same<ALayout, wmma::col_major>::value;
+  constexpr bool b_col = std::is_same<BLayout, wmma::col_major>::value;
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, tn = N / 16, tiles = (M / 16) * tn;
+  for (int t = warp; t < tiles; t += warps) {
+    const int m0 = t / tn * 16, n0 = t % tn * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, P::K, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k0 = 0; k0 < K; k0 += P::K) {
+      wmma::fragment<wmma::matrix_a, 16, 16, P::K, typename P::frag, ALayout> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, P::K, typename P::frag, BLayout> b;
+      wmma::load_matrix_sync(a, a_col ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
+      wmma::load_matrix_sync(b, b_col ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(C + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
+  }
+#else
+  __trap();  // below sm_80: never launched there (check_cuda_precision)
+#endif
+}
+
+// dst [rows_p][ld] = src [rows][cols] (row-major, float32) converted, zeros in the padding.
+template <class P>
+__device__ __forceinline__ void tc_stage_weight(const float* src, int64_t rows, int64_t cols, int rows_p, int cols_p,
+                                                int ld, typename P::smem* dst) {
+  for (int e = threadIdx.x; e < rows_p * cols_p; e += blockDim.x) {
+    const int r = e / cols_p, c = e % cols_p;
+    dst[r * ld + c] = P::conv(r < rows && c < cols ? src[r * cols + c] : 0.0f);
+  }
+}
+
+template <class P>
+struct TcShared {
+  typename P::smem *w1, *wh, *wo, *x, *a1, *a2, *g1, *g2, *dd;
+  float *f1, *f2, *fd, *c;
+  int* nbr;
+  __device__ TcShared(unsigned char* s, const TcLayout& t) {
+    using Sm = typename P::smem;
+    w1 = reinterpret_cast<Sm*>(s + t.w1);
+    wh = reinterpret_cast<Sm*>(s + t.wh);
+    wo = reinterpret_cast<Sm*>(s + t.wo);
+    x = reinterpret_cast<Sm*>(s + t.x);
+    a1 = reinterpret_cast<Sm*>(s + t.a1);
+    a2 = reinterpret_cast<Sm*>(s + t.a2);
+    g1 = reinterpret_cast<Sm*>(s + t.g1);
+    g2 = reinterpret_cast<Sm*>(s + t.g2);
+    dd = reinterpret_cast<Sm*>(s + t.dd);
+    f1 = reinterpret_cast<float*>(s + t.f1);
+    f2 = reinterpret_cast<float*>(s + t.f2);
+    fd = reinterpret_cast<float*>(s + t.fd);
+    c = reinterpret_cast<float*>(s + t.c);
+    nbr = reinterpret_cast<int*>(s + t.nbr);
+  }
+};
+
+// The block's weights into shared memory, once (a barrier after).
+template <class P>
+__device__ __forceinline__ void tc_stage_weights(const Dims& d, const Net<float>& w, const TcLayout& t,
+                                                 const TcShared<P>& sh) {
+  tc_stage_weight<P>(w.w1, d.H1, d.In, t.h1_p, t.in_p, t.ld_in, sh.w1);
+  if (d.H2 > 0) tc_stage_weight<P>(w.wh, d.H2, d.H1, t.h2_p, t.h1_p, t.ld_h1, sh.wh);
+  tc_stage_weight<P>(w.wo, d.S, d.H2 > 0 ? d.H2 : d.H1, t.s_p, t.hl_p, t.ld_hl, sh.wo);
+  __syncthreads();
+}
+
+// The tile's slots (nbr [M][K]) and first-layer inputs X [M][in_p] (rows past the last cell and padding zero).
+template <class P>
+__device__ __forceinline__ void tc_stage_inputs(const Dims& d, const Net<float>& w, const TcLayout& t,
+                                                const TcShared<P>& sh, int64_t first, const float* state,
+                                                const float* external) {
+  const int M = t.M;
+  const int64_t S = d.S, F = d.F, K = d.K, SI = d.SI, In = d.In;
+  for (int m = threadIdx.x; m < M; m += blockDim.x)
+    if (first + m < d.N) find_slots(d, first + m, sh.nbr + m * K);
+  __syncthreads();
+  for (int e = threadIdx.x; e < M * t.in_p; e += blockDim.x) {
+    const int m = e / t.in_p, i = e % t.in_p;
+    const int64_t n = first + m;
+    const int* nbr = sh.nbr + m * K;
+    float v = 0.0f;
+    if (n < d.N && i < In) {
+      if (i >= SI) {
+        v = external[n * d.E + (i - SI)];
+      } else if (F > 0) {  // perception[c*F + f] = sum over slots k of wp[c][f][k] * state_k[c]
+        const int64_t ch = i / F;
+        const float* wk = w.wp + i * K;
+        for (int k = 0; k < K; ++k)
+          if (nbr[k] >= 0) v += wk[k] * state[static_cast<int64_t>(nbr[k]) * S + ch];
+      } else {
+        const int m_k = nbr[i / S];
+        v = m_k < 0 ? 0.0f : state[static_cast<int64_t>(m_k) * S + i % S];
+      }
+    }
+    sh.x[m * t.ld_in + i] = P::conv(v);
+  }
+#ifndef CUBECORE_PLANT_MISSING_BARRIER  // a mutant for the tests: the first GEMM reads X before it is staged
+  __syncthreads();
+#endif
+}
+
+// The hidden layers of the tile's forward: a1 (and f1) = act(X W1^T + b1), then a2 (and f2) = act(a1 Wh^T + bh);
+// then the output layer's pre-activation into c [M][s_p] (ld lf_c).  f1, f2 only where `keep` (the backward).
+template <class P>
+__device__ __forceinline__ void tc_layers(const Dims& d, const Net<float>& w, const TcLayout& t,
+                                          const TcShared<P>& sh, bool keep) {
+  using Row = wmma::row_major;
+  using Col = wmma::col_major;
+  const int M = t.M;
+  const int64_t H1 = d.H1, H2 = d.H2;
+  tc_gemm<P, Row, Col>(sh.x, t.ld_in, sh.w1, t.ld_in, sh.c, t.lf_c, M, t.h1_p, t.in_p);
+  __syncthreads();
+  for (int e = threadIdx.x; e < M * t.h1_p; e += blockDim.x) {
+    const int m = e / t.h1_p, j = e % t.h1_p;
+    const float h = j < H1 ? activate(sh.c[m * t.lf_c + j] + w.b1[j], d.rule.activation) : 0.0f;
+    sh.a1[m * t.ld_h1 + j] = P::conv(h);
+    if (keep) sh.f1[m * t.lf_h1 + j] = h;
+  }
+  __syncthreads();
+  if (H2 > 0) {
+    tc_gemm<P, Row, Col>(sh.a1, t.ld_h1, sh.wh, t.ld_h1, sh.c, t.lf_c, M, t.h2_p, t.h1_p);
+    __syncthreads();
+    for (int e = threadIdx.x; e < M * t.h2_p; e += blockDim.x) {
+      const int m = e / t.h2_p, j = e % t.h2_p;
+      const float h = j < H2 ? activate(sh.c[m * t.lf_c + j] + w.bh[j], d.rule.activation) : 0.0f;
+      sh.a2[m * t.ld_h2 + j] = P::conv(h);
+      if (keep) sh.f2[m * t.lf_h2 + j] = h;
+    }
+    __syncthreads();
+  }
+  tc_gemm<P, Row, Col>(H2 > 0 ? sh.a2 : sh.a1, t.ld_hl, sh.wo, t.ld_hl, sh.c, t.lf_c, M, t.s_p, t.hl_p);
+  __syncthreads();
+}
+
+// One step on tensor cores: state -> out, the change applied where fire (this step's bytes, or nullptr) is set.
+template <class P>
+__global__ void __launch_bounds__(kTcThreads) tc_forward_step_kernel(Dims d, Net<float> w, TcLayout t,
+                                                                     const float* __restrict__ state,
+                                                                     const float* __restrict__ external,
+                                                                     const uint8_t* __restrict__ fire,
+                                                                     float* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  const TcShared<P> sh(tc_smem, t);
+  const int64_t S = d.S, tiles = (d.N + t.M - 1) / t.M;
+  const float step = static_cast<float>(d.rule.step_size);
+  tc_stage_weights<P>(d, w, t, sh);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t first = tile * t.M;
+    tc_stage_inputs<P>(d, w, t, sh, first, state, external);
+    tc_layers<P>(d, w, t, sh, false);
+    for (int e = threadIdx.x; e < t.M * S; e += blockDim.x) {
+      const int m = static_cast<int>(e / S), i = static_cast<int>(e % S);
+      const int64_t n = first + m;
+      if (n >= d.N) continue;
+      const float cur = state[n * S + i];
+      const float change = output_activate(sh.c[m * t.lf_c + i] + w.bo[i], d.rule.output_activation);
+      const bool fires = fire == nullptr || fire[n];
+      out[n * S + i] = !fires ? cur : d.rule.update == kReplace ? change : cur + step * change;
+    }
+    __syncthreads();  // the tile's buffers are rewritten by the next
+  }
+}
+
+// block's row of the table += the float32 product c [rows][cols] (ld lf_c), weight (r, q) at offset + r * cols + q.
+__device__ __forceinline__ void tc_add_partial(const float* c, int ldc, int64_t rows, int64_t cols, float* partial) {
+  for (int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x) partial[e] += c[(e / cols) * ldc + e % cols];
+}
+
+// A bias's gradient: the column sums of g [M][ld] over the tile's rows, in row order.
+__device__ __forceinline__ void tc_add_bias(const float* g, int ld, int M, int64_t cols, float* partial) {
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    float acc = 0.0f;
+    for (int m = 0; m < M; ++m) acc += g[m * ld + j];
+    partial[j] += acc;
+  }
+}
+
+// Recompute, change gradient, hidden gradient, input gradient and the weight gradients of one step on tensor
+// cores (see above).  fire, life: this step's bytes, or nullptr.
+template <class P>
+__global__ void __launch_bounds__(kTcThreads) tc_backward_tile_kernel(
+    Dims d, Net<float> w, TcLayout t, const float* __restrict__ state, const float* __restrict__ external,
+    const uint8_t* __restrict__ fire, const uint8_t* __restrict__ life, const float* __restrict__ grad_out,
+    float* __restrict__ grad_external, float* __restrict__ send, float* __restrict__ partial) {
+  using Row = wmma::row_major;
+  using Col = wmma::col_major;
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  const TcShared<P> sh(tc_smem, t);
+  const int M = t.M;
+  const int64_t S = d.S, F = d.F, K = d.K, SF = S * F, H1 = d.H1, H2 = d.H2, In = d.In, SI = d.SI, E = d.E;
+  const int64_t Hl = H2 > 0 ? H2 : H1, tiles = (d.N + M - 1) / M;
+  const WeightOffsets o = weight_offsets(d);
+  float* const mine = partial + blockIdx.x * o.count;
+  const float scale = d.rule.update == kReplace ? 1.0f : static_cast<float>(d.rule.step_size);
+  typename P::smem* const al = H2 > 0 ? sh.a2 : sh.a1;  // the last hidden layer: multiplicands, floats, gradients
+  typename P::smem* const gl = H2 > 0 ? sh.g2 : sh.g1;
+  float* const fl = H2 > 0 ? sh.f2 : sh.f1;
+  const int ld_fl = H2 > 0 ? t.lf_h2 : t.lf_h1;
+  tc_stage_weights<P>(d, w, t, sh);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t first = tile * M;
+    tc_stage_inputs<P>(d, w, t, sh, first, state, external);
+    tc_layers<P>(d, w, t, sh, true);
+    // The change, and its gradient: output slope times d next / d change times the upstream gradient where a
+    // live cell fired, else zero (and zero in the rows past the last cell).
+    for (int e = threadIdx.x; e < M * t.s_p; e += blockDim.x) {
+      const int m = e / t.s_p, i = e % t.s_p;
+      const int64_t n = first + m;
+      float g = 0.0f;
+      if (i < S && n < d.N && (life == nullptr || life[n]) && (fire == nullptr || fire[n])) {
+        const float change = output_activate(sh.c[m * t.lf_c + i] + w.bo[i], d.rule.output_activation);
+        g = scale * grad_out[n * S + i] * output_slope(change, d.rule.output_activation);
+      }
+      sh.fd[m * t.lf_s + i] = g;
+      sh.dd[m * t.ld_s + i] = P::conv(g);
+    }
+    __syncthreads();
+    // dlast = dchange Wo, times the activation's slope.
+    tc_gemm<P, Row, Row>(sh.dd, t.ld_s, sh.wo, t.ld_hl, sh.c, t.lf_c, M, t.hl_p, t.s_p);
+    __syncthreads();
+    for (int e = threadIdx.x; e < M * t.hl_p; e += blockDim.x) {
+      const int m = e / t.hl_p, j = e % t.hl_p;
+      const float g = j < Hl ? sh.c[m * t.lf_c + j] * activation_grad(fl[m * ld_fl + j], d.rule.activation) : 0.0f;
+      fl[m * ld_fl + j] = g;
+      gl[m * t.ld_hl + j] = P::conv(g);
+    }
+    __syncthreads();
+    if (H2 > 0) {  // dh1 = dh2 Wh, times the slope
+      tc_gemm<P, Row, Row>(sh.g2, t.ld_h2, sh.wh, t.ld_h1, sh.c, t.lf_c, M, t.h1_p, t.h2_p);
+      __syncthreads();
+      for (int e = threadIdx.x; e < M * t.h1_p; e += blockDim.x) {
+        const int m = e / t.h1_p, j = e % t.h1_p;
+        const float g =
+            j < H1 ? sh.c[m * t.lf_c + j] * activation_grad(sh.f1[m * t.lf_h1 + j], d.rule.activation) : 0.0f;
+        sh.f1[m * t.lf_h1 + j] = g;
+        sh.g1[m * t.ld_h1 + j] = P::conv(g);
+      }
+      __syncthreads();
+    }
+    // dX = dh1 W1: the external input's gradient, and what the cell's readers need (the perception's gradient,
+    // or dh1 itself for concat).
+    tc_gemm<P, Row, Row>(sh.g1, t.ld_h1, sh.w1, t.ld_in, sh.c, t.lf_c, M, t.in_p, t.h1_p);
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < M * E; e += blockDim.x) {
+      const int m = static_cast<int>(e / E);
+      const int64_t n = first + m;
+      if (n < d.N) grad_external[n * E + e % E] += sh.c[m * t.lf_c + SI + e % E];
+    }
+    const int64_t sent = F > 0 ? SF : H1;
+    for (int64_t e = threadIdx.x; e < M * sent; e += blockDim.x) {
+      const int m = static_cast<int>(e / sent), i = static_cast<int>(e % sent);
+      const int64_t n = first + m;
+      if (n < d.N) send[n * sent + i] = F > 0 ? sh.c[m * t.lf_c + i] : sh.f1[m * t.lf_h1 + i];
+    }
+    if (F > 0) {  // wp[ch][f][k]: dperception[ch*F + f] times the channel ch of the state slot k reads, row order
+      for (int64_t wi = threadIdx.x; wi < SF * K; wi += blockDim.x) {
+        const int64_t k = wi % K, cf = wi / K, ch = cf / F;
+        float acc = 0.0f;
+        for (int m = 0; m < M && first + m < d.N; ++m) {
+          const int src = sh.nbr[m * K + k];
+          if (src >= 0) acc += sh.c[m * t.lf_c + cf] * state[static_cast<int64_t>(src) * S + ch];
+        }
+        mine[o.wp + wi] += acc;
+      }
+    }
+    __syncthreads();
+    // The weight gradients, X^T dY on tensor cores, and the biases'.
+    tc_gemm<P, Col, Row>(sh.g1, t.ld_h1, sh.x, t.ld_in, sh.c, t.lf_c, t.h1_p, t.in_p, M);
+    __syncthreads();
+    tc_add_partial(sh.c, t.lf_c, H1, In, mine + o.w1);
+    tc_add_bias(sh.f1, t.lf_h1, M, H1, mine + o.b1);
+    __syncthreads();
+    if (H2 > 0) {
+      tc_gemm<P, Col, Row>(sh.g2, t.ld_h2, sh.a1, t.ld_h1, sh.c, t.lf_c, t.h2_p, t.h1_p, M);
+      __syncthreads();
+      tc_add_partial(sh.c, t.lf_c, H2, H1, mine + o.wh);
+      tc_add_bias(sh.f2, t.lf_h2, M, H2, mine + o.bh);
+      __syncthreads();
+    }
+    tc_gemm<P, Col, Row>(sh.dd, t.ld_s, al, t.ld_hl, sh.c, t.lf_c, t.s_p, t.hl_p, M);
+    __syncthreads();
+    tc_add_partial(sh.c, t.lf_c, S, Hl, mine + o.wo);
+    tc_add_bias(sh.fd, t.lf_s, M, S, mine + o.bo);
+    __syncthreads();  // the tile's buffers are rewritten by the next
+  }
+}
+
 // ---- launch choices ---------------------------------------------------------------------------------------
 
 // Runs f(std::integral_constant<int, L>) with L = S where the kernels are compiled for that state size (8 and
@@ -669,10 +1083,54 @@ Dims make_dims(const at::Tensor& state, const OpArgs& a) {
   return d;
 }
 
-// The precisions the CUDA kernels run the update net's products in: the inputs' own dtype.
-void check_cuda_precision(const OpArgs& a) {
-  TORCH_CHECK(a.rule.precision == kIeee, "the CUDA kernels run the update net's products in the inputs' dtype "
-              "(precision code ", kIeee, "), got precision code ", a.rule.precision);
+// The precisions the CUDA kernels run the update net's products in: the inputs' own dtype (ieee, the FMA path),
+// or TF32 / bfloat16 / float16 multiplicands with float32 accumulation on tensor cores, for float32 inputs on
+// devices of compute capability 8.0 or later (the front chooses them: cubecore/ops/front.py's product_precision).
+void check_cuda_precision(const OpArgs& a, const at::Tensor& state) {
+  const int64_t p = a.rule.precision;
+  TORCH_CHECK(p == kIeee || p == kTf32 || p == kBf16 || p == kFp16, "unknown precision code ", p);
+  if (p == kIeee) return;
+  TORCH_CHECK(state.scalar_type() == at::kFloat, "the CUDA kernels run tf32, bfloat16 and float16 products "
+              "(precision code ", p, ") on float32 inputs only, got ", state.scalar_type(), ": use precision ieee");
+  const int sm = forced_paths.sm > 0 ? forced_paths.sm
+                                     : 10 * device_attribute(cudaDevAttrComputeCapabilityMajor) +
+                                           device_attribute(cudaDevAttrComputeCapabilityMinor);
+  TORCH_CHECK(sm >= 80, "precision code ", p, " (tf32, bfloat16 or float16 products) needs tensor cores with "
+              "TF32 and bfloat16 fragments, compute capability 8.0 or later; this device is sm_", sm,
+              ": use precision ieee");
+}
+
+// The tensor-core path's layout for a call (true), or false where it does not run: precision ieee, the test
+// hook, or not even a tile of 16 cells fits in a block's shared memory (then the FMA path runs, exact in float32).
+bool tc_plan(const Dims& d, const Device& dev, bool backward, TcLayout* out) {
+  if (d.rule.precision == kIeee || forced_paths.tensor_cores == 1) return false;
+  const size_t elem = d.rule.precision == kTf32 ? sizeof(float) : 2;
+  for (int M : {64, 32, 16}) {
+    if (forced_paths.tile != 0 && M != forced_paths.tile) continue;
+    const TcLayout t = tc_layout(d, M, elem, backward);
+    if (t.bytes <= dev.shared) {
+      *out = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The tensor-core kernels' blocks over `tiles` tiles: as many as fit on the GPU at once (by shared memory and
+// threads), each taking tiles in turn; the hook's backward_blocks caps them.
+int64_t tc_blocks(const Dims& d, const Device& dev, const TcLayout& t) {
+  const int64_t tiles = (d.N + t.M - 1) / t.M;
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2048 / kTcThreads, dev.shared / t.bytes));
+  const int64_t most = forced_paths.backward_blocks > 0 ? forced_paths.backward_blocks : dev.sms * per_sm;
+  return std::max<int64_t>(1, std::min(tiles, most));
+}
+
+// Runs f(kind) with the fragment kind of the precision.
+template <class F>
+void with_tc_kind(int64_t precision, F&& f) {
+  if (precision == kTf32) return f(TcTf32{});
+  if (precision == kBf16) return f(TcBf16{});
+  f(TcHalf{});
 }
 
 void check_cuda(const at::Tensor& state) {
@@ -708,8 +1166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(const at::
   const OpArgs a = decode_args(CUBECORE_OP_ARGS);
   check_propagate_args(state, a);
   check_cuda(state);
-  check_cuda_precision(a);
   const c10::cuda::CUDAGuard guard(state.device());
+  check_cuda_precision(a, state);
   const ForcedPaths paths = forced_paths;
   const at::Tensor s0 = state.contiguous(), u = external.contiguous();
   const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
@@ -725,7 +1183,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_forward_cuda(const at::
   if (d.N > 0) {
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const Device dev = device_facts();
-    AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
+    TcLayout tl{};
+    if (tc_plan(d, dev, false, &tl)) {  // float32 (check_cuda_precision): one tensor-core launch per step
+      const Net<float> net = weights.template net<float>();
+      const uint8_t* fire = bytes_of(fires);
+      const unsigned int blocks = static_cast<unsigned int>(tc_blocks(d, dev, tl));
+      at::Tensor spare = keep_trajectory ? at::Tensor() : at::empty_like(s0);
+      float* spare_p = keep_trajectory ? nullptr : spare.data_ptr<float>();
+      const float* cur = s0.data_ptr<float>();
+      with_tc_kind(d.rule.precision, [&](auto kind) {
+        using P = decltype(kind);
+        allow_shared(tc_forward_step_kernel<P>, tl.bytes);
+        for (int64_t t = 0; t < steps; ++t) {
+          float* next = step_destination(traj.data_ptr<float>(), spare_p, d.N * d.S, t, steps, keep_trajectory);
+          tc_forward_step_kernel<P><<<blocks, kTcThreads, tl.bytes, stream>>>(
+              d, net, tl, cur, u.data_ptr<float>(), fire == nullptr ? nullptr : fire + t * d.N, next);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (alive) {
+            uint8_t* life_t = life.data_ptr<uint8_t>() + (keep_trajectory ? t * d.N : 0);
+            alive_kernel<float><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(d, cur, next, life_t);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            bury_kernel<float><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(d, net.dead, life_t, next);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          cur = next;
+        }
+      });
+      if (keep_trajectory) traj[0].copy_(s0);
+    } else AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "propagate_forward_cuda", [&] {
       using T = scalar_t;
       const Net<T> net = weights.template net<T>();
       const uint8_t* fire = bytes_of(fires);
@@ -778,8 +1263,8 @@ propagate_backward_cuda(const at::Tensor& grad_final, const at::Tensor& trajecto
   const OpArgs a = decode_args(CUBECORE_OP_ARGS);
   check_backward_args(grad_final, trajectory, life, a);
   check_cuda(trajectory[0]);
-  check_cuda_precision(a);
   const c10::cuda::CUDAGuard guard(trajectory.device());
+  check_cuda_precision(a, trajectory);
   const ForcedPaths paths = forced_paths;
   const at::Tensor traj = trajectory.contiguous(), u = external.contiguous();
   const at::Tensor fires = fire_mask ? fire_mask->contiguous() : at::Tensor();
@@ -796,7 +1281,35 @@ propagate_backward_cuda(const at::Tensor& grad_final, const at::Tensor& trajecto
     const Device dev = device_facts();
     // What a cell's readers need from it: W1's input gradient dh1 (concat) or the perception's gradient.
     at::Tensor send = at::empty({d.N, d.F > 0 ? d.S * d.F : d.H1}, traj.options());
-    AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
+    TcLayout tl{};
+    if (tc_plan(d, dev, true, &tl)) {  // float32 (check_cuda_precision): the tile kernel on tensor cores
+      const Net<float> net = weights.template net<float>();
+      const uint8_t *fire = bytes_of(fires), *lived = bytes_of(lives);
+      const int64_t blocks = tc_blocks(d, dev, tl);
+      at::Tensor partial = at::zeros({blocks, o.count}, traj.options());
+      with_tc_kind(d.rule.precision, [&](auto kind) {
+        using P = decltype(kind);
+        allow_shared(tc_backward_tile_kernel<P>, tl.bytes);
+        with_cuda_state_length(d.S, paths.runtime_sizes, [&](auto state_length) {
+          constexpr int L = decltype(state_length)::value;
+          for (int64_t t = steps - 1; t >= 0; --t) {
+            const uint8_t* fire_t = fire == nullptr ? nullptr : fire + t * d.N;
+            const uint8_t* life_t = lived == nullptr ? nullptr : lived + t * d.N;
+            tc_backward_tile_kernel<P><<<static_cast<unsigned int>(blocks), kTcThreads, tl.bytes, stream>>>(
+                d, net, tl, traj[t].data_ptr<float>(), u.data_ptr<float>(), fire_t, life_t, grad.data_ptr<float>(),
+                grad_external.data_ptr<float>(), send.data_ptr<float>(), partial.data_ptr<float>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            backward_gather_kernel<float, L><<<blocks_of(d.N, kThreads), kThreads, 0, stream>>>(
+                d, net, fire_t, life_t, send.data_ptr<float>(), grad.data_ptr<float>(), grad_next.data_ptr<float>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            std::swap(grad, grad_next);
+          }
+        });
+      });
+      reduce_partials_kernel<float><<<blocks_of(o.count, kThreads), kThreads, 0, stream>>>(
+          o.count, blocks, partial.data_ptr<float>(), grad_weights.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else AT_DISPATCH_FLOATING_TYPES(traj.scalar_type(), "propagate_backward_cuda", [&] {
       using T = scalar_t;
       const Net<T> net = weights.template net<T>();
       const uint8_t *fire = bytes_of(fires), *lived = bytes_of(lives);
@@ -858,7 +1371,10 @@ TORCH_LIBRARY_IMPL(cubecore, CUDA, m) {
 
 // The test hook: overrides the kernels' choices for the following calls (all zeros: back to the choices the
 // sizes make).  runtime_sizes: the L = 0 kernels for every size; global_rows: scratch rows in global memory;
-// forward: 1 per step, 2 fused wherever it fits; backward_blocks: at most this many blocks in the backward.
-extern "C" void cubecore_cuda_force_paths(int runtime_sizes, int global_rows, int forward, int64_t backward_blocks) {
-  cubecore::forced_paths = {runtime_sizes, global_rows, forward, backward_blocks};
+// forward: 1 per step, 2 fused wherever it fits; backward_blocks: at most this many blocks in the backward (and
+// in the tensor-core forward); tensor_cores: 1 runs the FMA path whatever the call's precision; tile: the
+// tensor-core path's cells per tile (16, 32 or 64); sm: the compute capability the precision check sees.
+extern "C" void cubecore_cuda_force_paths(int runtime_sizes, int global_rows, int forward, int64_t backward_blocks,
+                                          int tensor_cores, int tile, int sm) {
+  cubecore::forced_paths = {runtime_sizes, global_rows, forward, backward_blocks, tensor_cores, tile, sm};
 }

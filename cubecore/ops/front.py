@@ -453,7 +453,24 @@ def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Opti
     device, the inputs' dtype, autocast's dtype where autocast is on, and the update net's hidden sizes."""
     if device_type == "cpu":
         return _cpu_precision(dtype, autocast_dtype, hidden_sizes)
+    if device_type == "cuda":
+        return _cuda_precision(dtype, autocast_dtype)
     return "ieee"
+
+
+def _cuda_precision(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> str:
+    """The CUDA kernels' products, following PyTorch's own switches for float32 GEMMs: tensor cores (TF32, or
+    bfloat16 / float16 operands, float32 accumulation) on GPUs of compute capability 8.0 or later for float32
+    inputs, where autocast asks for bfloat16 / float16, else where TF32 is allowed for matmuls
+    (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``torch.set_float32_matmul_precision("high")``
+    or ``"medium"`` and the legacy ``torch.backends.cuda.matmul.allow_tf32 = True`` set too; off by default).  The
+    update net is a per-cell MLP, the products nn.Linear would run, so the matmul switch governs it, not cuDNN's
+    convolution switch (on by default).  float64, the default "highest" and older GPUs: the inputs' own dtype."""
+    if dtype != torch.float32 or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        return "ieee"
+    if autocast_dtype in (torch.bfloat16, torch.float16):
+        return "bfloat16" if autocast_dtype == torch.bfloat16 else "float16"
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 def _cpu_precision(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], hidden_sizes: Sequence[int]) -> str:

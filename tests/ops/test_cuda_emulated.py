@@ -49,11 +49,15 @@ class Emulator:
     def __init__(self, cuda_emu, ops, so):
         self.cuda_emu, self.ops = cuda_emu, ops
         self._force = ctypes.CDLL(so).cubecore_cuda_force_paths
-        self._force.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        self._force.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_int]
 
-    def force(self, runtime_sizes=False, global_rows=False, forward="auto", backward_blocks=0):
+    def force(self, runtime_sizes=False, global_rows=False, forward="auto", backward_blocks=0, tensor_cores="auto",
+              tile=0, sm=0):
+        """tensor_cores "off": the FMA path whatever the call's precision; tile: the tensor-core path's cells per
+        tile (16, 32, 64; 0: the largest that fits); sm: the compute capability the precision check sees."""
         self._force(int(runtime_sizes), int(global_rows), {"auto": 0, "per-step": 1, "fused": 2}[forward],
-                    backward_blocks)
+                    backward_blocks, {"auto": 0, "off": 1}[tensor_cores], tile, sm)
 
     def launches(self, fn):
         before = self.cuda_emu.stats()["launches"]
@@ -135,7 +139,8 @@ def op_call(case, args):
     _, external, perception, weights, fire, dead = args
     rule = Rule(case.neighbourhood, case.boundary, case.activation, case.output, case["update"], case.step_size,
                 1 if case.alive else None, 0.1)
-    return OpArgs.of(external, weights, rule, case.steps, perception=perception, fire_mask=fire, dead_state=dead)
+    return OpArgs.of(external, weights, rule, case.steps, perception=perception, fire_mask=fire, dead_state=dead,
+                     precision=case.get("precision", "ieee"))
 
 
 def forward(ops, case, args, keep):
@@ -389,3 +394,265 @@ def test_the_converted_artefacts_model_rolls_out_identically(emu):
     assert diff.max() < 1e-9, diff
     emu.force()
     assert (want[-1][..., :10].argmax(-1) > 0).any()  # the house grows: blocks other than air are placed
+
+
+# --- the tensor-core path (precision tf32, bfloat16, float16 on float32 inputs) -------------------------------------
+#
+# The update net's products on WMMA fragments: each multiplicand rounded to the precision (tf32 and float16: 10
+# stored mantissa bits, unit roundoff u = 2^-11; bfloat16: 7 bits, u = 2^-8), the products summed in float32.
+# Two references, both float64:
+# - the plain one: the forward within TC_TOL_UNITS * u of it.  A dot product of rounded operands is off by at most
+#   2u times the sum of its terms' magnitudes; the cases' weights (scale 1.5 / sqrt(fan-in)) keep those sums within
+#   a few times the results, and three steps compound it (measured: at most ~5u).  The gradients are not held to
+#   it: a ReLU pre-activation or an alive channel within u of its kink flips a derivative, which moves a gradient
+#   by O(1) (measured up to ~650u at tf32 in these cases);
+# - the tensor cores' arithmetic: the same reference with every product's operands rounded to the precision as the
+#   kernel rounds them (forward: X and W; backward: dY and W for dX, dY and X for dW; the concat state gradient,
+#   which the gather takes in float32 from W1 and dh1, unrounded).  What remains is float32 accumulation and
+#   intermediates (about 1e-7 relative) and the rare float32 value that rounds to the neighbouring multiplicand
+#   (one operand off by u): the forward and all nine gradients within TC_EXACT_UNITS * u of it (measured: below
+#   0.01u in most cases, at most ~1.3u, in a float16 case).
+# Both relative to the largest reference value (as assert_close scales).
+UNIT_ROUNDOFF = {"tf32": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+TC_TOL_UNITS = 16
+TC_EXACT_UNITS = 4
+
+
+def tc_round(x, precision):
+    """Float64 values as the kernel's multiplicands hold them: float32, then tf32 (cvt.rna: to nearest, ties away
+    from zero), bfloat16 or float16 (to nearest even)."""
+    f = x.detach().float()
+    if precision == "tf32":
+        f = ((f.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    else:
+        f = f.to(torch.bfloat16 if precision == "bfloat16" else torch.float16).float()
+    return f.double()
+
+
+class _TensorCoreLinear(torch.autograd.Function):
+    """F.linear with the tensor cores' operand rounding, forward and backward; the input gradient's first
+    `exact` columns unrounded (the concat state gradient, which the gather takes in float32)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, precision, exact):
+        xr, wr = tc_round(x, precision), tc_round(weight, precision)
+        ctx.save_for_backward(xr, wr, weight)
+        ctx.precision, ctx.exact, ctx.bias = precision, exact, bias is not None
+        y = xr @ wr.T
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, dy):
+        xr, wr, weight = ctx.saved_tensors
+        dyr = tc_round(dy, ctx.precision)
+        dx = dyr @ wr
+        if ctx.exact:
+            dx[..., :ctx.exact] = (dy @ weight)[..., :ctx.exact]
+        dw = dyr.reshape(-1, dy.shape[-1]).T @ xr.reshape(-1, xr.shape[-1])
+        return dx, dw, dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.bias else None, None, None
+
+
+def tensor_core_reference(case, args, seed=1):
+    """reference() with the update net's products rounded as the tensor-core path rounds them."""
+    from cubecore.ops import reference as ref
+    B, X, Y, Z, S, E = case.shape
+    exact = 0 if case.filters else slots(case.neighbourhood) * S
+
+    def update_net(inputs, layers, activation, output_activation, precision="ieee"):
+        x = inputs
+        for i, (weight, bias) in enumerate(layers):
+            x = _TensorCoreLinear.apply(x, weight, bias, case.precision, exact if i == 0 else 0)
+            x = ref.activate(x, activation if i < len(layers) - 1 else output_activation)
+        return x
+
+    saved, ref.update_net = ref.update_net, update_net
+    try:
+        return reference(case, args, seed)
+    finally:
+        ref.update_net = saved
+
+
+# Tile-boundary shapes (B, X, Y, Z, S, E) for tiles of 16, 32 and 64 cells: 64 cells (one full tile of 64, two of
+# 32), 65 (one cell past), 63 (one short), 16 and 17 (the smallest tile, and one past it), 96 over two samples.
+TC_SHAPES = [(1, 4, 4, 4, 5, 1), (1, 5, 13, 1, 8, 0), (3, 3, 7, 1, 4, 2), (1, 2, 2, 4, 20, 1), (1, 1, 1, 17, 3, 1),
+             (2, 4, 3, 4, 6, 0)]
+TC_OPTIONS = {
+    "neighbourhood": NEIGHBOURHOODS,
+    "filters": PERCEPTION_FILTERS,
+    "depth": DEPTHS,
+    "output": OUTPUT_ACTIVATIONS,
+    "bias": (True, False),
+    "fire": (False, True),
+    "alive": (False, True),
+    "boundary": BOUNDARIES,
+    "update": UPDATES,
+    "activation": ACTIVATIONS,
+    "precision": ("tf32", "bfloat16", "float16"),
+    "shape": TC_SHAPES,
+    "tile": (16, 32, 64),
+    "blocks": (0, 2),
+    "layout": (1, 2),  # the emulator's WMMA lane-to-element layout seed
+}
+TC_CASES = [Case(c, dtype=torch.float32) for c in pairwise(TC_OPTIONS, seed=1)]
+
+
+def tc_case_id(case):
+    B, X, Y, Z, S, E = case.shape
+    return (f"{case.precision}-{case.neighbourhood}-F{case.filters}-d{case.depth}-{case.output}"
+            f"{'' if case.bias else '-nobias'}{'-fire' if case.fire else ''}{'-alive' if case.alive else ''}-"
+            f"{case.boundary}-{case['update']}-{case.activation}-{B}x{X}x{Y}x{Z}x{S}x{E}-M{case.tile}-b{case.blocks}-"
+            f"L{case.layout}")
+
+
+def check_tc(emu, case):
+    """The forward (trajectory kept and not) and all nine gradients of the tensor-core path against the two
+    references above; returns the gradients and the largest errors seen, in units of u, against each."""
+    u = UNIT_ROUNDOFF[case.precision]
+    args64 = problem(case)
+    args = problem(case, torch.float32)
+    want_traj, _, _ = reference(case, args64)
+    tc_traj, upstream, tc_grads = tensor_core_reference(case, args64)
+    emu.force(tile=case.tile, backward_blocks=case.blocks)
+    emu.cuda_emu.set_wmma_layout(case.layout)
+    worst = {}
+
+    def close(name, got, want, units):
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        worst[name] = (got.double() - want).abs().max().item() / scale / u if want.numel() else 0.0
+        assert_close(name, got, want, units * u)
+
+    try:
+        (final, traj, life), n = emu.launches(lambda: forward(emu.ops, case, args, True))
+        assert n == case.steps * (3 if case.alive else 1), "expected one launch per step (and the alive masks')"
+        close("trajectory", traj, want_traj, TC_TOL_UNITS)
+        close("trajectory (tensor cores' arithmetic)", traj, tc_traj, TC_EXACT_UNITS)
+        close("final (tensor cores' arithmetic)", final, tc_traj[-1], TC_EXACT_UNITS)
+        # The products were rounded: the tensor-core path ran (the FMA path is float32-exact, ~1e-7); unless every
+        # cell died at the first step (some alive cases: then the trajectory is the dead state, exactly).
+        if not case.alive or life.any():
+            assert (traj.double() - want_traj).abs().max() > u / 64 * max(1.0, want_traj.abs().max().item())
+        final_only, _, _ = forward(emu.ops, case, args, False)
+        assert torch.equal(final_only, final), "the final state with and without the trajectory kept"
+        grads, n = emu.launches(lambda: backward(emu.ops, case, args, upstream.float(), traj, life))
+        assert n == 2 * case.steps + 1, "expected the tile and gather kernels per step, then the sum"
+        for name, got, want in zip(GRAD_NAMES, grads, tc_grads):
+            if want is None:
+                continue
+            assert got.dtype == torch.float32 and got.shape == want.shape, name
+            close(f"grad {name} (tensor cores' arithmetic)", got, want, TC_EXACT_UNITS)
+    finally:
+        emu.cuda_emu.set_wmma_layout(None)
+        emu.force()
+    return grads, worst
+
+
+@pytest.mark.parametrize("case", TC_CASES, ids=[tc_case_id(c) for c in TC_CASES])
+def test_tensor_core_path_matches_reference(emu, schedule, case):
+    check_tc(emu, case)
+
+
+def test_the_tensor_core_cases_cover_every_pair_of_option_values():
+    names = list(TC_OPTIONS)
+    for a, b in itertools.combinations(names, 2):
+        seen = {(repr(c[a]), repr(c[b])) for c in TC_CASES}
+        for x in TC_OPTIONS[a]:
+            for y in TC_OPTIONS[b]:
+                if allowed({a: x, b: y}):
+                    assert (repr(x), repr(y)) in seen, (a, x, b, y)
+    assert len(TC_CASES) <= 30
+
+
+def test_tensor_core_weight_gradients_are_the_same_bits_under_every_schedule_and_layout(emu):
+    """The per-block weight-gradient products and the table's sum in block order: the same bits whatever order
+    threads, warps and blocks run in and whatever the fragments' element layout."""
+    case = Case(NCA, hidden=(20, 12), shape=(2, 3, 5, 7, 5, 2), dtype=torch.float32, steps=2, boundary="reflect",
+                precision="tf32")
+    args = problem(case, torch.float32, seed=5)
+    emu.force(tile=32, backward_blocks=2)  # 210 cells: 7 tiles of 32, several per block
+    try:
+        _, traj, life = forward(emu.ops, case, args, True)
+        upstream = torch.randn(traj[-1].shape, generator=torch.Generator().manual_seed(2))
+        results = []
+        for sched, layout in [(s, 1) for s in emu.cuda_emu.schedules()] + [(("warp", "reverse"), 2)]:
+            emu.cuda_emu.set_schedule(*sched)
+            emu.cuda_emu.set_wmma_layout(layout)
+            results.append(backward(emu.ops, case, args, upstream, traj, life))
+    finally:
+        emu.cuda_emu.set_schedule(None, None)
+        emu.cuda_emu.set_wmma_layout(None)
+        emu.force()
+    for other in results[1:]:
+        for name, a, b in zip(GRAD_NAMES, results[0], other):
+            assert torch.equal(a, b), f"grad {name} differs between schedules or layouts"
+
+
+def test_precisions_the_kernels_refuse(emu):
+    """tf32 / bfloat16 / float16 products: float32 inputs on compute capability 8.0 or later only."""
+    case = Case(NCA, hidden=(4, 3), shape=(1, 2, 2, 2, 3, 0), dtype=torch.float64, steps=1, precision="tf32")
+    with pytest.raises(RuntimeError, match="float32 inputs only"):
+        forward(emu.ops, case, problem(case), True)
+    case = Case(case, dtype=torch.float32, precision="bfloat16")
+    emu.force(sm=75)
+    try:
+        with pytest.raises(RuntimeError, match="compute capability 8.0 or later; this device is sm_75"):
+            forward(emu.ops, case, problem(case, torch.float32), True)
+    finally:
+        emu.force()
+
+
+def test_where_no_tile_fits_the_fma_path_runs(emu):
+    """Layers too wide for a tile of 16 cells and the weights in a block's shared memory: the FMA path, exact in
+    float32 whatever the precision asked (the same bits as precision ieee)."""
+    case = Case(NCA, filters=0, depth=1, hidden=(200,), shape=(1, 2, 1, 3, CUDA_MAX_STATE, 1), dtype=torch.float32,
+                steps=1, forward="per-step", precision="bfloat16")
+    args = problem(case, torch.float32)
+    emu.force(forward="per-step")
+    try:
+        got = forward(emu.ops, case, args, True)
+        want = forward(emu.ops, Case(case, precision="ieee"), args, True)
+    finally:
+        emu.force()
+    assert torch.equal(got[1], want[1])
+
+
+def test_a_missing_barrier_before_the_first_product_fails_the_tensor_core_tests(emu):
+    """The mutant built with -DCUBECORE_PLANT_MISSING_BARRIER (the first GEMM reads the staged inputs without the
+    barrier after staging) fails the tensor-core cases under the warp/reverse schedule wherever a warp other than
+    the last to stage takes an output tile (measured: 19 of 30; none under round/forward, as the emulator's README
+    says), with wrong values, not a crash.  A separate process: one emulator library per process."""
+    import re
+    import subprocess
+    so = emu.cuda_emu.build(os.path.join(ROOT, "csrc", "cubecore_cuda.cu"), link_module="cubecore._C",
+                            extra_cflags="-DCUBECORE_PLANT_MISSING_BARRIER", quiet=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_tensor_core_path_matches_reference and warp-reverse"],
+                         env={**os.environ, "CUDA_EMU_SO": so, "CUBECORE_REQUIRE_CUDA_EMU": "1"}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    failed = re.search(r"(\d+) failed", run.stdout)
+    assert run.returncode == 1 and failed and int(failed.group(1)) >= len(TC_CASES) // 3, run.stdout[-3000:]
+    assert "AssertionError" in run.stdout and "not close" in run.stdout, run.stdout[-3000:]
+
+
+def test_product_precision_follows_pytorchs_switches(monkeypatch):
+    """The front's choice on CUDA: TF32 where the matmul switch allows it, autocast's bfloat16 / float16, else the
+    inputs' dtype; float64 and GPUs below compute capability 8.0 always the inputs' dtype."""
+    from cubecore.ops.front import product_precision
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert product_precision("cuda", torch.float32) == "ieee"
+        assert product_precision("cuda", torch.float32, torch.bfloat16) == "bfloat16"
+        assert product_precision("cuda", torch.float32, torch.float16) == "float16"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert product_precision("cuda", torch.float32) == "tf32"
+        assert product_precision("cuda", torch.float32, torch.float16) == "float16"
+        assert product_precision("cuda", torch.float64) == "ieee"
+        assert product_precision("cuda", torch.float64, torch.bfloat16) == "ieee"
+        capability[0] = (7, 5)
+        assert product_precision("cuda", torch.float32) == "ieee"
+        assert product_precision("cuda", torch.float32, torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
