@@ -1,5 +1,6 @@
 """A published 3D NCA runs on CubicCore exactly: the PlainVillageHouse model of real-itu/3d-artefacts-nca
-(tests/fixtures/artefacts_nca), converted by examples/artefacts_nca.py, against a copy of the upstream's rule."""
+(tests/fixtures/artefacts_nca), converted by cubecore.nca.artefacts, against a copy of the upstream's rule; and
+examples/artefacts_nca.py, the converter's user, grows it."""
 
 import contextlib
 import importlib.util
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cubecore
+from cubecore.nca import artefacts as N
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("artefacts_nca", ROOT / "examples" / "artefacts_nca.py")
@@ -130,15 +132,15 @@ def problem(state_dict):
     upstream = UpstreamVoxelCA(HIDDEN, CATEGORIES, DIMS)
     upstream.load_state_dict(state_dict)  # strict: their names, their shapes
     upstream.double()
-    core = A.core_from_artefact_nca(state_dict, HIDDEN, A.HOUSE_LATTICE, STEPS).double()
-    seed = A.artefact_seed(core, BATCH)
+    core = N.core_from_artefact_nca(state_dict, HIDDEN, A.HOUSE_LATTICE, STEPS).double()
+    seed = N.artefact_seed(core, BATCH)
     masks = torch.rand((STEPS, BATCH, *A.HOUSE_LATTICE), generator=torch.Generator().manual_seed(0)) < 0.5
     with one_thread():
         return seed, masks, upstream_trajectory(upstream, seed, masks)
 
 
 def core_trajectory(state_dict, backend, seed, masks, **options):
-    core = A.core_from_artefact_nca(state_dict, options.pop("hidden_channels", HIDDEN), A.HOUSE_LATTICE, STEPS,
+    core = N.core_from_artefact_nca(state_dict, options.pop("hidden_channels", HIDDEN), A.HOUSE_LATTICE, STEPS,
                                     backend=backend, **options).double()
     with torch.no_grad(), (one_thread() if backend == "reference" else contextlib.nullcontext()):
         return core(state=seed, fire_mask=masks, return_trajectory=True)
@@ -161,7 +163,7 @@ def test_converted_model_matches_the_upstream_rule_at_every_step(state_dict, pro
     assert diffs.max() < 1e-9, [f"{d:.1e}" for d in diffs.tolist()]
     # and the rollout is not trivial: the cells come alive, the house's blocks appear, the dead cells are air
     living = (want[..., CATEGORIES] > 0.1).flatten(2).sum(-1)
-    placed = (A.blocks(want, CATEGORIES) > 0).flatten(2).sum(-1)
+    placed = (N.blocks(want, CATEGORIES) > 0).flatten(2).sum(-1)
     assert living[0].tolist() == [1] * BATCH and (living[-1] > 900).all(), living
     assert (placed[15] < 10).all() and (placed[-1] > 50).all(), placed
     assert torch.equal(want[1, :, 0, 0, 0], torch.eye(CHANNELS, dtype=want.dtype)[0].expand(BATCH, -1))
@@ -184,10 +186,10 @@ def test_the_comparison_sees_a_wrong_conversion(state_dict, problem, mutation):
     """The check above can fail: each of these mistakes makes the states differ by far more than 1e-9."""
     seed, masks, want = problem
     steps = 25
-    core = A.core_from_artefact_nca(state_dict, HIDDEN, A.HOUSE_LATTICE, steps).double()
+    core = N.core_from_artefact_nca(state_dict, HIDDEN, A.HOUSE_LATTICE, steps).double()
     core.backend = "reference" if KERNEL_REASON is not None else "kernel"
     with torch.no_grad(), one_thread():
-        MUTATIONS[mutation](core, state_dict[A.PERCEPTION_KEY].double())
+        MUTATIONS[mutation](core, state_dict[N.PERCEPTION_KEY].double())
         got = core(state=seed, fire_mask=masks[:steps], return_trajectory=True)
     assert step_differences(got, want[:steps + 1]).max() > 1e-3
 
@@ -208,20 +210,20 @@ def test_load_artefact_nca_builds_the_rule_from_their_files():
 
 
 def test_load_config_reads_their_yaml_with_their_defaults(tmp_path):
-    assert A.load_config(A.HOUSE_CONFIG) == {"hidden_channels": 10, "fire_rate": 0.5, "alive_threshold": 0.1,
+    assert N.load_config(A.HOUSE_CONFIG) == {"hidden_channels": 10, "fire_rate": 0.5, "alive_threshold": 0.1,
                                              "use_bce_loss": False, "update_net_channel_dims": [32, 32]}
     other = tmp_path / "other.yaml"
     other.write_text("trainer:\n  use_bce_loss: true\n  model_config:\n    cell_fire_rate: 0.25\n")
-    assert A.load_config(other) == {"hidden_channels": 12, "fire_rate": 0.25, "alive_threshold": 0.1,
+    assert N.load_config(other) == {"hidden_channels": 12, "fire_rate": 0.25, "alive_threshold": 0.1,
                                     "use_bce_loss": True, "update_net_channel_dims": [32, 32]}
 
 
 def test_use_bce_loss_leaves_dead_cells_zero_and_the_checkpoint_dict_is_taken(state_dict):
     checkpoint = {"model": state_dict, "optimizer": {}, "scheduler": {}}  # what their trainer saves
-    core = A.core_from_artefact_nca(checkpoint, HIDDEN, use_bce_loss=True)
+    core = N.core_from_artefact_nca(checkpoint, HIDDEN, use_bce_loss=True)
     assert core.dead_state is None
-    assert torch.equal(A.core_from_artefact_nca(state_dict, HIDDEN).dead_state, torch.eye(CHANNELS)[0])
-    assert torch.equal(core.perception, state_dict[A.PERCEPTION_KEY].view(CHANNELS, 3, 27))
+    assert torch.equal(N.core_from_artefact_nca(state_dict, HIDDEN).dead_state, torch.eye(CHANNELS)[0])
+    assert torch.equal(core.perception, state_dict[N.PERCEPTION_KEY].view(CHANNELS, 3, 27))
 
 
 # --- what is not such a model -------------------------------------------------------------------------------------
@@ -242,8 +244,8 @@ def _with(state_dict, **changes):
     (lambda sd: nn.Linear(3, 4).state_dict(), "no perception_net.conv1.weight"),
     (lambda sd: [1, 2], "not a dict"),
     (lambda sd: {**sd, "extra.weight": torch.zeros(1)}, r"unexpected keys \['extra.weight'\]"),
-    (lambda sd: {A.PERCEPTION_KEY: sd[A.PERCEPTION_KEY]}, "no update net"),
-    (lambda sd: {**sd, A.PERCEPTION_KEY: torch.zeros(63, 2, 3, 3, 3)}, r"must be \[3C, 1, 3, 3, 3\]"),
+    (lambda sd: {N.PERCEPTION_KEY: sd[N.PERCEPTION_KEY]}, "no update net"),
+    (lambda sd: {**sd, N.PERCEPTION_KEY: torch.zeros(63, 2, 3, 3, 3)}, r"must be \[3C, 1, 3, 3, 3\]"),
     (lambda sd: {**sd, "update_network.out.4.bias": torch.zeros(21)}, "the output layer .* has a bias"),
     (lambda sd: _with(sd, update_network__out__0__bias=None), r"update_network.out.0.bias must be \[32\]"),
     (lambda sd: {**sd, "update_network.out.4.weight": torch.zeros(20, 32, 1, 1, 1)},
@@ -253,16 +255,16 @@ def _with(state_dict, **changes):
 ])
 def test_rejects_what_is_not_a_voxel_ca_model(state_dict, make, match):
     with pytest.raises(ValueError, match="not a 3d-artefacts-nca VoxelCAModel state dict: .*" + match):
-        A.core_from_artefact_nca(make(state_dict), HIDDEN)
+        N.core_from_artefact_nca(make(state_dict), HIDDEN)
 
 
 def test_rejects_more_hidden_layers_than_cubecore_runs_and_a_wrong_hidden_channel_count(state_dict):
     deep = UpstreamVoxelCA(HIDDEN, CATEGORIES, [8, 8, 8]).state_dict()
     with pytest.raises(ValueError, match=r"update_net_channel_dims \[8, 8, 8\]: CubicCore runs at most 2"):
-        A.core_from_artefact_nca(deep, HIDDEN)
+        N.core_from_artefact_nca(deep, HIDDEN)
     for wrong in (20, -1, 10.0):
         with pytest.raises(ValueError, match="hidden_channels must be an int in 0 .. C - 2 = 19"):
-            A.core_from_artefact_nca(state_dict, wrong)
+            N.core_from_artefact_nca(state_dict, wrong)
 
 
 def test_the_example_grows_the_house_and_plots_it(tmp_path):

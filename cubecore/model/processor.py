@@ -55,16 +55,16 @@ def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_weights_file(path: Path, cls, input_dim: int, config: ModelConfig) -> None:
+def check_weights_file(path: Path, cls, *args: Any, **kwargs: Any) -> None:
     """Refuse a weight file that is not this model's before the model is built: its tensors' names and shapes
-    against those of the model the config describes (built on the meta device, so that a config asking for
-    billions of parameters allocates nothing), and its checksum where it has one."""
+    against those of the model ``cls(*args, **kwargs)`` that the config describes (built on the meta device, so
+    that a config asking for billions of parameters allocates nothing), and its checksum where it has one."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the folder holds no weights")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls(input_dim, config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in cls(*args, **kwargs).state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -82,6 +82,17 @@ def check_weights_file(path: Path, cls, input_dim: int, config: ModelConfig) -> 
         detail = "; ".join(filter(None, [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
                                           "; ".join(wrong[:3])]))
         raise InvalidValueError(f"{path} does not hold the model its config.json describes: {detail}")
+
+
+def save_weights(module: nn.Module, directory: Path) -> None:
+    """``module``'s state dict as ``directory/model.safetensors``, with a checksum of its values in the file's
+    metadata (``check_weights_file`` checks it), serialised in memory and written atomically (the
+    ``_save_pretrained`` of cubecore's Hub models)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    data = save(state, metadata={"format": "pt", CHECKSUM_KEY: weights_checksum(state)})
+    atomic_write(Path(directory) / WEIGHTS_FILE, lambda f: f.write(data))
 
 
 class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license="mit",
@@ -228,11 +239,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         checks it: a corrupted file is refused rather than loaded).  Serialised in memory, then written
         atomically: a full disk is an OSError naming the file, never a raw SafetensorError or a part of a file,
         and the file's mode follows the umask like the folder's other files."""
-        from safetensors.torch import save
-
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        data = save(state, metadata={"format": "pt", CHECKSUM_KEY: weights_checksum(state)})
-        atomic_write(Path(save_directory) / WEIGHTS_FILE, lambda f: f.write(data))
+        save_weights(self, save_directory)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):

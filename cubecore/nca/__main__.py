@@ -5,7 +5,7 @@ published 3D NCAs (Sudhakaran et al. 2021, real-itu/3d-artefacts-nca); a few min
 --target FILE trains on your structure (.npy block types or RGBA, MagicaVoxel .vox, Minecraft .nbt) or on a
 shipped one by name (plain_village_house, villages_light, caterpillar_short, desert_village_house, ball, tree,
 tree_rgba).  The run's files (config.yaml, metrics, last.pt, report.md, results.json, curves.png, grown.png,
-rollout.gif, train.log) go to --output-dir, with the same protections as python -m cubecore.train: a fresh run
+rollout.gif, model/, train.log) go to --output-dir, with the same protections as python -m cubecore.train: a fresh run
 refuses a folder that holds another run unless --overwrite (which replaces only a cubecore run, once the new run
 has saved its first checkpoint), Ctrl-C or SIGTERM keep last.pt, and --resume continues from it exactly as if
 never interrupted.
@@ -19,6 +19,8 @@ Examples:
   python -m cubecore.nca --resume                               # continue runs/nca/last.pt
   python -m cubecore.nca --seeds 0,1,2                          # one run per seed, mean and spread
   python -m cubecore.nca model.backend=reference                # the plain-PyTorch rule instead of the kernel
+  python -m cubecore.nca --target plain_village_house nca.hidden_channels=10 nca.init_from=PlainVillageHouse.pt
+                                                     # start from a pretrained model (a run's model/ folder too)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_dir, atomic_write_text
 from ..cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from ..ops.front import BACKENDS
 from ..training.command import RunCommand, lattice_argument, write_results
@@ -61,8 +63,8 @@ COMMAND = RunCommand(
                "logger"),
     stops=("iterations", "loss_threshold"),  # a finished run trains on only when one of these changes
     study_free=("output_dir", "device", "model.backend", "checkpoint_every", "logger"),
-    unit="iteration", paths=("nca.target",),
-    outputs=("curves", "rollout", "picture", "report", "results"),  # what the report writes, results last
+    unit="iteration", paths=("nca.target", "nca.init_from"),
+    outputs=("curves", "rollout", "picture", "report", "model", "results"),  # what the report writes, results last
     holds="its report", stop_hint="loss_threshold=null or a lower one", as_trained=_as_trained,
     seed_metrics=None, seed_columns=("accuracy", "iou", "voxel_accuracy"), seed_label="structure")
 
@@ -135,7 +137,9 @@ def describe(trainer: NcaTrainer) -> str:
     """What a run trains, for its plan."""
     c, t = trainer.config, trainer.target
     kind = (f"{len(t.names) - 1} block types" if t.kind == "blocks" else "RGBA")
-    return (f"{t.source} ({int(t.occupied.sum())} voxels, {kind}) in a {'x'.join(map(str, c.model.lattice_size))} "
+    start = f", starting from {c.nca.init_from}" if c.nca.init_from is not None else ""
+    lattice = "x".join(map(str, c.model.lattice_size))
+    return (f"{t.source} ({int(t.occupied.sum())} voxels, {kind}{start}) in a {lattice} "
             f"lattice, state {c.model.state_size}, {c.nca.min_steps}-{c.nca.max_steps} steps, batch "
             f"{c.nca.batch_size}; up to {c.iterations} iterations on {trainer.device} "
             f"({trainer.core.active_backend()} backend)")
@@ -143,7 +147,7 @@ def describe(trainer: NcaTrainer) -> str:
 
 def report(trainer: NcaTrainer, files: RunFiles, tracker: Optional[TensorBoardTracker] = None) -> int:
     """After training: the evaluation (growth, stability at 2x and 4x the steps, regeneration), curves, the
-    voxel picture, the growth GIF, report.md and results.json (last)."""
+    voxel picture, the growth GIF, report.md, the model folder and results.json (last)."""
     config, target = trainer.config, trainer.target
     results, states = trainer.evaluate(with_states=True)
     plot_curves(trainer.history, files.curves)
@@ -158,6 +162,8 @@ def report(trainer: NcaTrainer, files: RunFiles, tracker: Optional[TensorBoardTr
     note = (f"Trained {trainer.iteration} iterations ({trainer.finished}) in {trainer.seconds:.0f} s, "
             f"{trainer.seconds / max(1, trainer.iteration):.3f} s an iteration.")
     atomic_write_text(files.report, markdown_report(results, trainer.get_info(), note=note))
+    # NcaModel.from_pretrained(RUN_DIR/model); written whole or not at all, like every run file
+    atomic_write_dir(files.model, lambda folder: trainer.save_pretrained(folder, results))
     if tracker is not None:
         tracker.finish(config.flat(), {"cube": results["grown"]})
     write_results(files, results)

@@ -48,6 +48,7 @@ class NcaConfig(ConfigSection):
     alive_loss: str = "air"  # air: dead cells are air (cross-entropy); mse: the living channel (their use_bce_loss)
     iou_loss: bool = True  # add 1 - IoU (no gradient) to the loss, as the upstream does
     init_std: float = 0.0002  # weights from N(0, init_std), biases zero (the upstream's normal_std)
+    init_from: Optional[str] = None  # start from a model: a run's RUN_DIR/model or an upstream pretrained .pt
 
     def check(self) -> None:
         for key in ("hidden_channels",):

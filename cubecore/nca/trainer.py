@@ -27,6 +27,7 @@ from ..errors import InvalidValueError, TrainingDivergedError
 from ..model.core import CubicCore
 from ..training.checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
 from .config import NcaTrainingConfig
+from .model import NcaModel, initial_weights
 from .recipe import (SamplePool, damage, nca_loss, normalize_gradients, seed_states, structure_metrics,
                      upstream_init)
 from .targets import VoxelTarget, load_target
@@ -45,10 +46,11 @@ def resolve_device(device: str) -> torch.device:
 
 class NcaTrainer:
     def __init__(self, config: Optional[NcaTrainingConfig] = None, target: Optional[VoxelTarget] = None,
-                 seed_state: Optional[torch.Tensor] = None) -> None:
+                 seed_state: Optional[torch.Tensor] = None, initialize: bool = True) -> None:
         """``target``: the structure placed in its lattice (by default read from ``config.nca.target`` and
         placed in ``nca.lattice``); ``seed_state`` [X, Y, Z, C]: the state to grow from (by default the one of
-        ``nca.seed_state``, or one living cell)."""
+        ``nca.seed_state``, or one living cell).  The weights start from ``nca.init_from``'s model where it names
+        one (``initialize=False``: not read, for a checkpoint's weights to replace)."""
         config = config or NcaTrainingConfig()
         self.target = target if target is not None else load_target(config.nca.target).placed(config.nca.lattice)
         self.config = config.for_target(self.target.types, self.target.alive_channel, self.target.shape)
@@ -64,6 +66,11 @@ class NcaTrainer:
         self.core = CubicCore(m.lattice_size, m.state_size, m.hidden_sizes, input_size=0, dead_state=dead,
                               **m.core_options()).to(self.device)
         upstream_init(self.core, self.config.nca.init_std)
+        if initialize and self.config.nca.init_from is not None:
+            start = initial_weights(self.config.nca.init_from, self.config, self.target.types)
+            with torch.no_grad():
+                for name, p in self.core.named_parameters():
+                    p.copy_(start[name])
         self.optimizer = torch.optim.Adam(self.core.parameters(), lr=self.config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.config.lr_gamma)
         self.seed = self.seeds(1)[0]
@@ -234,7 +241,7 @@ class NcaTrainer:
                 config = config.override(device=device)
             t = state["target"]
             target = VoxelTarget(t["voxels"], t["kind"], tuple(t["names"]), t["colours"], t["source"])
-            trainer = cls(config, target, state["seed_state"])
+            trainer = cls(config, target, state["seed_state"], initialize=False)
             trainer.core.load_state_dict(state["model"])
             trainer.optimizer.load_state_dict(state["optimizer"])
             trainer.scheduler.load_state_dict(state["scheduler"])
@@ -246,6 +253,31 @@ class NcaTrainer:
             raise InvalidValueError(f"{path} does not hold a consistent cubecore.nca training state "
                                     f"({type(exc).__name__}: {exc})") from exc
         return trainer
+
+    def pretrained(self) -> NcaModel:
+        """The trained model as an ``NcaModel`` (on the CPU, float32), what ``save_pretrained`` writes."""
+        t, nca = self.target, self.config.nca
+        model = NcaModel(self.config.model, t.kind, t.names, dead_air=nca.alive_loss == "air",
+                         spawn_at_bottom=nca.spawn_at_bottom,
+                         colours=None if t.colours is None else torch.as_tensor(t.colours).tolist())
+        model.core.load_state_dict({k: v.detach().float().cpu() for k, v in self.core.state_dict().items()})
+        return model.eval()
+
+    def save_pretrained(self, folder: Union[str, os.PathLike],
+                        results: Optional[Dict[str, Dict[str, float]]] = None) -> Path:
+        """The model as a Hub-style folder (``model.safetensors``, ``config.json``, a model card with the
+        ``results`` where given): ``NcaModel.from_pretrained(folder)`` loads it, ``nca.init_from=folder`` trains on
+        from it."""
+        from .report import results_table
+
+        t = self.target
+        card = (f"Trained {self.iteration} iterations on {t.source} ({int(t.occupied.sum())} voxels, "
+                f"{'RGBA' if t.kind == 'rgba' else f'{len(t.names) - 1} block types'}), {self.config.nca.min_steps}-"
+                f"{self.config.nca.max_steps} steps an iteration.")
+        if results:
+            card += "\n\n" + results_table(results)
+        self.pretrained().save_pretrained(folder, model_card_kwargs={"results": card})
+        return Path(folder)
 
     def get_info(self) -> Dict[str, object]:
         info = {"target": self.target.source, "kind": self.target.kind, "block types": len(self.target.names) - 1
