@@ -27,9 +27,13 @@
 // gradients are the same bits on every run of a given GPU (the table's shape follows its SM count and
 // shared memory), whatever order threads, warps and blocks run in.
 //
+// Where the call's precision is tf32, bfloat16 or float16 (float32 inputs, sm_80 and later), the update net's
+// products run on tensor cores instead (WMMA; the section "tensor cores" below): tc_forward_step_kernel per step,
+// tc_backward_tile_kernel in place of backward_tile_kernel, the gather and the sum as above.
+//
 // The choices (compile-time size or not, fused or per-step forward, rows in shared or global memory, threads
-// and blocks) are made once per call from the sizes and the device; cubecore_cuda_force_paths (a test hook, a
-// plain C function) overrides them.
+// and blocks, the tensor-core tile) are made once per call from the sizes and the device;
+// cubecore_cuda_force_paths (a test hook, a plain C function) overrides them.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

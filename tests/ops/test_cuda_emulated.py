@@ -377,7 +377,7 @@ def test_the_converted_artefacts_model_rolls_out_identically(emu):
     spec.loader.exec_module(A)
     state_dict = torch.load(A.HOUSE_MODEL, map_location="cpu", weights_only=True)
     steps, batch = 20, 2
-    core = A.core_from_artefact_nca(state_dict, 10, A.HOUSE_LATTICE, steps, backend="reference").double()
+    core = A.artefacts.core_from_artefact_nca(state_dict, 10, A.HOUSE_LATTICE, steps, backend="reference").double()
     seed = A.artefact_seed(core, batch)
     masks = torch.rand((steps, batch, *A.HOUSE_LATTICE), generator=torch.Generator().manual_seed(0)) < 0.5
     with torch.no_grad():
