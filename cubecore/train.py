@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .atomic import atomic_write_dir, atomic_write_text
 from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
@@ -43,7 +42,8 @@ from .model.processor import EmbeddingProcessor
 from .ops.front import BACKENDS
 from .training.command import RunCommand, lattice_argument, write_results
 from .training.config import TrainingConfig
-from .training.peers import barrier, in_process_group, rank
+from .training.memory import available_bytes, memory_warning
+from .training.peers import barrier, in_process_group, rank, same_weights
 from .training.report import COLUMNS, example_predictions, markdown_report, plot_curves, results_table, write_metrics
 from .training.rundir import RunDirectory, RunFiles
 from .training.tracking import TensorBoardTracker
@@ -197,50 +197,14 @@ def describe(trainer: CubeTrainer) -> str:
             f"{c.model.state_size}, {c.model.steps} steps; up to {c.epochs} epochs on {trainer.device}")
 
 
-def same_weights(trainer: CubeTrainer) -> int:
-    """After a distributed run: 0 if every process ends with the same weights, else 1 (having said so)."""
-    if not trainer.distributed:
-        return 0
-    digests = [None] * trainer.world_size
-    dist.all_gather_object(digests, trainer.weights_digest())  # every rank sees every digest
-    same = len(set(digests)) == 1
-    log.info(f"weights identical across {trainer.world_size} processes: {same}")
-    if not same:
-        log.error("error: distributed processes diverged")
-        return 1
-    return 0
-
-
-LARGE_BYTES = 4 * 1024 ** 3  # a model that needs more to train is said to, with what sets its size
-
-
-def available_bytes(device: torch.device) -> Optional[int]:
-    """The memory free for a new allocation on ``device`` (Linux MemAvailable for the CPU), or None if unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError, IndexError):
-        pass
-    return None
-
-
 def memory_note(config: TrainingConfig, dim: int, device: torch.device) -> Optional[str]:
     """A warning, with the estimate, when the model needs more than ``LARGE_BYTES`` or half the free memory to
-    train (``EmbeddingProcessor.training_bytes``), else None."""
+    train (``EmbeddingProcessor.training_bytes``, ``training.memory.memory_warning``), else None."""
     need, parameters, external = EmbeddingProcessor.training_bytes(dim, config.model, config.batch_size)
-    have = available_bytes(device)
-    if need <= LARGE_BYTES and (have is None or 2 * need <= have):
-        return None
-    gib = 1024 ** 3
-    return (f"this model needs about {need / gib:.1f} GiB of memory to train ({parameters:,} parameters, "
-            f"{external:,} external input channels per cell, batch_size {config.batch_size})"
-            f"{f'; {have / gib:.1f} GiB are free on {device}' if have is not None else ''}; its size is set by "
-            f"model.global_channels, model.position_channels, model.lattice_size, model.state_size, "
-            f"model.hidden_size, model.steps and batch_size")
+    return memory_warning(need, f"{parameters:,} parameters, {external:,} external input channels per cell, "
+                                f"batch_size {config.batch_size}",
+                          "model.global_channels, model.position_channels, model.lattice_size, model.state_size, "
+                          "model.hidden_size, model.steps and batch_size", device, available_bytes(device))
 
 
 def report(trainer: CubeTrainer, data, files: RunFiles, tracker: Optional[TensorBoardTracker] = None) -> int:

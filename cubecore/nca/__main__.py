@@ -12,6 +12,9 @@ never interrupted.
 Settings: --config FILE (a YAML file with an 'nca_training:' section) and key=value overrides (nca.batch_size=8,
 or batch_size=8 where the key names one field); see config/nca_training.yaml for every key.
 
+Under torchrun each process trains an equal share of every batch (nca.batch_size is the whole batch) and only
+rank 0 writes the run's files.
+
 Examples:
   python -m cubecore.nca
   python -m cubecore.nca --target plain_village_house --lattice 10x10x10 iterations=2000
@@ -19,6 +22,7 @@ Examples:
   python -m cubecore.nca --resume                               # continue runs/nca/last.pt
   python -m cubecore.nca --seeds 0,1,2                          # one run per seed, mean and spread
   python -m cubecore.nca model.backend=reference                # the plain-PyTorch rule instead of the kernel
+  torchrun --nproc_per_node=2 -m cubecore.nca                   # DistributedDataParallel (gloo on CPU, nccl on CUDA)
   python -m cubecore.nca --target plain_village_house nca.hidden_channels=10 nca.init_from=PlainVillageHouse.pt
                                                      # start from a pretrained model (a run's model/ folder too)
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -35,6 +40,8 @@ from ..atomic import atomic_write_dir, atomic_write_text
 from ..cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
 from ..ops.front import BACKENDS
 from ..training.command import RunCommand, lattice_argument, write_results
+from ..training.memory import available_bytes, memory_warning
+from ..training.peers import in_process_group, rank, same_weights
 from ..training.report import write_metrics
 from ..training.rundir import RunDirectory, RunFiles
 from ..training.tracking import TensorBoardTracker
@@ -42,7 +49,7 @@ from ..training.viz import rollout_gif
 from .config import NcaTrainingConfig, small_run
 from .report import METRIC_FIELDS, markdown_report, plot_curves, plot_voxels, results_table, shown
 from .targets import VoxelTarget
-from .trainer import NcaTrainer
+from .trainer import NcaTrainer, training_bytes
 
 log = logging.getLogger("cubecore")
 
@@ -99,24 +106,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between flags
-    setup_logging(quiet=args.quiet)
-    return run_command(lambda: COMMAND.main(args, run))
+
+    def body() -> int:
+        setup_logging(quiet=args.quiet, silent=rank() != 0)
+        return COMMAND.main(args, run)
+
+    return run_command(lambda: in_process_group(body))
+
+
+def memory_note(trainer: NcaTrainer) -> Optional[str]:
+    """A warning, with the estimate (``training_bytes``), when a run needs more than ``LARGE_BYTES`` or half the
+    free memory (``training.memory.memory_warning``, as cubecore.train's), else None."""
+    need, detail = training_bytes(trainer)
+    keys = "nca.batch_size (the whole batch: torchrun's processes train a share each), nca.max_steps, nca.lattice, " \
+           "nca.hidden_channels, model.hidden_size, nca.pool_size"
+    if trainer.core.active_backend() == "reference":
+        keys += " and model.backend (the reference keeps every step's activations; the kernel only its state)"
+    return memory_warning(need, detail, keys, trainer.device, available_bytes(trainer.device))
 
 
 def run(trainer: NcaTrainer, out: Path, source: Optional[Path], mode: str, quiet: bool,
         hint: Optional[str] = None) -> int:
-    """Train ``trainer`` into ``out`` (a ``RunDirectory`` mode) and report (``RunCommand``'s run function)."""
+    """Train ``trainer`` into ``out`` (a ``RunDirectory`` mode) and report (``RunCommand``'s run function).  Under
+    torchrun every process trains its share of each batch; only rank 0 writes."""
     config, files = trainer.config, RunFiles(out)
-    progress = not quiet and sys.stderr.isatty()
-    plan = COMMAND.plan(trainer, out, source, describe(trainer))
-    with RunDirectory(out, mode) as rundir, log_to_file(files.log, append=mode == "resume", first=plan):
-        log.info(plan)
-        config.save_yaml(files.config)
-        write_metrics(files, trainer.history, METRIC_FIELDS)
+    main_process = rank() == 0
+    progress = not quiet and main_process and sys.stderr.isatty()
+    with ExitStack() as stack:
+        rundir = None
+        if main_process:  # only rank 0 writes, so only it owns the folder
+            plan = COMMAND.plan(trainer, out, source, describe(trainer))
+            rundir = stack.enter_context(RunDirectory(out, mode))
+            stack.enter_context(log_to_file(files.log, append=mode == "resume", first=plan))
+            log.info(plan)
+            note = memory_note(trainer)
+            if note:
+                log.warning(note)
+            config.save_yaml(files.config)
+            write_metrics(files, trainer.history, METRIC_FIELDS)
         tracker = (TensorBoardTracker(files.tensorboard, resume_step=trainer.iteration)
-                   if config.logger == "tensorboard" else None)
+                   if main_process and config.logger == "tensorboard" else None)
 
         def on_record(t: NcaTrainer, record: Dict[str, float]) -> None:
+            if not main_process:
+                return
             write_metrics(files, t.history, METRIC_FIELDS)
             if tracker is not None:
                 tracker.writer.add_scalar("train/lr", record["lr"], record["iteration"])
@@ -127,7 +160,8 @@ def run(trainer: NcaTrainer, out: Path, source: Optional[Path], mode: str, quiet
         try:
             return COMMAND.train_and_report(trainer, files, source, rundir,
                                             lambda: trainer.fit(on_record, progress=progress),
-                                            lambda: report(trainer, files, tracker), hint)
+                                            lambda: report(trainer, files, tracker), hint,
+                                            check=lambda: same_weights(trainer))
         finally:
             if tracker is not None:
                 tracker.close()

@@ -17,14 +17,17 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checks import check_device
 from ..errors import InvalidValueError, TrainingDivergedError
 from ..model.core import CubicCore
+from ..ops.front import fire_masks
 from ..training.checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
 from .config import NcaTrainingConfig
 from .model import NcaModel, initial_weights
@@ -39,8 +42,8 @@ GROWTH = {"grown": 1, "grown_2x": 2, "grown_4x": 4}
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # one GPU per process under torchrun
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     return check_device(device, "config key 'device'")
 
 
@@ -79,6 +82,51 @@ class NcaTrainer:
         self.history: List[Dict[str, float]] = []
         self.finished: Optional[str] = None
         self.seconds = 0.0  # spent in training iterations, this run and the ones it resumes
+        self._ddp: Optional[DistributedDataParallel] = None  # the core under torchrun, made at its first batch
+
+    # -- processes (torchrun) -----------------------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
+
+    def weights_digest(self) -> str:
+        """A hash of the weights: equal across the processes of a correct distributed run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in self.core.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _forward_share(self, states: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Under torchrun: this process's share of the batch through the DistributedDataParallel core, and the
+        whole batch's result (gathered, without gradient).  Every process holds the same pool and draws the same
+        random numbers (the batch, the damage, the steps, and the whole batch's fire masks as the core would
+        draw them), so that the run is the one-process run with the batch split: the same pool, and the gradient
+        averaged over the processes' equal shares is the whole batch's."""
+        world, batch = self.world_size, states.shape[0]
+        if batch % world:
+            raise InvalidValueError(f"nca.batch_size ({batch}) must be a multiple of the {world} processes: each "
+                                    f"trains an equal share of the batch")
+        if self._ddp is None:
+            self._ddp = DistributedDataParallel(self.core)
+        masks = fire_masks(self.core.fire_rate, steps, states)
+        share = batch // world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        out = self._ddp(state=states[mine], fire_mask=None if masks is None else masks[:, mine])
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out.detach().contiguous())
+        return out, torch.cat(parts)
 
     # -- the recipe's pieces ------------------------------------------------------------------------------------
 
@@ -105,9 +153,16 @@ class NcaTrainer:
         nca = self.config.nca
         indices, states = self._batch()
         self.core.steps = int(torch.randint(nca.min_steps, nca.max_steps + 1, ()))
-        out = self.core(state=states)
+        if self.distributed:
+            out, whole = self._forward_share(states, self.core.steps)
+        else:
+            out = whole = self.core(state=states)
         loss, _ = nca_loss(out, self.target, nca.alive_loss, nca.iou_loss)
-        if not torch.isfinite(loss):
+        value = loss.detach().clone()
+        if self.distributed:  # the mean over the processes: every process stops (or diverges) together
+            dist.all_reduce(value)
+            value /= self.world_size
+        if not torch.isfinite(value):
             raise TrainingDivergedError(f"loss became {loss.item()} at iteration {self.iteration + 1}; "
                                         f"learning_rate or nca.init_std is likely too large")
         self.optimizer.zero_grad(set_to_none=True)
@@ -117,9 +172,9 @@ class NcaTrainer:
         self.optimizer.step()
         self.scheduler.step()
         if indices is not None:
-            self.pool.update(indices, out)
+            self.pool.update(indices, whole)
         self.iteration += 1
-        return loss.item()
+        return value.item()
 
     def fit(self, on_record: Optional[Callable[["NcaTrainer", Dict[str, float]], None]] = None,
             progress: bool = False) -> List[Dict[str, float]]:
@@ -285,6 +340,26 @@ class NcaTrainer:
                 "device": str(self.device), "iteration": self.iteration}
         info.update(self.core.get_info())
         return info
+
+
+def training_bytes(trainer: NcaTrainer) -> Tuple[int, str]:
+    """Roughly the memory one process needs to train, in bytes, and what it is made of.  The parameters count
+    four times (weights, gradients, Adam's two moments); a batch (this process's share) keeps the states of every
+    step (the kernel keeps those alone and recomputes the rest: ``max_steps + 1`` states and a byte per cell and
+    step for each mask; the reference also keeps each step's perception, hidden layers and update), the pool,
+    and the loss's copies of the last state."""
+    c, m = trainer.config, trainer.config.model
+    parameters = sum(p.numel() for p in trainer.core.parameters())
+    batch, cells, steps, S = c.nca.batch_size // trainer.world_size, math.prod(m.lattice_size), c.nca.max_steps, \
+        m.state_size
+    reference = trainer.core.active_backend() == "reference"
+    per_step = S + (trainer.core.w1.shape[1] + 2 * sum(m.hidden_sizes) + 3 * S if reference else 0)
+    floats = (4 * parameters + batch * cells * ((steps + 1) * per_step + 4 * S)
+              + (c.nca.pool_size + c.nca.batch_size) * cells * S)
+    need = 4 * floats + 2 * batch * cells * steps
+    detail = (f"{c.nca.batch_size // trainer.world_size} samples a process, {cells:,} cells of {S} channels, "
+              f"{steps} steps, the {'reference' if reference else 'kernel'} backend")
+    return need, detail
 
 
 def read_seed_state(path: str, shape) -> torch.Tensor:

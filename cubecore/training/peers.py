@@ -159,3 +159,21 @@ def barrier() -> None:
         _current.meet()
     elif dist.is_initialized():
         dist.barrier()
+
+
+def same_weights(trainer) -> int:
+    """After a distributed run: 0 if every process ends with the same weights (``trainer.weights_digest()``), else
+    1 (having said so); 0 outside one."""
+    import logging
+
+    if not trainer.distributed:
+        return 0
+    log = logging.getLogger("cubecore")
+    digests = [None] * trainer.world_size
+    dist.all_gather_object(digests, trainer.weights_digest())  # every rank sees every digest
+    same = len(set(digests)) == 1
+    log.info(f"weights identical across {trainer.world_size} processes: {same}")
+    if not same:
+        log.error("error: distributed processes diverged")
+        return 1
+    return 0

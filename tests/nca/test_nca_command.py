@@ -2,6 +2,7 @@
 --seeds, and one `error:` line with exit status 2 for each user mistake."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -145,3 +146,41 @@ def test_the_command_runs_as_a_module(tmp_path):
     assert "| grown | 3 |" in done.stdout
     assert subprocess.run([sys.executable, "-m", "cubecore.nca", "--help"], capture_output=True, text=True,
                           timeout=60).stdout.startswith("usage: python -m cubecore.nca")
+
+
+def test_torchrun_two_cpu_processes_train_the_one_process_run(tmp_path):
+    """DistributedDataParallel over gloo, each process a share of the batch: both end with the same weights, only
+    rank 0 writes, and the run is the one-process run (the same pool, batches, fire masks and gradient)."""
+    args = [*TINY, "nca.batch_size=4", "--device", "cpu", "--backend", "reference"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cubecore.nca",
+         *args, "--output-dir", str(tmp_path / "ddp")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical across 2 processes: True" in result.stdout
+    assert (tmp_path / "ddp" / "report.md").is_file() and (tmp_path / "ddp" / "model").is_dir()
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2, "only rank 0 writes metrics"
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    two, one = weights(tmp_path / "ddp" / "last.pt"), weights(tmp_path / "one" / "last.pt")
+    for name in one:
+        assert torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_run_too_large_for_the_memory_is_said_with_its_estimate(tmp_path, capsys, monkeypatch):
+    import cubecore.nca.__main__ as command
+    from cubecore.nca.trainer import training_bytes
+
+    kernel = training_bytes(NcaTrainer(NcaTrainingConfig(device="cpu", **{"nca.lattice": [32, 32, 32]})))[0]
+    reference = training_bytes(NcaTrainer(NcaTrainingConfig(device="cpu", **{"nca.lattice": [32, 32, 32],
+                                                                            "model.backend": "reference"})))[0]
+    # the upstream's default batch (32) and steps (64) in a 32^3 lattice, the tree's 3 + 1 + 12 channels: the
+    # kernel keeps the states, 32 x 32^3 x 65 x 16 floats = 4.1 GiB; the reference its activations too
+    assert 4.0 * 2 ** 30 < kernel < 5.0 * 2 ** 30 and reference > 4 * kernel
+    monkeypatch.setattr(command, "available_bytes", lambda device: 1024)  # 1 KiB free
+    assert run(tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "GiB of memory to train (2 samples a process, 125 cells of 7 channels, 3 steps, the" in err
+    assert "its size is set by nca.batch_size" in err
+    monkeypatch.setattr(command, "available_bytes", lambda device: None)
+    assert run(tmp_path, "--overwrite") == 0
+    assert "GiB of memory" not in capsys.readouterr().err
