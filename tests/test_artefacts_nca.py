@@ -196,12 +196,13 @@ def test_the_comparison_sees_a_wrong_conversion(state_dict, problem, mutation):
 
 def test_load_artefact_nca_builds_the_rule_from_their_files():
     core = A.load_artefact_nca(steps=7)
-    assert core.get_info() | {"active_backend": None, "parameters": None, "cpu_engine": None} == {
+    assert core.get_info() | {"active_backend": None, "parameters": None, "cpu_engine": None, "precision": None} == {
         "lattice_size": (10, 10, 10), "cells": 1000, "state_size": CHANNELS, "hidden_size": (32, 32),
         "input_size": 0, "steps": 7, "neighbourhood": "moore", "perception": "depthwise", "perception_filters": 3,
         "boundary": "zeros", "activation": "relu", "output_activation": "identity", "output_bias": False,
         "update": "residual", "step_size": 1.0, "fire_rate": 0.5, "alive_channel": CATEGORIES,
-        "alive_threshold": 0.1, "backend": "auto", "active_backend": None, "cpu_engine": None, "parameters": None,
+        "alive_threshold": 0.1, "backend": "auto", "active_backend": None, "cpu_engine": None, "precision": None,
+        "parameters": None,
         "device": "cpu", "dtype": "float32"}
     assert torch.equal(core.dead_state, torch.eye(CHANNELS)[0])
     target = A.house_target()

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, check_int, check_ints, check_number, check_tensor
 from ..errors import InvalidTypeError, InvalidValueError
-from ..ops.front import BACKENDS, cpu_engine, resolve_backend, run_rule
+from ..ops.front import BACKENDS, cpu_engine, product_precision, resolve_backend, run_rule
 from ..ops.rule import MAX_HIDDEN_LAYERS, PERCEPTIONS, Rule
 
 
@@ -162,9 +162,18 @@ class CubicCore(nn.Module):
         """``hidden_size`` as given: one int for one hidden layer."""
         return self.hidden_sizes if len(self.hidden_sizes) > 1 else self.hidden_sizes[0]
 
+    def precision(self, autocast_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """The precision the kernel runs this module's update net's products in (``cubecore.ops.front.
+        product_precision``; ``cubecore.info()["precisions"]`` says the rule), for its device and dtype, without
+        autocast or under autocast to ``autocast_dtype``; None where ``forward`` does not run the kernel."""
+        if self.active_backend() != "kernel":
+            return None
+        return product_precision(self.w1.device.type, self.w1.dtype, autocast_dtype, self.hidden_sizes)
+
     def get_info(self) -> Dict[str, Any]:
         """The sizes, every field of the rule (``self.rule``, a :class:`cubecore.ops.rule.Rule`), the perception,
-        output bias, fire rate and backend, the backend and CPU engine in use, the parameters, device and dtype."""
+        output bias, fire rate and backend, the backend, CPU engine and products' precision in use (without
+        autocast: ``precision(autocast_dtype)`` says it under autocast), the parameters, device and dtype."""
         return {
             "lattice_size": self.lattice_size,
             "cells": self.lattice_size[0] * self.lattice_size[1] * self.lattice_size[2],
@@ -180,6 +189,7 @@ class CubicCore(nn.Module):
             "backend": self.backend,
             "active_backend": self.active_backend(),
             "cpu_engine": self.cpu_engine(),
+            "precision": self.precision(),
             "parameters": sum(p.numel() for p in self.parameters()),
             "device": str(self.w1.device),
             "dtype": str(self.w1.dtype).replace("torch.", ""),

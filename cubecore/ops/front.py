@@ -158,6 +158,7 @@ def info() -> Dict[str, object]:
         "cpu_engines": CPU_ENGINES if cpu_reason is None else None,
         "cpu_tile_gemm": cpu_reason is None and _C.tile_gemm_available(),
         "cpu_bfloat16": cpu_reason is None and _C.bf16_gemm_available(),
+        "precisions": PRECISION_RULE,
     }
 
 
@@ -445,6 +446,14 @@ def _run_rule(state, external, weights, rule: Rule, steps: int, *, perception, f
         # state (the same values), so that a loss on trajectory[-1] trains as a loss on the final state does.
         return torch.cat([*trajectories, state.unsqueeze(0)])
     return state
+
+
+PRECISION_RULE = ("the update net's products run in the inputs' own dtype ('ieee'), except: on the CPU, float32 "
+                  "tile GEMMs under autocast to bfloat16 in bfloat16 where the CPU has AVX512-BF16 (cpu_bfloat16); "
+                  "on CUDA (sm_80 or later), float32 on tensor cores in TF32 where torch allows TF32 for matmuls "
+                  "(torch.backends.cuda.matmul.fp32_precision == 'tf32', e.g. torch.set_float32_matmul_precision"
+                  "('high')), and in bfloat16 / float16 under autocast to them; accumulation, states and update "
+                  "stay float32")
 
 
 def product_precision(device_type: str, dtype: torch.dtype, autocast_dtype: Optional[torch.dtype] = None,

@@ -251,3 +251,18 @@ def test_bfloat16_products_only_where_autocast_asks_and_the_engine_runs_them():
     assert front.product_precision("cpu", torch.float32, torch.bfloat16, [16]) == "ieee"  # per-cell engine
     assert front.product_precision("cpu", torch.float64, torch.bfloat16, [64]) == "ieee"  # float64 stays exact
     assert cubecore.info()["cpu_bfloat16"] is BF16_AVAILABLE
+
+
+@requires_kernel
+def test_a_core_says_the_precision_of_its_products():
+    """get_info() and precision() say which precision a call's products take (and info() the rule): float32
+    without autocast, bfloat16 under autocast on the tile-GEMM engine where the CPU runs it; none off the kernel."""
+    nca = cubecore.CubicCore(lattice_size=(2, 2, 2), state_size=4, hidden_size=64, input_size=0, steps=1)
+    assert nca.get_info()["precision"] == nca.precision() == "ieee"
+    assert nca.precision(torch.bfloat16) == ("bfloat16" if BF16_AVAILABLE and GEMM_AVAILABLE else "ieee")
+    assert nca.double().precision(torch.bfloat16) == "ieee"
+    small = cubecore.CubicCore(lattice_size=(2, 2, 2), state_size=4, hidden_size=8, input_size=0, steps=1)
+    assert small.precision(torch.bfloat16) == "ieee"  # the per-cell engine
+    small.backend = "reference"
+    assert small.get_info()["precision"] is None
+    assert "bfloat16" in cubecore.info()["precisions"] and "TF32" in cubecore.info()["precisions"]
