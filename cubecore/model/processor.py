@@ -95,6 +95,23 @@ def save_weights(module: nn.Module, directory: Path) -> None:
     atomic_write(Path(directory) / WEIGHTS_FILE, lambda f: f.write(data))
 
 
+def read_saved_config(folder: Path, is_ours, kind: str) -> Dict[str, Any]:
+    """The ``config.json`` a model's ``save_pretrained`` wrote into ``folder``, checked to be a ``kind``'s
+    (``is_ours(saved)``): a missing file, bad JSON or another model's config is one cubecore error naming it."""
+    config = folder / "config.json"
+    if not config.is_file():
+        hint = f" (this looks like a run folder: its model is {folder / 'model'})" if (folder / "model").is_dir() \
+            else ""
+        raise FileNotFoundError(f"{folder} has no config.json: not a folder written by save_pretrained{hint}")
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidValueError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(saved, dict) or not is_ours(saved):
+        raise InvalidValueError(f"{config} is not the config of a cubecore {kind}")
+    return saved
+
+
 class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license="mit",
                          tags=["cubecore", "neural-cellular-automaton", "embedding-adapter"],
                          model_card_template=MODEL_CARD):
@@ -213,16 +230,7 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
         if isinstance(where, Path):
             path = where
             config = path / "config.json"
-            if not config.is_file():
-                hint = f" (this looks like a run folder: its model is {path / 'model'})" if (path / "model").is_dir() \
-                    else ""
-                raise FileNotFoundError(f"{path} has no config.json: not a folder written by save_pretrained{hint}")
-            try:
-                saved = json.loads(config.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise InvalidValueError(f"{config} is not valid JSON ({exc})") from None
-            if not isinstance(saved, dict) or "input_dim" not in saved:
-                raise InvalidValueError(f"{config} is not the config of a cubecore EmbeddingProcessor")
+            saved = read_saved_config(path, lambda saved: "input_dim" in saved, "EmbeddingProcessor")
             # {"input_dim", "config": {...}}; a folder saved before ModelConfig holds the fields flat beside input_dim
             section = saved["config"] if isinstance(saved.get("config"), dict) else \
                 {k: v for k, v in saved.items() if k != "input_dim"}

@@ -23,7 +23,7 @@ from ..errors import CubecoreError, InvalidTypeError, InvalidValueError, NotFoun
 from ..locate import locate
 from ..model.config import ModelConfig
 from ..model.core import CubicCore
-from ..model.processor import WEIGHTS_FILE, check_weights_file, save_weights
+from ..model.processor import WEIGHTS_FILE, check_weights_file, read_saved_config, save_weights
 from .recipe import seed_states
 
 MODEL_CARD = """
@@ -152,19 +152,9 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
 
 
 def read_config(folder: Path) -> Dict[str, Any]:
-    """The ``config.json`` of an ``NcaModel`` folder, checked to be one."""
-    config = folder / "config.json"
-    if not config.is_file():
-        hint = f" (this looks like a run folder: its model is {folder / 'model'})" if (folder / "model").is_dir() \
-            else ""
-        raise FileNotFoundError(f"{folder} has no config.json: not a folder written by save_pretrained{hint}")
-    try:
-        saved = json.loads(config.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidValueError(f"{config} is not valid JSON ({exc})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "kind" not in saved:
-        raise InvalidValueError(f"{config} is not the config of a cubecore NcaModel")
-    return saved
+    """The ``config.json`` of an ``NcaModel`` folder, checked to be one (``read_saved_config``)."""
+    return read_saved_config(folder, lambda saved: isinstance(saved.get("config"), dict) and "kind" in saved,
+                             "NcaModel")
 
 
 # -- the weights a run starts from (nca.init_from) -----------------------------------------------------------------
