@@ -18,7 +18,7 @@ from .rule import (ACTIVATIONS, BOUNDARIES, BOUNDARY_ALIASES, NEIGHBOURHOODS, OU
 
 __all__ = ["ACTIVATIONS", "BOUNDARIES", "BOUNDARY_ALIASES", "NEIGHBOURHOODS", "OUTPUT_ACTIVATIONS", "PERCEPTIONS",
            "UPDATES", "Rule", "activate", "alive_mask", "neighbour_states", "pad", "perceive", "propagate_reference",
-           "operand", "step_reference", "trajectory_reference", "update_net"]
+           "operand", "rounded", "step_reference", "trajectory_reference", "update_net"]
 
 Layers = Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -85,19 +85,27 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise InvalidValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def rounded(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """``t``'s values as a kernel of ``precision`` (op_args.PRECISIONS) holds its products' multiplicands: float32,
+    then TF32 (10 mantissa bits, to nearest, ties away from zero, as cvt.rna), bfloat16 or float16 (to nearest
+    even); in ``t``'s dtype, without gradient."""
+    f = t.detach().float()
+    if precision == "tf32":
+        f = ((f.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    elif precision in ("bfloat16", "float16"):
+        f = f.to(getattr(torch, precision)).float()
+    elif precision != "ieee":
+        raise InvalidValueError(f"precision must be one of ieee, tf32, bfloat16, float16, got {precision!r}")
+    return f.to(t.dtype)
+
+
 def operand(t: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """A product's operand as a kernel of that precision (op_args.PRECISIONS) reads it: its own values ("ieee"),
-    or rounded to bfloat16, float16 or TF32 (10 mantissa bits), with the gradient passing straight through, so
-    that the reference twins a kernel of lower precision in the forward (and its masks' decisions)."""
+    """A product's operand as a kernel of that precision reads it: its own values ("ieee"), or :func:`rounded`,
+    with the gradient passing straight through, so that the reference twins a kernel of lower precision in the
+    forward (and its masks' decisions)."""
     if precision == "ieee":
         return t
-    if precision == "tf32":
-        rounded = t.float().view(torch.int32).add(1 << 12).bitwise_and(~((1 << 13) - 1)).view(torch.float32)
-    elif precision in ("bfloat16", "float16"):
-        rounded = t.to(getattr(torch, precision))
-    else:
-        raise InvalidValueError(f"precision must be one of ieee, tf32, bfloat16, float16, got {precision!r}")
-    return t + (rounded.to(t.dtype) - t).detach()
+    return t + (rounded(t, precision) - t).detach()
 
 
 def update_net(inputs: torch.Tensor, layers: Layers, activation: str, output_activation: str,

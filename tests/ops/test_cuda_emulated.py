@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from cubecore.ops.front import CUDA_MAX_STATE, kernel_limit_reason
-from cubecore.ops.reference import trajectory_reference
+from cubecore.ops.reference import rounded, trajectory_reference
 from cubecore.ops.op_args import OpArgs
 from cubecore.ops.rule import ACTIVATIONS, BOUNDARIES, NEIGHBOURHOODS, OUTPUT_ACTIVATIONS, UPDATES, Rule, slots
 from test_rule_family import DEPTHS, PERCEPTION_FILTERS
@@ -418,24 +418,13 @@ TC_TOL_UNITS = 16
 TC_EXACT_UNITS = 4
 
 
-def tc_round(x, precision):
-    """Float64 values as the kernel's multiplicands hold them: float32, then tf32 (cvt.rna: to nearest, ties away
-    from zero), bfloat16 or float16 (to nearest even)."""
-    f = x.detach().float()
-    if precision == "tf32":
-        f = ((f.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
-    else:
-        f = f.to(torch.bfloat16 if precision == "bfloat16" else torch.float16).float()
-    return f.double()
-
-
 class _TensorCoreLinear(torch.autograd.Function):
     """F.linear with the tensor cores' operand rounding, forward and backward; the input gradient's first
     `exact` columns unrounded (the concat state gradient, which the gather takes in float32)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, precision, exact):
-        xr, wr = tc_round(x, precision), tc_round(weight, precision)
+        xr, wr = rounded(x, precision), rounded(weight, precision)
         ctx.save_for_backward(xr, wr, weight)
         ctx.precision, ctx.exact, ctx.bias = precision, exact, bias is not None
         y = xr @ wr.T
@@ -444,7 +433,7 @@ class _TensorCoreLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xr, wr, weight = ctx.saved_tensors
-        dyr = tc_round(dy, ctx.precision)
+        dyr = rounded(dy, ctx.precision)
         dx = dyr @ wr
         if ctx.exact:
             dx[..., :ctx.exact] = (dy @ weight)[..., :ctx.exact]
