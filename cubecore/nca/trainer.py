@@ -29,6 +29,7 @@ from ..errors import InvalidValueError, TrainingDivergedError
 from ..model.core import CubicCore
 from ..ops.front import fire_masks
 from ..training.checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
+from ..training.peers import in_group, weights_digest
 from .config import NcaTrainingConfig
 from .model import NcaModel, initial_weights
 from .recipe import (SamplePool, damage, nca_loss, normalize_gradients, seed_states, structure_metrics,
@@ -88,7 +89,7 @@ class NcaTrainer:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return in_group()
 
     @property
     def rank(self) -> int:
@@ -99,14 +100,8 @@ class NcaTrainer:
         return dist.get_world_size() if self.distributed else 1
 
     def weights_digest(self) -> str:
-        """A hash of the weights: equal across the processes of a correct distributed run."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for name, tensor in self.core.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """A hash of the weights (peers.weights_digest): equal across the processes of a correct distributed run."""
+        return weights_digest(self.core)
 
     def _forward_share(self, states: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Under torchrun: this process's share of the batch through the DistributedDataParallel core, and the

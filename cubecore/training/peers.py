@@ -161,6 +161,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def in_group() -> bool:
+    """Whether this process is one of a process group of more than one (a distributed run)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of a module's weights: equal across the processes of a correct distributed run (same_weights)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def same_weights(trainer) -> int:
     """After a distributed run: 0 if every process ends with the same weights (``trainer.weights_digest()``), else
     1 (having said so); 0 outside one."""

@@ -43,6 +43,7 @@ from ..data.datasets import check_embedding_pairs
 from .floors import TRAINED_FLOORS, floor_model, floor_settings
 from .losses import training_loss
 from .metrics import RETRIEVAL_RULE, EmbeddingMetrics, retrieval
+from .peers import in_group, weights_digest
 from ..model.processor import EmbeddingProcessor
 from ..errors import InvalidTypeError, InvalidValueError, NotReadyError, TrainingDivergedError
 
@@ -97,8 +98,7 @@ class CubeTrainer:
 
     @property
     def distributed(self) -> bool:
-        return (not self.local_only and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1)
+        return not self.local_only and in_group()
 
     @property
     def rank(self) -> int:
@@ -358,14 +358,9 @@ class CubeTrainer:
         return None
 
     def weights_digest(self) -> str:
-        """A hash of the model's weights: equal across processes of a correct distributed run."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for name, tensor in self._require_model().state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """A hash of the model's weights (peers.weights_digest): equal across processes of a correct distributed
+        run."""
+        return weights_digest(self._require_model())
 
     def evaluate(self, data, train_data=None, baselines: bool = True, weights: str = "best"
                  ) -> Dict[str, Dict[str, float]]:
