@@ -36,11 +36,10 @@ from typing import Optional
 import torch
 
 from .atomic import atomic_write_dir, atomic_write_text
-from .cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
+from .cli import CommandParser, log_to_file, run_command, setup_logging
 from .data import MODES, prepare_data
 from .model.processor import EmbeddingProcessor
-from .ops.front import BACKENDS
-from .training.command import RunCommand, lattice_argument, write_results
+from .training.command import RunCommand, add_run_arguments, lattice_argument, write_results
 from .training.config import TrainingConfig
 from .training.memory import available_bytes, memory_warning
 from .training.peers import barrier, in_process_group, rank, same_weights
@@ -85,21 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lattice-size", type=lattice_argument(), help="XxYxZ, e.g. 8x8x6 (model.lattice_size; must fit "
                                                                    "the teacher's dim unless "
                                                                    "model.reshaping_method=projection)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", choices=BACKENDS, help="model.backend")
-    p.add_argument("--output-dir", help="where the run's files go (default runs/cube; with --resume CHECKPOINT, "
-                                        "the checkpoint's folder)")
-    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                   help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt; with --seeds "
-                        "(no path): go on with the study in OUTPUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace the cubecore run already in --output-dir "
-                                                            "(kept aside until this run's first checkpoint)")
-    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds, e.g. 42,1,2: one run per seed in "
-                                                "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines on the console "
-                                                        "(train.log keeps them)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any config key, e.g. learning_rate=1e-3 model.steps=6 (or steps=6)")
+    add_run_arguments(p, output_dir="runs/cube", seeds_example="42,1,2",
+                      console="progress bars and no per-epoch lines",
+                      overrides_example="learning_rate=1e-3 model.steps=6 (or steps=6)")
     return p
 
 

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..atomic import atomic_write_dir, atomic_write_text
-from ..cli import CommandParser, log_to_file, run_command, seed_list, setup_logging
-from ..ops.front import BACKENDS
-from ..training.command import RunCommand, lattice_argument, write_results
+from ..cli import CommandParser, log_to_file, run_command, setup_logging
+from ..training.command import RunCommand, add_run_arguments, lattice_argument, write_results
 from ..training.memory import available_bytes, memory_warning
 from ..training.peers import in_process_group, rank, same_weights
 from ..training.report import write_metrics
@@ -86,21 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lattice", type=lattice_argument("lattice", "10x10x10"),
                    help="XxYxZ: the lattice the structure is placed in (nca.lattice; default the upstream's cube)")
     p.add_argument("--iterations", type=int, help="iterations to train (with --resume: the new total)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", choices=BACKENDS, help="model.backend")
-    p.add_argument("--output-dir", help="where the run's files go (default runs/nca; with --resume CHECKPOINT, the "
-                                        "checkpoint's folder)")
-    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                   help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt; with --seeds (no "
-                        "path): go on with the study in OUTPUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace the cubecore run already in --output-dir "
-                                                            "(kept aside until this run's first checkpoint)")
-    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds, e.g. 0,1,2: one run per seed in "
-                                                "OUTPUT_DIR/seed-N, then each metric's mean and spread (seeds.md)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-checkpoint lines on the "
-                                                        "console (train.log keeps them)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. nca.damage=true "
-                                                                     "learning_rate=2e-3")
+    add_run_arguments(p, output_dir="runs/nca", seeds_example="0,1,2",
+                      console="progress bar and no per-checkpoint lines",
+                      overrides_example="nca.damage=true learning_rate=2e-3")
     return p
 
 

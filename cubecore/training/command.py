@@ -320,6 +320,29 @@ def write_results(files: RunFiles, results: Dict[str, Dict[str, float]]) -> None
     atomic_write_text(files.results, json.dumps(finite, indent=2))
 
 
+def add_run_arguments(p, *, output_dir: str, seeds_example: str, console: str, overrides_example: str) -> None:
+    """The flags of every training command, which RunCommand drives: the device and backend, the run's folder,
+    --resume, --overwrite, --seeds, --quiet and the key=value overrides.  ``console``: what --quiet leaves off
+    the console (e.g. "progress bars and no per-epoch lines")."""
+    from ..cli import seed_list
+    from ..ops.front import BACKENDS
+
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", choices=BACKENDS, help="model.backend")
+    p.add_argument("--output-dir", help=f"where the run's files go (default {output_dir}; with --resume CHECKPOINT, "
+                                        f"the checkpoint's folder)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue a run: a checkpoint path, or nothing for OUTPUT_DIR/last.pt; with --seeds "
+                        "(no path): go on with the study in OUTPUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the cubecore run already in --output-dir "
+                                                            "(kept aside until this run's first checkpoint)")
+    p.add_argument("--seeds", type=seed_list, help=f"comma-separated seeds, e.g. {seeds_example}: one run per seed "
+                                                   f"in OUTPUT_DIR/seed-N, then each metric's mean and spread "
+                                                   f"(seeds.md)")
+    p.add_argument("--quiet", action="store_true", help=f"no {console} on the console (train.log keeps them)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"any config key, e.g. {overrides_example}")
+
+
 def lattice_argument(what: str = "lattice size", example: str = "8x8x6") -> Callable[[str], List[int]]:
     """The type of an XxYxZ option (8x8x6, 8,8,6 or "8 8 6"): a list of three positive sizes, or argparse's error
     naming ``what`` with an ``example``."""
