@@ -282,14 +282,17 @@ def test_emulated_kernels_match_reference(emu, schedule, case):
     check(emu, case)
 
 
-def test_the_cases_cover_every_pair_of_option_values():
-    names = list(OPTIONS)
-    for a, b in itertools.combinations(names, 2):
-        seen = {(repr(c[a]), repr(c[b])) for c in CASES}
-        for x in OPTIONS[a]:
-            for y in OPTIONS[b]:
+def assert_every_allowed_pair_covered(cases, options):
+    for a, b in itertools.combinations(list(options), 2):
+        seen = {(repr(c[a]), repr(c[b])) for c in cases}
+        for x in options[a]:
+            for y in options[b]:
                 if allowed({a: x, b: y}):
                     assert (repr(x), repr(y)) in seen, (a, x, b, y)
+
+
+def test_the_cases_cover_every_pair_of_option_values():
+    assert_every_allowed_pair_covered(CASES, OPTIONS)
     assert len(CASES) <= 40  # the suite stays small: each case runs under two schedules
     # Both compiled state sizes among the shapes meet the compiled kernels (pairwise: shape x sizes).
     assert {c.shape[4] for c in CASES if c.sizes == "compiled"} & set(COMPILED_STATES) == {8, 20}
@@ -541,13 +544,7 @@ def test_tensor_core_path_matches_reference(emu, schedule, case):
 
 
 def test_the_tensor_core_cases_cover_every_pair_of_option_values():
-    names = list(TC_OPTIONS)
-    for a, b in itertools.combinations(names, 2):
-        seen = {(repr(c[a]), repr(c[b])) for c in TC_CASES}
-        for x in TC_OPTIONS[a]:
-            for y in TC_OPTIONS[b]:
-                if allowed({a: x, b: y}):
-                    assert (repr(x), repr(y)) in seen, (a, x, b, y)
+    assert_every_allowed_pair_covered(TC_CASES, TC_OPTIONS)
     assert len(TC_CASES) <= 30
 
 
