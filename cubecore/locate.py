@@ -69,6 +69,12 @@ def locate(name: Union[str, os.PathLike], what: str, hub: bool = True, ask_hub: 
     return name
 
 
+def locate_pretrained(name: Union[str, os.PathLike], what: str, file_hint: str, kwargs: dict) -> Union[Path, str]:
+    """:func:`locate` for a ``from_pretrained(name, **kwargs)``, with the hub options it was given."""
+    return locate(name, what, file_hint=file_hint, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                  token=kwargs.get("token"), local_files_only=bool(kwargs.get("local_files_only")))
+
+
 def check_on_hub(repo_id: str, what: str, cache_file: str = "config.json", revision: Optional[str] = None,
                  cache_dir=None, token=None, local_files_only: bool = False) -> None:
     """Nothing where the hub cache holds ``repo_id`` or the hub has it (asked once, with no retries); else one

@@ -16,7 +16,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from ..atomic import atomic_write
 from ..checks import check_int, check_tensor
 from ..errors import CubecoreError, InvalidTypeError, InvalidValueError
-from ..locate import locate
+from ..locate import locate_pretrained
 from .config import ModelConfig
 from .core import CubicCore
 from .reshaper import EmbeddingReshaper
@@ -222,11 +222,9 @@ class EmbeddingProcessor(nn.Module, PyTorchModelHubMixin, library_name="cubecore
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id; a folder
         that is not there is a NotFoundError at once, not a hub request (``cubecore.locate``)."""
-        where = locate(pretrained_model_name_or_path, "model folder",
-                       file_hint=": from_pretrained takes the folder save_pretrained wrote (a training run's is "
-                                 "RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)",
-                       revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
-                       local_files_only=bool(kwargs.get("local_files_only")))
+        where = locate_pretrained(pretrained_model_name_or_path, "model folder",
+                                  ": from_pretrained takes the folder save_pretrained wrote (a training run's is "
+                                  "RUN_DIR/model; checkpoints load with CubeTrainer.from_checkpoint)", kwargs)
         if isinstance(where, Path):
             path = where
             config = path / "config.json"

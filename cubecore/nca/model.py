@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checks import check_choice
 from ..errors import CubecoreError, InvalidTypeError, InvalidValueError, NotFoundError
-from ..locate import locate
+from ..locate import locate_pretrained
 from ..model.config import ModelConfig
 from ..model.core import CubicCore
 from ..model.processor import WEIGHTS_FILE, check_weights_file, read_saved_config, save_weights
@@ -116,11 +116,9 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """A model from a folder that ``save_pretrained`` wrote (a run's is ``RUN_DIR/model``) or a Hub id; a folder
         that is not there is a NotFoundError at once, not a hub request (``cubecore.locate``)."""
-        where = locate(pretrained_model_name_or_path, "NCA model folder",
-                       file_hint=": from_pretrained takes the folder save_pretrained wrote (a cubecore.nca run's is "
-                                 "RUN_DIR/model)",
-                       revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
-                       local_files_only=bool(kwargs.get("local_files_only")))
+        where = locate_pretrained(pretrained_model_name_or_path, "NCA model folder",
+                                  ": from_pretrained takes the folder save_pretrained wrote (a cubecore.nca run's is "
+                                  "RUN_DIR/model)", kwargs)
         if isinstance(where, Path):
             saved = read_config(where)
             for key in ("kind", "names", "dead_air", "spawn_at_bottom", "colours"):
