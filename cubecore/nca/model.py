@@ -58,10 +58,13 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
     ``kind``: "blocks" (the state's first ``len(names)`` channels are the block types' logits, air first) or
     "rgba" (the first four are RGBA); the living channel is ``config.alive_channel``.  ``dead_air``: dead cells
     are air (the upstream's default; else zeros).  ``spawn_at_bottom``: the seed cell on the floor.  ``colours``
-    [types, 3]: the block types' colours, to draw them."""
+    [types, 3]: the block types' colours, to draw them.  ``seed_state``: the model grows from a state of its own
+    (the ``seed_state`` buffer [X, Y, Z, C], saved with the weights; a run with ``nca.seed_state`` exports it)
+    rather than from one living cell."""
 
     def __init__(self, config: ModelConfig, kind: str = "blocks", names: Sequence[str] = (), dead_air: bool = True,
-                 spawn_at_bottom: bool = False, colours: Optional[Sequence[Sequence[float]]] = None) -> None:
+                 spawn_at_bottom: bool = False, colours: Optional[Sequence[Sequence[float]]] = None,
+                 seed_state: bool = False) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise InvalidTypeError(f"config must be a cubecore.ModelConfig, got {type(config).__name__}")
@@ -71,12 +74,16 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
         self.colours = None if colours is None else [[float(v) for v in c] for c in colours]
         self._hub_mixin_config = {"config": config.to_dict(), "kind": kind, "names": list(self.names),
                                   "dead_air": self.dead_air, "spawn_at_bottom": self.spawn_at_bottom,
-                                  "colours": self.colours}  # what config.json holds
+                                  "colours": self.colours, "seed_state": bool(seed_state)}  # what config.json holds
         dead = None
         if dead_air and kind == "blocks":
             dead = [1.0] + [0.0] * (config.state_size - 1)
         self.core = CubicCore(config.lattice_size, config.state_size, config.hidden_sizes, input_size=0,
                               dead_state=dead, **config.core_options())
+        if seed_state:
+            self.register_buffer("seed_state", torch.zeros(*config.lattice_size, config.state_size))
+        else:
+            self.seed_state = None
 
     @property
     def types(self) -> int:
@@ -84,10 +91,11 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
         return len(self.names) if self.kind == "blocks" else 4
 
     def seed(self, batch: int = 1) -> torch.Tensor:
-        """[batch, X, Y, Z, C]: one living cell (its living and hidden channels 1), as training grew from."""
+        """[batch, X, Y, Z, C]: what training grew from: the model's ``seed_state``, or one living cell (its
+        living and hidden channels 1)."""
         c = self.config
-        return seed_states(batch, c.lattice_size, c.state_size, c.alive_channel, self.spawn_at_bottom).to(
-            self.core.perception.device, self.core.perception.dtype)
+        return seed_states(batch, c.lattice_size, c.state_size, c.alive_channel, self.spawn_at_bottom,
+                           self.seed_state).to(self.core.perception.device, self.core.perception.dtype)
 
     def forward(self, state: Optional[torch.Tensor] = None, steps: Optional[int] = None,
                 return_trajectory: bool = False) -> torch.Tensor:
@@ -121,7 +129,7 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
                                   "RUN_DIR/model)", kwargs)
         if isinstance(where, Path):
             saved = read_config(where)
-            for key in ("kind", "names", "dead_air", "spawn_at_bottom", "colours"):
+            for key in ("kind", "names", "dead_air", "spawn_at_bottom", "colours", "seed_state"):
                 if key in saved:
                     kwargs.setdefault(key, saved[key])
             try:
@@ -129,7 +137,8 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
             except CubecoreError as exc:
                 raise type(exc)(f"{where / 'config.json'}: {exc}") from None
             check_weights_file(where / WEIGHTS_FILE, cls, kwargs["config"], kind=kwargs["kind"],
-                               names=kwargs["names"], dead_air=kwargs.get("dead_air", True))
+                               names=kwargs["names"], dead_air=kwargs.get("dead_air", True),
+                               seed_state=kwargs.get("seed_state", False))
         return super().from_pretrained(where, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:

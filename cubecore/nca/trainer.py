@@ -309,8 +309,11 @@ class NcaTrainer:
         t, nca = self.target, self.config.nca
         model = NcaModel(self.config.model, t.kind, t.names, dead_air=nca.alive_loss == "air",
                          spawn_at_bottom=nca.spawn_at_bottom,
-                         colours=None if t.colours is None else torch.as_tensor(t.colours).tolist())
+                         colours=None if t.colours is None else torch.as_tensor(t.colours).tolist(),
+                         seed_state=self.seed_state is not None)
         model.core.load_state_dict({k: v.detach().float().cpu() for k, v in self.core.state_dict().items()})
+        if self.seed_state is not None:
+            model.seed_state.copy_(self.seed_state)
         return model.eval()
 
     def save_pretrained(self, folder: Union[str, os.PathLike],

@@ -51,6 +51,23 @@ def test_a_run_writes_its_model_and_from_pretrained_loads_it(trained):
     assert "| grown |" in (folder / "README.md").read_text()
 
 
+def test_a_run_with_its_own_seed_state_exports_it_and_the_model_grows_from_it(tmp_path):
+    import numpy as np
+
+    seed = np.random.default_rng(0).uniform(0.0, 1.0, (5, 5, 5, 7)).astype(np.float32)
+    np.save(tmp_path / "seed.npy", seed)
+    out = tmp_path / "run"
+    assert main([*TINY, "--output-dir", str(out), f"nca.seed_state={tmp_path / 'seed.npy'}"]) == 0
+    assert json.loads((out / "model" / "config.json").read_text())["seed_state"] is True
+    model = NcaModel.from_pretrained(out / "model")
+    assert torch.equal(model.seed(2), torch.from_numpy(seed).expand(2, 5, 5, 5, 7))
+    trainer = NcaTrainer.from_checkpoint(out / "last.pt")
+    torch.manual_seed(3)
+    want = trainer.grow(trainer.seeds(2), 4)
+    torch.manual_seed(3)
+    assert torch.equal(model.grow(2, steps=4), want)
+
+
 def test_from_pretrained_refuses_what_is_not_an_nca_model(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="looks like a run folder: its model is"):
         NcaModel.from_pretrained(trained)
