@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -199,14 +200,45 @@ def peak_memory(step: Callable[[], object], device) -> Tuple[Optional[int], str]
     return max(0, _rss_bytes("VmHWM") - before), "peak RSS increase (Linux VmHWM after clear_refs)"
 
 
+PRECISIONS = ("ieee", "tf32", "bfloat16")
+
+
+@contextmanager
+def float32_precision(name: str, device):
+    """On a GPU, PyTorch's switches for float32 work set to ``name`` for the block, then put back: "ieee" (TF32
+    off for cuBLAS matmuls and cuDNN convolutions; cuDNN's convolutions default to TF32), "tf32" (on for both),
+    "bfloat16" (TF32 off, autocast to bfloat16).  The new ``fp32_precision`` switches, which the kernel reads
+    (PyTorch refuses a mix of them and the legacy ``allow_tf32``).  On the CPU, nothing (only "ieee")."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    if torch.device(device).type != "cuda":
+        if name != "ieee":
+            raise ValueError(f"precision {name!r} is timed on a GPU only")
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    kept = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if name == "tf32" else "ieee"
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name == "bfloat16"):
+            yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = kept
+
+
 def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time: float = 0.0) -> Dict[str, object]:
     """One row of the results: correctness, forward and forward+backward times (at least `repeats` runs
-    each, more until `min_time` seconds), peak memory."""
+    each, more until `min_time` seconds), peak memory.  The correctness check runs at full float32 precision
+    (TF32 off); the timed runs at the contestant's ``precision`` attribute (default "ieee": see
+    ``float32_precision``), so a reduced-precision row times the contestant whose rule was checked."""
     device = torch.device(device)
-    row: Dict[str, object] = {"contestant": name, "size": size.name, **asdict(size), "device": str(device)}
+    precision = getattr(fn, "precision", "ieee")
+    row: Dict[str, object] = {"contestant": name, "size": size.name, **asdict(size), "device": str(device),
+                              "precision": precision}
     start = time.perf_counter()
     try:
-        ok, err = check(fn, size, device)
+        with float32_precision("ieee", device):
+            ok, err = check(fn, size, device)
     except Exception as exc:  # a contestant that cannot run this size is reported, not fatal
         row.update(status=f"error: {type(exc).__name__}: {exc}"[:200])
         return row
@@ -224,9 +256,10 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
     def forward_backward():
         return _forward_backward(fn, inputs, size)
 
-    row["forward"] = time_it(forward, device, repeats, min_time=min_time)
-    row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
-    row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)
+    with float32_precision(precision, device):
+        row["forward"] = time_it(forward, device, repeats, min_time=min_time)
+        row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
+        row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)
     fb = row["forward_backward"]["median_s"]
     row["cell_updates_per_s"] = size.cell_updates / row["forward"]["median_s"]
     row["train_flops_per_s"] = 3 * size.forward_flops() / fb  # forward + backward ~ 3x forward FLOPs
@@ -250,12 +283,8 @@ def machine_limits(device, quick: bool = False) -> Dict[str, float]:
     n = (1024 if quick else 2048) * (4 if device.type == "cuda" else 1)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with float32_precision("ieee", device):
         mm = time_it(lambda: torch.mm(a, b), device, repeats=5)["median_s"]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     elems = (16 if quick else 64) * 2**20
     src = torch.empty(elems, device=device).fill_(1.0)
     dst = torch.empty_like(src)

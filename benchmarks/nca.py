@@ -96,7 +96,7 @@ class NcaSize(Size):
         """What the CPU kernel executes for one forward + backward: the forward; then, per step, the step
         again (with masks, the change is not the next state, so all of it is recomputed), and for each of the
         four products (perception, w1, w2, w3) its transpose and its weight's gradient: 4x the forward.  (The
-        CUDA kernels do not run this rule; the same count is given there.)"""
+        CUDA kernels also recompute each step and take the same products: the same count is given there.)"""
         return 4 * self.forward_flops()
 
     def check_size(self) -> "NcaSize":
@@ -248,11 +248,36 @@ def kernel(state, perception, w1, b1, w2, b2, w3, fire_mask, dead_state, *, step
                      dead_state=dead_state, backend="kernel")
 
 
+class AtPrecision:
+    """A contestant timed at a reduced float32 precision (``harness.float32_precision``: "tf32" or "bfloat16");
+    its rule is checked at full precision first."""
+
+    def __init__(self, fn: Contestant, precision: str) -> None:
+        self.fn, self.precision = fn, precision
+        self.__doc__ = f"{fn.__doc__} At precision {precision}."
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def note(self) -> Optional[str]:  # a compiled contestant's fallback
+        return getattr(self.fn, "note", None)
+
+
+# On a GPU, each precision's contestants beside the full-precision ones (TF32 off): the kernel's tensor-core
+# paths (docs/kernels.md) against eager (cuDNN and cuBLAS at the same switches) and torch.compile.
+GPU_PRECISIONS = {"tf32": "-tf32", "bfloat16": "-bf16"}
+
+
 def contestants(device: torch.device) -> Dict[str, Contestant]:
-    """The `nca` size's contestants (fresh torch.compile objects each call)."""
+    """The `nca` size's contestants (fresh torch.compile objects each call); on a GPU also each of
+    ``GPU_PRECISIONS``' (``kernel-tf32``, ``eager-tf32``, ``compiled-tf32``, ``kernel-bf16``, ...)."""
     found = {"kernel": kernel, "eager": eager, "compiled": compiled(), "checkpointed": checkpointed}
     if torch.device(device).type == "cuda":
         found["compiled-ro"] = compiled("reduce-overhead")
+        for precision, suffix in GPU_PRECISIONS.items():
+            for name, fn in (("kernel", kernel), ("eager", eager), ("compiled", compiled())):
+                found[name + suffix] = AtPrecision(fn, precision)
     return found
 
 

@@ -24,7 +24,7 @@ from cubecore.ops.front import kernel_limit_reason
 
 from .contestants import contestant_names, contestants_for
 from .harness import Size, describe_machine, machine_limits, measure
-from .nca import GIB, NcaSize, largest_lattice
+from .nca import GIB, GPU_PRECISIONS, NcaSize, largest_lattice
 
 LATTICE_SERIES = ("original", "16^3", "32^3", "64^3")
 
@@ -43,6 +43,7 @@ def nca_sizes() -> List[NcaSize]:
 # The goals of the `nca` family, forward+backward against the fastest pure PyTorch (other sizes of the family,
 # such as the tests' tiny one, take the `nca` goal).
 NCA_SPEED_GOALS = {"nca": 2.5, "nca-24": 2.0}
+NCA_GPU_SPEED_GOAL = 5.0  # on a GPU, every size of the family and each precision (the kernel's tensor cores)
 NCA_MATMUL_GOAL = 0.65
 
 
@@ -87,14 +88,14 @@ def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float],
     out = []
     ran = {r["size"] for r in rows}
 
-    def ratio_target(name, size, others, goal, what="forward+backward time"):
+    def ratio_target(name, size, others, goal, what="forward+backward time", kernel="kernel"):
         if size not in ran:
             return
-        kern = _fb(_row(rows, size, "kernel"))
+        kern = _fb(_row(rows, size, kernel))
         times = [t for t in (_fb(_row(rows, size, o)) for o in others) if t]
         value = min(times) / kern if kern and times else None
         out.append({"target": name, "goal": goal, "measured": value, "met": value is not None and value >= goal,
-                    "what": f"best of {', '.join(others)} / kernel, {what}, size {size}"})
+                    "what": f"best of {', '.join(others)} / {kernel}, {what}, size {size}"})
 
     def smallest_over_sizes(name, goal, value_of, what):
         """The worst size's value of value_of(size) (None where a size lacks the rows it needs)."""
@@ -146,10 +147,16 @@ def targets(rows: List[Dict], device: torch.device, limits: Dict[str, float],
         out.append({"target": "peak memory T=10: kernel <= 1/5 eager", "goal": 5.0, "measured": mem,
                     "met": mem is not None and mem >= 5.0, "what": "eager / kernel peak memory, size original"})
     ncas = list(dict.fromkeys(r["size"] for r in rows if r.get("family") == "nca"))
-    for nca in ncas:  # a run with the `nca` sizes (not the GPU's yet, nor --quick)
+    for nca in ncas:  # a run with the `nca` sizes (not --quick)
         nca_pure = ["eager", "compiled", "checkpointed"] + (["compiled-ro"] if device.type == "cuda" else [])
-        goal = NCA_SPEED_GOALS.get(nca, NCA_SPEED_GOALS["nca"])
-        ratio_target(f"{nca}: >= {goal:g}x the fastest pure PyTorch", nca, nca_pure, goal)
+        if device.type == "cuda":  # each precision against the pure PyTorch contestants at the same switches
+            for precision, suffix in [("ieee", ""), *GPU_PRECISIONS.items()]:
+                same = nca_pure if not suffix else [f"eager{suffix}", f"compiled{suffix}"]
+                ratio_target(f"{nca} ({precision}): >= {NCA_GPU_SPEED_GOAL:g}x the fastest pure PyTorch at "
+                             f"{precision}", nca, same, NCA_GPU_SPEED_GOAL, kernel=f"kernel{suffix}")
+        else:
+            goal = NCA_SPEED_GOALS.get(nca, NCA_SPEED_GOALS["nca"])
+            ratio_target(f"{nca}: >= {goal:g}x the fastest pure PyTorch", nca, nca_pure, goal)
         frac = executed_fraction(nca)
         out.append({"target": f"{nca}: >= {NCA_MATMUL_GOAL:g} of the matmul limit", "goal": NCA_MATMUL_GOAL,
                     "measured": frac, "met": frac is not None and frac >= NCA_MATMUL_GOAL,

@@ -2,10 +2,12 @@
 # One command for a machine with an NVIDIA GPU: build cubecore's CUDA kernels in place against the CUDA torch
 # already installed (nothing is installed or replaced), run the CUDA tests (kernel against the float64
 # reference, the rule family, opcheck, torch.compile fullgraph) and the emulated ones beside them, then the
-# benchmarks on the GPU: every size of the lattice rule and the `nca` size (the 3D artefacts NCA: C = 20, F = 3,
-# [64, 64], Moore, 32^3, B = 5, T = 48), then the `nca` size's kernel on tensor cores (#37: precision ieee, tf32,
-# bfloat16).  Results: benchmarks/results/cuda.{md,json,png}, benchmarks/results/cuda_tensor_cores.json; the log
-# on stdout.
+# benchmarks on the GPU in one run: every size of the lattice rule and the `nca` sizes (the 3D artefacts NCA:
+# C = 20, F = 3, [64, 64], Moore, 32^3, B = 5, T = 48), where the kernel (the FMA path, TF32 off), eager (cuDNN),
+# torch.compile (default and reduce-overhead) and checkpointed run with TF32 off, and the kernel's tensor cores,
+# eager and torch.compile again at tf32 and under bfloat16 autocast (`-tf32`, `-bf16` rows), each precision's
+# target against the pure PyTorch rows at the same switches.  Results: benchmarks/results/cuda.{md,json,png}; the
+# log on stdout.
 #   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the GPU's own), BENCH_ARGS (e.g. --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,34 +30,3 @@ echo "== benchmarks on the GPU (every size, nca included)"
 # shellcheck disable=SC2086
 "$py" -m benchmarks --device cuda --out benchmarks/results ${BENCH_ARGS:-}
 grep -q "nca" benchmarks/results/cuda.md || { echo "the nca size did not run on the GPU" >&2; exit 1; }
-echo "== the nca size's kernel by precision (tensor cores: tf32 where the matmul switch allows, bf16 under autocast)"
-"$py" - <<'PY'
-import json, torch
-from benchmarks.nca import kernel
-from benchmarks.run import nca_size
-size, rows = nca_size(), []
-for name in ("ieee", "tf32", "bfloat16"):
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if name == "tf32" else "ieee"
-    inputs = size.make_inputs("cuda", torch.float32)
-    def run():
-        for t in inputs:
-            if isinstance(t, torch.Tensor) and t.grad is not None:
-                t.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name == "bfloat16"):
-            out = kernel(*inputs, **size.rule())
-        size.loss(out).backward()
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    rows.append({"precision": name, "ms": start.elapsed_time(end) / 5, "peak_bytes": torch.cuda.max_memory_allocated(),
-                 "gpu": torch.cuda.get_device_name()})
-    print(rows[-1])
-torch.backends.cuda.matmul.fp32_precision = "ieee"
-json.dump(rows, open("benchmarks/results/cuda_tensor_cores.json", "w"), indent=1)
-PY

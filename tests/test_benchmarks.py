@@ -426,3 +426,52 @@ def test_the_gpu_roofline_target_is_measured_at_its_own_size():
 
     size = next(s for s in run.sizes_for(torch.device("cuda"), quick=False) if s.name == "64^3")
     assert (size.B, size.X, size.Y, size.Z) == (8, 64, 64, 64)
+
+
+def test_on_a_gpu_each_precision_is_timed_against_pure_pytorch_at_the_same_switches():
+    """The GPU `nca` rows: the kernel at each precision (FMA path with TF32 off, tensor cores at tf32 and under
+    bfloat16 autocast) against eager and torch.compile at the same precision, each with its own goal."""
+    found = nca.contestants(torch.device("cuda"))
+    for suffix, precision in (("-tf32", "tf32"), ("-bf16", "bfloat16")):
+        for name in ("kernel", "eager", "compiled"):
+            assert found[name + suffix].precision == precision
+    assert all(getattr(found[n], "precision", "ieee") == "ieee"
+               for n in ("kernel", "eager", "compiled", "compiled-ro", "checkpointed"))
+    assert not any(n.endswith(("-tf32", "-bf16")) for n in nca.contestants(torch.device("cpu")))
+
+    def row(contestant, seconds):
+        return {"size": "nca", "contestant": contestant, "status": "ok", "family": "nca", "peak_bytes": 1,
+                "forward_backward": {"median_s": seconds}, "executed_flops_per_s": 1.0}
+    rows = [row("kernel", 4.0), row("eager", 8.0), row("compiled", 6.0), row("checkpointed", 9.0),
+            row("compiled-ro", 12.0), row("kernel-tf32", 1.0), row("eager-tf32", 5.0), row("compiled-tf32", 7.0),
+            row("kernel-bf16", 0.5), row("eager-bf16", 3.0), row("compiled-bf16", 2.0)]
+    goals = {g["target"]: g for g in run.targets(rows, torch.device("cuda"), {"matmul_flops_per_s": 1.0})}
+    assert goals["nca (ieee): >= 5x the fastest pure PyTorch at ieee"]["measured"] == 6.0 / 4.0
+    assert goals["nca (tf32): >= 5x the fastest pure PyTorch at tf32"]["measured"] == 5.0
+    assert goals["nca (tf32): >= 5x the fastest pure PyTorch at tf32"]["met"]
+    assert goals["nca (bfloat16): >= 5x the fastest pure PyTorch at bfloat16"]["measured"] == 4.0
+
+
+def test_float32_precision_sets_the_switches_for_its_block_and_puts_them_back():
+    """``float32_precision``: the new fp32_precision switches of cuBLAS and cuDNN (cuDNN's default is TF32, so
+    the full-precision rows set it off), put back afterwards, even after an error; on the CPU only "ieee"."""
+    from benchmarks.harness import float32_precision
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    kept = matmul.fp32_precision, conv.fp32_precision
+    for name, want in (("ieee", "ieee"), ("tf32", "tf32"), ("bfloat16", "ieee")):
+        with float32_precision(name, "cuda"):
+            assert (matmul.fp32_precision, conv.fp32_precision) == (want, want)
+        assert (matmul.fp32_precision, conv.fp32_precision) == kept
+    with pytest.raises(RuntimeError, match="inside"):
+        with float32_precision("tf32", "cuda"):
+            raise RuntimeError("inside")
+    assert (matmul.fp32_precision, conv.fp32_precision) == kept
+    with float32_precision("ieee", "cpu"):
+        pass
+    with pytest.raises(ValueError, match="GPU only"):
+        with float32_precision("tf32", "cpu"):
+            pass
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with float32_precision("fp8", "cuda"):
+            pass
