@@ -280,15 +280,17 @@ class NcaTrainer:
         return save_checkpoint_file(state, path)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "NcaTrainer":
+    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None,
+                        backend: Optional[str] = None) -> "NcaTrainer":
+        """A trainer in the state the checkpoint saved, built on ``device`` with ``backend`` where given (the
+        build keys a resumed run may change)."""
         path = Path(path)
         state = load_checkpoint_file(path)
         if state.get("kind") != "nca":
             raise InvalidValueError(f"{path} is a checkpoint of cubecore.train, not of cubecore.nca")
         try:
-            config = NcaTrainingConfig.from_saved(state["config"])
-            if device is not None:
-                config = config.override(device=device)
+            config = NcaTrainingConfig.from_saved(state["config"]).override(
+                **{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
             t = state["target"]
             target = VoxelTarget(t["voxels"], t["kind"], tuple(t["names"]), t["colours"], t["source"])
             trainer = cls(config, target, state["seed_state"], initialize=False)

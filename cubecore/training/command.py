@@ -5,10 +5,10 @@ seeds' summary.  A command is data (``RunCommand``: its config and trainer class
 function that trains one trainer into its folder and reports (``RunFunction``); ``RunCommand.main`` drives the
 rest, so that a rule of resume or overwrite holds for every command alike.
 
-A trainer here is what both trainers are: ``Trainer(config)``, ``Trainer.from_checkpoint(path, device=...)``,
-``trainer.config``, ``trainer.finished`` (why training ended, None while it goes on), ``trainer.reopen()`` (train
-a finished run on) and its count of ``unit`` (``trainer.epoch``, ``trainer.iteration``), saved in its checkpoint
-under the same name.
+A trainer here is what both trainers are: ``Trainer(config)``, ``Trainer.from_checkpoint(path, device=...,
+backend=...)`` (the build keys a resume may change), ``trainer.config``, ``trainer.finished`` (why training ended,
+None while it goes on), ``trainer.reopen()`` (train a finished run on) and its count of ``unit``
+(``trainer.epoch``, ``trainer.iteration``), saved in its checkpoint under the same name.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ class RunCommand:
         default_dir = Path(given_dir or self.config().output_dir)
         checkpoint = Path(args.resume) if args.resume else RunFiles(default_dir).last
         out = Path(given_dir) if given_dir else (checkpoint.parent if args.resume else default_dir)
-        trainer = self.trainer.from_checkpoint(checkpoint, device=values.get("device"))
+        trainer = self.trainer.from_checkpoint(checkpoint, device=values.get("device"),
+                                               backend=values.get("model.backend"))
         values = {**values, "output_dir": str(out)}
         config = trainer.config
         config.override(**values)  # unknown keys and bad values are errors here, as on a fresh run
@@ -274,7 +275,8 @@ class RunCommand:
             log.info(f"== seed {seed}: {files.root}")
             if resume and state == "started":
                 checkpoint = files.checkpoint()
-                trainer = self.trainer.from_checkpoint(checkpoint, device=configs[seed].device)
+                trainer = self.trainer.from_checkpoint(checkpoint, device=configs[seed].device,
+                                                       backend=configs[seed].get("model.backend"))
                 trainer.config = trainer.config.override(**{k: configs[seed].get(k) for k in self.study_free})
                 status = run(trainer, files.root, checkpoint, "resume", args.quiet, hint)
             else:  # a new seed; with --resume, one killed before its first checkpoint starts again

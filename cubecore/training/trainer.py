@@ -479,16 +479,18 @@ class CubeTrainer:
         return save_checkpoint_file(state, path)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "CubeTrainer":
-        """A trainer in the state the checkpoint saved (a damaged, foreign or unsafe file is a ValueError)."""
+    def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[str] = None,
+                        backend: Optional[str] = None) -> "CubeTrainer":
+        """A trainer in the state the checkpoint saved (a damaged, foreign or unsafe file is a ValueError), built
+        on ``device`` with ``backend`` where given (the build keys a resumed run may change)."""
         path = Path(path)
         state = load_checkpoint_file(path)
         try:
             config = TrainingConfig.from_saved(state["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
-        if device is not None:
-            config = config.override(device=device)  # a device that is not here is the caller's error
+        # a device that is not here is the caller's error
+        config = config.override(**{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
         trainer = cls(config)
         try:
             check_int("epoch", state["epoch"], minimum=0)

@@ -134,6 +134,32 @@ def test_resume_refuses_a_key_that_changes_the_run(tmp_path, capsys):
     assert load_checkpoint_file(tmp_path / "run" / "last.pt")["iteration"] == 9
 
 
+def test_resume_with_another_backend_runs_it(tmp_path, capsys, monkeypatch):
+    """model.backend may change on resume: the resumed run computes with the new backend (a run's record and its
+    computation agree), in a resumed run and in a resumed --seeds study."""
+    from cubecore.nca import trainer as trainer_module
+
+    built = []
+    made = trainer_module.NcaTrainer.from_checkpoint.__func__
+
+    def spy(cls, *args, **kwargs):
+        trainer = made(cls, *args, **kwargs)
+        built.append(trainer.core.backend)
+        return trainer
+    monkeypatch.setattr(trainer_module.NcaTrainer, "from_checkpoint", classmethod(spy))
+    assert run(tmp_path, "iterations=3") == 0
+    assert main(["--resume", "--output-dir", str(tmp_path / "run"), "iterations=6", "--backend", "reference",
+                 "--quiet"]) == 0
+    assert built == ["reference"] and "(reference backend)" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["nca_training"]
+    assert saved["model"]["backend"] == "reference"
+    study = [*TINY, "iterations=3", "--output-dir", str(tmp_path / "study"), "--seeds", "0"]
+    assert main(study) == 0
+    (tmp_path / "study" / "seed-0" / "results.json").unlink()  # a seed stopped before its report
+    assert main([*study, "--resume", "--backend", "reference"]) == 0
+    assert built[-1] == "reference"
+
+
 def test_the_shipped_config_file_is_the_commands_defaults():
     shipped = NcaTrainingConfig.from_yaml(ROOT / "config" / "nca_training.yaml")
     assert shipped.to_dict() == NcaTrainingConfig(**SMALL_RUN).to_dict()
