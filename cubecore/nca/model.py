@@ -95,7 +95,7 @@ class NcaModel(nn.Module, PyTorchModelHubMixin, library_name="cubecore", license
         living and hidden channels 1)."""
         c = self.config
         return seed_states(batch, c.lattice_size, c.state_size, c.alive_channel, self.spawn_at_bottom,
-                           self.seed_state).to(self.core.perception.device, self.core.perception.dtype)
+                           self.seed_state).to(self.core.w1.device, self.core.w1.dtype)
 
     def forward(self, state: Optional[torch.Tensor] = None, steps: Optional[int] = None,
                 return_trajectory: bool = False) -> torch.Tensor:

@@ -145,10 +145,15 @@ def load_target(spec: PathLike) -> VoxelTarget:
     target = reader(path)
     if not bool(target.occupied.any()):
         raise InvalidValueError(f"target {path} holds no voxel: every cell is air")
-    if max(target.shape) > MAX_SIDE:
-        raise InvalidValueError(f"target {path} is {_size(target.shape)} voxels; cubecore takes at most {MAX_SIDE} "
-                                f"a side")
+    check_sides(path, target.shape)
     return target
+
+
+def check_sides(path: Path, shape: Sequence[int]) -> None:
+    """Refuse a structure larger than ``MAX_SIDE`` on a side: where a file declares its size (.vox, .nbt), before
+    its grid is allocated."""
+    if max(shape) > MAX_SIDE:
+        raise InvalidValueError(f"target {path} is {_size(shape)} voxels; cubecore takes at most {MAX_SIDE} a side")
 
 
 def _colours(count: int) -> torch.Tensor:
@@ -229,6 +234,7 @@ def read_vox(path: Path) -> VoxelTarget:
     sx, sy, sz = struct.unpack_from("<iii", sizes[0])
     if min(sx, sy, sz) < 1:
         raise bad(f"model size {sx}x{sy}x{sz}")
+    check_sides(path, (sx, sz, sy))
     count = struct.unpack_from("<i", voxels[0])[0]
     if count < 0 or 4 + 4 * count > len(voxels[0]):
         raise bad(f"XYZI says {count} voxels but holds {(len(voxels[0]) - 4) // 4}")
@@ -282,6 +288,7 @@ def read_nbt(path: Path) -> VoxelTarget:
         raise bad(f"no {_reason(exc)}: it needs 'size', 'palette' and 'blocks'") from None
     if len(size) != 3 or min(size) < 1:
         raise bad(f"size {size}")
+    check_sides(path, (size[2], size[1], size[0]))
     kept = sorted({n for n in names if n not in AIR_NAMES})
     grid = np.zeros((size[2], size[1], size[0]), dtype=np.int64)  # (z, y, x): the upstream's depth, height, width
     for state, pos in blocks:

@@ -68,6 +68,13 @@ def test_a_run_with_its_own_seed_state_exports_it_and_the_model_grows_from_it(tm
     assert torch.equal(model.grow(2, steps=4), want)
 
 
+def test_a_model_without_depthwise_perception_grows(tmp_path):
+    out = tmp_path / "concat"
+    assert main([*TINY, "--output-dir", str(out), "model.perception=concat"]) == 0
+    model = NcaModel.from_pretrained(out / "model")
+    assert model.core.perception is None and model.grow(2, steps=2).shape == (2, 5, 5, 5, 7)
+
+
 def test_from_pretrained_refuses_what_is_not_an_nca_model(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="looks like a run folder: its model is"):
         NcaModel.from_pretrained(trained)
