@@ -69,7 +69,8 @@ COMMAND = RunCommand(
                "logger"),
     stops=("iterations", "loss_threshold"),  # a finished run trains on only when one of these changes
     study_free=("output_dir", "device", "model.backend", "checkpoint_every", "logger"),
-    unit="iteration", paths=("nca.target", "nca.init_from"),
+    unit="iteration", paths=("nca.target", "nca.init_from", "nca.seed_state"),
+    folders=("nca.init_from",),
     outputs=("curves", "rollout", "picture", "report", "model", "results"),  # what the report writes, results last
     holds="its report", stop_hint="loss_threshold=null or a lower one", as_trained=_as_trained,
     seed_metrics=None, seed_columns=("accuracy", "iou", "voxel_accuracy"), seed_label="structure")

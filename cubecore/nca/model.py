@@ -193,6 +193,10 @@ def initial_weights(path: Union[str, Path], config, types: int) -> Dict[str, tor
         core, what = model.core, f"a state of {source.state_size} channels"
     elif where.is_file():
         sd = artefacts.read_artefact(where)
+        if isinstance(sd, dict) and "config" in sd and ("iteration" in sd or "epoch" in sd):
+            raise InvalidValueError(f"{key} {path} is a cubecore training checkpoint, not a model: give its run's "
+                                    f"model folder (RUN_DIR/model) to start from its weights, or --resume {path} to "
+                                    f"continue that run")
         hidden = config.nca.hidden_channels
         state = artefacts.artefact_state_dict(sd).get(artefacts.PERCEPTION_KEY)
         channels = state.shape[0] // 3 if isinstance(state, torch.Tensor) and state.dim() == 5 else None

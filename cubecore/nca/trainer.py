@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checks import check_device
-from ..errors import InvalidValueError, TrainingDivergedError
+from ..errors import InvalidValueError, NotFoundError, TrainingDivergedError
 from ..model.core import CubicCore
 from ..ops.front import fire_masks
 from ..training.checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
@@ -368,6 +368,8 @@ def read_seed_state(path: str, shape) -> torch.Tensor:
 
     try:
         array = np.load(Path(path).expanduser(), allow_pickle=False)
+    except FileNotFoundError:
+        raise NotFoundError(f"nca.seed_state not found: {path}") from None
     except OSError:
         raise
     except (ValueError, EOFError) as exc:

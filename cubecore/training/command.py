@@ -49,6 +49,7 @@ class RunCommand:
     study_free: Tuple[str, ...]  # keys in which the seeds of one --seeds study may differ
     unit: str = "epoch"  # what the trainer counts; the key of the total is unit + "s" (epochs, iterations)
     paths: Tuple[str, ...] = ()  # keys that may name a file, kept by its absolute path (resumable anywhere)
+    folders: Tuple[str, ...] = ()  # those of them that may name a folder too (not a name a folder might shadow)
     outputs: Tuple[str, ...] = OUTPUTS  # the report phase's files (RunFiles roles), results last
     lacks: Callable[[Any], List[str]] = lambda trainer: []  # what else a finished trainer lacks (its floors)
     holds: str = "its report"  # what the folder of a finished run holds, when there is nothing to do
@@ -80,10 +81,11 @@ class RunCommand:
         return self._absolute(values)
 
     def _absolute(self, values: Dict[str, Any]) -> Dict[str, Any]:
-        """``values`` with each file that a path key names by its absolute path: resumable from anywhere."""
+        """``values`` with each file that a path key names (and each folder that a folder key names) by its
+        absolute path: resumable from anywhere."""
         for key in self.paths:
             value = values.get(key)
-            if isinstance(value, str) and Path(value).is_file():
+            if isinstance(value, str) and (Path(value).is_file() or key in self.folders and Path(value).is_dir()):
                 values = {**values, key: str(Path(value).resolve())}
         return values
 

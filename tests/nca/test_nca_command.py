@@ -113,6 +113,7 @@ def test_seeds_study_and_its_summary(tmp_path):
     (["--resume", "--overwrite"], "--overwrite and --resume exclude each other"),
     (["--iterations", "4", "iterations=5"], "iterations is given twice"),
     (["--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["nca.seed_state=nowhere.npy"], "nca.seed_state not found: nowhere.npy"),
 ])
 def test_a_users_mistake_is_one_error_line_and_status_2(tmp_path, capsys, args, message):
     try:

@@ -111,6 +111,24 @@ def yaml_value(out, key):
     return yaml.safe_load((out / "config.yaml").read_text())["nca_training"]["nca"][key]
 
 
+def test_relative_paths_to_a_seed_state_and_a_model_folder_are_kept_absolute(trained, tmp_path, monkeypatch):
+    """A run (or --seeds study) resumed from another directory finds them: config.yaml holds absolute paths."""
+    import numpy as np
+
+    shutil.copytree(trained / "model", tmp_path / "start")
+    np.save(tmp_path / "seed.npy", np.zeros((5, 5, 5, 7), dtype=np.float32))
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, "--output-dir", "out", "nca.init_from=start", "nca.seed_state=seed.npy", "iterations=2"]) == 0
+    assert yaml_value(tmp_path / "out", "init_from") == str(tmp_path / "start")
+    assert yaml_value(tmp_path / "out", "seed_state") == str(tmp_path / "seed.npy")
+
+
+def test_init_from_a_training_checkpoint_says_what_to_give_instead(trained, tmp_path, capsys):
+    assert main([*TINY, "--output-dir", str(tmp_path / "o"), f"nca.init_from={trained / 'last.pt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a cubecore training checkpoint, not a model: give its run's model folder" in err[0]
+
+
 def test_init_from_the_upstream_house_model_grows_the_shipped_house():
     """The upstream's PlainVillageHouse, converted, grows the shipped plain_village_house (the same structure, its
     block types in the same order) before any training."""
