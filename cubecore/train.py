@@ -52,7 +52,7 @@ from .training.viz import rollout_gif
 log = logging.getLogger("cubecore")
 
 COMMAND = RunCommand(
-    trainer=CubeTrainer, config=TrainingConfig, defaults=TrainingConfig,
+    trainer=CubeTrainer, config=TrainingConfig, defaults=lambda given: TrainingConfig(),
     # The flags, by the config key each one sets.
     flags={"mode": "data.mode", "data": "data.source", "teacher": "data.teacher", "epochs": "epochs",
            "batch_size": "batch_size", "lattice_size": "model.lattice_size", "device": "device",

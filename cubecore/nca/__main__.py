@@ -17,7 +17,7 @@ rank 0 writes the run's files.
 
 Examples:
   python -m cubecore.nca
-  python -m cubecore.nca --target plain_village_house --lattice 10x10x10 iterations=2000
+  python -m cubecore.nca --target plain_village_house           # in its 10x10x10 cube
   python -m cubecore.nca --target house.vox nca.damage=true     # learn to regenerate too
   python -m cubecore.nca --resume                               # continue runs/nca/last.pt
   python -m cubecore.nca --seeds 0,1,2                          # one run per seed, mean and spread
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="a structure file (.npy, .vox, .nbt) or a shipped structure's name "
                                     "(nca.target)")
     p.add_argument("--lattice", type=lattice_argument("lattice", "10x10x10"),
-                   help="XxYxZ: the lattice the structure is placed in (nca.lattice; default the upstream's cube)")
+                   help="XxYxZ: the lattice the structure is placed in (nca.lattice; default the upstream's cube, "
+                        "its longest side rounded up to 10; the shipped tree of the command's own settings: 8x8x8)")
     p.add_argument("--iterations", type=int, help="iterations to train (with --resume: the new total)")
     add_run_arguments(p, output_dir="runs/nca", seeds_example="0,1,2",
                       console="progress bar and no per-checkpoint lines",

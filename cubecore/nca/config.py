@@ -17,7 +17,7 @@ naming the key that sets them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..checks import check_choice, check_int, check_ints, check_number
 from ..errors import InvalidValueError
@@ -88,8 +88,14 @@ SMALL_RUN = {"iterations": 1200, "learning_rate": 2e-3, "lr_gamma": 0.998, "norm
              "nca.pool_size": 32, "nca.batch_size": 5, "nca.min_steps": 16, "nca.max_steps": 24, "nca.init_std": 0.1}
 
 
-def small_run() -> "NcaTrainingConfig":
-    return NcaTrainingConfig(**SMALL_RUN)
+def small_run(given: Optional[Dict[str, Any]] = None) -> "NcaTrainingConfig":
+    """The command's own settings (``SMALL_RUN``); given another target (``given``, the command line's values)
+    and no lattice, that target's own lattice (the upstream's cube), not the tree's 8^3."""
+    given = given or {}
+    settings = dict(SMALL_RUN)
+    if given.get("nca.target", SMALL_RUN["nca.target"]) != SMALL_RUN["nca.target"] and "nca.lattice" not in given:
+        settings["nca.lattice"] = None
+    return NcaTrainingConfig(**settings)
 
 
 # model keys set by the target and the nca section, and the key to set instead

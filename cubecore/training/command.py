@@ -42,7 +42,7 @@ class RunCommand:
 
     trainer: Any  # the trainer class
     config: Any  # its config class (resolve_key, from_yaml, from_saved)
-    defaults: Callable[[], Any]  # the config of a run without --config
+    defaults: Callable[[Dict[str, Any]], Any]  # the config of a run without --config, given the command line's values
     flags: Dict[str, str]  # argparse dest -> the config key it sets
     resumable: Tuple[str, ...]  # keys that may change on resume: where and how it runs and when it stops
     stops: Tuple[str, ...]  # the resumable keys that end training: a finished run trains on when one changes
@@ -91,8 +91,8 @@ class RunCommand:
 
     def config_from_args(self, args):
         """The config of a new run: --config FILE (or the command's defaults), then the command line's values."""
-        config = self.config.from_yaml(args.config) if args.config else self.defaults()
         values = self.given_values(args)
+        config = self.config.from_yaml(args.config) if args.config else self.defaults(values)
         config = config.override(**values) if values else config
         files = self._absolute({key: config.get(key) for key in self.paths})
         changed = {key: value for key, value in files.items() if value != config.get(key)}

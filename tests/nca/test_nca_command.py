@@ -161,6 +161,20 @@ def test_resume_with_another_backend_runs_it(tmp_path, capsys, monkeypatch):
     assert built[-1] == "reference"
 
 
+def test_another_target_takes_its_own_lattice_unless_one_is_given(tmp_path):
+    """The command's own 8^3 belongs to its tree: --target X without --lattice places X in the upstream's cube."""
+    from cubecore.nca.__main__ import COMMAND, build_parser
+
+    def lattice(*argv):
+        return COMMAND.config_from_args(build_parser().parse_args(list(argv))).nca.lattice
+
+    assert lattice() == (8, 8, 8) and lattice("--target", "tree") == (8, 8, 8)
+    assert lattice("--target", "plain_village_house") is None
+    assert lattice("nca.target=plain_village_house") is None
+    assert lattice("--target", "plain_village_house", "--lattice", "12x12x12") == (12, 12, 12)
+    assert lattice("--target", "villages_light", "nca.lattice=[6,6,6]") == (6, 6, 6)
+
+
 def test_the_shipped_config_file_is_the_commands_defaults():
     shipped = NcaTrainingConfig.from_yaml(ROOT / "config" / "nca_training.yaml")
     assert shipped.to_dict() == NcaTrainingConfig(**SMALL_RUN).to_dict()
