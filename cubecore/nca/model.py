@@ -171,13 +171,13 @@ RULE_KEYS = ("neighbourhood", "perception", "perception_filters", "activation", 
              "update")
 
 
-def initial_weights(path: Union[str, Path], config, types: int) -> Dict[str, torch.Tensor]:
-    """The parameters a run of ``config`` (an ``NcaTrainingConfig`` set for its target, ``types`` state channels
-    per voxel) starts from, by name: those of ``path`` (``nca.init_from``), an ``NcaModel`` folder (a run's
-    ``RUN_DIR/model``) or one of the upstream's pretrained ``.pt`` files (real-itu/3d-artefacts-nca, read by
-    ``cubecore.nca.artefacts``; its state's channels split as the target's block types, the living channel and
-    ``nca.hidden_channels``).  A model that is not the run's (other channels, update net or rule) is one
-    ``InvalidValueError`` naming the keys to set."""
+def initial_weights(path: Union[str, Path], config, types: int, kind: str = "blocks") -> Dict[str, torch.Tensor]:
+    """The parameters a run of ``config`` (an ``NcaTrainingConfig`` set for its target of ``kind``, ``types``
+    state channels per voxel) starts from, by name: those of ``path`` (``nca.init_from``), an ``NcaModel`` folder
+    (a run's ``RUN_DIR/model``) or one of the upstream's pretrained ``.pt`` files (real-itu/3d-artefacts-nca, read
+    by ``cubecore.nca.artefacts``; its state's channels split as the target's block types, the living channel and
+    ``nca.hidden_channels``).  A model that is not the run's (another kind of state or living channel, other
+    channels, update net or rule) is one ``InvalidValueError`` naming the keys to set."""
     from . import artefacts
 
     key = "nca.init_from"
@@ -186,6 +186,11 @@ def initial_weights(path: Union[str, Path], config, types: int) -> Dict[str, tor
     if where.is_dir():
         model = NcaModel.from_pretrained(where)
         source = model.config
+        if model.kind != kind or source.alive_channel != m.alive_channel:
+            raise InvalidValueError(
+                f"{key} {path}: the model's state is another's ({model.kind}, living channel {source.alive_channel}; "
+                f"this run's: {kind}, living channel {m.alive_channel}): its channels would mean other things here; "
+                f"train on a target of its kind and block types")
         differ = [f"model.{k} ({getattr(source, k)!r} there, {getattr(m, k)!r} here)" for k in RULE_KEYS
                   if getattr(source, k) != getattr(m, k)]
         if differ:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidValueError
-from .targets import VoxelTarget
+from .targets import VISIBLE_ALPHA, VoxelTarget
 
 ALIVE_LOSSES = ("air", "mse")
 
@@ -105,7 +105,7 @@ def nca_loss(out: torch.Tensor, target: VoxelTarget, alive_loss: str = "air", io
     """(loss, 1 - IoU) of the final states ``out`` [B, X, Y, Z, C] against the target (module docstring)."""
     if target.kind == "rgba":
         loss = (out[..., :4].float() - target.voxels).square().mean()
-        return loss, 1.0 - occupancy_iou(out[..., 3] > 0.1, target.occupied).mean()
+        return loss, 1.0 - occupancy_iou(out[..., 3] > VISIBLE_ALPHA, target.occupied).mean()
     if alive_loss not in ALIVE_LOSSES:
         raise InvalidValueError(f"alive_loss must be one of {ALIVE_LOSSES}, got {alive_loss!r}")
     n = target.types
@@ -160,7 +160,7 @@ def structure_metrics(out: torch.Tensor, target: VoxelTarget) -> dict:
     ``voxel_accuracy``, the share of all cells right (air included)."""
     occupied = target.occupied
     if target.kind == "rgba":
-        grown = out[..., 3] > 0.1
+        grown = out[..., 3] > VISIBLE_ALPHA
         close = (out[..., :3] - target.voxels[..., :3]).abs().amax(-1) <= 0.1
         right_voxel = grown & close & occupied
         right_cell = right_voxel | (~grown & ~occupied)

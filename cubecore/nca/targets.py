@@ -2,7 +2,8 @@
 
 A target is either block types (``[X, Y, Z]`` integers, 0 = air, 1..N the structure's block types; the NCA's
 state holds one logit per type) or colours (``[X, Y, Z, 4]`` RGBA in [0, 1], a voxel is there where its alpha
-is > 0).  Y is height: a structure stands on the lattice's floor (Y = 0), as the upstream's
+exceeds ``VISIBLE_ALPHA``, 0.1, the living threshold of Mordvintsev et al.'s growing NCA: the same threshold for
+the target, the loss's IoU and the metrics).  Y is height: a structure stands on the lattice's floor (Y = 0), as the upstream's
 (real-itu/3d-artefacts-nca) dataset places it.  Formats:
 
 - ``.npy``: ``[X, Y, Z]`` integers (block types; the distinct non-zero values become types 1..N in order) or
@@ -40,6 +41,7 @@ from ..errors import InvalidValueError, NotFoundError
 STRUCTURES = Path(__file__).resolve().parent / "structures"
 SUFFIXES = (".npy", ".vox", ".nbt")
 KINDS = ("blocks", "rgba")
+VISIBLE_ALPHA = 0.1  # an RGBA voxel is there where its alpha exceeds this (target, IoU and metrics alike)
 MAX_SIDE = 512  # a structure larger than this on a side is refused (a lattice of 512^3 cells is 134 M cells)
 AIR_NAMES = ("minecraft:air", "minecraft:cave_air", "minecraft:void_air", "minecraft:structure_void")
 PathLike = Union[str, Path]
@@ -64,7 +66,7 @@ class VoxelTarget:
     @property
     def occupied(self) -> torch.Tensor:
         """[X, Y, Z] bool: where the structure has a voxel."""
-        return self.voxels > 0 if self.kind == "blocks" else self.voxels[..., 3] > 0
+        return self.voxels > 0 if self.kind == "blocks" else self.voxels[..., 3] > VISIBLE_ALPHA
 
     @property
     def types(self) -> int:
@@ -193,7 +195,7 @@ def read_npy(path: Path) -> VoxelTarget:
         rgba = array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0)
         if not np.isfinite(rgba).all() or rgba.min() < 0 or rgba.max() > 1:
             raise InvalidValueError(f"target {path}: RGBA values outside [0, 1] (or not finite); expected {what}")
-        rgba[rgba[..., 3] <= 0] = 0.0  # a voxel without alpha is empty, whatever its colour
+        rgba[rgba[..., 3] <= VISIBLE_ALPHA] = 0.0  # a voxel too faint to be there is empty, whatever its colour
         return VoxelTarget(torch.from_numpy(rgba), "rgba", source=str(path))
     if array.ndim == 3 and array.dtype.kind == "f":
         raise InvalidValueError(f"target {path}: a float array [X, Y, Z] ({array.dtype}); block types are "

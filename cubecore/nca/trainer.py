@@ -71,7 +71,7 @@ class NcaTrainer:
                               **m.core_options()).to(self.device)
         upstream_init(self.core, self.config.nca.init_std)
         if initialize and self.config.nca.init_from is not None:
-            start = initial_weights(self.config.nca.init_from, self.config, self.target.types)
+            start = initial_weights(self.config.nca.init_from, self.config, self.target.types, self.target.kind)
             with torch.no_grad():
                 for name, p in self.core.named_parameters():
                     p.copy_(start[name])

@@ -129,6 +129,18 @@ def test_init_from_a_training_checkpoint_says_what_to_give_instead(trained, tmp_
     assert len(err) == 1 and "is a cubecore training checkpoint, not a model: give its run's model folder" in err[0]
 
 
+def test_init_from_a_model_of_another_kind_of_state_is_refused(tmp_path, capsys):
+    """An RGBA model whose weights happen to have a blocks run's shapes: its channels mean other things."""
+    rgba = tmp_path / "rgba"
+    tiny = ["--target", "tree_rgba", "--lattice", "5x7x5", *[a for a in TINY[4:] if a != "nca.hidden_channels=2"]]
+    assert main([*tiny, "nca.hidden_channels=3", "--output-dir", str(rgba)]) == 0
+    capsys.readouterr()
+    # villages_light: 3 block types + air, the living channel, 2 hidden = 7 channels, as the RGBA model's 4 + 3
+    assert main([*TINY, "--output-dir", str(tmp_path / "o"), f"nca.init_from={rgba / 'model'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the model's state is another's (rgba, living channel 3; this run's: blocks" in err[0]
+
+
 def test_init_from_the_upstream_house_model_grows_the_shipped_house():
     """The upstream's PlainVillageHouse, converted, grows the shipped plain_village_house (the same structure, its
     block types in the same order) before any training."""

@@ -63,6 +63,23 @@ def test_npy_rgba_uint8_and_float(tmp_path):
     assert torch.allclose(T.load_target(tmp_path / "f.npy").voxels, t.voxels)
 
 
+def test_an_rgba_voxel_too_faint_to_live_is_air_so_the_target_itself_scores_right(tmp_path):
+    """One threshold (alpha > 0.1, the living one) for the target, the loss's IoU and the metrics."""
+    from cubecore.nca import recipe as R
+
+    rgba = np.zeros((3, 3, 3, 4), dtype=np.float32)
+    rgba[0, 0, 0] = (0.5, 0.5, 0.5, 1.0)
+    rgba[1, 1, 1] = (0.2, 0.4, 0.6, 0.05)  # fainter than the living threshold: air
+    rgba[2, 2, 2] = (0.3, 0.3, 0.3, 0.1)  # at it: air too (living means above it)
+    np.save(tmp_path / "faint.npy", rgba)
+    t = T.load_target(tmp_path / "faint.npy")
+    assert int(t.occupied.sum()) == 1 and torch.equal(t.voxels[1, 1, 1], torch.zeros(4))
+    grown = t.voxels.unsqueeze(0).clone()
+    m = R.structure_metrics(grown, t)
+    assert (m["accuracy"], m["iou"], m["voxel_accuracy"]) == (1.0, 1.0, 1.0)
+    assert float(R.nca_loss(grown, t)[1]) == 0.0  # 1 - IoU
+
+
 def test_vox_voxels_palette_and_axes(tmp_path):
     # voxel (x=1, y=2, z=0) of colour 5, (0, 0, 3) of colour 9; MagicaVoxel's z is the lattice's Y
     (tmp_path / "m.vox").write_bytes(vox_bytes((2, 3, 4), [(1, 2, 0, 5), (0, 0, 3, 9)]))
