@@ -25,10 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checks import check_device
-from ..errors import InvalidValueError, NotFoundError, TrainingDivergedError
+from ..errors import InvalidValueError, NotFoundError, TrainingDivergedError, UnavailableError
 from ..model.core import CubicCore
 from ..ops.front import fire_masks
 from ..training.checkpoint import load_checkpoint_file, rng_states, save_checkpoint_file, set_rng_states
+from ..training.memory import available_bytes
 from ..training.peers import in_group, weights_digest
 from .config import NcaTrainingConfig
 from .model import NcaModel, initial_weights
@@ -77,6 +78,7 @@ class NcaTrainer:
                     p.copy_(start[name])
         self.optimizer = torch.optim.Adam(self.core.parameters(), lr=self.config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.config.lr_gamma)
+        check_pool_fits(self.config, self.device)
         self.seed = self.seeds(1)[0]
         self.pool = SamplePool(self.seeds(self.config.nca.pool_size))
         self.iteration = 0
@@ -340,6 +342,20 @@ class NcaTrainer:
                 "device": str(self.device), "iteration": self.iteration}
         info.update(self.core.get_info())
         return info
+
+
+def check_pool_fits(config: NcaTrainingConfig, device: torch.device) -> None:
+    """Refuse, before it is allocated, a sample pool larger than the free memory of ``device`` (a run whose pool
+    fits but whose training may not is warned about by ``training_bytes``' estimate instead)."""
+    m = config.model
+    need = 4 * (config.nca.pool_size + 1) * math.prod(m.lattice_size) * m.state_size
+    have = available_bytes(device)
+    if have is not None and need > have:
+        gib = 1024 ** 3
+        raise UnavailableError(f"the sample pool (nca.pool_size {config.nca.pool_size} states of "
+                               f"{math.prod(m.lattice_size):,} cells x {m.state_size} channels) needs "
+                               f"{need / gib:.1f} GiB, more than the {have / gib:.1f} GiB free on {device}: lower "
+                               f"nca.lattice, nca.pool_size or nca.hidden_channels")
 
 
 def training_bytes(trainer: NcaTrainer) -> Tuple[int, str]:

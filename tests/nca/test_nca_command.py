@@ -114,8 +114,13 @@ def test_seeds_study_and_its_summary(tmp_path):
     (["--iterations", "4", "iterations=5"], "iterations is given twice"),
     (["--backend", "gpu"], "invalid choice: 'gpu'"),
     (["nca.seed_state=nowhere.npy"], "nca.seed_state not found: nowhere.npy"),
+    (["--lattice", "400x400x400"], r"the sample pool \(nca.pool_size 4 states of 64,000,000 cells x 7 channels\) "
+                                   r"needs 8.3 GiB, more than the"),
 ])
-def test_a_users_mistake_is_one_error_line_and_status_2(tmp_path, capsys, args, message):
+def test_a_users_mistake_is_one_error_line_and_status_2(tmp_path, capsys, monkeypatch, args, message):
+    from cubecore.nca import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 2 * 1024 ** 3)  # any machine: 2 GiB free
     try:
         status = run(tmp_path, *args)
     except SystemExit as exit:  # argparse's usage errors
