@@ -3,10 +3,12 @@ the ``nca:`` section (``NcaConfig``: the target, the pool, the steps, the damage
 section (the same ``ModelConfig`` as ``cubecore.train``'s, defaulting to the upstream's rule).
 
 Every key of the recipe defaults to the upstream's value (real-itu/3d-artefacts-nca's ``VoxelCATrainerConfig``,
-``VoxelCAModelConfig`` and ``VoxelCADatasetConfig``; Adam and ``ExponentialLR`` at their config defaults) except
-those that make the default run small: the target (the upstream has none), ``iterations`` (their ``epochs``:
-20,000), the steps (48 to 64) and the batch (their default 32, their published models 5), which
-``config/nca_training.yaml`` sets for a run of minutes on a 2-core CPU.
+``VoxelCAModelConfig`` and ``VoxelCADatasetConfig``; Adam and ``ExponentialLR`` at their config defaults); the
+target has no upstream default.  The command's own settings (``SMALL_RUN``, written out in
+``config/nca_training.yaml``) change those that make a run of a minute on a 2-core CPU: the target and its 8^3
+lattice, ``iterations`` (their ``epochs``: 20,000), the steps (48 to 64) and the batch (their default 32, their
+published models 5), the learning rate, initialisation and hidden channels of their published models, and a
+learning rate that falls within the shorter run plus normalised gradients (docs/nca.md says why).
 
 The state's size, the alive channel, the lattice and the steps of the ``model:`` section follow from the target
 and the ``nca:`` section (``for_target``): block types, then the living channel, then ``nca.hidden_channels``

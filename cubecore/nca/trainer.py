@@ -341,6 +341,7 @@ class NcaTrainer:
                 if self.target.kind == "blocks" else None, "voxels": int(self.target.occupied.sum()),
                 "device": str(self.device), "iteration": self.iteration}
         info.update(self.core.get_info())
+        info["steps"] = f"{self.config.nca.min_steps}-{self.config.nca.max_steps}"  # (the core holds the last draw)
         return info
 
 

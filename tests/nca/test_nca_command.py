@@ -45,6 +45,7 @@ def test_a_tiny_run_writes_its_files_and_report(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())["nca_training"]
     assert saved["model"]["lattice_size"] == [5, 5, 5] and saved["model"]["state_size"] == 4 + 1 + 2
     assert "| grown_4x | 12 |" in (out / "report.md").read_text()
+    assert "steps 2-3," in (out / "report.md").read_text()  # the range drawn from, not the last draw
     # a rerun into the folder is refused; --overwrite replaces it
     assert run(tmp_path) == 2
     assert "already holds a run" in capsys.readouterr().err
