@@ -256,10 +256,14 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
     def forward_backward():
         return _forward_backward(fn, inputs, size)
 
-    with float32_precision(precision, device):
-        row["forward"] = time_it(forward, device, repeats, min_time=min_time)
-        row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
-        row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)
+    try:
+        with float32_precision(precision, device):
+            row["forward"] = time_it(forward, device, repeats, min_time=min_time)
+            row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
+            row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)
+    except Exception as exc:  # a row that fails at its precision is reported; the run's other rows are kept
+        row.update(status=f"error at {precision}: {type(exc).__name__}: {exc}"[:200])
+        return _noted(row, fn)
     fb = row["forward_backward"]["median_s"]
     row["cell_updates_per_s"] = size.cell_updates / row["forward"]["median_s"]
     row["train_flops_per_s"] = 3 * size.forward_flops() / fb  # forward + backward ~ 3x forward FLOPs

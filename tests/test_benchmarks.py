@@ -475,3 +475,19 @@ def test_float32_precision_sets_the_switches_for_its_block_and_puts_them_back():
     with pytest.raises(ValueError, match="precision must be one of"):
         with float32_precision("fp8", "cuda"):
             pass
+
+
+def test_a_contestant_that_fails_while_timed_is_a_row_not_the_end_of_the_run():
+    """A reduced-precision row on a GPU is checked at full precision, then timed at its own: a failure there is
+    its row's status, and the run goes on to write the others."""
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        if len(calls) > 1:  # after the check
+            raise RuntimeError("no kernel for this precision")
+        return eager(*args, **kwargs)
+
+    row = measure("flaky", flaky, TINY, "cpu", repeats=1)
+    assert row["status"] == "error at ieee: RuntimeError: no kernel for this precision"
+    assert row["precision"] == "ieee" and "forward_backward" not in row

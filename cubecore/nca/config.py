@@ -28,6 +28,7 @@ from ..sections import ConfigSection
 from ..training.config import MAX_SEED, RunConfig
 from ..training.tracking import LOGGERS
 from .recipe import ALIVE_LOSSES
+from .targets import MAX_SIDE
 
 
 @dataclass
@@ -61,7 +62,10 @@ class NcaConfig(ConfigSection):
         check_choice(self.key("alive_loss"), self.alive_loss, ALIVE_LOSSES)
         check_number(self.key("init_std"), self.init_std, minimum=0.0)
         if self.lattice is not None:
-            check_ints(self.key("lattice"), self.lattice, 3, minimum=1)
+            lattice = check_ints(self.key("lattice"), self.lattice, 3, minimum=1)
+            if max(lattice) > MAX_SIDE:
+                raise InvalidValueError(f"{self.key('lattice')} {list(lattice)}: cubecore.nca takes at most {MAX_SIDE} "
+                                        f"cells a side")
         if self.max_steps < self.min_steps:
             raise InvalidValueError(f"{self.key('max_steps')} ({self.max_steps}) must be >= "
                                     f"{self.key('min_steps')} ({self.min_steps})")

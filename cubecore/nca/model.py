@@ -197,6 +197,9 @@ def initial_weights(path: Union[str, Path], config, types: int, kind: str = "blo
             raise InvalidValueError(f"{key} {path}: the model's rule is not this run's: set {', '.join(differ)}")
         core, what = model.core, f"a state of {source.state_size} channels"
     elif where.is_file():
+        if kind != "blocks":
+            raise InvalidValueError(f"{key} {path}: the upstream's models grow block types, this run's target is "
+                                    f"{kind}: train on a target of block types")
         sd = artefacts.read_artefact(where)
         if isinstance(sd, dict) and "config" in sd and ("iteration" in sd or "epoch" in sd):
             raise InvalidValueError(f"{key} {path} is a cubecore training checkpoint, not a model: give its run's "

@@ -291,8 +291,12 @@ class NcaTrainer:
         if state.get("kind") != "nca":
             raise InvalidValueError(f"{path} is a checkpoint of cubecore.train, not of cubecore.nca")
         try:
-            config = NcaTrainingConfig.from_saved(state["config"]).override(
-                **{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
+            config = NcaTrainingConfig.from_saved(state["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidValueError(f"{path} holds no valid cubecore.nca training config ({exc})") from exc
+        # the caller's values: a bad one, or a pool too large for the device, is the caller's error, not the file's
+        config = config.override(**{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
+        try:
             t = state["target"]
             target = VoxelTarget(t["voxels"], t["kind"], tuple(t["names"]), t["colours"], t["source"])
             trainer = cls(config, target, state["seed_state"], initialize=False)
@@ -303,6 +307,8 @@ class NcaTrainer:
             trainer.iteration, trainer.history = state["iteration"], list(state["history"])
             trainer.finished, trainer.seconds = state["finished"], state["seconds"]
             set_rng_states(state["rng"])
+        except UnavailableError:  # the pool does not fit this device: the caller's choice of device
+            raise
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise InvalidValueError(f"{path} does not hold a consistent cubecore.nca training state "
                                     f"({type(exc).__name__}: {exc})") from exc

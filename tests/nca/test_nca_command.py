@@ -115,6 +115,7 @@ def test_seeds_study_and_its_summary(tmp_path):
     (["--iterations", "4", "iterations=5"], "iterations is given twice"),
     (["--backend", "gpu"], "invalid choice: 'gpu'"),
     (["nca.seed_state=nowhere.npy"], "nca.seed_state not found: nowhere.npy"),
+    (["--lattice", "600x8x8"], r"config key 'nca.lattice' \[600, 8, 8\]: cubecore.nca takes at most 512 cells a side"),
     (["--lattice", "400x400x400"], r"the sample pool \(nca.pool_size 4 states of 64,000,000 cells x 7 channels\) "
                                    r"needs 8.3 GiB, more than the"),
 ])
@@ -179,6 +180,17 @@ def test_another_target_takes_its_own_lattice_unless_one_is_given(tmp_path):
     assert lattice("nca.target=plain_village_house") is None
     assert lattice("--target", "plain_village_house", "--lattice", "12x12x12") == (12, 12, 12)
     assert lattice("--target", "villages_light", "nca.lattice=[6,6,6]") == (6, 6, 6)
+
+
+def test_resume_errors_that_are_the_callers_are_not_blamed_on_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from cubecore.nca import trainer as trainer_module
+
+    assert run(tmp_path, "iterations=3") == 0
+    capsys.readouterr()
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 1000)  # a device without room for the pool
+    assert main(["--resume", "--output-dir", str(tmp_path / "run"), "iterations=6", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the sample pool" in err and "consistent" not in err
 
 
 def test_the_shipped_config_file_is_the_commands_defaults():

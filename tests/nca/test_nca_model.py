@@ -141,6 +141,12 @@ def test_init_from_a_model_of_another_kind_of_state_is_refused(tmp_path, capsys)
     assert len(err) == 1 and "the model's state is another's (rgba, living channel 3; this run's: blocks" in err[0]
 
 
+def test_init_from_an_upstream_model_for_an_rgba_target_is_refused(tmp_path, capsys):
+    args = ["--target", "tree_rgba", "--lattice", "5x7x5", *TINY[4:], f"nca.init_from={HOUSE_MODEL}"]
+    assert main([*args, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "the upstream's models grow block types, this run's target is rgba" in capsys.readouterr().err
+
+
 def test_init_from_the_upstream_house_model_grows_the_shipped_house():
     """The upstream's PlainVillageHouse, converted, grows the shipped plain_village_house (the same structure, its
     block types in the same order) before any training."""
