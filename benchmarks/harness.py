@@ -258,6 +258,13 @@ def measure(name: str, fn: Callable, size: Size, device, repeats: int, min_time:
 
     try:
         with float32_precision(precision, device):
+            chosen = getattr(fn, "product_precision", None)
+            if chosen is not None:  # cubecore's kernel: the precision it takes here must be the row's
+                row["kernel_precision"] = chosen(size, device)
+                if row["kernel_precision"] != precision:
+                    row.update(status=f"wrong precision: the kernel runs {row['kernel_precision']}, the row is "
+                                      f"{precision}")
+                    return _noted(row, fn)
             row["forward"] = time_it(forward, device, repeats, min_time=min_time)
             row["forward_backward"] = time_it(forward_backward, device, repeats, min_time=min_time)
             row["peak_bytes"], row["memory_method"] = peak_memory(forward_backward, device)

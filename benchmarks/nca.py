@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cubecore import propagate
+from cubecore.ops.front import product_precision
 
 from .harness import Size, _forward_backward, relative_error
 
@@ -263,10 +264,25 @@ class AtPrecision:
     def note(self) -> Optional[str]:  # a compiled contestant's fallback
         return getattr(self.fn, "note", None)
 
+    @property
+    def product_precision(self):  # the kernel's own choice of precision, where the contestant is the kernel
+        return getattr(self.fn, "product_precision", None)
+
 
 # On a GPU, each precision's contestants beside the full-precision ones (TF32 off): the kernel's tensor-core
 # paths (docs/kernels.md) against eager (cuDNN and cuBLAS at the same switches) and torch.compile.
 GPU_PRECISIONS = {"tf32": "-tf32", "bfloat16": "-bf16"}
+
+
+def _kernel_precision(size: "NcaSize", device: torch.device) -> str:
+    """The precision the kernel's products take at ``size`` on ``device`` under the switches and autocast now
+    set (cubecore's own choice, ``product_precision``): what a timed kernel row ran at."""
+    device = torch.device(device)
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return product_precision(device.type, torch.float32, autocast, (size.H, size.H2))
+
+
+kernel.product_precision = _kernel_precision
 
 
 def contestants(device: torch.device) -> Dict[str, Contestant]:

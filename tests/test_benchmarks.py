@@ -491,3 +491,17 @@ def test_a_contestant_that_fails_while_timed_is_a_row_not_the_end_of_the_run():
     row = measure("flaky", flaky, TINY, "cpu", repeats=1)
     assert row["status"] == "error at ieee: RuntimeError: no kernel for this precision"
     assert row["precision"] == "ieee" and "forward_backward" not in row
+
+
+def test_a_kernel_row_records_the_precision_the_kernel_took_and_refuses_another(monkeypatch):
+    """A GPU row timed at tf32 whose kernel would run its FMA path (a switch not taken) is reported, not timed."""
+    from contextlib import nullcontext
+
+    from benchmarks import harness
+
+    size = nca.NcaSize("tiny-nca", 1, 4, 4, 4, T=2, H=8, H2=8, S=5)
+    row = measure("kernel", nca.kernel, size, "cpu", repeats=1)
+    assert row["status"] == "ok" and row["kernel_precision"] == "ieee"
+    monkeypatch.setattr(harness, "float32_precision", lambda name, device: nullcontext())  # the switch not set
+    row = measure("kernel-tf32", nca.AtPrecision(nca.kernel, "tf32"), size, "cpu", repeats=1)
+    assert row["status"] == "wrong precision: the kernel runs ieee, the row is tf32" and "forward" not in row
