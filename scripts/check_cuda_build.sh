@@ -27,9 +27,11 @@ so=$(ls cubecore/_C*.so)
 readelf -S "$so" | grep "\.nv_fatbin" > /dev/null || { echo "no device code (.nv_fatbin) in $so" >&2; exit 1; }
 # The fatbin's entry headers name each image's kind and architecture (the images themselves may be
 # compressed, so the architecture is read from the headers, not searched for as text).
-"$venv/bin/python" - "$so" "${TORCH_CUDA_ARCH_LIST//./}" <<'PY'
-import struct, sys
-data, want = open(sys.argv[1], "rb").read(), int(sys.argv[2])
+"$venv/bin/python" - "$so" "$TORCH_CUDA_ARCH_LIST" <<'PY'
+import re, struct, sys
+data = open(sys.argv[1], "rb").read()
+# TORCH_CUDA_ARCH_LIST as torch reads it: "8.0;9.0", "8.0 9.0", "9.0+PTX"
+wants = [int(a.split("+")[0].replace(".", "")) for a in re.split(r"[;\s]+", sys.argv[2].strip()) if a]
 magic, found, pos = struct.pack("<I", 0xBA55ED50), set(), 0
 while (pos := data.find(magic, pos)) >= 0:
     header_size, fat_size = struct.unpack_from("<HQ", data, pos + 6)
@@ -41,8 +43,9 @@ while (pos := data.find(magic, pos)) >= 0:
         found.add(("ptx" if kind == 1 else "cubin", struct.unpack_from("<I", data, entry + 28)[0]))
         entry += entry_header + size
     pos += 4
-assert ("cubin", want) in found, f"no sm_{want} cubin in {sys.argv[1]} (found {sorted(found)})"
-print(f"device code for sm_{want} found: {sorted(found)}")
+for want in wants:
+    assert ("cubin", want) in found, f"no sm_{want} cubin in {sys.argv[1]} (found {sorted(found)})"
+print(f"device code for {', '.join(f'sm_{w}' for w in wants)} found: {sorted(found)}")
 PY
 # And register CUDA kernels for both ops when loaded (no GPU needed to load it).  The library alone is loaded:
 # this venv has torch but not cubecore's other dependencies.
