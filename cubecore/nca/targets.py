@@ -3,8 +3,8 @@
 A target is either block types (``[X, Y, Z]`` integers, 0 = air, 1..N the structure's block types; the NCA's
 state holds one logit per type) or colours (``[X, Y, Z, 4]`` RGBA in [0, 1], a voxel is there where its alpha
 exceeds ``VISIBLE_ALPHA``, 0.1, the living threshold of Mordvintsev et al.'s growing NCA: the same threshold for
-the target, the loss's IoU and the metrics).  Y is height: a structure stands on the lattice's floor (Y = 0), as the upstream's
-(real-itu/3d-artefacts-nca) dataset places it.  Formats:
+the target, the loss's IoU and the metrics).  Y is height: a structure stands on the lattice's floor (Y = 0), as
+the upstream's (real-itu/3d-artefacts-nca) dataset places it.  Formats:
 
 - ``.npy``: ``[X, Y, Z]`` integers (block types; the distinct non-zero values become types 1..N in order) or
   bools, or ``[X, Y, Z, 4]`` RGBA (floats in [0, 1], or uint8 0..255).  Read without pickle.

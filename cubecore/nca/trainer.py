@@ -295,7 +295,7 @@ class NcaTrainer:
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidValueError(f"{path} holds no valid cubecore.nca training config ({exc})") from exc
         # the caller's values: a bad one, or a pool too large for the device, is the caller's error, not the file's
-        config = config.override(**{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
+        config = config.built_for(device, backend)
         try:
             t = state["target"]
             target = VoxelTarget(t["voxels"], t["kind"], tuple(t["names"]), t["colours"], t["source"])

@@ -197,6 +197,12 @@ class RunConfig(ConfigSection):
                 merged[section] = inner
         return type(self).from_dict(merged)
 
+    def built_for(self, device: Optional[str] = None, backend: Optional[str] = None):
+        """A copy on ``device`` with ``model.backend`` ``backend`` where given: the keys a resumed run's trainer
+        is built with (``from_checkpoint``)."""
+        given = {k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None}
+        return self.override(**given) if given else self
+
 
 @dataclass(init=False)
 class TrainingConfig(RunConfig):

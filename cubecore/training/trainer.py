@@ -490,7 +490,7 @@ class CubeTrainer:
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidValueError(f"{path} holds no valid cubecore training config ({exc})") from exc
         # a device that is not here is the caller's error
-        config = config.override(**{k: v for k, v in (("device", device), ("model.backend", backend)) if v is not None})
+        config = config.built_for(device, backend)
         trainer = cls(config)
         try:
             check_int("epoch", state["epoch"], minimum=0)
